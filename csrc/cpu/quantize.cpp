@@ -1,0 +1,127 @@
+// CPU kernels of fp4op::quantize and fp4op::dequantize: rows in parallel (at::parallel_for), each row
+// widened to float32 and quantized with the shared numerics.
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include "../op_args.h"
+#include "quantize_row.h"
+
+namespace fp4op::cpu {
+namespace {
+
+// At least this many elements per parallel task, so that small inputs stay on one thread.
+constexpr int64_t kElementsPerTask = 1 << 15;
+
+void widen_row(const void* src, InputDtype dtype, int64_t k, float* dst) {
+  switch (dtype) {
+    case InputDtype::kFloat16: {
+      const uint16_t* h = static_cast<const uint16_t*>(src);
+      for (int64_t i = 0; i < k; ++i) dst[i] = fp16_bits_to_float(h[i]);
+      break;
+    }
+    case InputDtype::kBFloat16: {
+      const uint16_t* b = static_cast<const uint16_t*>(src);
+      for (int64_t i = 0; i < k; ++i) dst[i] = bf16_bits_to_float(b[i]);
+      break;
+    }
+    case InputDtype::kFloat8E4M3: {
+      const uint8_t* e = static_cast<const uint8_t*>(src);
+      for (int64_t i = 0; i < k; ++i) dst[i] = e4m3_bits_to_float(e[i]);
+      break;
+    }
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> quantize_cpu(const at::Tensor& input,
+                                                const std::optional<at::Tensor>& global_scale,
+                                                int64_t sf_vec_size, bool sf_use_ue8m0,
+                                                bool is_sf_swizzled_layout, bool is_sf_8x4_layout,
+                                                bool is_global_scale_inversed) {
+  check_recipe(sf_vec_size, sf_use_ue8m0);
+  const InputDtype dtype = input_dtype_of(input, "input");
+  const QuantizeShape s = check_quantize_shape(input, sf_vec_size, is_sf_swizzled_layout, is_sf_8x4_layout);
+  const at::Tensor gs = checked_global_scale(global_scale, sf_use_ue8m0, s.m, input.device());
+  auto [xq, sf] = empty_quantize_outputs(input, s);
+  if (s.layout != SfLayout::kLinear) sf.zero_();  // padding rows/columns are 0
+  if (s.m == 0 || s.k == 0) return {xq, sf};
+
+  const at::Tensor x = input.contiguous();
+  const uint8_t* in = static_cast<const uint8_t*>(x.data_ptr());
+  const int64_t in_row_bytes = s.k * x.element_size();
+  uint8_t* xq_ptr = xq.data_ptr<uint8_t>();
+  uint8_t* sf_ptr = sf.data_ptr<uint8_t>();
+  const QuantizeParams p{s.k,
+                         int(sf_vec_size),
+                         sf_use_ue8m0,
+                         s.layout,
+                         gs.defined() ? gs.data_ptr<float>() : nullptr,
+                         gs.defined() && gs.numel() > 1,
+                         is_global_scale_inversed};
+
+  const int64_t grain = std::max<int64_t>(1, kElementsPerTask / s.k);
+  at::parallel_for(0, s.m, grain, [&](int64_t begin, int64_t end) {
+    IeeeDenormalsScope ieee;
+    std::vector<float> row(s.k);
+    for (int64_t r = begin; r < end; ++r) {
+      widen_row(in + r * in_row_bytes, dtype, s.k, row.data());
+      quantize_row(row.data(), r, p, xq_ptr + r * (s.k / 2), sf_ptr);
+    }
+  });
+  return {xq, sf};
+}
+
+template <typename Out>
+void dequantize_rows(const uint8_t* xq, const uint8_t* sf, const float* gs, bool gs_per_row, bool inversed,
+                     int64_t m, int64_t k, int vec, bool ue8m0, SfLayout layout, Out* out) {
+  const int64_t nk = k / vec;
+  const int64_t grain = std::max<int64_t>(1, kElementsPerTask / k);
+  at::parallel_for(0, m, grain, [&](int64_t begin, int64_t end) {
+    IeeeDenormalsScope ieee;
+    for (int64_t r = begin; r < end; ++r) {
+      float s = 1.0f;
+      if (!ue8m0) {
+        const float g = gs[gs_per_row ? r : 0];
+        s = inversed ? div_rn(1.0f, g) : g;
+      }
+      for (int64_t b = 0; b < nk; ++b) {
+        const float factor = dequant_block_factor(sf[sf_offset(r, b, nk, layout)], ue8m0, s);
+        const uint8_t* q = xq + r * (k / 2) + b * (vec / 2);
+        Out* o = out + r * k + b * vec;
+        for (int i = 0; i < vec / 2; ++i) {
+          o[2 * i] = static_cast<Out>(mul_rn(e2m1_to_float(q[i] & 0xFu), factor));
+          o[2 * i + 1] = static_cast<Out>(mul_rn(e2m1_to_float(q[i] >> 4), factor));
+        }
+      }
+    }
+  });
+}
+
+at::Tensor dequantize_cpu(const at::Tensor& x_q, const at::Tensor& sf,
+                          const std::optional<at::Tensor>& global_scale, int64_t sf_vec_size,
+                          bool sf_use_ue8m0, bool is_sf_swizzled_layout, bool is_sf_8x4_layout,
+                          bool is_global_scale_inversed, std::optional<at::ScalarType> output_dtype) {
+  const DequantizeShape d = check_dequantize_args(x_q, sf, sf_vec_size, sf_use_ue8m0, is_sf_swizzled_layout,
+                                                  is_sf_8x4_layout, output_dtype);
+  const at::Tensor gs = checked_global_scale(global_scale, sf_use_ue8m0, d.m, x_q.device());
+  at::Tensor out = empty_dequantize_output(x_q, d);
+  if (d.m == 0 || d.k == 0) return out;
+  const at::Tensor q = x_q.contiguous();
+  const at::Tensor scales = sf.contiguous();
+  const float* gs_ptr = gs.defined() ? gs.data_ptr<float>() : nullptr;
+  const bool per_row = gs.defined() && gs.numel() > 1;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "fp4op_dequantize_cpu", [&] {
+    dequantize_rows<scalar_t>(q.data_ptr<uint8_t>(), scales.data_ptr<uint8_t>(), gs_ptr, per_row,
+                              is_global_scale_inversed, d.m, d.k, int(sf_vec_size), sf_use_ue8m0, d.layout,
+                              out.data_ptr<scalar_t>());
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fp4op, CPU, m) {
+  m.impl("quantize", &quantize_cpu);
+  m.impl("dequantize", &dequantize_cpu);
+}
+
+}  // namespace fp4op::cpu

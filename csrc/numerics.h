@@ -1,0 +1,271 @@
+// The FP4 numerics of SPEC.md, shared by the CPU and CUDA kernels (host and device), so that both
+// backends agree bit for bit by construction. Plain C++/CUDA: no torch headers.
+//
+// Every float operation here is IEEE float32 with round-to-nearest-even; on the device the _rn
+// intrinsics pin that down (no FMA contraction, no approximate reciprocal), on the host the build
+// uses -ffp-contract=off and the CPU kernel clears FTZ/DAZ.
+#pragma once
+
+#include <cfloat>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#if defined(__CUDACC__)
+#define FP4OP_HD __host__ __device__ __forceinline__
+#else
+#define FP4OP_HD inline
+#endif
+
+// Blackwell (sm_100a family and later family-specific targets) converts to E2M1 in hardware with
+// exactly the rounding below; every other target uses the software conversion.
+#if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 1000) && \
+    (defined(__CUDA_ARCH_FAMILY_SPECIFIC__) || defined(__CUDA_ARCH_SPECIFIC__))
+#define FP4OP_NATIVE_E2M1 1
+#else
+#define FP4OP_NATIVE_E2M1 0
+#endif
+
+namespace fp4op {
+
+// Scale-factor layouts (the values are part of the kernel API, keep in sync with fp4op/layouts.py).
+enum class SfLayout : int { kSwizzled128x4 = 0, kSwizzled8x4 = 1, kLinear = 2 };
+
+// Input dtypes as the kernels know them.
+enum class InputDtype : int { kFloat16 = 0, kBFloat16 = 1, kFloat8E4M3 = 2 };
+
+// RN(1/6) as float32: 0x3E2AAAAB.
+constexpr float kRcp6 = 0.16666667163372039794921875f;
+
+FP4OP_HD uint32_t float_to_bits(float f) {
+#if defined(__CUDA_ARCH__)
+  return __float_as_uint(f);
+#else
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof(u));
+  return u;
+#endif
+}
+
+FP4OP_HD float bits_to_float(uint32_t u) {
+#if defined(__CUDA_ARCH__)
+  return __uint_as_float(u);
+#else
+  float f;
+  std::memcpy(&f, &u, sizeof(f));
+  return f;
+#endif
+}
+
+FP4OP_HD float mul_rn(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fmul_rn(a, b);
+#else
+  return a * b;
+#endif
+}
+
+FP4OP_HD float add_rn(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fadd_rn(a, b);
+#else
+  return a + b;
+#endif
+}
+
+FP4OP_HD float div_rn(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fdiv_rn(a, b);
+#else
+  return a / b;
+#endif
+}
+
+// ---- exact widening of the input formats -------------------------------------------------------
+
+FP4OP_HD float bf16_bits_to_float(uint16_t b) { return bits_to_float(uint32_t(b) << 16); }
+
+FP4OP_HD float fp16_bits_to_float(uint16_t h) {
+  const uint32_t sign = uint32_t(h & 0x8000u) << 16;
+  const uint32_t exp = (h >> 10) & 0x1Fu;
+  const uint32_t mant = h & 0x3FFu;
+  if (exp == 0) {
+    // zero or subnormal: mant * 2^-24 is exact in float32
+    const float mag = mul_rn(float(mant), 5.9604644775390625e-08f);
+    return bits_to_float(float_to_bits(mag) | sign);
+  }
+  if (exp == 0x1Fu) return bits_to_float(sign | 0x7F800000u | (mant << 13));
+  return bits_to_float(sign | ((exp + 112u) << 23) | (mant << 13));
+}
+
+// E4M3 (float8_e4m3fn): bias 7, no infinities, 0x7F/0xFF are NaN.
+FP4OP_HD float e4m3_bits_to_float(uint8_t b) {
+  const uint32_t sign = uint32_t(b & 0x80u) << 24;
+  const uint32_t exp = (b >> 3) & 0xFu;
+  const uint32_t mant = b & 0x7u;
+  if ((b & 0x7Fu) == 0x7Fu) return bits_to_float(0x7FC00000u);
+  if (exp == 0) {
+    const float mag = mul_rn(float(mant), 0.001953125f);  // mant * 2^-9
+    return bits_to_float(float_to_bits(mag) | sign);
+  }
+  return bits_to_float(sign | ((exp + 120u) << 23) | (mant << 20));
+}
+
+// ---- narrowing conversions -----------------------------------------------------------------------
+
+// float -> E2M1 code, round to nearest even, satfinite, NaN -> +6 (0x7), sign of zero kept:
+// __nv_cvt_float_to_fp4(x, __NV_E2M1, cudaRoundNearest) / cvt.rn.satfinite.e2m1x2.f32.
+// The E2M1 grid has spacing 0.5 below 2, 1 in [2, 4) and 2 from 4 on; adding 2^22, 2^23 or 2^24
+// makes the float adder round |x| to that spacing (ties to even), and the difference of the bit
+// patterns is the code's offset within the range.
+FP4OP_HD uint32_t e2m1_code_software(float x) {
+  const uint32_t bits = float_to_bits(x);
+  const uint32_t abs_bits = bits & 0x7FFFFFFFu;
+  const float a = bits_to_float(abs_bits);
+  const bool below2 = a < 2.0f;
+  const bool below4 = a < 4.0f;
+  const float magic = below2 ? 4194304.0f : (below4 ? 8388608.0f : 16777216.0f);
+  const uint32_t base = below2 ? 0u : (below4 ? 2u : 4u);
+  const uint32_t steps = float_to_bits(add_rn(a, magic)) - float_to_bits(magic);
+  uint32_t code = base + steps;  // NaN and +-inf give huge step counts and saturate below
+  code = code < 7u ? code : 7u;
+  const bool is_nan = abs_bits > 0x7F800000u;
+  const uint32_t sign = is_nan ? 0u : (bits >> 28) & 0x8u;
+  return code | sign;
+}
+
+// Two E2M1 codes packed in one byte: `lo` in bits 0..3, `hi` in bits 4..7.
+FP4OP_HD uint32_t e2m1x2(float lo, float hi) {
+#if FP4OP_NATIVE_E2M1
+  uint16_t packed;
+  asm("{ .reg .b8 b;\n cvt.rn.satfinite.e2m1x2.f32 b, %2, %1;\n mov.b16 %0, {b, 0};\n}\n"
+      : "=h"(packed)
+      : "f"(lo), "f"(hi));
+  return packed;
+#else
+  return e2m1_code_software(lo) | (e2m1_code_software(hi) << 4);
+#endif
+}
+
+// float -> E4M3 byte, round to nearest even, saturate to +-448 (satfinite, infinities included),
+// NaN -> 0x7F: __nv_cvt_float_to_fp8(x, __NV_SATFINITE, __NV_E4M3).
+FP4OP_HD uint8_t float_to_e4m3(float x) {
+  const uint32_t bits = float_to_bits(x);
+  const uint32_t abs_bits = bits & 0x7FFFFFFFu;
+  const uint32_t sign = (bits >> 24) & 0x80u;
+  if (abs_bits > 0x7F800000u) return 0x7Fu;
+  if (abs_bits >= 0x43E00000u) return uint8_t(sign | 0x7Eu);  // >= 448, inf included
+  uint32_t mag;
+  if (abs_bits >= 0x3C800000u) {
+    // normal E4M3 (>= 2^-6): keep 3 mantissa bits with round-to-nearest-even, rebias 127 -> 7
+    const uint32_t rounded = abs_bits + 0x7FFFFu + ((abs_bits >> 20) & 1u);
+    mag = (rounded >> 20) - (120u << 3);
+  } else {
+    // subnormal E4M3: multiples of 2^-9; scaling by 2^9 is exact, the integer add rounds RNE
+    const float scaled = mul_rn(bits_to_float(abs_bits), 512.0f);
+    mag = float_to_bits(add_rn(scaled, 8388608.0f)) - 0x4B000000u;  // 0..8 (8 is 2^-6, code 0x08)
+  }
+  return uint8_t(sign | mag);
+}
+
+// float -> UE8M0 byte rounding up: the exponent of the smallest power of two >= |x|, biased by 127,
+// saturated to 254 (254 = 2^127); NaN -> 0xFF; |x| <= 2^-127 -> 0.
+// __nv_cvt_float_to_e8m0(x, __NV_SATFINITE, cudaRoundPosInf).
+FP4OP_HD uint8_t float_to_ue8m0_ceil(float x) {
+  const uint32_t abs_bits = float_to_bits(x) & 0x7FFFFFFFu;
+  if (abs_bits > 0x7F800000u) return 0xFFu;
+  uint32_t exp = abs_bits >> 23;
+  if ((abs_bits & 0x7FFFFFu) != 0 && abs_bits > 0x00400000u) exp += 1;  // 0x00400000 is 2^-127
+  return uint8_t(exp > 254u ? 254u : exp);
+}
+
+// 2^(127 - b) for b in 1..255 (2^-127 and 2^-128 are float subnormals).
+FP4OP_HD float ue8m0_reciprocal(uint32_t b) {
+  const int e = 127 - int(b);
+  return e >= -126 ? bits_to_float(uint32_t(e + 127) << 23) : bits_to_float(1u << (e + 149));
+}
+
+// ---- per-block scale ------------------------------------------------------------------------------
+
+// The per-row constants of the NVFP4 scale computation, derived from the global scale.
+struct Nvfp4RowScale {
+  float s_rcp6;  // S * RN(1/6)
+  float inv_s;   // 1 / S
+};
+
+FP4OP_HD Nvfp4RowScale nvfp4_row_scale(float global_scale, bool is_inversed) {
+  const float s = is_inversed ? div_rn(1.0f, global_scale) : global_scale;
+  return Nvfp4RowScale{mul_rn(s, kRcp6), div_rn(1.0f, s)};
+}
+
+struct BlockScale {
+  uint8_t sf;       // the stored scale byte
+  float out_scale;  // the multiplier applied to each element before E2M1 conversion
+};
+
+FP4OP_HD BlockScale nvfp4_block_scale(float amax, Nvfp4RowScale row) {
+  if (amax == 0.0f) return BlockScale{0, 0.0f};
+  const uint8_t sf = float_to_e4m3(mul_rn(amax, row.s_rcp6));
+  const float sf_dec = e4m3_bits_to_float(sf);
+  // fminf returns FLT_MAX when the quotient is NaN (IEEE minNum)
+  return BlockScale{sf, fminf(div_rn(1.0f, mul_rn(sf_dec, row.inv_s)), FLT_MAX)};
+}
+
+FP4OP_HD BlockScale mxfp4_block_scale(float amax) {
+  if (amax == 0.0f) return BlockScale{0, 0.0f};
+  const uint8_t sf = float_to_ue8m0_ceil(mul_rn(amax, kRcp6));
+  return BlockScale{sf, sf == 0 ? 1.0f : ue8m0_reciprocal(sf)};
+}
+
+// NaN-ignoring running maximum of |x| (IEEE maxNum, like CUDA's fmaxf): a block of NaNs only keeps a
+// NaN amax because the fold starts from its first element.
+FP4OP_HD float amax_fold(float acc, float x) { return fmaxf(acc, fabsf(x)); }
+
+// ---- dequantization --------------------------------------------------------------------------------
+
+FP4OP_HD float e2m1_to_float(uint32_t code) {
+  const float mag[8] = {0.0f, 0.5f, 1.0f, 1.5f, 2.0f, 3.0f, 4.0f, 6.0f};
+  const float v = mag[code & 7u];
+  return (code & 8u) ? -v : v;
+}
+
+// The factor that takes an E2M1 value back to the input's range: sf_dec / S (NVFP4, S as in
+// nvfp4_row_scale) or 2^(sf - 127) (MXFP4; 0xFF is NaN).
+FP4OP_HD float dequant_block_factor(uint8_t sf, bool sf_use_ue8m0, float s) {
+  if (sf_use_ue8m0) {
+    if (sf == 0xFFu) return bits_to_float(0x7FC00000u);
+    return sf == 0 ? bits_to_float(1u << 22) : bits_to_float(uint32_t(sf) << 23);
+  }
+  return div_rn(e4m3_bits_to_float(sf), s);
+}
+
+// ---- scale-factor layouts -------------------------------------------------------------------------
+
+FP4OP_HD int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+// Offset of scale (row m, block column k) in the flattened sf tensor; nk = K / sf_vec_size.
+FP4OP_HD int64_t sf_offset(int64_t m, int64_t k, int64_t nk, SfLayout layout) {
+  const int64_t nk4 = (nk + 3) / 4;
+  switch (layout) {
+    case SfLayout::kSwizzled128x4:
+      return (m / 128) * nk4 * 512 + (k / 4) * 512 + (m % 32) * 16 + ((m % 128) / 32) * 4 + (k % 4);
+    case SfLayout::kSwizzled8x4:
+      return (m / 8) * nk4 * 32 + (k / 4) * 32 + (m % 8) * 4 + (k % 4);
+    default:
+      return m * nk + k;
+  }
+}
+
+// Rows of the sf tensor: M padded to the layout's row tile.
+FP4OP_HD int64_t sf_rows(int64_t m, SfLayout layout) {
+  return layout == SfLayout::kSwizzled128x4 ? round_up(m, 128)
+         : layout == SfLayout::kSwizzled8x4 ? round_up(m, 8)
+                                            : m;
+}
+
+// Columns of the sf tensor: K / sf_vec_size padded to 4 for the swizzled layouts.
+FP4OP_HD int64_t sf_cols(int64_t nk, SfLayout layout) {
+  return layout == SfLayout::kLinear ? nk : round_up(nk, 4);
+}
+
+}  // namespace fp4op

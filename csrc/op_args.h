@@ -1,0 +1,130 @@
+// Argument checking and output allocation shared by the CPU and CUDA bindings of the ops.
+// Errors use the Python exception classes of SPEC.md: TORCH_CHECK_VALUE -> ValueError,
+// TORCH_CHECK_NOT_IMPLEMENTED -> NotImplementedError.
+#pragma once
+
+#include <torch/library.h>
+#include <ATen/ATen.h>
+
+#include <optional>
+
+#include "numerics.h"
+
+namespace fp4op {
+
+inline InputDtype input_dtype_of(const at::Tensor& t, const char* name) {
+  switch (t.scalar_type()) {
+    case at::kHalf: return InputDtype::kFloat16;
+    case at::kBFloat16: return InputDtype::kBFloat16;
+    case at::kFloat8_e4m3fn: return InputDtype::kFloat8E4M3;
+    default:
+      TORCH_CHECK_NOT_IMPLEMENTED(false, "fp4op: ", name,
+                                  " must be float16, bfloat16 or float8_e4m3fn, got ", t.scalar_type());
+  }
+  return InputDtype::kFloat16;
+}
+
+inline SfLayout sf_layout_of(bool is_sf_swizzled_layout, bool is_sf_8x4_layout) {
+  if (!is_sf_swizzled_layout) return SfLayout::kLinear;
+  return is_sf_8x4_layout ? SfLayout::kSwizzled8x4 : SfLayout::kSwizzled128x4;
+}
+
+// The recipe arguments: NVFP4 is (16, E4M3 scales), MXFP4 is (32, UE8M0 scales).
+inline void check_recipe(int64_t sf_vec_size, bool sf_use_ue8m0) {
+  TORCH_CHECK_NOT_IMPLEMENTED(sf_vec_size == 16 || sf_vec_size == 32,
+                              "fp4op: sf_vec_size must be 16 (NVFP4) or 32 (MXFP4), got ", sf_vec_size);
+  TORCH_CHECK_VALUE(!(sf_use_ue8m0 && sf_vec_size != 32),
+                    "fp4op: sf_use_ue8m0=True (MXFP4) requires sf_vec_size=32, got ", sf_vec_size);
+  TORCH_CHECK_VALUE(!(!sf_use_ue8m0 && sf_vec_size != 16),
+                    "fp4op: sf_use_ue8m0=False (NVFP4) requires sf_vec_size=16, got ", sf_vec_size);
+}
+
+// The global scale as the kernels read it: float32, contiguous, 1 or M elements, on `device`.
+// Returns an undefined tensor for MXFP4, which ignores it.
+inline at::Tensor checked_global_scale(const std::optional<at::Tensor>& global_scale, bool sf_use_ue8m0,
+                                       int64_t m, const at::Device& device) {
+  if (sf_use_ue8m0) return at::Tensor();
+  TORCH_CHECK_VALUE(global_scale.has_value() && global_scale->defined(),
+                    "fp4op: global_scale is required for NVFP4 (sf_use_ue8m0=False); "
+                    "the usual value is 448 * 6 / amax(input), see fp4op.nvfp4_global_scale");
+  const at::Tensor& gs = *global_scale;
+  TORCH_CHECK_VALUE(at::isFloatingType(gs.scalar_type()),
+                    "fp4op: global_scale must have a floating dtype, got ", gs.scalar_type());
+  TORCH_CHECK_VALUE(gs.numel() == 1 || gs.numel() == m,
+                    "fp4op: global_scale must have 1 element or one per row (", m, "), got shape ",
+                    gs.sizes());
+  TORCH_CHECK_VALUE(gs.device() == device, "fp4op: global_scale is on ", gs.device(),
+                    " but the input is on ", device);
+  // convert, never reinterpret, a scale of another floating dtype
+  return gs.to(at::kFloat).contiguous().view({-1});
+}
+
+// Shape facts of a quantize problem: input [..., K] -> M rows of K elements.
+struct QuantizeShape {
+  int64_t m;
+  int64_t k;
+  int64_t nk;  // K / sf_vec_size
+  SfLayout layout;
+};
+
+inline QuantizeShape check_quantize_shape(const at::Tensor& input, int64_t sf_vec_size,
+                                          bool is_sf_swizzled_layout, bool is_sf_8x4_layout) {
+  TORCH_CHECK_VALUE(input.dim() >= 1, "fp4op: input must have at least 1 dimension, got a 0-d tensor");
+  const int64_t k = input.size(-1);
+  TORCH_CHECK_VALUE(k % sf_vec_size == 0, "fp4op: the last dimension of input (K = ", k,
+                    ") must be a multiple of sf_vec_size = ", sf_vec_size);
+  const int64_t m = c10::multiply_integers(input.sizes().begin(), input.sizes().end() - 1);
+  return QuantizeShape{m, k, k / sf_vec_size, sf_layout_of(is_sf_swizzled_layout, is_sf_8x4_layout)};
+}
+
+// x_q [..., K/2] uint8 and the 2-D sf tensor of the layout.
+inline std::tuple<at::Tensor, at::Tensor> empty_quantize_outputs(const at::Tensor& input,
+                                                                 const QuantizeShape& s) {
+  auto xq_sizes = input.sizes().vec();
+  xq_sizes.back() = s.k / 2;
+  auto opts = input.options().dtype(at::kByte);
+  at::Tensor xq = at::empty(xq_sizes, opts);
+  at::Tensor sf = at::empty({sf_rows(s.m, s.layout), sf_cols(s.nk, s.layout)}, opts);
+  return {xq, sf};
+}
+
+// Shape facts of a dequantize problem: x_q [..., K/2] with its sf tensor.
+struct DequantizeShape {
+  int64_t m;
+  int64_t k;
+  SfLayout layout;
+  at::ScalarType output_dtype;
+};
+
+inline DequantizeShape check_dequantize_args(const at::Tensor& x_q, const at::Tensor& sf, int64_t sf_vec_size,
+                                             bool sf_use_ue8m0, bool is_sf_swizzled_layout,
+                                             bool is_sf_8x4_layout,
+                                             std::optional<at::ScalarType> output_dtype) {
+  check_recipe(sf_vec_size, sf_use_ue8m0);
+  TORCH_CHECK_VALUE(x_q.scalar_type() == at::kByte, "fp4op: x_q must be uint8 (two E2M1 codes a byte), got ",
+                    x_q.scalar_type());
+  TORCH_CHECK_VALUE(sf.scalar_type() == at::kByte, "fp4op: sf must be uint8, got ", sf.scalar_type());
+  TORCH_CHECK_VALUE(x_q.dim() >= 1, "fp4op: x_q must have at least 1 dimension");
+  TORCH_CHECK_VALUE(sf.device() == x_q.device(), "fp4op: sf is on ", sf.device(), " but x_q is on ",
+                    x_q.device());
+  const int64_t k = 2 * x_q.size(-1);
+  TORCH_CHECK_VALUE(k % sf_vec_size == 0, "fp4op: 2 * x_q.size(-1) (K = ", k,
+                    ") must be a multiple of sf_vec_size = ", sf_vec_size);
+  const int64_t m = c10::multiply_integers(x_q.sizes().begin(), x_q.sizes().end() - 1);
+  const SfLayout layout = sf_layout_of(is_sf_swizzled_layout, is_sf_8x4_layout);
+  const int64_t rows = sf_rows(m, layout), cols = sf_cols(k / sf_vec_size, layout);
+  TORCH_CHECK_VALUE(sf.numel() == rows * cols, "fp4op: sf must have ", rows, " x ", cols,
+                    " elements for this x_q and layout, got shape ", sf.sizes());
+  const at::ScalarType out = output_dtype.value_or(at::kFloat);
+  TORCH_CHECK_VALUE(out == at::kFloat || out == at::kBFloat16 || out == at::kHalf,
+                    "fp4op: output_dtype must be float32, bfloat16 or float16, got ", out);
+  return DequantizeShape{m, k, layout, out};
+}
+
+inline at::Tensor empty_dequantize_output(const at::Tensor& x_q, const DequantizeShape& d) {
+  auto sizes = x_q.sizes().vec();
+  sizes.back() = d.k;
+  return at::empty(sizes, x_q.options().dtype(d.output_dtype));
+}
+
+}  // namespace fp4op

@@ -1,0 +1,119 @@
+"""The user-facing API: `fp4_quantize` (a drop-in for flashinfer.quantization.fp4_quantize) and the
+helpers around it."""
+
+from __future__ import annotations
+
+import torch
+
+from . import layouts, ops
+
+_BACKENDS = ("cuda", "cute-dsl")
+
+
+def _is_column_major(input: torch.Tensor) -> bool:
+    # SPEC.md: rank 2, not contiguous, and its transpose contiguous
+    return input.dim() == 2 and not input.is_contiguous() and input.t().is_contiguous()
+
+
+def _prepare_global_scale(global_scale, sf_use_ue8m0: bool, device: torch.device):
+    if sf_use_ue8m0:
+        return None
+    if global_scale is None:
+        return None  # the op raises the error
+    if not isinstance(global_scale, torch.Tensor):
+        raise ValueError(f"fp4op: global_scale must be a torch.Tensor, got {type(global_scale).__name__}")
+    if not global_scale.dtype.is_floating_point:
+        raise ValueError(f"fp4op: global_scale must have a floating dtype, got {global_scale.dtype}")
+    # convert, never reinterpret (a bf16 scale read as fp32 gives all-zero scales)
+    return global_scale.to(device=device, dtype=torch.float32)
+
+
+def fp4_quantize(
+    input: torch.Tensor,
+    global_scale: torch.Tensor | None = None,
+    sf_vec_size: int = 16,
+    sf_use_ue8m0: bool = False,
+    is_sf_swizzled_layout: bool = True,
+    is_sf_8x4_layout: bool = False,
+    is_global_scale_inversed: bool = False,
+    enable_pdl: bool | None = None,
+    backend: str = "cuda",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize `input` [..., K] (fp16/bf16/fp8 e4m3) to NVFP4 or MXFP4.
+
+    Same signature, outputs and errors as flashinfer.quantization.fp4_quantize (exact arithmetic
+    mode, SPEC.md): returns ``(x_q, sf)`` with ``x_q`` uint8 ``[..., K/2]`` (two E2M1 codes a byte,
+    view it as ``torch.float4_e2m1fn_x2`` if you like) and ``sf`` the 2-D uint8 scale factors in the
+    requested layout. Works on CPU and CUDA tensors. A column-major 2-D input is quantized along its
+    contiguous dimension and both outputs come back transposed. `enable_pdl` is accepted and does not
+    change results.
+    """
+    if sf_vec_size not in (16, 32):
+        raise NotImplementedError(f"fp4op: sf_vec_size must be 16 (NVFP4) or 32 (MXFP4), got {sf_vec_size}")
+    if backend not in _BACKENDS:
+        raise ValueError(f"fp4op: unknown backend {backend!r}; must be 'cuda' or 'cute-dsl'")
+    if not isinstance(input, torch.Tensor):
+        raise ValueError(f"fp4op: input must be a torch.Tensor, got {type(input).__name__}")
+    ops.check_input_dtype(input)
+    if backend == "cute-dsl":
+        # flashinfer's cute-dsl kernel serves NVFP4 (fp16/bf16/fp8) and MXFP4 (fp16/bf16); fp4op
+        # serves it with its own kernel, same results
+        if (sf_vec_size, sf_use_ue8m0) not in ((16, False), (32, True)) or (
+            sf_use_ue8m0 and input.dtype == torch.float8_e4m3fn
+        ):
+            raise ValueError(
+                "fp4op: backend='cute-dsl' supports sf_vec_size=16/sf_use_ue8m0=False (fp16, bf16, fp8) and "
+                f"sf_vec_size=32/sf_use_ue8m0=True (fp16, bf16); got sf_vec_size={sf_vec_size}, "
+                f"sf_use_ue8m0={sf_use_ue8m0}, input dtype {input.dtype}"
+            )
+    if input.dim() < 2:
+        raise ValueError(f"fp4op: input must have rank >= 2 ([M, K] or [..., K]), got shape {tuple(input.shape)}")
+    column_major = _is_column_major(input)
+    x = input.t() if column_major else input
+    gs = _prepare_global_scale(global_scale, sf_use_ue8m0, input.device)
+    x_q, sf = torch.ops.fp4op.quantize(
+        x, gs, sf_vec_size, sf_use_ue8m0, is_sf_swizzled_layout, is_sf_8x4_layout, is_global_scale_inversed
+    )
+    if column_major:
+        return x_q.t(), sf.t()
+    return x_q, sf
+
+
+def dequantize(
+    x_q: torch.Tensor,
+    sf: torch.Tensor,
+    global_scale: torch.Tensor | None = None,
+    sf_vec_size: int = 16,
+    sf_use_ue8m0: bool = False,
+    is_sf_swizzled_layout: bool = True,
+    is_sf_8x4_layout: bool = False,
+    is_global_scale_inversed: bool = False,
+    output_dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Inverse of fp4_quantize (row-major outputs): ``e2m1(q) * sf_dec / S`` (NVFP4) or
+    ``e2m1(q) * 2^(sf - 127)`` (MXFP4), in `output_dtype`. `x_q` may also be float4_e2m1fn_x2."""
+    if x_q.dtype == getattr(torch, "float4_e2m1fn_x2", None):
+        x_q = x_q.view(torch.uint8)
+    if sf.dtype in (torch.float8_e4m3fn, getattr(torch, "float8_e8m0fnu", None)):
+        sf = sf.view(torch.uint8)
+    gs = _prepare_global_scale(global_scale, sf_use_ue8m0, x_q.device)
+    return torch.ops.fp4op.dequantize(
+        x_q, sf, gs, sf_vec_size, sf_use_ue8m0, is_sf_swizzled_layout, is_sf_8x4_layout,
+        is_global_scale_inversed, output_dtype,
+    )
+
+
+def nvfp4_global_scale(x: torch.Tensor, per_row: bool = False) -> torch.Tensor:
+    """The usual NVFP4 global scale ``448 * 6 / amax(x)`` as float32: one element, or one per row
+    ``[M]`` with `per_row`. All-zero input gives an infinite scale, whose blocks quantize to zero."""
+    a = x.abs().to(torch.float32)
+    amax = a.reshape(-1, x.shape[-1]).amax(dim=-1) if per_row else a.amax().reshape(1)
+    return (448.0 * 6.0) / amax
+
+
+def as_float4(x_q: torch.Tensor) -> torch.Tensor:
+    """The packed codes as PyTorch's ``torch.float4_e2m1fn_x2`` dtype (same bytes)."""
+    return x_q.view(torch.float4_e2m1fn_x2)
+
+
+__all__ = ["fp4_quantize", "dequantize", "nvfp4_global_scale", "as_float4", "layouts"]

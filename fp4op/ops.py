@@ -1,0 +1,120 @@
+"""Python side of the ops registered in csrc/fp4op.cpp: fake (meta) kernels for tracing and
+torch.compile, and autograd registrations that make the ops explicitly non-differentiable."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from . import _C  # noqa: F401  (loading the library registers the schemas and kernels)
+from . import layouts
+
+_SUPPORTED_INPUT_DTYPES = (torch.float16, torch.bfloat16, torch.float8_e4m3fn)
+
+
+def check_recipe(sf_vec_size: int, sf_use_ue8m0: bool) -> None:
+    if sf_vec_size not in (16, 32):
+        raise NotImplementedError(f"fp4op: sf_vec_size must be 16 (NVFP4) or 32 (MXFP4), got {sf_vec_size}")
+    if sf_use_ue8m0 and sf_vec_size != 32:
+        raise ValueError(f"fp4op: sf_use_ue8m0=True (MXFP4) requires sf_vec_size=32, got {sf_vec_size}")
+    if not sf_use_ue8m0 and sf_vec_size != 16:
+        raise ValueError(f"fp4op: sf_use_ue8m0=False (NVFP4) requires sf_vec_size=16, got {sf_vec_size}")
+
+
+def check_input_dtype(input: torch.Tensor, name: str = "input") -> None:
+    if input.dtype not in _SUPPORTED_INPUT_DTYPES:
+        raise NotImplementedError(f"fp4op: {name} must be float16, bfloat16 or float8_e4m3fn, got {input.dtype}")
+
+
+def check_global_scale(global_scale: torch.Tensor | None, sf_use_ue8m0: bool, m, device: torch.device) -> None:
+    """The op's contract on global_scale (the Python API converts dtype and device before this)."""
+    if sf_use_ue8m0:
+        return
+    if global_scale is None:
+        raise ValueError(
+            "fp4op: global_scale is required for NVFP4 (sf_use_ue8m0=False); the usual value is "
+            "448 * 6 / amax(input), see fp4op.nvfp4_global_scale"
+        )
+    if not global_scale.dtype.is_floating_point:
+        raise ValueError(f"fp4op: global_scale must have a floating dtype, got {global_scale.dtype}")
+    n = global_scale.numel()
+    if not (n == 1 or n == m):
+        raise ValueError(f"fp4op: global_scale must have 1 element or one per row ({m}), got shape {tuple(global_scale.shape)}")
+    if global_scale.device != device:
+        raise ValueError(f"fp4op: global_scale is on {global_scale.device} but the input is on {device}")
+
+
+def quantize_shapes(input_shape, sf_vec_size: int, layout: str):
+    """(x_q shape, sf shape) of quantizing a row-major input of `input_shape` (SymInt-friendly)."""
+    k = input_shape[-1]
+    m = math.prod(input_shape[:-1])
+    return (*input_shape[:-1], k // 2), layouts.sf_shape(m, k // sf_vec_size, layout)
+
+
+@torch.library.register_fake("fp4op::quantize")
+def _quantize_fake(
+    input,
+    global_scale,
+    sf_vec_size=16,
+    sf_use_ue8m0=False,
+    is_sf_swizzled_layout=True,
+    is_sf_8x4_layout=False,
+    is_global_scale_inversed=False,
+):
+    check_recipe(sf_vec_size, sf_use_ue8m0)
+    check_input_dtype(input)
+    if input.dim() < 1:
+        raise ValueError("fp4op: input must have at least 1 dimension, got a 0-d tensor")
+    k = input.shape[-1]
+    torch._check_value(
+        k % sf_vec_size == 0,
+        lambda: f"fp4op: the last dimension of input (K = {k}) must be a multiple of sf_vec_size = {sf_vec_size}",
+    )
+    check_global_scale(global_scale, sf_use_ue8m0, math.prod(input.shape[:-1]), input.device)
+    layout = layouts.layout_from_flags(is_sf_swizzled_layout, is_sf_8x4_layout)
+    xq_shape, sf_shape = quantize_shapes(input.shape, sf_vec_size, layout)
+    return input.new_empty(xq_shape, dtype=torch.uint8), input.new_empty(sf_shape, dtype=torch.uint8)
+
+
+@torch.library.register_fake("fp4op::dequantize")
+def _dequantize_fake(
+    x_q,
+    sf,
+    global_scale,
+    sf_vec_size=16,
+    sf_use_ue8m0=False,
+    is_sf_swizzled_layout=True,
+    is_sf_8x4_layout=False,
+    is_global_scale_inversed=False,
+    output_dtype=None,
+):
+    check_recipe(sf_vec_size, sf_use_ue8m0)
+    if x_q.dtype != torch.uint8 or sf.dtype != torch.uint8:
+        raise ValueError(f"fp4op: x_q and sf must be uint8, got {x_q.dtype} and {sf.dtype}")
+    output_dtype = torch.float32 if output_dtype is None else output_dtype
+    if output_dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"fp4op: output_dtype must be float32, bfloat16 or float16, got {output_dtype}")
+    check_global_scale(global_scale, sf_use_ue8m0, math.prod(x_q.shape[:-1]), x_q.device)
+    return x_q.new_empty((*x_q.shape[:-1], 2 * x_q.shape[-1]), dtype=output_dtype)
+
+
+def _no_context(ctx, inputs, output):
+    pass
+
+
+def _not_differentiable(name):
+    def backward(ctx, *grads):
+        raise RuntimeError(
+            f"fp4op.{name} is not differentiable: quantization has no useful gradient. For quantization-"
+            "aware training, use a straight-through estimator around the op explicitly."
+        )
+
+    return backward
+
+
+# Outputs of quantize are integer tensors and never require grad; dequantize's output does not
+# either (its inputs are codes and scales). Registering autograd states that and silences the
+# "autograd kernel was not registered" fallback.
+torch.library.register_autograd("fp4op::quantize", _not_differentiable("quantize"), setup_context=_no_context)
+torch.library.register_autograd("fp4op::dequantize", _not_differentiable("dequantize"), setup_context=_no_context)

@@ -1,0 +1,1 @@
+"""fp4op.fusion: Inductor passes that fuse a norm or activation with the FP4 quantize after it."""
