@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Everything the GPU machine does in one call: build, GPU tests, sanitizers, benchmarks.
+# Usage (on the device machine, from the repo root): bash scripts/gpu_check.sh [stage ...]
+# Stages: build smoke tests sanitize bench fused demo (default: all). Logs and results go to $OUT.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/fp4op_out}
+mkdir -p "$OUT"
+PY=${PY:-python3}
+stages=${*:-build smoke tests sanitize bench fused demo}
+if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
+fi
+export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
+status=0
+run() {  # run NAME CMD...: log to $OUT/NAME.log, remember failures
+  local name=$1; shift
+  echo "=== $name: $*"
+  local t0=$(date +%s)
+  "$@" > "$OUT/$name.log" 2>&1
+  local rc=$?
+  echo "--- $name rc=$rc ($(( $(date +%s) - t0 ))s)"; tail -n ${TAIL:-15} "$OUT/$name.log"
+  [ $rc -eq 0 ] || status=1
+}
+for s in $stages; do
+  case $s in
+    build)
+      run build env FP4OP_CUDA_GENCODE="${FP4OP_CUDA_GENCODE:--gencode=arch=compute_90a,code=sm_90a}" MAX_JOBS=16 \
+        $PY -m pip install --no-build-isolation --no-deps -e . ;;
+    smoke) run smoke $PY scripts/gpu_smoke.py ;;
+    tests) run tests $PY -m pytest tests -q -x -p no:cacheprovider ;;
+    sanitize)
+      for tool in memcheck racecheck initcheck; do
+        run "sanitize_$tool" compute-sanitizer --tool $tool --error-exitcode 1 $PY scripts/memcheck_cases.py
+      done ;;
+    bench) run bench $PY benchmarks/bench_quantize.py --suite full --out-dir "$OUT" ;;
+    fused) run fused $PY scripts/bench_fused.py --out "$OUT/bench_fused.json" ;;
+    demo) run demo $PY examples/demo.py ;;
+  esac
+done
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$OUT/device.txt" 2>&1
+$PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" >> "$OUT/device.txt" 2>&1
+git rev-parse HEAD >> "$OUT/device.txt" 2>/dev/null
+exit $status

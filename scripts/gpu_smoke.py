@@ -1,0 +1,77 @@
+"""Quick GPU check: CUDA kernel == CPU kernel bit for bit on a matrix of cases, plus a timing of
+quantize vs a device copy at a few shapes. Usage: python scripts/gpu_smoke.py"""
+
+import itertools
+import sys
+
+import torch
+
+import fp4op
+from fp4op import layouts
+
+assert torch.cuda.is_available(), "needs a GPU"
+torch.manual_seed(0)
+failures = 0
+cases = 0
+for dtype, (vec, ue8m0), layout, (m, k), per_row, inv in itertools.product(
+    [torch.float16, torch.bfloat16, torch.float8_e4m3fn],
+    [(16, False), (32, True)],
+    layouts.LAYOUTS,
+    [(1, 32), (7, 64), (128, 4096), (129, 96), (300, 2048), (1000, 160), (3, 16384), (77, 8192)],
+    [False, True],
+    [False, True],
+):
+    if k % vec:
+        continue
+    x = (torch.randn(m, k) * 4).to(dtype)
+    x.view(torch.uint8 if dtype == torch.float8_e4m3fn else torch.int16).view(-1)[:: 97] = 0  # a few zeros
+    gs = fp4op.nvfp4_global_scale(x, per_row=per_row)
+    sw, e8 = layouts.layout_flags(layout)
+    args = (vec, ue8m0, sw, e8, inv)
+    q_cpu, s_cpu = torch.ops.fp4op.quantize(x, gs, *args)
+    q_gpu, s_gpu = torch.ops.fp4op.quantize(x.cuda(), gs.cuda(), *args)
+    cases += 1
+    if not (torch.equal(q_cpu, q_gpu.cpu()) and torch.equal(s_cpu, s_gpu.cpu())):
+        failures += 1
+        print("MISMATCH", dtype, vec, layout, m, k, per_row, inv,
+              (q_cpu != q_gpu.cpu()).sum().item(), (s_cpu != s_gpu.cpu()).sum().item())
+print(f"bit-exact cases: {cases - failures}/{cases}")
+
+
+def bench(fn, iters=50):
+    flush = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
+    for _ in range(5):
+        fn()
+    times = []
+    for _ in range(iters):
+        flush.zero_()
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) * 1e3)
+    times.sort()
+    return times[len(times) // 2]
+
+
+print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}")
+print("| case | M | K | us | GB/s | % copy |")
+for m, k in [(8192, 8192), (32768, 8192), (16, 16384), (1024, 4096)]:
+    for dtype, (vec, ue8m0), layout in [
+        (torch.bfloat16, (16, False), "128x4"),
+        (torch.bfloat16, (32, True), "128x4"),
+        (torch.float16, (16, False), "linear"),
+        (torch.float8_e4m3fn, (16, False), "8x4"),
+    ]:
+        x = torch.randn(m, k, device="cuda").to(dtype)
+        gs = fp4op.nvfp4_global_scale(x)
+        sw, e8 = layouts.layout_flags(layout)
+        q, s = torch.ops.fp4op.quantize(x, gs, vec, ue8m0, sw, e8, False)
+        nbytes = x.numel() * x.element_size() + q.numel() + s.numel()
+        src = torch.empty(nbytes // 2, dtype=torch.uint8, device="cuda")
+        dst = torch.empty_like(src)
+        t_copy = bench(lambda: dst.copy_(src))
+        t = bench(lambda: torch.ops.fp4op.quantize(x, gs, vec, ue8m0, sw, e8, False))
+        print(f"| {dtype} vec{vec} {layout} | {m} | {k} | {t:.1f} | {nbytes / t / 1e3:.0f} | {100 * t_copy / t:.0f}% (copy {t_copy:.1f} us) |")
+sys.exit(1 if failures else 0)
