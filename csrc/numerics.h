@@ -81,6 +81,15 @@ FP4OP_HD float div_rn(float a, float b) {
 #endif
 }
 
+// Correctly rounded 1/x (the same value as div_rn(1, x), cheaper on the device).
+FP4OP_HD float rcp_rn(float x) {
+#if defined(__CUDA_ARCH__)
+  return __frcp_rn(x);
+#else
+  return 1.0f / x;
+#endif
+}
+
 // ---- exact widening of the input formats -------------------------------------------------------
 
 FP4OP_HD float bf16_bits_to_float(uint16_t b) { return bits_to_float(uint32_t(b) << 16); }
@@ -115,22 +124,27 @@ FP4OP_HD float e4m3_bits_to_float(uint8_t b) {
 
 // float -> E2M1 code, round to nearest even, satfinite, NaN -> +6 (0x7), sign of zero kept:
 // __nv_cvt_float_to_fp4(x, __NV_E2M1, cudaRoundNearest) / cvt.rn.satfinite.e2m1x2.f32.
-// The E2M1 grid has spacing 0.5 below 2, 1 in [2, 4) and 2 from 4 on; adding 2^22, 2^23 or 2^24
-// makes the float adder round |x| to that spacing (ties to even), and the difference of the bit
-// patterns is the code's offset within the range.
+// The E2M1 grid has spacing 0.5 below 2 (region k = 0), 1 in [2, 4) (k = 1) and 2 from 4 on (k = 2).
+// Scaling |x| by 2^(1-k) (exact) maps the region's spacing to 1, and adding 2^23 makes the float
+// adder round to an integer with ties to even: that integer plus 2k is the code. NaN, infinities
+// and values past 6 give large step counts and saturate to 7.
 FP4OP_HD uint32_t e2m1_code_software(float x) {
   const uint32_t bits = float_to_bits(x);
   const uint32_t abs_bits = bits & 0x7FFFFFFFu;
+  // 2^floor(log2|x|) clamped to [1, 4]: 2^k
+  uint32_t region = abs_bits & 0x7F800000u;
+  region = region < 0x3F800000u ? 0x3F800000u : region;
+  region = region > 0x40800000u ? 0x40800000u : region;
+  const float step_scale = bits_to_float(0x7F800000u - region);  // 2^(1-k)
   const float a = bits_to_float(abs_bits);
-  const bool below2 = a < 2.0f;
-  const bool below4 = a < 4.0f;
-  const float magic = below2 ? 4194304.0f : (below4 ? 8388608.0f : 16777216.0f);
-  const uint32_t base = below2 ? 0u : (below4 ? 2u : 4u);
-  const uint32_t steps = float_to_bits(add_rn(a, magic)) - float_to_bits(magic);
-  uint32_t code = base + steps;  // NaN and +-inf give huge step counts and saturate below
+#if defined(__CUDA_ARCH__)
+  const float rounded = __fmaf_rn(a, step_scale, 8388608.0f);  // the product is exact: same as mul, add
+#else
+  const float rounded = add_rn(mul_rn(a, step_scale), 8388608.0f);
+#endif
+  uint32_t code = (float_to_bits(rounded) - 0x4B000000u) + ((region - 0x3F800000u) >> 22);
   code = code < 7u ? code : 7u;
-  const bool is_nan = abs_bits > 0x7F800000u;
-  const uint32_t sign = is_nan ? 0u : (bits >> 28) & 0x8u;
+  const uint32_t sign = abs_bits > 0x7F800000u ? 0u : (bits >> 28) & 0x8u;
   return code | sign;
 }
 
@@ -194,8 +208,8 @@ struct Nvfp4RowScale {
 };
 
 FP4OP_HD Nvfp4RowScale nvfp4_row_scale(float global_scale, bool is_inversed) {
-  const float s = is_inversed ? div_rn(1.0f, global_scale) : global_scale;
-  return Nvfp4RowScale{mul_rn(s, kRcp6), div_rn(1.0f, s)};
+  const float s = is_inversed ? rcp_rn(global_scale) : global_scale;
+  return Nvfp4RowScale{mul_rn(s, kRcp6), rcp_rn(s)};
 }
 
 struct BlockScale {
@@ -208,7 +222,7 @@ FP4OP_HD BlockScale nvfp4_block_scale(float amax, Nvfp4RowScale row) {
   const uint8_t sf = float_to_e4m3(mul_rn(amax, row.s_rcp6));
   const float sf_dec = e4m3_bits_to_float(sf);
   // fminf returns FLT_MAX when the quotient is NaN (IEEE minNum)
-  return BlockScale{sf, fminf(div_rn(1.0f, mul_rn(sf_dec, row.inv_s)), FLT_MAX)};
+  return BlockScale{sf, fminf(rcp_rn(mul_rn(sf_dec, row.inv_s)), FLT_MAX)};
 }
 
 FP4OP_HD BlockScale mxfp4_block_scale(float amax) {
@@ -244,15 +258,16 @@ FP4OP_HD float dequant_block_factor(uint8_t sf, bool sf_use_ue8m0, float s) {
 FP4OP_HD int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
 // Offset of scale (row m, block column k) in the flattened sf tensor; nk = K / sf_vec_size.
+// Unsigned arithmetic: the divisions by powers of two are shifts.
 FP4OP_HD int64_t sf_offset(int64_t m, int64_t k, int64_t nk, SfLayout layout) {
-  const int64_t nk4 = (nk + 3) / 4;
+  const uint64_t um = uint64_t(m), uk = uint64_t(k), nk4 = (uint64_t(nk) + 3) / 4;
   switch (layout) {
     case SfLayout::kSwizzled128x4:
-      return (m / 128) * nk4 * 512 + (k / 4) * 512 + (m % 32) * 16 + ((m % 128) / 32) * 4 + (k % 4);
+      return int64_t((um / 128) * nk4 * 512 + (uk / 4) * 512 + (um % 32) * 16 + ((um % 128) / 32) * 4 + (uk % 4));
     case SfLayout::kSwizzled8x4:
-      return (m / 8) * nk4 * 32 + (k / 4) * 32 + (m % 8) * 4 + (k % 4);
+      return int64_t((um / 8) * nk4 * 32 + (uk / 4) * 32 + (um % 8) * 4 + (uk % 4));
     default:
-      return m * nk + k;
+      return int64_t(um * uint64_t(nk) + uk);
   }
 }
 

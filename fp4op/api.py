@@ -106,7 +106,7 @@ def dequantize(
 def nvfp4_global_scale(x: torch.Tensor, per_row: bool = False) -> torch.Tensor:
     """The usual NVFP4 global scale ``448 * 6 / amax(x)`` as float32: one element, or one per row
     ``[M]`` with `per_row`. All-zero input gives an infinite scale, whose blocks quantize to zero."""
-    a = x.abs().to(torch.float32)
+    a = x.to(torch.float32).abs()  # widen first: float8 has no abs on every backend
     amax = a.reshape(-1, x.shape[-1]).amax(dim=-1) if per_row else a.amax().reshape(1)
     return (448.0 * 6.0) / amax
 

@@ -35,6 +35,28 @@ for dtype, (vec, ue8m0), layout, (m, k), per_row, inv in itertools.product(
         failures += 1
         print("MISMATCH", dtype, vec, layout, m, k, per_row, inv,
               (q_cpu != q_gpu.cpu()).sum().item(), (s_cpu != s_gpu.cpu()).sum().item())
+
+# every fp16/bf16/e4m3 bit pattern (NaN, inf, subnormals, +-0 included), in blocks anchored by
+# +-6 or +-4 so that most values are scaled by 1 or 1.5, under every recipe: CUDA == CPU
+for dtype in (torch.float16, torch.bfloat16, torch.float8_e4m3fn):
+    bits = torch.arange(0, 256 if dtype == torch.float8_e4m3fn else 65536, dtype=torch.int32)
+    values = (bits.to(torch.uint8) if dtype == torch.float8_e4m3fn else bits.to(torch.int16)).view(dtype)
+    for anchor in (6.0, -4.0, 448.0):
+        for vec, ue8m0 in ((16, False), (32, True)):
+            n = vec - 1
+            v = torch.cat([values, values[: (-values.numel()) % n]]).view(-1, n)
+            x = torch.cat([torch.full((v.shape[0], 1), anchor).to(dtype), v], 1)  # [blocks, vec]
+            for gs in (torch.tensor([1.0]), torch.tensor([2688.0 / 7.0]), torch.tensor([-3.0])):
+                for layout in layouts.LAYOUTS:
+                    sw, e8 = layouts.layout_flags(layout)
+                    args = (vec, ue8m0, sw, e8, False)
+                    q_cpu, s_cpu = torch.ops.fp4op.quantize(x, gs, *args)
+                    q_gpu, s_gpu = torch.ops.fp4op.quantize(x.cuda(), gs.cuda(), *args)
+                    cases += 1
+                    if not (torch.equal(q_cpu, q_gpu.cpu()) and torch.equal(s_cpu, s_gpu.cpu())):
+                        failures += 1
+                        print("EXHAUSTIVE MISMATCH", dtype, anchor, vec, gs.item(), layout,
+                              (q_cpu != q_gpu.cpu()).sum().item(), (s_cpu != s_gpu.cpu()).sum().item())
 print(f"bit-exact cases: {cases - failures}/{cases}")
 
 

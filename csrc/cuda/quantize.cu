@@ -1,11 +1,10 @@
 // CUDA kernels of fp4op::quantize and fp4op::dequantize (plain CUDA; see launch.h).
 //
-// Quantize: one thread per 16-byte input chunk (8 fp16/bf16 or 16 fp8 elements), the 1, 2 or 4
-// threads of a scale block reduce its amax with warp shuffles. A CTA covers a tile of
-// rows_per_tile x chunks_per_tile chunks; tiles along K map to blockIdx.x and row tiles to
-// blockIdx.y, so no thread divides by K. Threads past the last real block column write the zero
-// padding of the swizzled sf layouts, and the CTAs of blockIdx.z == 1 zero the padding rows, so one
-// launch writes every output byte.
+// Quantize: one thread per scale block (16 or 32 elements). A CTA covers a tile of
+// rows_per_tile x cols_per_tile blocks; tiles along K map to blockIdx.x and row tiles to blockIdx.y,
+// so no thread divides by K. Threads past the last real block column write the zero padding columns
+// of the swizzled sf layouts and the CTAs of blockIdx.z == 1 zero the padding rows: one launch writes
+// every output byte.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_fp8.h>
@@ -21,14 +20,14 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int kMaxGridY = 65535;
 
-// Widening of the 16-byte chunk to float32 (exact for every input format).
+// The input formats: elements per 16-byte vector and their exact widening to float32.
 template <InputDtype D>
-struct Chunk;
+struct Input;
 
 template <>
-struct Chunk<InputDtype::kBFloat16> {
-  static constexpr int kElems = 8;
-  __device__ __forceinline__ static void widen(const uint4& v, float (&f)[kElems]) {
+struct Input<InputDtype::kBFloat16> {
+  static constexpr int kPerVector = 8;
+  __device__ __forceinline__ static void widen(const uint4& v, float* f) {
     const uint32_t w[4] = {v.x, v.y, v.z, v.w};
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
@@ -39,9 +38,9 @@ struct Chunk<InputDtype::kBFloat16> {
 };
 
 template <>
-struct Chunk<InputDtype::kFloat16> {
-  static constexpr int kElems = 8;
-  __device__ __forceinline__ static void widen(const uint4& v, float (&f)[kElems]) {
+struct Input<InputDtype::kFloat16> {
+  static constexpr int kPerVector = 8;
+  __device__ __forceinline__ static void widen(const uint4& v, float* f) {
     const uint32_t w[4] = {v.x, v.y, v.z, v.w};
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
@@ -56,9 +55,9 @@ struct Chunk<InputDtype::kFloat16> {
 };
 
 template <>
-struct Chunk<InputDtype::kFloat8E4M3> {
-  static constexpr int kElems = 16;
-  __device__ __forceinline__ static void widen(const uint4& v, float (&f)[kElems]) {
+struct Input<InputDtype::kFloat8E4M3> {
+  static constexpr int kPerVector = 16;
+  __device__ __forceinline__ static void widen(const uint4& v, float* f) {
     const uint32_t w[4] = {v.x, v.y, v.z, v.w};
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
@@ -75,139 +74,164 @@ struct Chunk<InputDtype::kFloat8E4M3> {
   }
 };
 
-template <int N>
-struct PackedCodes;
+// The packed codes of one scale block: 8 bytes (16 elements) or 16 bytes (32 elements).
+template <int VEC>
+struct PackedBlock;
 template <>
-struct PackedCodes<8> {
-  using type = uint32_t;
-};
-template <>
-struct PackedCodes<16> {
+struct PackedBlock<16> {
   using type = uint2;
 };
+template <>
+struct PackedBlock<32> {
+  using type = uint4;
+};
 
+// A CTA covers rows_per_tile rows x cols_per_tile scale-block columns, one thread per block.
 struct Tiling {
-  int chunks_per_tile;
+  int cols_per_tile;
   int rows_per_tile;
   int64_t row_tiles;
 };
 
-template <InputDtype D, int VEC, bool UE8M0>
-__global__ void __launch_bounds__(kThreads) quantize_kernel(const QuantizeLaunch a, const Tiling t,
-                                                            const int64_t chunks_per_row,
-                                                            const int64_t padded_chunks_per_row) {
-  using C = Chunk<D>;
-  constexpr int kElems = C::kElems;
-  constexpr int kThreadsPerBlock = VEC / kElems;  // threads sharing one scale block: 1, 2 or 4
-  const SfLayout layout = SfLayout(a.sf_layout);
-  const int64_t nk = a.k / VEC;
+// Zeroes the padding rows [m, sf_rows) of a swizzled layout, one 4-byte word (4 block columns) a thread.
+template <SfLayout LAYOUT>
+__device__ void zero_padding_rows(const QuantizeLaunch& a, int64_t nk) {
+  const int64_t words_per_row = sf_cols(nk, LAYOUT) / 4;
+  const int64_t words = (sf_rows(a.m, LAYOUT) - a.m) * words_per_row;
+  const int64_t stride = int64_t(gridDim.x) * gridDim.y * kThreads;
+  for (int64_t i = (int64_t(blockIdx.y) * gridDim.x + blockIdx.x) * kThreads + threadIdx.x; i < words;
+       i += stride) {
+    const int64_t row = a.m + i / words_per_row;
+    const int64_t col = (i % words_per_row) * 4;
+    *reinterpret_cast<uint32_t*>(a.sf + sf_offset(row, col, nk, LAYOUT)) = 0u;
+  }
+}
 
+// One thread per scale block: VEC elements read with 16-byte loads (the two or four loads of a
+// thread are adjacent, the warp's loads together cover a contiguous span, served by L1), reduced,
+// scaled, packed and written with one 8- or 16-byte store.
+template <InputDtype D, int VEC, bool UE8M0, SfLayout LAYOUT>
+__global__ void __launch_bounds__(kThreads) quantize_kernel(const QuantizeLaunch a, const Tiling t) {
+  using In = Input<D>;
+  constexpr int kLoads = VEC / In::kPerVector;
+  constexpr int kElementBytes = D == InputDtype::kFloat8E4M3 ? 1 : 2;
+  const int64_t nk = a.k / VEC;
   if (blockIdx.z == 1) {
-    // zero the padding rows [m, sf_rows) of a swizzled layout, one 4-byte word (4 block columns) each
-    const int64_t words_per_row = sf_cols(nk, layout) / 4;
-    const int64_t words = (sf_rows(a.m, layout) - a.m) * words_per_row;
-    const int64_t stride = int64_t(gridDim.x) * gridDim.y * kThreads;
-    for (int64_t i = (int64_t(blockIdx.y) * gridDim.x + blockIdx.x) * kThreads + threadIdx.x; i < words;
-         i += stride) {
-      const int64_t row = a.m + i / words_per_row;
-      const int64_t col = (i % words_per_row) * 4;
-      *reinterpret_cast<uint32_t*>(a.sf + sf_offset(row, col, nk, layout)) = 0u;
-    }
+    if constexpr (LAYOUT != SfLayout::kLinear) zero_padding_rows<LAYOUT>(a, nk);
     return;
   }
 
-  const int local_row = threadIdx.x / t.chunks_per_tile;
-  const int64_t chunk = int64_t(blockIdx.x) * t.chunks_per_tile + threadIdx.x % t.chunks_per_tile;
-  const bool leader = chunk % kThreadsPerBlock == 0;
-  const uint8_t* in = static_cast<const uint8_t*>(a.input);
+  const int local_row = threadIdx.x / t.cols_per_tile;
+  const int64_t col = int64_t(blockIdx.x) * t.cols_per_tile + threadIdx.x % t.cols_per_tile;
+  const bool col_has_data = col < nk;
+  const bool col_in_sf = col < sf_cols(nk, LAYOUT);
+  const uint4* in = static_cast<const uint4*>(a.input);
+  Nvfp4RowScale row_scale{};
+  if (!UE8M0 && !a.global_scale_per_row) row_scale = nvfp4_row_scale(a.global_scale[0], a.is_global_scale_inversed);
 
   // the trip count depends on blockIdx.y only, so every lane reaches the shuffles below
   for (int64_t tile = blockIdx.y; tile < t.row_tiles; tile += gridDim.y) {
     const int64_t row = tile * t.rows_per_tile + local_row;
     const bool row_ok = local_row < t.rows_per_tile && row < a.m;
-    const bool has_data = row_ok && chunk < chunks_per_row;
-    const bool is_pad_col = row_ok && !has_data && chunk < padded_chunks_per_row;
-    const int64_t elem = row * a.k + chunk * kElems;
+    const bool has_data = row_ok && col_has_data;
+    const int64_t first = row * a.k + col * VEC;  // element index of the block
 
-    float f[kElems];
+    float f[VEC];
     if (has_data) {
-      const uint4 v = __ldcs(reinterpret_cast<const uint4*>(in + elem * (D == InputDtype::kFloat8E4M3 ? 1 : 2)));
-      C::widen(v, f);
+      uint4 v[kLoads];
+      const uint4* src = in + first * kElementBytes / 16;
+#pragma unroll
+      for (int i = 0; i < kLoads; ++i) v[i] = __ldg(src + i);
+#pragma unroll
+      for (int i = 0; i < kLoads; ++i) In::widen(v[i], f + i * In::kPerVector);
     } else {
 #pragma unroll
-      for (int i = 0; i < kElems; ++i) f[i] = 0.0f;
+      for (int i = 0; i < VEC; ++i) f[i] = 0.0f;
     }
     float amax = fabsf(f[0]);
 #pragma unroll
-    for (int i = 1; i < kElems; ++i) amax = amax_fold(amax, f[i]);
-#pragma unroll
-    for (int lanes = 1; lanes < kThreadsPerBlock; lanes <<= 1) {
-      amax = amax_fold(amax, __shfl_xor_sync(0xffffffffu, amax, lanes));
-    }
+    for (int i = 1; i < VEC; ++i) amax = amax_fold(amax, f[i]);
 
     BlockScale s;
     if constexpr (UE8M0) {
       s = mxfp4_block_scale(amax);
     } else {
-      const float g = row_ok ? a.global_scale[a.global_scale_per_row ? row : 0] : 1.0f;
-      s = nvfp4_block_scale(amax, nvfp4_row_scale(g, a.is_global_scale_inversed));
+      if (a.global_scale_per_row && row_ok) {
+        row_scale = nvfp4_row_scale(a.global_scale[row], a.is_global_scale_inversed);
+      }
+      s = nvfp4_block_scale(amax, row_scale);
     }
 
     if (has_data) {
-      typename PackedCodes<kElems>::type packed;
+      typename PackedBlock<VEC>::type packed;
       uint32_t* words = reinterpret_cast<uint32_t*>(&packed);
 #pragma unroll
-      for (int w = 0; w < kElems / 8; ++w) {
+      for (int w = 0; w < VEC / 8; ++w) {
         uint32_t word = 0;
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
-          const uint32_t byte =
-              e2m1x2(mul_rn(f[8 * w + 2 * i], s.out_scale), mul_rn(f[8 * w + 2 * i + 1], s.out_scale));
-          word |= byte << (8 * i);
+          const int e = 8 * w + 2 * i;
+          word |= e2m1x2(mul_rn(f[e], s.out_scale), mul_rn(f[e + 1], s.out_scale)) << (8 * i);
         }
         words[w] = word;
       }
-      __stcs(reinterpret_cast<typename PackedCodes<kElems>::type*>(a.x_q + elem / 2), packed);
+      __stcs(reinterpret_cast<typename PackedBlock<VEC>::type*>(a.x_q + first / 2), packed);
     }
-    if (leader && (has_data || is_pad_col)) {
-      a.sf[sf_offset(row, chunk / kThreadsPerBlock, nk, layout)] = has_data ? s.sf : uint8_t(0);
+
+    const uint32_t sf_byte = has_data ? s.sf : 0u;
+    if constexpr (LAYOUT == SfLayout::kLinear) {
+      if (has_data) a.sf[row * nk + col] = uint8_t(sf_byte);
+    } else {
+      // lanes 4j..4j+3 hold block columns 4q..4q+3 of one row (tiles are multiples of 4 columns):
+      // lane 4j writes the four scales, contiguous in both swizzled layouts, as one word
+      uint32_t word = sf_byte;
+      word |= __shfl_down_sync(0xffffffffu, sf_byte, 1) << 8;
+      word |= __shfl_down_sync(0xffffffffu, sf_byte, 2) << 16;
+      word |= __shfl_down_sync(0xffffffffu, sf_byte, 3) << 24;
+      if ((threadIdx.x & 3) == 0 && row_ok && col_in_sf) {
+        *reinterpret_cast<uint32_t*>(a.sf + sf_offset(row, col, nk, LAYOUT)) = word;
+      }
     }
   }
 }
 
-template <InputDtype D, int VEC, bool UE8M0>
+template <InputDtype D, int VEC, bool UE8M0, SfLayout LAYOUT>
 cudaError_t launch_quantize_typed(const QuantizeLaunch& a, cudaStream_t stream) {
-  constexpr int kElems = Chunk<D>::kElems;
-  constexpr int kThreadsPerBlock = VEC / kElems;
-  const SfLayout layout = SfLayout(a.sf_layout);
   const int64_t nk = a.k / VEC;
-  const int64_t chunks_per_row = a.k / kElems;
-  const int64_t padded_chunks_per_row = sf_cols(nk, layout) * kThreadsPerBlock;
-
+  const int64_t cols = sf_cols(nk, LAYOUT);
   Tiling t;
   int64_t tiles_k;
-  if (padded_chunks_per_row >= kThreads) {
-    t.chunks_per_tile = kThreads;
+  if (cols >= kThreads) {
+    t.cols_per_tile = kThreads;
     t.rows_per_tile = 1;
-    tiles_k = (padded_chunks_per_row + kThreads - 1) / kThreads;
+    tiles_k = (cols + kThreads - 1) / kThreads;
   } else {
-    t.chunks_per_tile = int(padded_chunks_per_row);
-    t.rows_per_tile = kThreads / t.chunks_per_tile;
+    t.cols_per_tile = int(cols);
+    t.rows_per_tile = kThreads / t.cols_per_tile;
     tiles_k = 1;
   }
   t.row_tiles = (a.m + t.rows_per_tile - 1) / t.rows_per_tile;
   if (tiles_k > 0x7FFFFFFF) return cudaErrorInvalidValue;
-  const bool pad_rows = sf_rows(a.m, layout) > a.m;
-  const dim3 grid(unsigned(tiles_k), unsigned(std::min<int64_t>(std::max<int64_t>(t.row_tiles, 1), kMaxGridY)),
-                  pad_rows ? 2u : 1u);
-  quantize_kernel<D, VEC, UE8M0><<<grid, kThreads, 0, stream>>>(a, t, chunks_per_row, padded_chunks_per_row);
+  const bool pad_rows = sf_rows(a.m, LAYOUT) > a.m;
+  const dim3 grid(unsigned(tiles_k), unsigned(std::min<int64_t>(t.row_tiles, kMaxGridY)), pad_rows ? 2u : 1u);
+  quantize_kernel<D, VEC, UE8M0, LAYOUT><<<grid, kThreads, 0, stream>>>(a, t);
   return cudaGetLastError();
+}
+
+template <InputDtype D, int VEC, bool UE8M0>
+cudaError_t launch_quantize_layout(const QuantizeLaunch& a, cudaStream_t stream) {
+  switch (SfLayout(a.sf_layout)) {
+    case SfLayout::kSwizzled128x4: return launch_quantize_typed<D, VEC, UE8M0, SfLayout::kSwizzled128x4>(a, stream);
+    case SfLayout::kSwizzled8x4: return launch_quantize_typed<D, VEC, UE8M0, SfLayout::kSwizzled8x4>(a, stream);
+    case SfLayout::kLinear: return launch_quantize_typed<D, VEC, UE8M0, SfLayout::kLinear>(a, stream);
+  }
+  return cudaErrorInvalidValue;
 }
 
 template <InputDtype D>
 cudaError_t launch_quantize_recipe(const QuantizeLaunch& a, cudaStream_t stream) {
-  return a.sf_use_ue8m0 ? launch_quantize_typed<D, 32, true>(a, stream)
-                        : launch_quantize_typed<D, 16, false>(a, stream);
+  return a.sf_use_ue8m0 ? launch_quantize_layout<D, 32, true>(a, stream)
+                        : launch_quantize_layout<D, 16, false>(a, stream);
 }
 
 template <typename Out>
