@@ -124,28 +124,28 @@ FP4OP_HD float e4m3_bits_to_float(uint8_t b) {
 
 // float -> E2M1 code, round to nearest even, satfinite, NaN -> +6 (0x7), sign of zero kept:
 // __nv_cvt_float_to_fp4(x, __NV_E2M1, cudaRoundNearest) / cvt.rn.satfinite.e2m1x2.f32.
-// The E2M1 grid has spacing 0.5 below 2 (region k = 0), 1 in [2, 4) (k = 1) and 2 from 4 on (k = 2).
-// Scaling |x| by 2^(1-k) (exact) maps the region's spacing to 1, and adding 2^23 makes the float
-// adder round to an integer with ties to even: that integer plus 2k is the code. NaN, infinities
-// and values past 6 give large step counts and saturate to 7.
+// After clamping to [-6, 6] (NaN -> +6), the E2M1 grid has spacing 0.5 below 2 (region k = 0),
+// 1 in [2, 4) (k = 1) and 2 in [4, 6] (k = 2). Scaling |x| by 2^(1-k) (exact) maps the region's
+// spacing to 1, and adding 2^23 makes the float adder round to an integer with ties to even: that
+// integer plus 2k is the code.
 FP4OP_HD uint32_t e2m1_code_software(float x) {
-  const uint32_t bits = float_to_bits(x);
-  const uint32_t abs_bits = bits & 0x7FFFFFFFu;
-  // 2^floor(log2|x|) clamped to [1, 4]: 2^k
-  uint32_t region = abs_bits & 0x7F800000u;
-  region = region < 0x3F800000u ? 0x3F800000u : region;
-  region = region > 0x40800000u ? 0x40800000u : region;
-  const float step_scale = bits_to_float(0x7F800000u - region);  // 2^(1-k)
-  const float a = bits_to_float(abs_bits);
 #if defined(__CUDA_ARCH__)
-  const float rounded = __fmaf_rn(a, step_scale, 8388608.0f);  // the product is exact: same as mul, add
+  const float clamped = fmaxf(fminf(x, 6.0f), -6.0f);  // maxNum/minNum: NaN -> +6
 #else
-  const float rounded = add_rn(mul_rn(a, step_scale), 8388608.0f);
+  const float clamped = x != x ? 6.0f : (x > 6.0f ? 6.0f : (x < -6.0f ? -6.0f : x));
 #endif
-  uint32_t code = (float_to_bits(rounded) - 0x4B000000u) + ((region - 0x3F800000u) >> 22);
-  code = code < 7u ? code : 7u;
-  const uint32_t sign = abs_bits > 0x7F800000u ? 0u : (bits >> 28) & 0x8u;
-  return code | sign;
+  const uint32_t bits = float_to_bits(clamped);
+  const uint32_t abs_bits = bits & 0x7FFFFFFFu;
+  uint32_t region = abs_bits & 0x7F800000u;  // 2^floor(log2|x|), at least 1: 2^k
+  region = region < 0x3F800000u ? 0x3F800000u : region;
+  const float step_scale = bits_to_float(0x7F800000u - region);  // 2^(1-k)
+#if defined(__CUDA_ARCH__)
+  const float rounded = __fmaf_rn(fabsf(clamped), step_scale, 8388608.0f);  // exact product: = mul, add
+#else
+  const float rounded = add_rn(mul_rn(bits_to_float(abs_bits), step_scale), 8388608.0f);
+#endif
+  const uint32_t code = (float_to_bits(rounded) - 0x4B000000u) + ((region - 0x3F800000u) >> 22);
+  return code | ((bits >> 28) & 0x8u);
 }
 
 // Two E2M1 codes packed in one byte: `lo` in bits 0..3, `hi` in bits 4..7.
@@ -233,7 +233,16 @@ FP4OP_HD BlockScale mxfp4_block_scale(float amax) {
 
 // NaN-ignoring running maximum of |x| (IEEE maxNum, like CUDA's fmaxf): a block of NaNs only keeps a
 // NaN amax because the fold starts from its first element.
-FP4OP_HD float amax_fold(float acc, float x) { return fmaxf(acc, fabsf(x)); }
+// On the host the comparison is spelled out: libm's fmaxf returns NaN for a signaling NaN operand
+// (fp16/bf16 NaNs widen to signaling float NaNs), where the GPU's maxNum ignores every NaN.
+FP4OP_HD float amax_fold(float acc, float x) {
+#if defined(__CUDA_ARCH__)
+  return fmaxf(acc, fabsf(x));
+#else
+  const float a = fabsf(x);
+  return (a > acc || acc != acc) ? a : acc;
+#endif
+}
 
 // ---- dequantization --------------------------------------------------------------------------------
 

@@ -82,10 +82,12 @@ def pow2(e: torch.Tensor) -> torch.Tensor:
 
 def _amax(blocks: torch.Tensor) -> torch.Tensor:
     """NaN-ignoring max of |x| over the last dim (IEEE maxNum fold); NaN only for an all-NaN block."""
+    # spelled out rather than torch.fmax, which returns NaN for signaling NaNs (bf16 NaNs widen to
+    # signaling float NaNs)
     a = blocks.abs()
     amax = a[..., 0]
     for i in range(1, a.shape[-1]):
-        amax = torch.fmax(amax, a[..., i])
+        amax = torch.where((a[..., i] > amax) | torch.isnan(amax), a[..., i], amax)
     return amax
 
 

@@ -57,6 +57,11 @@ for dtype in (torch.float16, torch.bfloat16, torch.float8_e4m3fn):
                         failures += 1
                         print("EXHAUSTIVE MISMATCH", dtype, anchor, vec, gs.item(), layout,
                               (q_cpu != q_gpu.cpu()).sum().item(), (s_cpu != s_gpu.cpu()).sum().item())
+                        if layout == "linear":
+                            rows = ((q_cpu != q_gpu.cpu()).any(1) | (s_cpu != s_gpu.cpu()).any(1)).nonzero().flatten()
+                            for r in rows[:2].tolist():
+                                print("  x", [hex(b) for b in x[r].view(torch.int16 if x.element_size() == 2 else torch.uint8).tolist()])
+                                print("  q cpu", q_cpu[r].tolist(), "gpu", q_gpu[r].tolist(), "sf", s_cpu[r].tolist(), s_gpu[r].tolist())
 print(f"bit-exact cases: {cases - failures}/{cases}")
 
 

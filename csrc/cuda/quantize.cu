@@ -108,8 +108,10 @@ __device__ void zero_padding_rows(const QuantizeLaunch& a, int64_t nk) {
 }
 
 // One thread per scale block: VEC elements read with 16-byte loads (the two or four loads of a
-// thread are adjacent, the warp's loads together cover a contiguous span, served by L1), reduced,
-// scaled, packed and written with one 8- or 16-byte store.
+// thread are adjacent; the warp's loads together cover a contiguous span, served by L1), reduced,
+// scaled, packed and written with one 8- or 16-byte store. Each thread walks row tiles with a
+// stride of gridDim.y and loads the next tile's block before converting the current one, so that
+// memory traffic overlaps the conversion arithmetic.
 template <InputDtype D, int VEC, bool UE8M0, SfLayout LAYOUT>
 __global__ void __launch_bounds__(kThreads) quantize_kernel(const QuantizeLaunch a, const Tiling t) {
   using In = Input<D>;
@@ -123,25 +125,35 @@ __global__ void __launch_bounds__(kThreads) quantize_kernel(const QuantizeLaunch
 
   const int local_row = threadIdx.x / t.cols_per_tile;
   const int64_t col = int64_t(blockIdx.x) * t.cols_per_tile + threadIdx.x % t.cols_per_tile;
-  const bool col_has_data = col < nk;
-  const bool col_in_sf = col < sf_cols(nk, LAYOUT);
+  const bool col_has_data = local_row < t.rows_per_tile && col < nk;
+  const bool col_in_sf = local_row < t.rows_per_tile && col < sf_cols(nk, LAYOUT);
   const uint4* in = static_cast<const uint4*>(a.input);
   Nvfp4RowScale row_scale{};
   if (!UE8M0 && !a.global_scale_per_row) row_scale = nvfp4_row_scale(a.global_scale[0], a.is_global_scale_inversed);
 
+  const auto row_of = [&](int64_t tile) { return tile * t.rows_per_tile + local_row; };
+  const auto load_block = [&](int64_t row, uint4 (&v)[kLoads]) {
+    if (col_has_data && row < a.m) {
+      const uint4* src = in + (row * a.k + col * VEC) * kElementBytes / 16;
+#pragma unroll
+      for (int i = 0; i < kLoads; ++i) v[i] = __ldg(src + i);
+    }
+  };
+
+  uint4 next[kLoads];
+  load_block(row_of(blockIdx.y), next);
   // the trip count depends on blockIdx.y only, so every lane reaches the shuffles below
   for (int64_t tile = blockIdx.y; tile < t.row_tiles; tile += gridDim.y) {
-    const int64_t row = tile * t.rows_per_tile + local_row;
+    const int64_t row = row_of(tile);
     const bool row_ok = local_row < t.rows_per_tile && row < a.m;
     const bool has_data = row_ok && col_has_data;
-    const int64_t first = row * a.k + col * VEC;  // element index of the block
+    uint4 v[kLoads];
+#pragma unroll
+    for (int i = 0; i < kLoads; ++i) v[i] = next[i];
+    load_block(row_of(tile + gridDim.y), next);
 
     float f[VEC];
     if (has_data) {
-      uint4 v[kLoads];
-      const uint4* src = in + first * kElementBytes / 16;
-#pragma unroll
-      for (int i = 0; i < kLoads; ++i) v[i] = __ldg(src + i);
 #pragma unroll
       for (int i = 0; i < kLoads; ++i) In::widen(v[i], f + i * In::kPerVector);
     } else {
@@ -162,6 +174,7 @@ __global__ void __launch_bounds__(kThreads) quantize_kernel(const QuantizeLaunch
       s = nvfp4_block_scale(amax, row_scale);
     }
 
+    const int64_t first = row * a.k + col * VEC;  // element index of the block
     if (has_data) {
       typename PackedBlock<VEC>::type packed;
       uint32_t* words = reinterpret_cast<uint32_t*>(&packed);
@@ -213,7 +226,19 @@ cudaError_t launch_quantize_typed(const QuantizeLaunch& a, cudaStream_t stream) 
   t.row_tiles = (a.m + t.rows_per_tile - 1) / t.rows_per_tile;
   if (tiles_k > 0x7FFFFFFF) return cudaErrorInvalidValue;
   const bool pad_rows = sf_rows(a.m, LAYOUT) > a.m;
-  const dim3 grid(unsigned(tiles_k), unsigned(std::min<int64_t>(t.row_tiles, kMaxGridY)), pad_rows ? 2u : 1u);
+  // one wave of resident CTAs; each walks row tiles with stride gridDim.y
+  static const int ctas_per_sm = [] {
+    int n = 0;
+    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, quantize_kernel<D, VEC, UE8M0, LAYOUT>, kThreads, 0) !=
+        cudaSuccess) {
+      (void)cudaGetLastError();
+      n = 0;
+    }
+    return std::max(n, 1);
+  }();
+  const int64_t target_y = std::max<int64_t>(1, int64_t(a.num_sms) * ctas_per_sm / tiles_k);
+  const int64_t grid_y = std::min<int64_t>(std::min<int64_t>(t.row_tiles, target_y), kMaxGridY);
+  const dim3 grid(unsigned(tiles_k), unsigned(grid_y), pad_rows ? 2u : 1u);
   quantize_kernel<D, VEC, UE8M0, LAYOUT><<<grid, kThreads, 0, stream>>>(a, t);
   return cudaGetLastError();
 }
