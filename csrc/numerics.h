@@ -12,6 +12,8 @@
 #include <cstring>
 
 #if defined(__CUDACC__)
+#include <cuda_fp16.h>
+#include <cuda_fp8.h>
 #define FP4OP_HD __host__ __device__ __forceinline__
 #else
 #define FP4OP_HD inline
@@ -107,8 +109,19 @@ FP4OP_HD float fp16_bits_to_float(uint16_t h) {
   return bits_to_float(sign | ((exp + 112u) << 23) | (mant << 13));
 }
 
+// E4M3 conversions run in hardware on sm_89 and later (cvt ... e4m3x2), with the rounding and
+// saturation of the software paths below, which the other targets and the host use.
+#if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 890)
+#define FP4OP_HARDWARE_E4M3 1
+#else
+#define FP4OP_HARDWARE_E4M3 0
+#endif
+
 // E4M3 (float8_e4m3fn): bias 7, no infinities, 0x7F/0xFF are NaN.
 FP4OP_HD float e4m3_bits_to_float(uint8_t b) {
+#if FP4OP_HARDWARE_E4M3
+  return __half2float(__half(__nv_cvt_fp8_to_halfraw(b, __NV_E4M3)));
+#endif
   const uint32_t sign = uint32_t(b & 0x80u) << 24;
   const uint32_t exp = (b >> 3) & 0xFu;
   const uint32_t mant = b & 0x7u;
@@ -164,6 +177,9 @@ FP4OP_HD uint32_t e2m1x2(float lo, float hi) {
 // float -> E4M3 byte, round to nearest even, saturate to +-448 (satfinite, infinities included),
 // NaN -> 0x7F: __nv_cvt_float_to_fp8(x, __NV_SATFINITE, __NV_E4M3).
 FP4OP_HD uint8_t float_to_e4m3(float x) {
+#if FP4OP_HARDWARE_E4M3
+  return __nv_cvt_float_to_fp8(x, __NV_SATFINITE, __NV_E4M3);
+#endif
   const uint32_t bits = float_to_bits(x);
   const uint32_t abs_bits = bits & 0x7FFFFFFFu;
   const uint32_t sign = (bits >> 24) & 0x80u;
@@ -266,18 +282,29 @@ FP4OP_HD float dequant_block_factor(uint8_t sf, bool sf_use_ue8m0, float s) {
 
 FP4OP_HD int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
-// Offset of scale (row m, block column k) in the flattened sf tensor; nk = K / sf_vec_size.
+// Offset of scale (row m, block column k) in the flattened sf tensor; nk = K / sf_vec_size. Each
+// layout's offset is a sum of a row part and a column part, so kernels can hoist either.
 // Unsigned arithmetic: the divisions by powers of two are shifts.
-FP4OP_HD int64_t sf_offset(int64_t m, int64_t k, int64_t nk, SfLayout layout) {
-  const uint64_t um = uint64_t(m), uk = uint64_t(k), nk4 = (uint64_t(nk) + 3) / 4;
+FP4OP_HD int64_t sf_row_offset(int64_t m, int64_t nk, SfLayout layout) {
+  const uint64_t um = uint64_t(m), nk4 = (uint64_t(nk) + 3) / 4;
   switch (layout) {
-    case SfLayout::kSwizzled128x4:
-      return int64_t((um / 128) * nk4 * 512 + (uk / 4) * 512 + (um % 32) * 16 + ((um % 128) / 32) * 4 + (uk % 4));
-    case SfLayout::kSwizzled8x4:
-      return int64_t((um / 8) * nk4 * 32 + (uk / 4) * 32 + (um % 8) * 4 + (uk % 4));
-    default:
-      return int64_t(um * uint64_t(nk) + uk);
+    case SfLayout::kSwizzled128x4: return int64_t((um / 128) * nk4 * 512 + (um % 32) * 16 + ((um % 128) / 32) * 4);
+    case SfLayout::kSwizzled8x4: return int64_t((um / 8) * nk4 * 32 + (um % 8) * 4);
+    default: return int64_t(um * uint64_t(nk));
   }
+}
+
+FP4OP_HD int64_t sf_col_offset(int64_t k, SfLayout layout) {
+  const uint64_t uk = uint64_t(k);
+  switch (layout) {
+    case SfLayout::kSwizzled128x4: return int64_t((uk / 4) * 512 + uk % 4);
+    case SfLayout::kSwizzled8x4: return int64_t((uk / 4) * 32 + uk % 4);
+    default: return k;
+  }
+}
+
+FP4OP_HD int64_t sf_offset(int64_t m, int64_t k, int64_t nk, SfLayout layout) {
+  return sf_row_offset(m, nk, layout) + sf_col_offset(k, layout);
 }
 
 // Rows of the sf tensor: M padded to the layout's row tile.

@@ -127,6 +127,7 @@ __global__ void __launch_bounds__(kThreads) quantize_kernel(const QuantizeLaunch
   const int64_t col = int64_t(blockIdx.x) * t.cols_per_tile + threadIdx.x % t.cols_per_tile;
   const bool col_has_data = local_row < t.rows_per_tile && col < nk;
   const bool col_in_sf = local_row < t.rows_per_tile && col < sf_cols(nk, LAYOUT);
+  const int64_t sf_col = sf_col_offset(col, LAYOUT);
   const uint4* in = static_cast<const uint4*>(a.input);
   Nvfp4RowScale row_scale{};
   if (!UE8M0 && !a.global_scale_per_row) row_scale = nvfp4_row_scale(a.global_scale[0], a.is_global_scale_inversed);
@@ -193,7 +194,7 @@ __global__ void __launch_bounds__(kThreads) quantize_kernel(const QuantizeLaunch
 
     const uint32_t sf_byte = has_data ? s.sf : 0u;
     if constexpr (LAYOUT == SfLayout::kLinear) {
-      if (has_data) a.sf[row * nk + col] = uint8_t(sf_byte);
+      if (has_data) a.sf[sf_row_offset(row, nk, LAYOUT) + sf_col] = uint8_t(sf_byte);
     } else {
       // lanes 4j..4j+3 hold block columns 4q..4q+3 of one row (tiles are multiples of 4 columns):
       // lane 4j writes the four scales, contiguous in both swizzled layouts, as one word
@@ -202,7 +203,7 @@ __global__ void __launch_bounds__(kThreads) quantize_kernel(const QuantizeLaunch
       word |= __shfl_down_sync(0xffffffffu, sf_byte, 2) << 16;
       word |= __shfl_down_sync(0xffffffffu, sf_byte, 3) << 24;
       if ((threadIdx.x & 3) == 0 && row_ok && col_in_sf) {
-        *reinterpret_cast<uint32_t*>(a.sf + sf_offset(row, col, nk, LAYOUT)) = word;
+        *reinterpret_cast<uint32_t*>(a.sf + sf_row_offset(row, nk, LAYOUT) + sf_col) = word;
       }
     }
   }
