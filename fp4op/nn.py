@@ -105,6 +105,7 @@ class FP4Linear(nn.Module):
         self._calibrated = False
         self._calibrating = False
         self._observed_amax: torch.Tensor | None = None
+        self._observed_inputs: list[tuple] = []
 
     # ---- construction ------------------------------------------------------------------------------
 
@@ -164,6 +165,8 @@ class FP4Linear(nn.Module):
         if self.sf_use_ue8m0:
             return None
         if self._calibrating:
+            # which tensor this call read (it is alive while its sibling layers read it too)
+            self._observed_inputs.append((x.data_ptr(), tuple(x.shape), tuple(x.stride()), x.dtype, x._version))
             amax = x.detach().abs().amax().to(torch.float32).reshape(1)
             self._observed_amax = amax if self._observed_amax is None else torch.maximum(self._observed_amax, amax)
         if self.activation_scale == "static" and self._calibrated:
@@ -250,32 +253,49 @@ def convert(
         if type(module) is nn.Linear and module.in_features % block == 0 and not _excluded(name, exclude)
     ]
     for name, linear in targets:
+        if not name:
+            raise ValueError("fp4op.nn.convert: the model itself is an nn.Linear; use FP4Linear.from_linear")
         layer = FP4Linear.from_linear(linear, recipe, activation_scale, matmul, dtype)
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        if not name:
-            raise ValueError("fp4op.nn.convert: the model itself is an nn.Linear; use FP4Linear.from_linear")
         setattr(parent, child, layer)
     return model
 
 
 @contextlib.contextmanager
-def calibrate(model: nn.Module) -> Iterator[None]:
+def calibrate(model: nn.Module, tie_siblings: bool = True) -> Iterator[None]:
     """Record the input amax of every static-scale NVFP4 FP4Linear of `model` over the forward calls
     inside the block (run them eagerly, on representative batches); on exit each layer's static
-    activation scale becomes 448 * 6 / amax."""
+    activation scale becomes 448 * 6 / amax.
+
+    With `tie_siblings`, layers that read the very same input tensor in every call (q/k/v projections
+    of one norm output, gate/up projections) get one shared scale tensor: their quantizes of that input
+    are then identical, Inductor's fusion pass merges them into one, and the norm before them fuses.
+    """
     layers = [m for m in model.modules() if isinstance(m, FP4Linear) and m.input_global_scale is not None]
     for layer in layers:
         layer._calibrating = True
         layer._observed_amax = None
+        layer._observed_inputs = []
     try:
         yield
     finally:
+        groups: dict[tuple, list[FP4Linear]] = {}
         for layer in layers:
             layer._calibrating = False
-            if layer._observed_amax is not None:
-                layer.set_input_amax(layer._observed_amax)
+            if layer._observed_amax is None:
+                continue
+            key = tuple(layer._observed_inputs) if tie_siblings else (id(layer),)
+            groups.setdefault(key, []).append(layer)
+        for siblings in groups.values():
+            amax = torch.stack([layer._observed_amax for layer in siblings]).amax(dim=0)
+            shared = siblings[0].input_global_scale
+            for layer in siblings:
+                layer.input_global_scale = shared  # the same tensor object (a buffer of each layer)
+                layer.set_input_amax(amax)
+        for layer in layers:
             layer._observed_amax = None
+            layer._observed_inputs = []
 
 
 __all__ = ["FP4Linear", "convert", "calibrate", "scaled_mm_supported", "RECIPES"]

@@ -110,6 +110,42 @@ def canonicalize_quantize(graph: torch.fx.Graph) -> list[torch.fx.Node]:
     return nodes
 
 
+def merge_duplicate_quantizes(graph: torch.fx.Graph, quantizes: list[torch.fx.Node]) -> list[torch.fx.Node]:
+    """Merge quantize calls with identical arguments (same input node, same global-scale node, same
+    flags) into one: the op is pure, and a norm/activation output read by several layers (q/k/v or
+    gate/up projections) otherwise has several users and cannot fuse. Returns the remaining nodes."""
+    first: dict[tuple, torch.fx.Node] = {}
+    kept = []
+    for node in quantizes:
+        key = (node.args, tuple(node.kwargs.items()))
+        try:
+            hash(key)
+        except TypeError:
+            kept.append(node)
+            continue
+        if key in first:
+            _move_getitems(node, first[key])
+            graph.erase_node(node)
+        else:
+            first[key] = node
+            kept.append(node)
+    return kept
+
+
+def _move_getitems(source: torch.fx.Node, target: torch.fx.Node) -> None:
+    """Point the users of source's outputs at target's (one getitem per output index)."""
+    by_index = {u.args[1]: u for u in target.users if u.target is operator.getitem}
+    for user in list(source.users):
+        index = user.args[1] if user.target is operator.getitem else None
+        if index in by_index:
+            user.replace_all_uses_with(by_index[index])
+            user.graph.erase_node(user)
+        else:
+            user.replace_input_with(source, target)
+            if index is not None:
+                by_index[index] = user
+
+
 def quantize_args_of(node: torch.fx.Node) -> QuantizeArgs | None:
     """The QuantizeArgs of a quantize node, or None if an argument is not a constant."""
     gs, *flags = _quantize_arg_values(node)
@@ -309,7 +345,7 @@ class FusionPass(CustomGraphPass):
         log.debug("fp4op.fusion: registered %d rules for %s on %s", len(self.rules), q.label(), device)
 
     def __call__(self, graph: torch.fx.Graph) -> None:
-        quantizes = canonicalize_quantize(graph)
+        quantizes = merge_duplicate_quantizes(graph, canonicalize_quantize(graph))
         before = op_counts(graph)
         matches: collections.Counter = collections.Counter()
         if quantizes:
