@@ -138,6 +138,7 @@ def test_dynamic_shapes_no_recompile():
     model, _ = _fp4_model(FusedGateUpMLP)
     fusion.reset()
     with fresh_compile_config(), torch.no_grad():
+        torch._dynamo.utils.counters.clear()
         compiled = torch.compile(model, dynamic=True, options=fusion.compile_options())
         for m in (5, 17, 40):
             x = torch.randn(m, D, dtype=torch.bfloat16)
