@@ -89,11 +89,11 @@ def eager_act(name, x):
 # ---- comparison ------------------------------------------------------------------------------------------
 
 
-def _block_factors(sf_linear, recipe, global_scale, m):
+def _block_factors(sf_bytes, recipe, global_scale):
+    """Dequantization factors of scale bytes (NVFP4: one global scale per byte)."""
     if RECIPES[recipe][1]:
-        return reference.pow2(sf_linear.to(torch.int32) - 127)
-    s = global_scale.float().reshape(-1, 1).expand(m, 1)
-    return reference.e4m3_to_float(sf_linear) / s
+        return reference.pow2(sf_bytes.to(torch.int32) - 127)
+    return reference.e4m3_to_float(sf_bytes) / global_scale
 
 
 def _e2m1_step(mag):
@@ -127,12 +127,18 @@ class Tally:
         same = (q == q_ref).all(-1) & (sf_lin == sf_lin_ref)
         self.blocks += same.numel()
         self.differing += int((~same).sum())
-        # every element within one E2M1 step (of the larger of the two block scales)
-        gs = None if global_scale is None else global_scale.cpu()
-        fa = _block_factors(sf_lin, recipe, gs, m).unsqueeze(-1)
-        fb = _block_factors(sf_lin_ref, recipe, gs, m).unsqueeze(-1)
-        ea = reference.e2m1_to_float(torch.stack((q & 0xF, q >> 4), -1).reshape(m, nk, vec))
-        eb = reference.e2m1_to_float(torch.stack((q_ref & 0xF, q_ref >> 4), -1).reshape(m, nk, vec))
+        # every element of the differing blocks within one E2M1 step (of the larger block scale)
+        rows, blocks = torch.nonzero(~same, as_tuple=True)
+        if rows.numel() == 0:
+            return
+        gs = None if global_scale is None else global_scale.cpu().float().reshape(-1)
+        if gs is not None:
+            gs = gs[rows] if gs.numel() > 1 else gs.expand(rows.numel())
+        fa = _block_factors(sf_lin[rows, blocks], recipe, gs).unsqueeze(-1)
+        fb = _block_factors(sf_lin_ref[rows, blocks], recipe, gs).unsqueeze(-1)
+        qa, qb = q[rows, blocks], q_ref[rows, blocks]
+        ea = reference.e2m1_to_float(torch.stack((qa & 0xF, qa >> 4), -1).reshape(-1, vec))
+        eb = reference.e2m1_to_float(torch.stack((qb & 0xF, qb >> 4), -1).reshape(-1, vec))
         bound = torch.maximum(fa, fb) * _e2m1_step(torch.maximum(ea.abs(), eb.abs()))
         err = (ea * fa - eb * fb).abs()
         assert (err <= bound * (1 + 1e-6)).all(), f"an element differs by more than one E2M1 step: {err.max()}"
