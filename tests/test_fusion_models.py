@@ -11,6 +11,7 @@ from torch._inductor.custom_graph_pass import CustomGraphPass
 
 import fp4op.fusion as fusion
 import fp4op.nn as fnn
+from conftest import requires_cuda
 from fusion_helpers import compile_fused, fp4_ops, fresh_compile_config
 
 D, H = 64, 128
@@ -95,12 +96,12 @@ def _randomize(model):
     return model
 
 
-def _fp4_model(cls, recipe="nvfp4", dtype=torch.bfloat16):
-    model = _randomize(cls()).to(dtype).eval()
-    reference = _randomize(cls()).to(dtype).eval()
+def _fp4_model(cls, recipe="nvfp4", dtype=torch.bfloat16, device="cpu"):
+    model = _randomize(cls()).to(device, dtype).eval()
+    reference = _randomize(cls()).to(device, dtype).eval()
     reference.load_state_dict(model.state_dict())
     fnn.convert(model, recipe=recipe)
-    x = torch.randn(2, 8, D, dtype=dtype)
+    x = torch.randn(2, 8, D, dtype=dtype, device=device)
     with torch.no_grad(), fnn.calibrate(model):
         model(x)
     return model, reference
@@ -114,13 +115,19 @@ MODELS = {
 
 
 @pytest.mark.parametrize(
-    "name,recipe,dtype",
-    [("llama_decoder", "nvfp4", torch.bfloat16), ("gpt2_mlp", "nvfp4", torch.float16), ("fused_gate_up", "mxfp4", torch.bfloat16)],
+    "name,recipe,dtype,device",
+    [
+        ("llama_decoder", "nvfp4", torch.bfloat16, "cpu"),
+        ("gpt2_mlp", "nvfp4", torch.float16, "cpu"),
+        ("fused_gate_up", "mxfp4", torch.bfloat16, "cpu"),
+        pytest.param("llama_decoder", "nvfp4", torch.bfloat16, "cuda", marks=requires_cuda),
+        pytest.param("gpt2_mlp", "mxfp4", torch.bfloat16, "cuda", marks=requires_cuda),
+    ],
 )
-def test_model_fuses(name, recipe, dtype):
+def test_model_fuses(name, recipe, dtype, device):
     cls, expected = MODELS[name]
-    model, reference = _fp4_model(cls, recipe, dtype)
-    x = torch.randn(3, 8, D, dtype=dtype)
+    model, reference = _fp4_model(cls, recipe, dtype, device)
+    x = torch.randn(3, 8, D, dtype=dtype, device=device)
     out, record = compile_fused(model, x)
     assert dict(record.matches) == expected
     assert "fp4op.quantize.default" not in record.after or name == "llama_decoder"
@@ -134,14 +141,15 @@ def test_model_fuses(name, recipe, dtype):
     assert ((eager.float() - full.float()).norm() / full.float().norm()).item() < 0.25
 
 
-def test_dynamic_shapes_no_recompile():
-    model, _ = _fp4_model(FusedGateUpMLP)
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=requires_cuda)])
+def test_dynamic_shapes_no_recompile(device):
+    model, _ = _fp4_model(FusedGateUpMLP, device=device)
     fusion.reset()
     with fresh_compile_config(), torch.no_grad():
         torch._dynamo.utils.counters.clear()
         compiled = torch.compile(model, dynamic=True, options=fusion.compile_options())
         for m in (5, 17, 40):
-            x = torch.randn(m, D, dtype=torch.bfloat16)
+            x = torch.randn(m, D, dtype=torch.bfloat16, device=device)
             torch.testing.assert_close(compiled(x), model(x), rtol=0.05, atol=0.05)
         assert len(fusion.fusion_pass().records) == 1  # compiled once for every M
         frames = torch._dynamo.utils.counters["stats"]["unique_graphs"]

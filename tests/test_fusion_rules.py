@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 import fp4op
 from fp4op import layouts
+from conftest import requires_cuda
 from fusion_helpers import assert_fp4_close, assert_same_outputs, compile_fused, fp4_ops
 
 M, K = 64, 256  # 1024 NVFP4 blocks a chain: the 99.9% rule allows one differing block
@@ -87,8 +88,8 @@ def _run_chains(norm_chains, act_chains, inputs, quantize):
     return outs
 
 
-def _inputs(n_norm, n_act, dtype):
-    rand = lambda *s: torch.randn(*s, dtype=dtype)  # noqa: E731
+def _inputs(n_norm, n_act, dtype, device):
+    rand = lambda *s: torch.randn(*s, dtype=dtype, device=device)  # noqa: E731
     norm = [(rand(M, K) * 3, rand(M, K), rand(K) * 0.5 + 1, rand(K) * 0.1) for _ in range(n_norm)]
     act = [(rand(M, K) * 2, rand(M, K)) for _ in range(n_act)]
     return {"norm": norm, "act": act}
@@ -110,12 +111,19 @@ CONFIGS = {
 
 
 @pytest.mark.parametrize(
-    "dtype,config", [(torch.bfloat16, "nvfp4-op"), (torch.float16, "mxfp4-api"), (torch.bfloat16, "nvfp4-linear-inversed-api")]
+    "dtype,config,device",
+    [
+        (torch.bfloat16, "nvfp4-op", "cpu"),
+        (torch.float16, "mxfp4-api", "cpu"),
+        (torch.bfloat16, "nvfp4-linear-inversed-api", "cpu"),
+        pytest.param(torch.bfloat16, "nvfp4-op", "cuda", marks=requires_cuda),
+        pytest.param(torch.float16, "mxfp4-api", "cuda", marks=requires_cuda),
+    ],
 )
-def test_every_source_form_fuses(dtype, config):
+def test_every_source_form_fuses(dtype, config, device):
     vec, ue8m0, gs_kind, layout, entry = CONFIGS[config]
     swizzled, is_8x4 = layouts.layout_flags(layout)
-    gs = None if gs_kind is None else torch.tensor([448.0 * 6 / 8.0])
+    gs = None if gs_kind is None else torch.tensor([448.0 * 6 / 8.0], device=device)
     inversed = gs_kind == "inversed"
     if inversed:
         gs = torch.reciprocal(gs)
@@ -125,11 +133,11 @@ def test_every_source_form_fuses(dtype, config):
             return torch.ops.fp4op.quantize(y, gs, vec, ue8m0, swizzled, is_8x4, inversed)
         return fp4op.fp4_quantize(y, gs, vec, ue8m0, swizzled, is_8x4, inversed)
 
-    rms_module = nn.RMSNorm(K, eps=1e-6, dtype=dtype)
+    rms_module = nn.RMSNorm(K, eps=1e-6, dtype=dtype, device=device)
     with torch.no_grad():
         rms_module.weight.copy_(torch.randn(K) * 0.3 + 1)
     norm_chains, act_chains = _norm_chains(rms_module), _activation_chains()
-    inputs = _inputs(len(norm_chains), len(act_chains), dtype)
+    inputs = _inputs(len(norm_chains), len(act_chains), dtype, device)
 
     def fn(inputs):
         return _run_chains(norm_chains, act_chains, inputs, quantize)
@@ -149,15 +157,16 @@ def test_every_source_form_fuses(dtype, config):
         assert_same_outputs(got[2:], want[2:])  # residual sums: bit-exact
 
 
-def test_never_fuse():
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=requires_cuda)])
+def test_never_fuse(device):
     """Chains the rules must leave alone; the compiled results still equal eager."""
     dtype = torch.bfloat16
-    gs = torch.tensor([100.0])
+    gs = torch.tensor([100.0], device=device)
     q = lambda y: torch.ops.fp4op.quantize(y, gs)  # noqa: E731
-    x = [torch.randn(4, 16, K, dtype=dtype) for _ in range(8)]
-    w = torch.randn(K, dtype=dtype)
-    w32 = torch.randn(K)
-    g, u1 = torch.randn(M, K, dtype=dtype), torch.randn(1, K, dtype=dtype)
+    x = [torch.randn(4, 16, K, dtype=dtype, device=device) for _ in range(8)]
+    w = torch.randn(K, dtype=dtype, device=device)
+    w32 = torch.randn(K, device=device)
+    g, u1 = torch.randn(M, K, dtype=dtype, device=device), torch.randn(1, K, dtype=dtype, device=device)
 
     def fn(x, x32, w, w32, g, u1):
         outs = []
@@ -175,7 +184,7 @@ def test_never_fuse():
         outs.append((*q(a), a.sum()))  # the activation output has another user
         return outs
 
-    x32 = [torch.randn(M, K) for _ in range(2)]
+    x32 = [torch.randn(M, K, device=device) for _ in range(2)]
     args = (x, x32, w, w32, g, u1)
     out, record = compile_fused(fn, *args)
     assert dict(record.matches) == {}
