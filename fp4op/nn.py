@@ -22,7 +22,8 @@ Matmul:
   capability 10.0 and up), the global scales applied to the output;
 * ``"emulated"``: dequantize both operands to the input dtype (``fp4op.dequantize``) and
   ``F.linear`` -- the same products up to the rounding of the dequantized values to the model dtype;
-* ``"auto"`` (default): scaled_mm where the device supports it, emulated elsewhere.
+* ``"auto"`` (default): scaled_mm where the device supports it and the shapes fit its rules
+  (in_features % 32 == 0, out_features % 16 == 0), emulated elsewhere.
 
 FP4Linear is an inference layer: quantization has no gradient.
 """
@@ -178,8 +179,8 @@ class FP4Linear(nn.Module):
             return False
         if self.matmul == "scaled_mm":
             return True
-        # cuBLAS wants 16-byte aligned leading dimensions
-        return scaled_mm_supported(x.device) and self.out_features % 16 == 0
+        # torch._scaled_mm's FP4 shape rules: the packed K and N divisible by 16
+        return scaled_mm_supported(x.device) and self.in_features % 32 == 0 and self.out_features % 16 == 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
