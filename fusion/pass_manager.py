@@ -117,12 +117,7 @@ def merge_duplicate_quantizes(graph: torch.fx.Graph, quantizes: list[torch.fx.No
     first: dict[tuple, torch.fx.Node] = {}
     kept = []
     for node in quantizes:
-        key = (node.args, tuple(node.kwargs.items()))
-        try:
-            hash(key)
-        except TypeError:
-            kept.append(node)
-            continue
+        key = node.args  # canonical: positional only
         if key in first:
             _move_getitems(node, first[key])
             graph.erase_node(node)
@@ -345,8 +340,8 @@ class FusionPass(CustomGraphPass):
         log.debug("fp4op.fusion: registered %d rules for %s on %s", len(self.rules), q.label(), device)
 
     def __call__(self, graph: torch.fx.Graph) -> None:
-        quantizes = merge_duplicate_quantizes(graph, canonicalize_quantize(graph))
         before = op_counts(graph)
+        quantizes = merge_duplicate_quantizes(graph, canonicalize_quantize(graph))
         matches: collections.Counter = collections.Counter()
         if quantizes:
             for node in quantizes:

@@ -201,3 +201,28 @@ def test_rules_registered_once():
     p._ensure_registered(q, "cpu")
     assert sum(len(v) for v in p.patterns.patterns.values()) == n
     assert n == len(fusion.all_rules())
+
+
+def test_identical_quantizes_merge_then_fuse():
+    """Two layers quantizing one norm output with the same scale (q/k/v, gate/up with tied static scales)
+    become one quantize, which then fuses with the norm."""
+    from torch._inductor.decomposition import select_decomp_table
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    def two_consumers(x, w, gs):
+        h = F.rms_norm(x, (D,), w, 1e-6)
+        a, sa = torch.ops.fp4op.quantize(h, gs, 16, False)
+        b, sb = torch.ops.fp4op.quantize(h, gs)
+        return a, sa, b, sb
+
+    args = (torch.randn(8, D, dtype=torch.bfloat16), torch.randn(D, dtype=torch.bfloat16), torch.tensor([50.0]))
+    # a post-grad-like graph: decomposed, then functional
+    decomposed = make_fx(two_consumers, select_decomp_table(), tracing_mode="fake")(*args)
+    gm = make_fx(torch.func.functionalize(decomposed, remove="mutations"), tracing_mode="fake")(*args)
+    p = fusion.FusionPass()
+    p(gm.graph)
+    gm.recompile()
+    assert fp4_ops(p.records[-1].before) == {"fp4op.quantize.default": 2}
+    assert fp4_ops(p.records[-1].after) == {"fp4op.rms_norm_quantize.default": 1}
+    a, sa, b, sb = gm(*args)
+    assert torch.equal(a, b) and torch.equal(sa, sb)
