@@ -33,6 +33,7 @@ import os
 from typing import Any, Callable, Sequence
 
 import torch
+from torch._dynamo.utils import counters
 from torch._inductor import pattern_matcher as pm
 from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 
@@ -322,6 +323,7 @@ class FusionPass(CustomGraphPass):
 
     def note_match(self, rule_name: str) -> None:
         self.counts[rule_name] += 1
+        counters["fp4op_fusion"][rule_name] += 1  # next to Inductor's own pattern counters
         if self._current is not None:
             self._current[rule_name] += 1
 
@@ -373,6 +375,9 @@ class ComposedPass(CustomGraphPass):
     post_grad_custom_post_pass; newer versions also take a list). Its uuid combines the members' uuids;
     a member without one (a plain function) makes it None, which tells Inductor not to cache."""
 
+    # marks instances across module reloads
+    fp4op_composed_pass = True
+
     def __init__(self, passes: Sequence[Callable[[torch.fx.Graph], None]]):
         self.passes = tuple(passes)
 
@@ -395,7 +400,7 @@ def _flatten(existing: Any) -> list:
         return []
     if isinstance(existing, (list, tuple)):
         return [q for p in existing for q in _flatten(p)]
-    if isinstance(existing, ComposedPass) or type(existing).__name__ == "ComposedPass" and hasattr(existing, "passes"):
+    if getattr(existing, "fp4op_composed_pass", False):
         return [q for p in existing.passes for q in _flatten(p)]
     return [existing]
 

@@ -10,10 +10,6 @@ import torch
 import fp4op.fusion as fusion
 from fp4op import layouts, reference
 
-NVFP4 = dict(sf_vec_size=16, sf_use_ue8m0=False)
-MXFP4 = dict(sf_vec_size=32, sf_use_ue8m0=True)
-
-
 @contextlib.contextmanager
 def fresh_compile_config():
     """No FX graph / autograd cache (a cache hit skips post-grad passes), fresh dynamo state."""
