@@ -226,3 +226,16 @@ def test_identical_quantizes_merge_then_fuse():
     assert fp4_ops(p.records[-1].after) == {"fp4op.rms_norm_quantize.default": 1}
     a, sa, b, sb = gm(*args)
     assert torch.equal(a, b) and torch.equal(sa, sb)
+
+
+def test_module_reload_keeps_one_fusion_pass():
+    """After reloading fp4op.fusion, composing with a pass object of the old module replaces it."""
+    import importlib
+
+    old = fusion.fusion_pass()
+    user = CountingPass()
+    configured = fusion.post_grad_pass([user, old])
+    importlib.reload(fusion.pass_manager)
+    importlib.reload(fusion)
+    new = fusion.post_grad_pass(configured)
+    assert new.passes == (user, fusion.fusion_pass()) and fusion.fusion_pass() is not old
