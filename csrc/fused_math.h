@@ -7,16 +7,25 @@
 
 #include "numerics.h"
 
+#if defined(__CUDACC__)
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#endif
+
 namespace fp4op::fused {
 
 // ---- rounding to the model dtype (round to nearest even), as float32 ------------------------------
 
 // float32 -> bfloat16 -> float32. NaN stays NaN (its payload is irrelevant to quantization).
 FP4OP_HD float round_to_bf16(float x) {
+#if defined(__CUDA_ARCH__)
+  return __bfloat162float(__float2bfloat16_rn(x));
+#else
   const uint32_t u = float_to_bits(x);
   if ((u & 0x7FFFFFFFu) > 0x7F800000u) return x;
   const uint32_t rounded = u + 0x7FFFu + ((u >> 16) & 1u);
   return bits_to_float(rounded & 0xFFFF0000u);
+#endif
 }
 
 // float32 -> float16 bits, round to nearest even, overflow to +-inf, NaN -> quiet NaN.
@@ -35,10 +44,27 @@ FP4OP_HD uint16_t float_to_fp16_bits(float x) {
   return uint16_t(sign | ((rounded - (112u << 23)) >> 13));  // rebias 127 -> 15
 }
 
-FP4OP_HD float round_to_fp16(float x) { return fp16_bits_to_float(float_to_fp16_bits(x)); }
+FP4OP_HD float round_to_fp16(float x) {
+#if defined(__CUDA_ARCH__)
+  return __half2float(__float2half_rn(x));
+#else
+  return fp16_bits_to_float(float_to_fp16_bits(x));
+#endif
+}
 
 FP4OP_HD float round_to(float x, InputDtype dtype) {
   return dtype == InputDtype::kBFloat16 ? round_to_bf16(x) : round_to_fp16(x);
+}
+
+// a * b + c as torch's kernels compute it where the compiler contracts it: torch's CUDA kernels are
+// built with FMA contraction (nvcc's default), its CPU kernels round the product (this build does not
+// contract: -ffp-contract=off).
+FP4OP_HD float torch_mul_add(float a, float b, float c) {
+#if defined(__CUDA_ARCH__)
+  return __fmaf_rn(a, b, c);
+#else
+  return add_rn(mul_rn(a, b), c);
+#endif
 }
 
 // ---- normalization ------------------------------------------------------------------------------
@@ -74,12 +100,16 @@ FP4OP_HD float rms_norm_element(float x, float r, float w, float offset, RmsWeig
   }
 }
 
-// F.layer_norm: ((x - mean) * rstd) * w + b in float32, one rounding.
+// F.layer_norm: w * ((x - mean) * rstd) + b in float32, one rounding.
 FP4OP_HD float layer_norm_element(float x, float mean, float rstd, float w, bool has_w, float b, bool has_b,
                                   InputDtype dtype) {
-  float y = mul_rn(add_rn(x, -mean), rstd);
-  if (has_w) y = mul_rn(y, w);
-  if (has_b) y = add_rn(y, b);
+  const float normed = mul_rn(add_rn(x, -mean), rstd);
+  float y;
+  if (has_w && has_b) {
+    y = torch_mul_add(w, normed, b);
+  } else {
+    y = has_w ? mul_rn(normed, w) : has_b ? add_rn(normed, b) : normed;
+  }
   return round_to(y, dtype);
 }
 
@@ -102,7 +132,7 @@ FP4OP_HD float gelu_f32(float x, GeluApprox approx) {
     return mul_rn(mul_rn(x, 0.5f), add_rn(1.0f, erff(mul_rn(x, kGeluErfAlpha))));
   }
   const float cube = mul_rn(mul_rn(x, x), x);
-  const float inner = mul_rn(kGeluTanhBeta, add_rn(x, mul_rn(kGeluTanhKappa, cube)));
+  const float inner = mul_rn(kGeluTanhBeta, torch_mul_add(kGeluTanhKappa, cube, x));
   return mul_rn(mul_rn(0.5f, x), add_rn(1.0f, tanhf(inner)));
 }
 
