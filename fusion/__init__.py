@@ -25,7 +25,13 @@ directly, through ``fp4op.fp4_quantize`` or ``fp4op.nn.FP4Linear``):
   ``fp4op.silu_and_mul_quantize`` / ``fp4op.gelu_and_mul_quantize``; plain SiLU / GELU ->
   ``fp4op.silu_quantize`` / ``fp4op.gelu_quantize``.
 
-A chain is left alone when an intermediate has another user (e.g. the norm output also feeds an amax),
+Inference graphs: compile under ``torch.no_grad()`` / ``torch.inference_mode()`` (a training graph keeps
+the norm output for the backward, a second user). Quantize calls with identical arguments (one norm
+output read by q/k/v or gate/up layers with one shared scale, see ``fp4op.nn.calibrate``) are merged
+first, so such a norm still fuses.
+
+A chain is left alone when an intermediate has another user (e.g. the norm output also feeds an amax:
+FP4Linear's dynamic activation scale; its default calibrated static scale keeps the chain fusable),
 when the norm runs over more than the last dim, when the quantized tensor is not the norm/activation
 output, or when the dtypes are not the fused kernels' (fp16/bf16 activations, weights of the same dtype).
 
