@@ -8,6 +8,7 @@ Turn it on with one of::
         compiled = torch.compile(model)
         compiled(x)          # compilation happens here, inside the block
 
+(``torch.compile`` takes either ``mode=`` or ``options=``: with a `mode`, use ``enabled()``.)
 Both keep a post-grad custom pass the user already set in
 ``torch._inductor.config.post_grad_custom_post_pass`` (it runs first, then fp4op's), and enabling twice
 never runs the fp4op pass twice. ``match_counts()`` reports the rewrites per rule; ``last_record()``
