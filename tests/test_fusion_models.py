@@ -153,8 +153,10 @@ def test_dynamic_shapes_no_recompile(device):
             torch.testing.assert_close(compiled(x), model(x), rtol=0.05, atol=0.05)
         assert len(fusion.fusion_pass().records) == 1  # compiled once for every M
         frames = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+        torch_counters = dict(torch._dynamo.utils.counters["fp4op_fusion"])
     assert frames == 1
     assert fusion.match_counts() == {"rms_norm_quantize[torch]": 1, "silu_and_mul_quantize[silu]": 1}
+    assert torch_counters == fusion.match_counts()
 
 
 class CountingPass(CustomGraphPass):
@@ -239,3 +241,30 @@ def test_module_reload_keeps_one_fusion_pass():
     importlib.reload(fusion)
     new = fusion.post_grad_pass(configured)
     assert new.passes == (user, fusion.fusion_pass()) and fusion.fusion_pass() is not old
+
+
+def test_fx_graph_cache_keys_on_the_pass():
+    """With Inductor's FX graph cache on: a recompile with the fusion hits the cache (the pass does not
+    run again, the cached code is the fused one); a compile without the fusion must not reuse it."""
+    fresh_cache = getattr(torch._inductor.utils, "fresh_cache", None) or torch._inductor.utils.fresh_inductor_cache
+    gs = torch.tensor([100.0])
+
+    def fn(x, w):
+        return torch.ops.fp4op.quantize(F.rms_norm(x, (D,), w, 1e-6), gs)
+
+    args = (torch.randn(8, D, dtype=torch.bfloat16), torch.randn(D, dtype=torch.bfloat16))
+    counters = torch._dynamo.utils.counters
+    with fresh_cache(), torch._inductor.config.patch(fx_graph_cache=True), torch.no_grad():
+        results = []
+        for options in (fusion.compile_options(), fusion.compile_options(), None):
+            torch._dynamo.reset()
+            counters.clear()
+            fusion.reset()
+            results.append(torch.compile(fn, options=options)(*args))
+            results[-1] = (results[-1], dict(counters["inductor"]), len(fusion.fusion_pass().records))
+    (first, c1, r1), (second, c2, r2), (plain, c3, r3) = results
+    assert c1.get("fxgraph_cache_miss") == 1 and r1 == 1
+    assert c2.get("fxgraph_cache_hit") == 1 and r2 == 0  # cached fused code, pass not rerun
+    assert c3.get("fxgraph_cache_miss") == 1 and r3 == 0  # another key: compiled without the pass
+    assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
+    torch._dynamo.reset()
