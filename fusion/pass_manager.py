@@ -82,7 +82,7 @@ class QuantizeArgs:
         return (global_scale, *self.flags)
 
     def label(self) -> str:
-        recipe = "mxfp4" if self.sf_use_ue8m0 else f"nvfp4" if self.sf_vec_size == 16 else f"vec{self.sf_vec_size}"
+        recipe = "mxfp4" if self.sf_use_ue8m0 else "nvfp4" if self.sf_vec_size == 16 else f"vec{self.sf_vec_size}"
         layout = "linear" if not self.is_sf_swizzled_layout else "8x4" if self.is_sf_8x4_layout else "128x4"
         gs = ("inv-gs" if self.is_global_scale_inversed else "gs") if self.has_global_scale else "no-gs"
         return f"{recipe}/{layout}/{gs}"
@@ -208,8 +208,8 @@ class FusionPattern:
 
     Subclasses set `name` (the counter key), list their tensor inputs and scalar parameters, and
     implement `pattern`, `replacement` and, where needed, `check` (dtype/shape conditions on the match).
-    `pattern` returns the tensor that is quantized; `outputs_extra` lists extra pattern outputs (the
-    residual sum) that the fused op also returns.
+    `pattern` returns the tensor that is quantized, or a tuple (that tensor, extra outputs...) for
+    values the fused op also returns (the residual sum); `replacement` returns the fused op's outputs.
     """
 
     name: str = ""
@@ -228,8 +228,8 @@ class FusionPattern:
     def check(self, match: pm.Match) -> bool:
         return True
 
-    # the quantized tensor plus extra outputs: pattern returns (to_quantize, *extras)
     def search(self, q: QuantizeArgs, **kw):
+        """The traced search function: `pattern` followed by the quantize."""
         out = self.pattern(**kw)
         if isinstance(out, tuple):
             x_q, sf = q.quantize(out[0], kw.get("global_scale"))
