@@ -185,9 +185,9 @@ def norm_case(name, x, eps, device):
     if name.startswith("rms_norm"):
         weight = None if name.endswith("no_weight") else make_affine(k, dtype, device)
         offset, in_dtype = 0.0, False
-        if name.endswith("gemma"):
+        if name.endswith("gemma") or name.endswith("offset"):
             offset, weight = 1.0, make_affine(k, dtype, device, mean=0.0)
-        if name.endswith("llama"):
+        if "llama" in name:
             in_dtype = True
         y = eager_rms_norm(x, weight, eps, offset, in_dtype)
         return OPS.rms_norm_quantize, (x, weight, eps, offset, in_dtype), y, None
@@ -260,6 +260,12 @@ def test_norm_matches_eager(name, dtype, recipe, layout):
 @pytest.mark.parametrize("name", ACTIVATIONS)
 def test_activation_matches_eager(name, dtype, recipe, layout):
     check_activation(name, dtype, recipe, layout, "cpu")
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rms_norm_weight_offset_in_input_dtype(dtype, recipe):
+    check_norm("rms_norm_llama_offset", dtype, recipe, "128x4", "cpu")
 
 
 def test_leading_dims_and_per_row_global_scale():
