@@ -5,6 +5,21 @@ non-differentiable.
 Each op returns ``(x_q, sf)`` exactly as ``torch.ops.fp4op.quantize`` of the norm/activation output
 computed in the input's dtype (float16/bfloat16) the way eager PyTorch computes it;
 ``add_rms_norm_quantize`` also returns ``x + residual`` in the input dtype (the next residual).
+
+The eager forms reproduced (float32 opmath, ``round`` = rounding to the input dtype; the shared C++
+math is csrc/fused_math.h):
+
+* ``rms_norm_quantize``: ``r = rsqrt(mean(x^2) + eps)``; no weight: ``round(x * r)``;
+  ``weight_in_input_dtype=False``: ``round(x * r * (weight_offset + w))`` (F.rms_norm for
+  ``weight_offset=0``, Hugging Face Gemma for ``weight_offset=1``); ``weight_in_input_dtype=True``:
+  ``round(round(weight_offset + w) * round(x * r))`` (Hugging Face Llama). ``weight_offset`` only
+  applies with a weight. ``add_rms_norm_quantize`` normalizes ``round(x + residual)``.
+* ``layer_norm_quantize``: F.layer_norm, ``round(w * ((x - mean) * rstd) + b)``, biased variance.
+* ``silu_quantize`` / ``gelu_quantize``: ``round(act(x))``; ``*_and_mul_quantize``:
+  ``round(round(act(gate)) * up)`` (eager ``F.silu(gate) * up``), torch's silu/gelu formulas.
+
+As in eager PyTorch, the CUDA kernels use ``rsqrtf`` and FMA where torch's CUDA kernels do, the CPU
+kernels an IEEE ``1 / sqrt``; only reduction order differs from eager.
 """
 
 from __future__ import annotations

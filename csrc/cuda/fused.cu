@@ -5,7 +5,8 @@
 // the 2 (NVFP4) or 4 (MXFP4) chunks of a scale block sit in adjacent lanes of one warp and reduce
 // their amax with shuffles, as in quantize.cu. Norms make a first pass that reduces the row in
 // float32 (warp shuffles, then shared memory across warps), keeping up to HELD chunks a thread in
-// registers (K <= 16384); larger rows are read again from global memory in the second pass. The second
+// registers (K <= 16384); larger rows are read again from global memory in the second pass
+// (elementwise ops use the same unrolled loop without holding anything, for the loads in flight). The second
 // pass computes the rounded outputs (fused_math.h), quantizes them with the shared numerics and
 // writes x_q (4-byte stores) and the scale bytes. Lanes past the row's last block write the zero
 // padding columns of the swizzled layouts, and the CTAs past the row CTAs zero the padding rows, so
@@ -296,9 +297,10 @@ __global__ void __launch_bounds__(kThreads) fused_kernel(const FusedLaunch a, co
     if constexpr (HELD > 0) {
 #pragma unroll
       for (int c = 0; c < HELD; ++c) {
-        if (c < g.iters) second_pass_chunk(lane + int64_t(c) * RT, held[c]);
+        if (c < g.iters) second_pass_chunk(lane + int64_t(c) * RT, is_norm(OP) ? held[c] : make_uint4(0u, 0u, 0u, 0u));
       }
     } else {
+#pragma unroll 2
       for (int c = 0; c < g.iters; ++c) {
         const int64_t chunk = lane + int64_t(c) * RT;
         uint4 v = make_uint4(0u, 0u, 0u, 0u);
@@ -313,7 +315,8 @@ __global__ void __launch_bounds__(kThreads) fused_kernel(const FusedLaunch a, co
 
 // Rows of up to this many chunks (K <= 1024) are handled by one warp, keeping 4 chunks a thread.
 constexpr int64_t kWarpRowChunks = 32 * 4;
-// Norm rows of up to this many chunks (K <= 16384) stay in registers: 8 chunks a thread of the CTA.
+// Rows of up to this many chunks (K <= 16384) take an unrolled loop of 8 chunks a thread of the CTA;
+// norms keep them in registers between their passes.
 constexpr int kHeldPerThread = 8;
 
 template <FusedOp OP, InputDtype D, bool UE8M0, int RT, int HELD>
@@ -335,14 +338,9 @@ cudaError_t launch_typed(const FusedLaunch& a, cudaStream_t stream) {
   Geometry g{};
   g.chunks = a.k / kChunk;
   g.padded_chunks = sf_cols(a.k / (UE8M0 ? 32 : 16), SfLayout(a.sf_layout)) * kLanesPerBlock;
-  if constexpr (is_norm(OP)) {
-    if (g.padded_chunks <= kWarpRowChunks) return launch_config<OP, D, UE8M0, 32, 4>(a, g, stream);
-    if (g.padded_chunks <= int64_t(kThreads) * kHeldPerThread) {
-      return launch_config<OP, D, UE8M0, kThreads, kHeldPerThread>(a, g, stream);
-    }
-  } else {
-    // elementwise ops read each chunk once: nothing to hold
-    if (g.padded_chunks <= kWarpRowChunks) return launch_config<OP, D, UE8M0, 32, 0>(a, g, stream);
+  if (g.padded_chunks <= kWarpRowChunks) return launch_config<OP, D, UE8M0, 32, 4>(a, g, stream);
+  if (g.padded_chunks <= int64_t(kThreads) * kHeldPerThread) {
+    return launch_config<OP, D, UE8M0, kThreads, kHeldPerThread>(a, g, stream);
   }
   return launch_config<OP, D, UE8M0, kThreads, 0>(a, g, stream);
 }
