@@ -5,7 +5,7 @@
 * ``fp4op.reference`` -- SPEC.md in plain PyTorch; ``fp4op.layouts`` -- scale-factor layouts.
 """
 
-from . import layouts, ops, reference
+from . import fused_ops, layouts, ops, reference
 from .api import as_float4, dequantize, fp4_quantize, nvfp4_global_scale
 
 __all__ = ["fp4_quantize", "dequantize", "nvfp4_global_scale", "as_float4", "layouts", "ops", "reference"]

@@ -1,0 +1,284 @@
+// CPU kernels of the fused "norm/activation + FP4 quantize" ops: rows in parallel (at::parallel_for);
+// each row is widened to float32, normalized/activated with the shared element math (fused_math.h,
+// rounded to the model dtype as eager PyTorch rounds) and quantized with quantize_row, the same code
+// as fp4op::quantize.
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <vector>
+
+#include "../fused_args.h"
+#include "quantize_row.h"
+
+namespace fp4op::cpu {
+namespace {
+
+using fused::Activation;
+using fused::FusedProblem;
+using fused::RmsWeight;
+using fused::Rows;
+
+// At least this many elements per parallel task, so that small inputs stay on one thread.
+constexpr int64_t kElementsPerTask = 1 << 15;
+
+float widen(uint16_t bits, InputDtype dtype) {
+  return dtype == InputDtype::kBFloat16 ? bf16_bits_to_float(bits) : fp16_bits_to_float(bits);
+}
+
+// The bits of a float that already holds a value of the model dtype.
+uint16_t narrow_exact(float v, InputDtype dtype) {
+  return dtype == InputDtype::kBFloat16 ? uint16_t(float_to_bits(v) >> 16) : fused::float_to_fp16_bits(v);
+}
+
+void widen_row(const uint16_t* src, InputDtype dtype, int64_t k, float* dst) {
+  for (int64_t i = 0; i < k; ++i) dst[i] = widen(src[i], dtype);
+}
+
+const uint16_t* row_ptr(const Rows& rows, int64_t r) {
+  return static_cast<const uint16_t*>(rows.tensor.data_ptr()) + r * rows.row_stride;
+}
+
+// float32 sum with 8 interleaved accumulators (close to torch's vectorized reductions in accuracy).
+template <typename Term>
+float lane_sum(int64_t k, Term term) {
+  constexpr int kLanes = 8;
+  float acc[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= k; i += kLanes) {
+    for (int l = 0; l < kLanes; ++l) acc[l] = add_rn(acc[l], term(i + l));
+  }
+  for (; i < k; ++i) acc[0] = add_rn(acc[0], term(i));
+  for (int width = kLanes / 2; width > 0; width /= 2) {
+    for (int l = 0; l < width; ++l) acc[l] = add_rn(acc[l], acc[l + width]);
+  }
+  return acc[0];
+}
+
+QuantizeParams quantize_params(const FusedProblem& p, int64_t sf_vec_size, bool sf_use_ue8m0,
+                               bool is_global_scale_inversed) {
+  return QuantizeParams{p.shape.k,
+                        int(sf_vec_size),
+                        sf_use_ue8m0,
+                        p.shape.layout,
+                        p.global_scale.defined() ? p.global_scale.data_ptr<float>() : nullptr,
+                        p.global_scale.defined() && p.global_scale.numel() > 1,
+                        is_global_scale_inversed};
+}
+
+// Runs `row_values(r, values)` for every row (it fills `values` with the K rounded outputs of row r)
+// and quantizes them. Zeroes the sf padding first.
+template <typename RowValues>
+void quantize_rows(FusedProblem& p, const QuantizeParams& qp, RowValues row_values) {
+  if (p.shape.layout != SfLayout::kLinear) p.sf.zero_();
+  const int64_t m = p.shape.m, k = p.shape.k;
+  if (m == 0 || k == 0) return;
+  uint8_t* xq = p.x_q.data_ptr<uint8_t>();
+  uint8_t* sf = p.sf.data_ptr<uint8_t>();
+  const int64_t grain = std::max<int64_t>(1, kElementsPerTask / k);
+  at::parallel_for(0, m, grain, [&](int64_t begin, int64_t end) {
+    IeeeDenormalsScope ieee;
+    std::vector<float> values(k);
+    for (int64_t r = begin; r < end; ++r) {
+      row_values(r, values.data());
+      quantize_row(values.data(), r, qp, xq + r * (k / 2), sf);
+    }
+  });
+}
+
+RmsWeight rms_weight_form(const std::optional<at::Tensor>& weight, bool weight_in_input_dtype) {
+  if (!fused::has(weight)) return RmsWeight::kNone;
+  return weight_in_input_dtype ? RmsWeight::kInputDtype : RmsWeight::kFloat32;
+}
+
+// RMSNorm of the rows of x (+ residual, whose sum is written to `sum_out` when given), quantized.
+void rms_norm_rows(FusedProblem& p, const QuantizeParams& qp, const at::Tensor& x,
+                   const std::optional<at::Tensor>& residual, at::Tensor* sum_out,
+                   const std::optional<at::Tensor>& weight, double eps, double weight_offset,
+                   bool weight_in_input_dtype) {
+  const Rows xr = fused::rows_of(x);
+  const Rows rr = residual ? fused::rows_of(*residual) : Rows{};
+  const at::Tensor w = fused::has(weight) ? weight->contiguous() : at::Tensor();
+  const uint16_t* w_bits = w.defined() ? static_cast<const uint16_t*>(w.data_ptr()) : nullptr;
+  uint16_t* sum_bits = sum_out ? static_cast<uint16_t*>(sum_out->data_ptr()) : nullptr;
+  const RmsWeight form = rms_weight_form(weight, weight_in_input_dtype);
+  const InputDtype dtype = p.dtype;
+  const int64_t k = p.shape.k;
+  const float eps_f = float(eps), offset = float(weight_offset);
+  quantize_rows(p, qp, [&](int64_t r, float* v) {
+    widen_row(row_ptr(xr, r), dtype, k, v);
+    if (residual) {
+      // x + residual in the model dtype: the next residual stream, and what is normalized
+      const uint16_t* res = row_ptr(rr, r);
+      for (int64_t i = 0; i < k; ++i) {
+        v[i] = fused::round_to(add_rn(v[i], widen(res[i], dtype)), dtype);
+        sum_bits[r * k + i] = narrow_exact(v[i], dtype);
+      }
+    }
+    const float mean_sq = div_rn(lane_sum(k, [&](int64_t i) { return mul_rn(v[i], v[i]); }), float(k));
+    const float rs = fused::torch_rsqrt(add_rn(mean_sq, eps_f));
+    for (int64_t i = 0; i < k; ++i) {
+      const float wi = w_bits ? widen(w_bits[i], dtype) : 0.0f;
+      v[i] = fused::rms_norm_element(v[i], rs, wi, offset, form, dtype);
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> rms_norm_quantize_cpu(const at::Tensor& x, const std::optional<at::Tensor>& weight,
+                                                         double eps, double weight_offset, bool weight_in_input_dtype,
+                                                         const std::optional<at::Tensor>& global_scale,
+                                                         int64_t sf_vec_size, bool sf_use_ue8m0,
+                                                         bool is_sf_swizzled_layout, bool is_sf_8x4_layout,
+                                                         bool is_global_scale_inversed) {
+  FusedProblem p = fused::prepare_fused(x, "x", global_scale, sf_vec_size, sf_use_ue8m0, is_sf_swizzled_layout,
+                                        is_sf_8x4_layout);
+  fused::check_affine(weight, "weight", x);
+  const QuantizeParams qp = quantize_params(p, sf_vec_size, sf_use_ue8m0, is_global_scale_inversed);
+  rms_norm_rows(p, qp, x, std::nullopt, nullptr, weight, eps, weight_offset, weight_in_input_dtype);
+  return {p.x_q, p.sf};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> add_rms_norm_quantize_cpu(
+    const at::Tensor& x, const at::Tensor& residual, const std::optional<at::Tensor>& weight, double eps,
+    double weight_offset, bool weight_in_input_dtype, const std::optional<at::Tensor>& global_scale,
+    int64_t sf_vec_size, bool sf_use_ue8m0, bool is_sf_swizzled_layout, bool is_sf_8x4_layout,
+    bool is_global_scale_inversed) {
+  FusedProblem p = fused::prepare_fused(x, "x", global_scale, sf_vec_size, sf_use_ue8m0, is_sf_swizzled_layout,
+                                        is_sf_8x4_layout);
+  fused::check_like(residual, "residual", x, "x");
+  fused::check_affine(weight, "weight", x);
+  at::Tensor sum = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
+  const QuantizeParams qp = quantize_params(p, sf_vec_size, sf_use_ue8m0, is_global_scale_inversed);
+  rms_norm_rows(p, qp, x, residual, &sum, weight, eps, weight_offset, weight_in_input_dtype);
+  return {p.x_q, p.sf, sum};
+}
+
+std::tuple<at::Tensor, at::Tensor> layer_norm_quantize_cpu(const at::Tensor& x, const std::optional<at::Tensor>& weight,
+                                                           const std::optional<at::Tensor>& bias, double eps,
+                                                           const std::optional<at::Tensor>& global_scale,
+                                                           int64_t sf_vec_size, bool sf_use_ue8m0,
+                                                           bool is_sf_swizzled_layout, bool is_sf_8x4_layout,
+                                                           bool is_global_scale_inversed) {
+  FusedProblem p = fused::prepare_fused(x, "x", global_scale, sf_vec_size, sf_use_ue8m0, is_sf_swizzled_layout,
+                                        is_sf_8x4_layout);
+  fused::check_affine(weight, "weight", x);
+  fused::check_affine(bias, "bias", x);
+  const Rows xr = fused::rows_of(x);
+  const at::Tensor w = fused::has(weight) ? weight->contiguous() : at::Tensor();
+  const at::Tensor b = fused::has(bias) ? bias->contiguous() : at::Tensor();
+  const uint16_t* w_bits = w.defined() ? static_cast<const uint16_t*>(w.data_ptr()) : nullptr;
+  const uint16_t* b_bits = b.defined() ? static_cast<const uint16_t*>(b.data_ptr()) : nullptr;
+  const InputDtype dtype = p.dtype;
+  const int64_t k = p.shape.k;
+  const float eps_f = float(eps), kf = float(k);
+  const QuantizeParams qp = quantize_params(p, sf_vec_size, sf_use_ue8m0, is_global_scale_inversed);
+  quantize_rows(p, qp, [&](int64_t r, float* v) {
+    widen_row(row_ptr(xr, r), dtype, k, v);
+    // biased variance, two passes (torch uses Welford; both are exact up to reduction order)
+    const float mean = div_rn(lane_sum(k, [&](int64_t i) { return v[i]; }), kf);
+    const float var = div_rn(lane_sum(k, [&](int64_t i) {
+                               const float d = add_rn(v[i], -mean);
+                               return mul_rn(d, d);
+                             }),
+                             kf);
+    const float rstd = fused::torch_rsqrt(add_rn(fmaxf(var, 0.0f), eps_f));
+    for (int64_t i = 0; i < k; ++i) {
+      const float wi = w_bits ? widen(w_bits[i], dtype) : 0.0f;
+      const float bi = b_bits ? widen(b_bits[i], dtype) : 0.0f;
+      v[i] = fused::layer_norm_element(v[i], mean, rstd, wi, w_bits != nullptr, bi, b_bits != nullptr, dtype);
+    }
+  });
+  return {p.x_q, p.sf};
+}
+
+std::tuple<at::Tensor, at::Tensor> activation_quantize(const at::Tensor& x, Activation act,
+                                                       const std::optional<at::Tensor>& global_scale,
+                                                       int64_t sf_vec_size, bool sf_use_ue8m0,
+                                                       bool is_sf_swizzled_layout, bool is_sf_8x4_layout,
+                                                       bool is_global_scale_inversed) {
+  FusedProblem p = fused::prepare_fused(x, "x", global_scale, sf_vec_size, sf_use_ue8m0, is_sf_swizzled_layout,
+                                        is_sf_8x4_layout);
+  const Rows xr = fused::rows_of(x);
+  const InputDtype dtype = p.dtype;
+  const int64_t k = p.shape.k;
+  const QuantizeParams qp = quantize_params(p, sf_vec_size, sf_use_ue8m0, is_global_scale_inversed);
+  quantize_rows(p, qp, [&](int64_t r, float* v) {
+    const uint16_t* in = row_ptr(xr, r);
+    for (int64_t i = 0; i < k; ++i) v[i] = fused::activation_element(widen(in[i], dtype), act, dtype);
+  });
+  return {p.x_q, p.sf};
+}
+
+std::tuple<at::Tensor, at::Tensor> gated_quantize(const at::Tensor& gate, const at::Tensor& up, Activation act,
+                                                  const std::optional<at::Tensor>& global_scale, int64_t sf_vec_size,
+                                                  bool sf_use_ue8m0, bool is_sf_swizzled_layout,
+                                                  bool is_sf_8x4_layout, bool is_global_scale_inversed) {
+  FusedProblem p = fused::prepare_fused(gate, "gate", global_scale, sf_vec_size, sf_use_ue8m0,
+                                        is_sf_swizzled_layout, is_sf_8x4_layout);
+  fused::check_like(up, "up", gate, "gate");
+  const Rows gr = fused::rows_of(gate);
+  const Rows ur = fused::rows_of(up);
+  const InputDtype dtype = p.dtype;
+  const int64_t k = p.shape.k;
+  const QuantizeParams qp = quantize_params(p, sf_vec_size, sf_use_ue8m0, is_global_scale_inversed);
+  quantize_rows(p, qp, [&](int64_t r, float* v) {
+    const uint16_t* g = row_ptr(gr, r);
+    const uint16_t* u = row_ptr(ur, r);
+    for (int64_t i = 0; i < k; ++i) v[i] = fused::gated_element(widen(g[i], dtype), widen(u[i], dtype), act, dtype);
+  });
+  return {p.x_q, p.sf};
+}
+
+std::tuple<at::Tensor, at::Tensor> silu_and_mul_quantize_cpu(const at::Tensor& gate, const at::Tensor& up,
+                                                             const std::optional<at::Tensor>& global_scale,
+                                                             int64_t sf_vec_size, bool sf_use_ue8m0,
+                                                             bool is_sf_swizzled_layout, bool is_sf_8x4_layout,
+                                                             bool is_global_scale_inversed) {
+  return gated_quantize(gate, up, Activation::kSilu, global_scale, sf_vec_size, sf_use_ue8m0, is_sf_swizzled_layout,
+                        is_sf_8x4_layout, is_global_scale_inversed);
+}
+
+Activation gelu_activation(c10::string_view approximate) {
+  return fused::gelu_approx_of(std::string_view(approximate.data(), approximate.size())) ==
+                 fused::GeluApprox::kNone
+             ? Activation::kGeluErf
+             : Activation::kGeluTanh;
+}
+
+std::tuple<at::Tensor, at::Tensor> gelu_and_mul_quantize_cpu(const at::Tensor& gate, const at::Tensor& up,
+                                                             c10::string_view approximate,
+                                                             const std::optional<at::Tensor>& global_scale,
+                                                             int64_t sf_vec_size, bool sf_use_ue8m0,
+                                                             bool is_sf_swizzled_layout, bool is_sf_8x4_layout,
+                                                             bool is_global_scale_inversed) {
+  return gated_quantize(gate, up, gelu_activation(approximate), global_scale, sf_vec_size, sf_use_ue8m0,
+                        is_sf_swizzled_layout, is_sf_8x4_layout, is_global_scale_inversed);
+}
+
+std::tuple<at::Tensor, at::Tensor> silu_quantize_cpu(const at::Tensor& x, const std::optional<at::Tensor>& global_scale,
+                                                     int64_t sf_vec_size, bool sf_use_ue8m0, bool is_sf_swizzled_layout,
+                                                     bool is_sf_8x4_layout, bool is_global_scale_inversed) {
+  return activation_quantize(x, Activation::kSilu, global_scale, sf_vec_size, sf_use_ue8m0, is_sf_swizzled_layout,
+                             is_sf_8x4_layout, is_global_scale_inversed);
+}
+
+std::tuple<at::Tensor, at::Tensor> gelu_quantize_cpu(const at::Tensor& x, c10::string_view approximate,
+                                                     const std::optional<at::Tensor>& global_scale,
+                                                     int64_t sf_vec_size, bool sf_use_ue8m0, bool is_sf_swizzled_layout,
+                                                     bool is_sf_8x4_layout, bool is_global_scale_inversed) {
+  return activation_quantize(x, gelu_activation(approximate), global_scale, sf_vec_size, sf_use_ue8m0,
+                             is_sf_swizzled_layout, is_sf_8x4_layout, is_global_scale_inversed);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fp4op, CPU, m) {
+  m.impl("rms_norm_quantize", &rms_norm_quantize_cpu);
+  m.impl("add_rms_norm_quantize", &add_rms_norm_quantize_cpu);
+  m.impl("layer_norm_quantize", &layer_norm_quantize_cpu);
+  m.impl("silu_and_mul_quantize", &silu_and_mul_quantize_cpu);
+  m.impl("gelu_and_mul_quantize", &gelu_and_mul_quantize_cpu);
+  m.impl("silu_quantize", &silu_quantize_cpu);
+  m.impl("gelu_quantize", &gelu_quantize_cpu);
+}
+
+}  // namespace fp4op::cpu

@@ -1,0 +1,239 @@
+// CUDA bindings of the fused "norm/activation + FP4 quantize" ops: the argument checks shared with the
+// CPU kernels (fused_args.h), outputs, and one launch on the current stream of the input's device.
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include "../fused_args.h"
+#include "fused_launch.h"
+
+namespace fp4op::cuda {
+namespace {
+
+using fused::Activation;
+using fused::FusedProblem;
+using fused::RmsWeight;
+
+int num_sms() {
+  int device = 0, count = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device));
+  return count;
+}
+
+bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+// The rows of a [..., K] input as the kernels read them: 16-byte aligned rows with contiguous elements;
+// strided views that satisfy this (e.g. the two halves of a [M, 2H] tensor) are read in place.
+fused::Rows kernel_rows(const at::Tensor& t) {
+  fused::Rows rows = fused::rows_of(t);
+  if (aligned16(rows.tensor.data_ptr()) && (rows.row_stride * int64_t(t.element_size())) % 16 == 0) return rows;
+  at::Tensor copy = at::empty(t.sizes(), t.options().memory_format(at::MemoryFormat::Contiguous));
+  copy.copy_(t);
+  return {copy, t.size(-1)};
+}
+
+// A [K] weight/bias, contiguous and 16-byte aligned (or undefined).
+at::Tensor kernel_affine(const std::optional<at::Tensor>& p) {
+  if (!fused::has(p)) return at::Tensor();
+  at::Tensor c = p->contiguous();
+  if (aligned16(c.data_ptr())) return c;
+  at::Tensor copy = at::empty_like(c, at::MemoryFormat::Contiguous);
+  copy.copy_(c);
+  return copy;
+}
+
+// The launch arguments common to every op: problem shape, quantize arguments and outputs.
+FusedLaunch base_launch(FusedOp op, const FusedProblem& p, int64_t sf_vec_size, bool sf_use_ue8m0,
+                        bool is_global_scale_inversed) {
+  FusedLaunch a{};
+  a.op = op;
+  a.input_dtype = int(p.dtype);
+  a.m = p.shape.m;
+  a.k = p.shape.k;
+  a.sf_vec_size = int(sf_vec_size);
+  a.sf_use_ue8m0 = sf_use_ue8m0;
+  a.global_scale = p.global_scale.defined() ? p.global_scale.data_ptr<float>() : nullptr;
+  a.global_scale_per_row = p.global_scale.defined() && p.global_scale.numel() > 1;
+  a.is_global_scale_inversed = is_global_scale_inversed;
+  a.sf_layout = int(p.shape.layout);
+  a.x_q = p.x_q.data_ptr<uint8_t>();
+  a.sf = p.sf.data_ptr<uint8_t>();
+  a.num_sms = num_sms();
+  return a;
+}
+
+// Launches unless the problem is empty (then only the sf padding needs zeros).
+void run(FusedLaunch& a, const FusedProblem& p) {
+  if (a.m == 0 || a.k == 0) {
+    p.sf.zero_();
+    return;
+  }
+  const cudaError_t err = launch_fused(a, c10::cuda::getCurrentCUDAStream());
+  TORCH_CHECK(err == cudaSuccess, "fp4op: fused kernel launch failed: ", cudaGetErrorString(err));
+}
+
+void set_rows(const at::Tensor& t, const void** ptr, int64_t* row_stride, std::vector<at::Tensor>& keep) {
+  fused::Rows rows = kernel_rows(t);
+  *ptr = rows.tensor.data_ptr();
+  *row_stride = rows.row_stride;
+  keep.push_back(rows.tensor);
+}
+
+RmsWeight rms_weight_form(const std::optional<at::Tensor>& weight, bool weight_in_input_dtype) {
+  if (!fused::has(weight)) return RmsWeight::kNone;
+  return weight_in_input_dtype ? RmsWeight::kInputDtype : RmsWeight::kFloat32;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> rms_norm_impl(
+    const at::Tensor& x, const std::optional<at::Tensor>& residual, const std::optional<at::Tensor>& weight,
+    double eps, double weight_offset, bool weight_in_input_dtype, const std::optional<at::Tensor>& global_scale,
+    int64_t sf_vec_size, bool sf_use_ue8m0, bool is_sf_swizzled_layout, bool is_sf_8x4_layout,
+    bool is_global_scale_inversed) {
+  FusedProblem p = fused::prepare_fused(x, "x", global_scale, sf_vec_size, sf_use_ue8m0, is_sf_swizzled_layout,
+                                        is_sf_8x4_layout);
+  if (residual) fused::check_like(*residual, "residual", x, "x");
+  fused::check_affine(weight, "weight", x);
+  const c10::cuda::CUDAGuard guard(x.device());
+  FusedLaunch a = base_launch(residual ? FusedOp::kAddRmsNorm : FusedOp::kRmsNorm, p, sf_vec_size, sf_use_ue8m0,
+                              is_global_scale_inversed);
+  at::Tensor sum;
+  std::vector<at::Tensor> keep;
+  if (a.m > 0 && a.k > 0) {
+    set_rows(x, &a.x, &a.x_row_stride, keep);
+    if (residual) set_rows(*residual, &a.y, &a.y_row_stride, keep);
+  }
+  if (residual) {
+    sum = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
+    a.sum_out = sum.data_ptr();
+  }
+  const at::Tensor w = kernel_affine(weight);
+  a.weight = w.defined() ? w.data_ptr() : nullptr;
+  a.eps = float(eps);
+  a.weight_offset = float(weight_offset);
+  a.rms_weight = int(rms_weight_form(weight, weight_in_input_dtype));
+  run(a, p);
+  return {p.x_q, p.sf, sum};
+}
+
+std::tuple<at::Tensor, at::Tensor> rms_norm_quantize_cuda(const at::Tensor& x, const std::optional<at::Tensor>& weight,
+                                                          double eps, double weight_offset, bool weight_in_input_dtype,
+                                                          const std::optional<at::Tensor>& global_scale,
+                                                          int64_t sf_vec_size, bool sf_use_ue8m0,
+                                                          bool is_sf_swizzled_layout, bool is_sf_8x4_layout,
+                                                          bool is_global_scale_inversed) {
+  auto [xq, sf, unused] = rms_norm_impl(x, std::nullopt, weight, eps, weight_offset, weight_in_input_dtype,
+                                        global_scale, sf_vec_size, sf_use_ue8m0, is_sf_swizzled_layout,
+                                        is_sf_8x4_layout, is_global_scale_inversed);
+  return {xq, sf};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> add_rms_norm_quantize_cuda(
+    const at::Tensor& x, const at::Tensor& residual, const std::optional<at::Tensor>& weight, double eps,
+    double weight_offset, bool weight_in_input_dtype, const std::optional<at::Tensor>& global_scale,
+    int64_t sf_vec_size, bool sf_use_ue8m0, bool is_sf_swizzled_layout, bool is_sf_8x4_layout,
+    bool is_global_scale_inversed) {
+  return rms_norm_impl(x, residual, weight, eps, weight_offset, weight_in_input_dtype, global_scale, sf_vec_size,
+                       sf_use_ue8m0, is_sf_swizzled_layout, is_sf_8x4_layout, is_global_scale_inversed);
+}
+
+std::tuple<at::Tensor, at::Tensor> layer_norm_quantize_cuda(const at::Tensor& x, const std::optional<at::Tensor>& weight,
+                                                            const std::optional<at::Tensor>& bias, double eps,
+                                                            const std::optional<at::Tensor>& global_scale,
+                                                            int64_t sf_vec_size, bool sf_use_ue8m0,
+                                                            bool is_sf_swizzled_layout, bool is_sf_8x4_layout,
+                                                            bool is_global_scale_inversed) {
+  FusedProblem p = fused::prepare_fused(x, "x", global_scale, sf_vec_size, sf_use_ue8m0, is_sf_swizzled_layout,
+                                        is_sf_8x4_layout);
+  fused::check_affine(weight, "weight", x);
+  fused::check_affine(bias, "bias", x);
+  const c10::cuda::CUDAGuard guard(x.device());
+  FusedLaunch a = base_launch(FusedOp::kLayerNorm, p, sf_vec_size, sf_use_ue8m0, is_global_scale_inversed);
+  std::vector<at::Tensor> keep;
+  if (a.m > 0 && a.k > 0) set_rows(x, &a.x, &a.x_row_stride, keep);
+  const at::Tensor w = kernel_affine(weight), b = kernel_affine(bias);
+  a.weight = w.defined() ? w.data_ptr() : nullptr;
+  a.bias = b.defined() ? b.data_ptr() : nullptr;
+  a.eps = float(eps);
+  run(a, p);
+  return {p.x_q, p.sf};
+}
+
+std::tuple<at::Tensor, at::Tensor> activation_impl(const at::Tensor& x, const at::Tensor* up, Activation act,
+                                                   const std::optional<at::Tensor>& global_scale,
+                                                   int64_t sf_vec_size, bool sf_use_ue8m0,
+                                                   bool is_sf_swizzled_layout, bool is_sf_8x4_layout,
+                                                   bool is_global_scale_inversed) {
+  const char* name = up ? "gate" : "x";
+  FusedProblem p = fused::prepare_fused(x, name, global_scale, sf_vec_size, sf_use_ue8m0, is_sf_swizzled_layout,
+                                        is_sf_8x4_layout);
+  if (up) fused::check_like(*up, "up", x, "gate");
+  const c10::cuda::CUDAGuard guard(x.device());
+  FusedLaunch a = base_launch(up ? FusedOp::kGatedActivation : FusedOp::kActivation, p, sf_vec_size, sf_use_ue8m0,
+                              is_global_scale_inversed);
+  std::vector<at::Tensor> keep;
+  if (a.m > 0 && a.k > 0) {
+    set_rows(x, &a.x, &a.x_row_stride, keep);
+    if (up) set_rows(*up, &a.y, &a.y_row_stride, keep);
+  }
+  a.activation = int(act);
+  run(a, p);
+  return {p.x_q, p.sf};
+}
+
+Activation gelu_activation(c10::string_view approximate) {
+  return fused::gelu_approx_of(std::string_view(approximate.data(), approximate.size())) ==
+                 fused::GeluApprox::kNone
+             ? Activation::kGeluErf
+             : Activation::kGeluTanh;
+}
+
+std::tuple<at::Tensor, at::Tensor> silu_and_mul_quantize_cuda(const at::Tensor& gate, const at::Tensor& up,
+                                                              const std::optional<at::Tensor>& global_scale,
+                                                              int64_t sf_vec_size, bool sf_use_ue8m0,
+                                                              bool is_sf_swizzled_layout, bool is_sf_8x4_layout,
+                                                              bool is_global_scale_inversed) {
+  return activation_impl(gate, &up, Activation::kSilu, global_scale, sf_vec_size, sf_use_ue8m0,
+                         is_sf_swizzled_layout, is_sf_8x4_layout, is_global_scale_inversed);
+}
+
+std::tuple<at::Tensor, at::Tensor> gelu_and_mul_quantize_cuda(const at::Tensor& gate, const at::Tensor& up,
+                                                              c10::string_view approximate,
+                                                              const std::optional<at::Tensor>& global_scale,
+                                                              int64_t sf_vec_size, bool sf_use_ue8m0,
+                                                              bool is_sf_swizzled_layout, bool is_sf_8x4_layout,
+                                                              bool is_global_scale_inversed) {
+  return activation_impl(gate, &up, gelu_activation(approximate), global_scale, sf_vec_size, sf_use_ue8m0,
+                         is_sf_swizzled_layout, is_sf_8x4_layout, is_global_scale_inversed);
+}
+
+std::tuple<at::Tensor, at::Tensor> silu_quantize_cuda(const at::Tensor& x, const std::optional<at::Tensor>& global_scale,
+                                                      int64_t sf_vec_size, bool sf_use_ue8m0,
+                                                      bool is_sf_swizzled_layout, bool is_sf_8x4_layout,
+                                                      bool is_global_scale_inversed) {
+  return activation_impl(x, nullptr, Activation::kSilu, global_scale, sf_vec_size, sf_use_ue8m0,
+                         is_sf_swizzled_layout, is_sf_8x4_layout, is_global_scale_inversed);
+}
+
+std::tuple<at::Tensor, at::Tensor> gelu_quantize_cuda(const at::Tensor& x, c10::string_view approximate,
+                                                      const std::optional<at::Tensor>& global_scale,
+                                                      int64_t sf_vec_size, bool sf_use_ue8m0,
+                                                      bool is_sf_swizzled_layout, bool is_sf_8x4_layout,
+                                                      bool is_global_scale_inversed) {
+  return activation_impl(x, nullptr, gelu_activation(approximate), global_scale, sf_vec_size, sf_use_ue8m0,
+                         is_sf_swizzled_layout, is_sf_8x4_layout, is_global_scale_inversed);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fp4op, CUDA, m) {
+  m.impl("rms_norm_quantize", &rms_norm_quantize_cuda);
+  m.impl("add_rms_norm_quantize", &add_rms_norm_quantize_cuda);
+  m.impl("layer_norm_quantize", &layer_norm_quantize_cuda);
+  m.impl("silu_and_mul_quantize", &silu_and_mul_quantize_cuda);
+  m.impl("gelu_and_mul_quantize", &gelu_and_mul_quantize_cuda);
+  m.impl("silu_quantize", &silu_quantize_cuda);
+  m.impl("gelu_quantize", &gelu_quantize_cuda);
+}
+
+}  // namespace fp4op::cuda

@@ -1,0 +1,25 @@
+// Schemas of the fused "norm/activation + FP4 quantize" ops (issue 4). Each returns (x_q, sf) exactly
+// as fp4op::quantize of the norm/activation output computed in the input's dtype; add_rms_norm_quantize
+// also returns x + residual (the next residual). Kernels: csrc/cpu/fused.cpp, csrc/cuda/fused_cuda.cpp;
+// fakes and autograd: fp4op/fused_ops.py.
+#include <torch/library.h>
+
+// The quantize arguments, as in fp4op::quantize, except that global_scale defaults to None: it follows
+// arguments with defaults in some schemas (and MXFP4 ignores it).
+#define FP4OP_QUANTIZE_ARGS                                                                     \
+  "Tensor? global_scale=None, int sf_vec_size=16, bool sf_use_ue8m0=False, "                        \
+  "bool is_sf_swizzled_layout=True, bool is_sf_8x4_layout=False, bool is_global_scale_inversed=False"
+
+TORCH_LIBRARY_FRAGMENT(fp4op, m) {
+  m.def("rms_norm_quantize(Tensor x, Tensor? weight, float eps, float weight_offset=0.0, "
+        "bool weight_in_input_dtype=False, " FP4OP_QUANTIZE_ARGS ") -> (Tensor, Tensor)");
+  m.def("add_rms_norm_quantize(Tensor x, Tensor residual, Tensor? weight, float eps, float weight_offset=0.0, "
+        "bool weight_in_input_dtype=False, " FP4OP_QUANTIZE_ARGS ") -> (Tensor, Tensor, Tensor)");
+  m.def("layer_norm_quantize(Tensor x, Tensor? weight, Tensor? bias, float eps, " FP4OP_QUANTIZE_ARGS
+        ") -> (Tensor, Tensor)");
+  m.def("silu_and_mul_quantize(Tensor gate, Tensor up, " FP4OP_QUANTIZE_ARGS ") -> (Tensor, Tensor)");
+  m.def("gelu_and_mul_quantize(Tensor gate, Tensor up, str approximate=\"none\", " FP4OP_QUANTIZE_ARGS
+        ") -> (Tensor, Tensor)");
+  m.def("silu_quantize(Tensor x, " FP4OP_QUANTIZE_ARGS ") -> (Tensor, Tensor)");
+  m.def("gelu_quantize(Tensor x, str approximate=\"none\", " FP4OP_QUANTIZE_ARGS ") -> (Tensor, Tensor)");
+}

@@ -1,0 +1,107 @@
+// Argument checking and output allocation of the fused "norm/activation + FP4 quantize" ops, shared by
+// their CPU and CUDA bindings. Errors: TORCH_CHECK_VALUE -> ValueError, TORCH_CHECK_NOT_IMPLEMENTED ->
+// NotImplementedError, as for fp4op::quantize.
+#pragma once
+
+#include <optional>
+#include <string_view>
+
+#include "fused_math.h"
+#include "op_args.h"
+
+namespace fp4op::fused {
+
+// The fused ops compute the norm/activation in the model dtype, which is float16 or bfloat16.
+inline InputDtype model_dtype_of(const at::Tensor& t, const char* name) {
+  if (t.scalar_type() == at::kHalf) return InputDtype::kFloat16;
+  if (t.scalar_type() == at::kBFloat16) return InputDtype::kBFloat16;
+  TORCH_CHECK_NOT_IMPLEMENTED(false, "fp4op: ", name,
+                              " of a fused norm/activation + quantize op must be float16 or bfloat16 (the "
+                              "model dtype the norm/activation is computed in), got ",
+                              t.scalar_type(), "; quantize other dtypes with fp4op.quantize");
+  return InputDtype::kFloat16;
+}
+
+// A second tensor input (residual, up) must match the first one exactly in dtype, shape and device.
+inline void check_like(const at::Tensor& t, const char* name, const at::Tensor& x, const char* x_name) {
+  TORCH_CHECK_VALUE(t.scalar_type() == x.scalar_type(), "fp4op: ", name, " must have the dtype of ", x_name,
+                    " (", x.scalar_type(), "), got ", t.scalar_type());
+  TORCH_CHECK_VALUE(t.sizes() == x.sizes(), "fp4op: ", name, " must have the shape of ", x_name, " ",
+                    x.sizes(), ", got ", t.sizes());
+  TORCH_CHECK_VALUE(t.device() == x.device(), "fp4op: ", name, " is on ", t.device(), " but ", x_name,
+                    " is on ", x.device());
+}
+
+// A norm's weight/bias: shape [K], the dtype and device of x.
+inline void check_affine(const std::optional<at::Tensor>& p, const char* name, const at::Tensor& x) {
+  if (!p.has_value() || !p->defined()) return;
+  TORCH_CHECK_VALUE(x.dim() >= 1 && p->dim() == 1 && p->size(0) == x.size(-1), "fp4op: ", name,
+                    " must have shape [K] = [", (x.dim() >= 1 ? x.size(-1) : 0), "], got ", p->sizes());
+  TORCH_CHECK_VALUE(p->scalar_type() == x.scalar_type(), "fp4op: ", name, " must have the dtype of x (",
+                    x.scalar_type(), "), got ", p->scalar_type());
+  TORCH_CHECK_VALUE(p->device() == x.device(), "fp4op: ", name, " is on ", p->device(), " but x is on ",
+                    x.device());
+}
+
+inline bool has(const std::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
+
+inline GeluApprox gelu_approx_of(std::string_view approximate) {
+  if (approximate == "none") return GeluApprox::kNone;
+  if (approximate == "tanh") return GeluApprox::kTanh;
+  TORCH_CHECK_VALUE(false, "fp4op: approximate must be 'none' or 'tanh', got '", approximate, "'");
+  return GeluApprox::kNone;
+}
+
+// The rows of a [..., K] tensor as the kernels read them: row r starts at data + r * row_stride
+// elements, elements of a row are contiguous. Views whose leading dimensions flatten to one stride
+// (e.g. t[..., :H] and t[..., H:] of a [M, 2H] tensor) are read in place; others are copied.
+struct Rows {
+  at::Tensor tensor;   // holds the storage
+  int64_t row_stride;  // in elements
+};
+
+inline Rows rows_of(const at::Tensor& t) {
+  if (t.dim() >= 1 && (t.size(-1) <= 1 || t.stride(-1) == 1)) {
+    int64_t row_stride = t.size(-1);
+    int64_t next = -1;  // the stride that the next outer (non-size-1) dimension must have
+    bool flat = true;
+    for (int64_t d = t.dim() - 2; d >= 0 && flat; --d) {
+      if (t.size(d) == 1) continue;
+      if (next < 0) {
+        row_stride = t.stride(d);
+      } else {
+        flat = t.stride(d) == next;
+      }
+      next = t.stride(d) * t.size(d);
+    }
+    if (flat) return {t, row_stride};
+  }
+  at::Tensor c = t.contiguous();
+  return {c, c.size(-1)};
+}
+
+// The quantize half of a fused op: recipe, shape (of `x`, named `name`), global scale and the
+// (x_q, sf) outputs, exactly as fp4op::quantize of a tensor shaped like x.
+struct FusedProblem {
+  InputDtype dtype;
+  QuantizeShape shape;
+  at::Tensor global_scale;  // float32, 1 or M elements; undefined for MXFP4
+  at::Tensor x_q;
+  at::Tensor sf;
+};
+
+inline FusedProblem prepare_fused(const at::Tensor& x, const char* name,
+                                  const std::optional<at::Tensor>& global_scale, int64_t sf_vec_size,
+                                  bool sf_use_ue8m0, bool is_sf_swizzled_layout, bool is_sf_8x4_layout) {
+  check_recipe(sf_vec_size, sf_use_ue8m0);
+  const InputDtype dtype = model_dtype_of(x, name);
+  TORCH_CHECK_VALUE(x.dim() >= 1, "fp4op: ", name, " must have at least 1 dimension, got a 0-d tensor");
+  TORCH_CHECK_VALUE(x.size(-1) % sf_vec_size == 0, "fp4op: the last dimension of ", name, " (K = ", x.size(-1),
+                    ") must be a multiple of sf_vec_size = ", sf_vec_size);
+  const QuantizeShape s = check_quantize_shape(x, sf_vec_size, is_sf_swizzled_layout, is_sf_8x4_layout);
+  at::Tensor gs = checked_global_scale(global_scale, sf_use_ue8m0, s.m, x.device());
+  auto [xq, sf] = empty_quantize_outputs(x, s);
+  return FusedProblem{dtype, s, gs, xq, sf};
+}
+
+}  // namespace fp4op::fused

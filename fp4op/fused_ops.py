@@ -1,0 +1,241 @@
+"""Python side of the fused "norm/activation + FP4 quantize" ops of csrc/fused.cpp: fake (meta) kernels
+for tracing and torch.compile, and autograd registrations that make the ops explicitly
+non-differentiable.
+
+Each op returns ``(x_q, sf)`` exactly as ``torch.ops.fp4op.quantize`` of the norm/activation output
+computed in the input's dtype (float16/bfloat16) the way eager PyTorch computes it;
+``add_rms_norm_quantize`` also returns ``x + residual`` in the input dtype (the next residual).
+
+The eager forms reproduced (float32 opmath, ``round`` = rounding to the input dtype; the shared C++
+math is csrc/fused_math.h):
+
+* ``rms_norm_quantize``: ``r = rsqrt(mean(x^2) + eps)``; no weight: ``round(x * r)``;
+  ``weight_in_input_dtype=False``: ``round(x * r * (weight_offset + w))`` (F.rms_norm for
+  ``weight_offset=0``, Hugging Face Gemma for ``weight_offset=1``); ``weight_in_input_dtype=True``:
+  ``round(round(weight_offset + w) * round(x * r))`` (Hugging Face Llama). ``weight_offset`` only
+  applies with a weight. ``add_rms_norm_quantize`` normalizes ``round(x + residual)``.
+* ``layer_norm_quantize``: F.layer_norm, ``round(w * ((x - mean) * rstd) + b)``, biased variance.
+* ``silu_quantize`` / ``gelu_quantize``: ``round(act(x))``; ``*_and_mul_quantize``:
+  ``round(round(act(gate)) * up)`` (eager ``F.silu(gate) * up``), torch's silu/gelu formulas.
+
+As in eager PyTorch, the CUDA kernels use ``rsqrtf`` and FMA where torch's CUDA kernels do, the CPU
+kernels an IEEE ``1 / sqrt``; only reduction order differs from eager.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from . import _C  # noqa: F401  (loading the library registers the schemas and kernels)
+from . import layouts
+from .ops import _no_context, _not_differentiable, check_global_scale, check_recipe, quantize_shapes
+
+_MODEL_DTYPES = (torch.float16, torch.bfloat16)
+
+FUSED_OPS = (
+    "rms_norm_quantize",
+    "add_rms_norm_quantize",
+    "layer_norm_quantize",
+    "silu_and_mul_quantize",
+    "gelu_and_mul_quantize",
+    "silu_quantize",
+    "gelu_quantize",
+)
+
+
+def _check_model_dtype(t: torch.Tensor, name: str) -> None:
+    if t.dtype not in _MODEL_DTYPES:
+        raise NotImplementedError(
+            f"fp4op: {name} of a fused norm/activation + quantize op must be float16 or bfloat16 (the model "
+            f"dtype the norm/activation is computed in), got {t.dtype}; quantize other dtypes with fp4op.quantize"
+        )
+
+
+def _check_like(t: torch.Tensor, name: str, x: torch.Tensor, x_name: str) -> None:
+    if t.dtype != x.dtype:
+        raise ValueError(f"fp4op: {name} must have the dtype of {x_name} ({x.dtype}), got {t.dtype}")
+    if t.shape != x.shape:
+        raise ValueError(f"fp4op: {name} must have the shape of {x_name} {list(x.shape)}, got {list(t.shape)}")
+    if t.device != x.device:
+        raise ValueError(f"fp4op: {name} is on {t.device} but {x_name} is on {x.device}")
+
+
+def _check_affine(p: torch.Tensor | None, name: str, x: torch.Tensor) -> None:
+    if p is None:
+        return
+    k = x.shape[-1] if x.dim() >= 1 else 0
+    if p.dim() != 1 or p.shape[0] != k:
+        raise ValueError(f"fp4op: {name} must have shape [K] = [{k}], got {list(p.shape)}")
+    if p.dtype != x.dtype:
+        raise ValueError(f"fp4op: {name} must have the dtype of x ({x.dtype}), got {p.dtype}")
+    if p.device != x.device:
+        raise ValueError(f"fp4op: {name} is on {p.device} but x is on {x.device}")
+
+
+def _check_approximate(approximate: str) -> None:
+    if approximate not in ("none", "tanh"):
+        raise ValueError(f"fp4op: approximate must be 'none' or 'tanh', got {approximate!r}")
+
+
+def _fake_quantize_outputs(
+    x, name, global_scale, sf_vec_size, sf_use_ue8m0, is_sf_swizzled_layout, is_sf_8x4_layout
+):
+    """Checks of the quantize half (as the C++ prepare_fused) and the empty (x_q, sf)."""
+    check_recipe(sf_vec_size, sf_use_ue8m0)
+    _check_model_dtype(x, name)
+    if x.dim() < 1:
+        raise ValueError(f"fp4op: {name} must have at least 1 dimension, got a 0-d tensor")
+    k = x.shape[-1]
+    torch._check_value(
+        k % sf_vec_size == 0,
+        lambda: f"fp4op: the last dimension of {name} (K = {k}) must be a multiple of sf_vec_size = {sf_vec_size}",
+    )
+    check_global_scale(global_scale, sf_use_ue8m0, math.prod(x.shape[:-1]), x.device)
+    layout = layouts.layout_from_flags(is_sf_swizzled_layout, is_sf_8x4_layout)
+    xq_shape, sf_shape = quantize_shapes(x.shape, sf_vec_size, layout)
+    return x.new_empty(xq_shape, dtype=torch.uint8), x.new_empty(sf_shape, dtype=torch.uint8)
+
+
+@torch.library.register_fake("fp4op::rms_norm_quantize")
+def _rms_norm_quantize_fake(
+    x,
+    weight,
+    eps,
+    weight_offset=0.0,
+    weight_in_input_dtype=False,
+    global_scale=None,
+    sf_vec_size=16,
+    sf_use_ue8m0=False,
+    is_sf_swizzled_layout=True,
+    is_sf_8x4_layout=False,
+    is_global_scale_inversed=False,
+):
+    out = _fake_quantize_outputs(
+        x, "x", global_scale, sf_vec_size, sf_use_ue8m0, is_sf_swizzled_layout, is_sf_8x4_layout
+    )
+    _check_affine(weight, "weight", x)
+    return out
+
+
+@torch.library.register_fake("fp4op::add_rms_norm_quantize")
+def _add_rms_norm_quantize_fake(
+    x,
+    residual,
+    weight,
+    eps,
+    weight_offset=0.0,
+    weight_in_input_dtype=False,
+    global_scale=None,
+    sf_vec_size=16,
+    sf_use_ue8m0=False,
+    is_sf_swizzled_layout=True,
+    is_sf_8x4_layout=False,
+    is_global_scale_inversed=False,
+):
+    x_q, sf = _fake_quantize_outputs(
+        x, "x", global_scale, sf_vec_size, sf_use_ue8m0, is_sf_swizzled_layout, is_sf_8x4_layout
+    )
+    _check_like(residual, "residual", x, "x")
+    _check_affine(weight, "weight", x)
+    return x_q, sf, torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake("fp4op::layer_norm_quantize")
+def _layer_norm_quantize_fake(
+    x,
+    weight,
+    bias,
+    eps,
+    global_scale=None,
+    sf_vec_size=16,
+    sf_use_ue8m0=False,
+    is_sf_swizzled_layout=True,
+    is_sf_8x4_layout=False,
+    is_global_scale_inversed=False,
+):
+    out = _fake_quantize_outputs(
+        x, "x", global_scale, sf_vec_size, sf_use_ue8m0, is_sf_swizzled_layout, is_sf_8x4_layout
+    )
+    _check_affine(weight, "weight", x)
+    _check_affine(bias, "bias", x)
+    return out
+
+
+def _gated_fake(gate, up, global_scale, sf_vec_size, sf_use_ue8m0, is_sf_swizzled_layout, is_sf_8x4_layout):
+    out = _fake_quantize_outputs(
+        gate, "gate", global_scale, sf_vec_size, sf_use_ue8m0, is_sf_swizzled_layout, is_sf_8x4_layout
+    )
+    _check_like(up, "up", gate, "gate")
+    return out
+
+
+@torch.library.register_fake("fp4op::silu_and_mul_quantize")
+def _silu_and_mul_quantize_fake(
+    gate,
+    up,
+    global_scale=None,
+    sf_vec_size=16,
+    sf_use_ue8m0=False,
+    is_sf_swizzled_layout=True,
+    is_sf_8x4_layout=False,
+    is_global_scale_inversed=False,
+):
+    return _gated_fake(gate, up, global_scale, sf_vec_size, sf_use_ue8m0, is_sf_swizzled_layout, is_sf_8x4_layout)
+
+
+@torch.library.register_fake("fp4op::gelu_and_mul_quantize")
+def _gelu_and_mul_quantize_fake(
+    gate,
+    up,
+    approximate="none",
+    global_scale=None,
+    sf_vec_size=16,
+    sf_use_ue8m0=False,
+    is_sf_swizzled_layout=True,
+    is_sf_8x4_layout=False,
+    is_global_scale_inversed=False,
+):
+    out = _gated_fake(gate, up, global_scale, sf_vec_size, sf_use_ue8m0, is_sf_swizzled_layout, is_sf_8x4_layout)
+    _check_approximate(approximate)
+    return out
+
+
+@torch.library.register_fake("fp4op::silu_quantize")
+def _silu_quantize_fake(
+    x,
+    global_scale=None,
+    sf_vec_size=16,
+    sf_use_ue8m0=False,
+    is_sf_swizzled_layout=True,
+    is_sf_8x4_layout=False,
+    is_global_scale_inversed=False,
+):
+    return _fake_quantize_outputs(
+        x, "x", global_scale, sf_vec_size, sf_use_ue8m0, is_sf_swizzled_layout, is_sf_8x4_layout
+    )
+
+
+@torch.library.register_fake("fp4op::gelu_quantize")
+def _gelu_quantize_fake(
+    x,
+    approximate="none",
+    global_scale=None,
+    sf_vec_size=16,
+    sf_use_ue8m0=False,
+    is_sf_swizzled_layout=True,
+    is_sf_8x4_layout=False,
+    is_global_scale_inversed=False,
+):
+    out = _fake_quantize_outputs(
+        x, "x", global_scale, sf_vec_size, sf_use_ue8m0, is_sf_swizzled_layout, is_sf_8x4_layout
+    )
+    _check_approximate(approximate)
+    return out
+
+
+# The quantized outputs are integer tensors; the residual sum of add_rms_norm_quantize is a by-product
+# for inference graphs. None of them carries a useful gradient.
+for _name in FUSED_OPS:
+    torch.library.register_autograd(f"fp4op::{_name}", _not_differentiable(_name), setup_context=_no_context)

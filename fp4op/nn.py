@@ -1,0 +1,302 @@
+"""FP4 linear layers: `FP4Linear` and `convert` (swap a model's nn.Linear layers).
+
+Weights are quantized once, at conversion, and stored as buffers (codes, 128x4-swizzled scale
+factors, and for NVFP4 the per-tensor global scale). Activations are quantized on every call with
+``torch.ops.fp4op.quantize``, so under ``torch.compile`` with ``fp4op.fusion`` enabled the quantize
+fuses with the norm or activation that produces the layer's input.
+
+Activation global scale (NVFP4 only; MXFP4 has none):
+
+* ``"static"`` (default): one calibrated per-tensor scale, ``448 * 6 / amax``, with amax recorded
+  over sample batches inside ``with fp4op.nn.calibrate(model): model(batch)`` (or set with
+  `FP4Linear.set_input_amax`, e.g. from a checkpoint, as vLLM does). The quantize input then has no
+  other user, so the norm/activation -> quantize chain fuses. Until a layer is calibrated it uses the
+  dynamic scale below (correct, but that chain is not fused).
+* ``"dynamic"``: ``448 * 6 / amax(x)`` computed from every input. The amax is a second user of the
+  quantize input, so a norm/activation producing it is not fused with the quantize (its output must be
+  materialized for the amax anyway).
+
+Matmul:
+
+* ``"scaled_mm"``: ``torch._scaled_mm`` on the FP4 operands and their swizzled scales (GPUs of compute
+  capability 10.0 and up), the global scales applied to the output;
+* ``"emulated"``: dequantize both operands to the input dtype (``fp4op.dequantize``) and
+  ``F.linear`` -- the same products up to the rounding of the dequantized values to the model dtype;
+* ``"auto"`` (default): scaled_mm where the device supports it and the shapes fit its rules
+  (in_features % 32 == 0, out_features % 16 == 0), emulated elsewhere.
+
+FP4Linear is an inference layer: quantization has no gradient.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+from typing import Iterable, Iterator
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import api, layouts
+
+RECIPES = {"nvfp4": (16, False), "mxfp4": (32, True)}
+ACTIVATION_SCALES = ("static", "dynamic")
+MATMULS = ("auto", "scaled_mm", "emulated")
+_FP4_MAX_TIMES_E4M3_MAX = 448.0 * 6.0
+_MODEL_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def _check_choice(name: str, value: str, choices) -> None:
+    if value not in choices:
+        raise ValueError(f"fp4op.nn: {name} must be one of {tuple(choices)}, got {value!r}")
+
+
+def scaled_mm_supported(device: torch.device) -> bool:
+    """torch._scaled_mm takes FP4 operands with block scales on CUDA GPUs of capability 10.0+."""
+    return (
+        device.type == "cuda"
+        and hasattr(torch, "float4_e2m1fn_x2")
+        and torch.cuda.get_device_capability(device) >= (10, 0)
+    )
+
+
+class FP4Linear(nn.Module):
+    """y = x @ W^T + b with W stored in FP4 (NVFP4 or MXFP4) and x quantized per call.
+
+    Build it from an nn.Linear with `FP4Linear.from_linear` (or `convert` a whole model). Inputs are
+    float16/bfloat16 ``[..., in_features]``; the output has the input's dtype.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        recipe: str = "nvfp4",
+        activation_scale: str = "static",
+        matmul: str = "auto",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.bfloat16,
+    ):
+        super().__init__()
+        _check_choice("recipe", recipe, RECIPES)
+        _check_choice("activation_scale", activation_scale, ACTIVATION_SCALES)
+        _check_choice("matmul", matmul, MATMULS)
+        if dtype not in _MODEL_DTYPES:
+            raise ValueError(f"fp4op.nn: dtype must be float16 or bfloat16, got {dtype}")
+        self.sf_vec_size, self.sf_use_ue8m0 = RECIPES[recipe]
+        if in_features % self.sf_vec_size:
+            raise ValueError(
+                f"fp4op.nn: in_features ({in_features}) must be a multiple of the {recipe} block size "
+                f"{self.sf_vec_size}"
+            )
+        self.in_features, self.out_features = in_features, out_features
+        self.recipe, self.activation_scale, self.matmul = recipe, activation_scale, matmul
+        self.dtype = dtype
+        sf_shape = layouts.sf_shape(out_features, in_features // self.sf_vec_size, layouts.SWIZZLED_128x4)
+        self.register_buffer("weight_q", torch.zeros(out_features, in_features // 2, dtype=torch.uint8, device=device))
+        self.register_buffer("weight_sf", torch.zeros(sf_shape, dtype=torch.uint8, device=device))
+        gs = None if self.sf_use_ue8m0 else torch.ones(1, dtype=torch.float32, device=device)
+        self.register_buffer("weight_global_scale", gs)
+        # static activation scale: 0 means "not calibrated yet"
+        static = None if self.sf_use_ue8m0 or activation_scale != "static" else torch.zeros(1, device=device)
+        self.register_buffer("input_global_scale", static)
+        self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device) if bias else None)
+        self._calibrated = False
+        self._calibrating = False
+        self._observed_amax: torch.Tensor | None = None
+        self._observed_inputs: list[tuple] = []
+
+    # ---- construction ------------------------------------------------------------------------------
+
+    @classmethod
+    def from_linear(
+        cls,
+        linear: nn.Linear,
+        recipe: str = "nvfp4",
+        activation_scale: str = "static",
+        matmul: str = "auto",
+        dtype: torch.dtype | None = None,
+    ) -> "FP4Linear":
+        """Quantize `linear`'s weight (in `dtype`, default the weight's dtype, float32 weights become
+        bfloat16) and copy its bias."""
+        w = linear.weight.detach()
+        dtype = dtype or (w.dtype if w.dtype in _MODEL_DTYPES else torch.bfloat16)
+        layer = cls(
+            linear.in_features, linear.out_features, linear.bias is not None, recipe, activation_scale, matmul,
+            device=w.device, dtype=dtype,
+        )
+        layer.set_weight(w.to(dtype))
+        if linear.bias is not None:
+            layer.bias.copy_(linear.bias.detach().to(dtype))
+        return layer
+
+    @torch.no_grad()
+    def set_weight(self, weight: torch.Tensor) -> None:
+        """Quantize `weight` [out_features, in_features] into the buffers (NVFP4: per-tensor global scale
+        448 * 6 / amax(weight))."""
+        if tuple(weight.shape) != (self.out_features, self.in_features):
+            raise ValueError(f"fp4op.nn: weight must have shape {(self.out_features, self.in_features)}, got {tuple(weight.shape)}")
+        weight = weight.to(self.weight_q.device, self.dtype).contiguous()
+        gs = None if self.sf_use_ue8m0 else api.nvfp4_global_scale(weight)
+        w_q, w_sf = torch.ops.fp4op.quantize(weight, gs, self.sf_vec_size, self.sf_use_ue8m0)
+        self.weight_q.copy_(w_q)
+        self.weight_sf.copy_(w_sf)
+        if gs is not None:
+            self.weight_global_scale.copy_(gs)
+
+    @torch.no_grad()
+    def set_input_amax(self, amax: torch.Tensor | float) -> None:
+        """Fix the static activation scale to 448 * 6 / amax (NVFP4, activation_scale='static')."""
+        if self.input_global_scale is None:
+            raise ValueError("fp4op.nn: set_input_amax needs recipe='nvfp4' and activation_scale='static'")
+        amax = torch.as_tensor(amax, dtype=torch.float32, device=self.input_global_scale.device).reshape(1)
+        self.input_global_scale.copy_(_FP4_MAX_TIMES_E4M3_MAX / amax)
+        self._calibrated = True
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if self.input_global_scale is not None and prefix + "input_global_scale" in state_dict:
+            self._calibrated = bool(self.input_global_scale.item() > 0)
+
+    # ---- forward -----------------------------------------------------------------------------------
+
+    def _input_global_scale(self, x: torch.Tensor) -> torch.Tensor | None:
+        if self.sf_use_ue8m0:
+            return None
+        if self._calibrating:
+            # which tensor this call read (it is alive while its sibling layers read it too)
+            self._observed_inputs.append((x.data_ptr(), tuple(x.shape), tuple(x.stride()), x.dtype, x._version))
+            amax = x.detach().abs().amax().to(torch.float32).reshape(1)
+            self._observed_amax = amax if self._observed_amax is None else torch.maximum(self._observed_amax, amax)
+        if self.activation_scale == "static" and self._calibrated:
+            return self.input_global_scale
+        return api.nvfp4_global_scale(x)
+
+    def _use_scaled_mm(self, x: torch.Tensor) -> bool:
+        if self.matmul == "emulated":
+            return False
+        if self.matmul == "scaled_mm":
+            return True
+        # torch._scaled_mm's FP4 shape rules: the packed K and N divisible by 16
+        return scaled_mm_supported(x.device) and self.in_features % 32 == 0 and self.out_features % 16 == 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"fp4op.nn.FP4Linear: expected input [..., {self.in_features}], got {tuple(x.shape)}")
+        gs = self._input_global_scale(x)
+        # quantize at the input's rank (no reshape between the producer and the quantize: the fusion
+        # rules see the norm/activation output directly)
+        x_q, x_sf = torch.ops.fp4op.quantize(x, gs, self.sf_vec_size, self.sf_use_ue8m0)
+        x_q = x_q.reshape(-1, self.in_features // 2)
+        if self._use_scaled_mm(x):
+            out = self._scaled_mm(x_q, x_sf, gs, x.dtype)
+        else:
+            out = self._emulated_mm(x_q, x_sf, gs, x.dtype)
+        return out.reshape(*x.shape[:-1], self.out_features)
+
+    def _dequantize(self, q: torch.Tensor, sf: torch.Tensor, gs: torch.Tensor | None, dtype: torch.dtype):
+        return torch.ops.fp4op.dequantize(
+            q, sf, gs, self.sf_vec_size, self.sf_use_ue8m0, True, False, False, dtype
+        )
+
+    def _emulated_mm(self, x_q, x_sf, gs, dtype):
+        x = self._dequantize(x_q, x_sf, gs, dtype)
+        w = self._dequantize(self.weight_q, self.weight_sf, self.weight_global_scale, dtype)
+        return F.linear(x, w, self.bias)
+
+    def _scaled_mm(self, x_q, x_sf, gs, dtype):
+        scale_dtype = torch.float8_e8m0fnu if self.sf_use_ue8m0 else torch.float8_e4m3fn
+        out = torch._scaled_mm(
+            x_q.view(torch.float4_e2m1fn_x2),
+            self.weight_q.view(torch.float4_e2m1fn_x2).t(),
+            x_sf.flatten().view(scale_dtype),
+            self.weight_sf.flatten().view(scale_dtype),
+            out_dtype=dtype,
+        )
+        if gs is not None:
+            # the block scales hold amax / 6 * S; undo both global scales
+            out = out * torch.reciprocal(gs * self.weight_global_scale).to(dtype)
+        return out if self.bias is None else out + self.bias
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"recipe={self.recipe}, activation_scale={self.activation_scale}, matmul={self.matmul}, dtype={self.dtype}"
+        )
+
+
+def _excluded(name: str, exclude: Iterable[str]) -> bool:
+    return any(name == pattern or fnmatch.fnmatchcase(name, pattern) for pattern in exclude)
+
+
+def convert(
+    model: nn.Module,
+    recipe: str = "nvfp4",
+    exclude: Iterable[str] = (),
+    activation_scale: str = "static",
+    matmul: str = "auto",
+    dtype: torch.dtype | None = None,
+) -> nn.Module:
+    """Replace, in place, every nn.Linear of `model` by an FP4Linear; returns `model`.
+
+    Skipped: layers whose in_features is not a multiple of the recipe's block (16 for NVFP4, 32 for
+    MXFP4), and layers whose qualified name (as in ``model.named_modules()``) matches an entry of
+    `exclude` exactly or as an fnmatch pattern (e.g. ``"lm_head"``, ``"*.gate"``).
+    """
+    _check_choice("recipe", recipe, RECIPES)
+    exclude = tuple(exclude)
+    block = RECIPES[recipe][0]
+    targets = [
+        (name, module)
+        for name, module in model.named_modules()
+        if type(module) is nn.Linear and module.in_features % block == 0 and not _excluded(name, exclude)
+    ]
+    for name, linear in targets:
+        if not name:
+            raise ValueError("fp4op.nn.convert: the model itself is an nn.Linear; use FP4Linear.from_linear")
+        layer = FP4Linear.from_linear(linear, recipe, activation_scale, matmul, dtype)
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, layer)
+    return model
+
+
+@contextlib.contextmanager
+def calibrate(model: nn.Module, tie_siblings: bool = True) -> Iterator[None]:
+    """Record the input amax of every static-scale NVFP4 FP4Linear of `model` over the forward calls
+    inside the block (run them eagerly, on representative batches); on exit each layer's static
+    activation scale becomes 448 * 6 / amax.
+
+    With `tie_siblings`, layers that read the very same input tensor in every call (q/k/v projections
+    of one norm output, gate/up projections) get one shared scale tensor: their quantizes of that input
+    are then identical, Inductor's fusion pass merges them into one, and the norm before them fuses.
+    """
+    layers = [m for m in model.modules() if isinstance(m, FP4Linear) and m.input_global_scale is not None]
+    for layer in layers:
+        layer._calibrating = True
+        layer._observed_amax = None
+        layer._observed_inputs = []
+    try:
+        yield
+    finally:
+        groups: dict[tuple, list[FP4Linear]] = {}
+        for layer in layers:
+            layer._calibrating = False
+            if layer._observed_amax is None:
+                continue
+            key = tuple(layer._observed_inputs) if tie_siblings else (id(layer),)
+            groups.setdefault(key, []).append(layer)
+        for siblings in groups.values():
+            amax = torch.stack([layer._observed_amax for layer in siblings]).amax(dim=0)
+            shared = siblings[0].input_global_scale
+            for layer in siblings:
+                layer.input_global_scale = shared  # the same tensor object (a buffer of each layer)
+                layer.set_input_amax(amax)
+        for layer in layers:
+            layer._observed_amax = None
+            layer._observed_inputs = []
+
+
+__all__ = ["FP4Linear", "convert", "calibrate", "scaled_mm_supported", "RECIPES"]

@@ -1,0 +1,81 @@
+"""Activation -> quantize rules.
+
+* gated: ``F.silu(gate) * up`` and ``F.gelu(gate, approximate=...) * up`` (also ``up * act(gate)``);
+  gate and up may come from anything (two projections, chunk, split, slicing of one projection) ->
+  fp4op.silu_and_mul_quantize / fp4op.gelu_and_mul_quantize;
+* plain: ``F.silu(x)`` / ``nn.SiLU``, ``F.gelu(x, approximate=...)`` / ``nn.GELU`` ->
+  fp4op.silu_quantize / fp4op.gelu_quantize.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch._inductor import pattern_matcher as pm
+
+from .pass_manager import FusionPattern, QuantizeArgs, same_model_dtype, same_shape, tensor_meta
+
+ACTIVATIONS = ("silu", "gelu", "gelu_tanh")
+
+
+def _activation(kind: str, x: torch.Tensor) -> torch.Tensor:
+    if kind == "silu":
+        return F.silu(x)
+    return F.gelu(x, approximate="tanh" if kind == "gelu_tanh" else "none")
+
+
+def _approximate(kind: str) -> str:
+    return "tanh" if kind == "gelu_tanh" else "none"
+
+
+class ActivationAndMulQuantize(FusionPattern):
+    """act(gate) * up (or up * act(gate) with `up_first`)."""
+
+    def __init__(self, kind: str, up_first: bool):
+        self.kind = kind
+        self.up_first = up_first
+        fused = "silu_and_mul_quantize" if kind == "silu" else "gelu_and_mul_quantize"
+        self.name = f"{fused}[{kind}{',up*act' if up_first else ''}]"
+
+    def tensor_inputs(self, dtype, device):
+        return {n: torch.empty(8, 32, dtype=dtype, device=device) for n in ("gate", "up")}
+
+    def pattern(self, gate, up, global_scale=None):
+        a = _activation(self.kind, gate)
+        return up * a if self.up_first else a * up
+
+    def replacement(self, q: QuantizeArgs, gate, up, global_scale=None):
+        if self.kind == "silu":
+            return torch.ops.fp4op.silu_and_mul_quantize(gate, up, *q.tail(global_scale))
+        return torch.ops.fp4op.gelu_and_mul_quantize(gate, up, _approximate(self.kind), *q.tail(global_scale))
+
+    def check(self, match: pm.Match) -> bool:
+        # same dtype and the same shape: a broadcasting multiply is not what the kernel computes
+        return same_model_dtype(match, ["gate", "up"]) and same_shape(tensor_meta(match, "gate"), tensor_meta(match, "up"))
+
+
+class ActivationQuantize(FusionPattern):
+    def __init__(self, kind: str):
+        self.kind = kind
+        fused = "silu_quantize" if kind == "silu" else "gelu_quantize"
+        self.name = f"{fused}[{kind}]"
+
+    def tensor_inputs(self, dtype, device):
+        return {"x": torch.empty(8, 32, dtype=dtype, device=device)}
+
+    def pattern(self, x, global_scale=None):
+        return _activation(self.kind, x)
+
+    def replacement(self, q: QuantizeArgs, x, global_scale=None):
+        if self.kind == "silu":
+            return torch.ops.fp4op.silu_quantize(x, *q.tail(global_scale))
+        return torch.ops.fp4op.gelu_quantize(x, _approximate(self.kind), *q.tail(global_scale))
+
+    def check(self, match: pm.Match) -> bool:
+        return same_model_dtype(match, ["x"])
+
+
+def rules() -> list[FusionPattern]:
+    """Gated rules first (they anchor at the same quantize as a plain rule would)."""
+    gated = [ActivationAndMulQuantize(k, up_first) for k in ACTIVATIONS for up_first in (False, True)]
+    return [*gated, *(ActivationQuantize(k) for k in ACTIVATIONS)]

@@ -1,0 +1,414 @@
+"""The fusion pass: an Inductor post-grad custom pass that rewrites "norm/activation -> fp4op.quantize"
+chains into the fused fp4op ops, with torch._inductor.pattern_matcher rules.
+
+How it works:
+
+* Each rule is a `FusionPattern` (fusion/rms_norm.py, layer_norm.py, activation.py): a `pattern`
+  function written the way models write the computation, followed by ``fp4op.quantize``, and a
+  `replacement` that calls the fused op. Both are traced the way Inductor traces its own rules
+  (`fwd_only`: functionalized and decomposed), so the pattern looks like the post-grad graph.
+* The quantize arguments (recipe, layout, inversed global scale, global scale or None) are baked into a
+  traced pattern. Rather than tracing every combination up front, the pass registers the rules for a
+  (quantize arguments, device type) pair the first time a graph with such a quantize reaches it; each
+  pair is registered once per pass object.
+* Scalars the rules capture (eps) are pattern parameters through `scalar_workaround`, so any value
+  matches. The placeholder values are float32-exact (F.rms_norm's decomposition rounds eps to float32 on
+  CPU; an exact placeholder survives that rounding and is recognized).
+* Matches are counted per rule (`FusionPass.counts`, `fp4op.fusion.match_counts()`) and logged on the
+  "fp4op.fusion" logger; the ops of each graph before and after the pass are kept (`FusionPass.records`).
+* The pass is a CustomGraphPass with a uuid hashed from these sources, so Inductor's FX graph cache keys
+  on it. On a cache hit Inductor does not run post-grad passes (the cached code is already fused), so the
+  counters only move when a graph is actually compiled.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import glob
+import inspect
+import logging
+import operator
+import os
+from typing import Any, Callable, Sequence
+
+import torch
+from torch._dynamo.utils import counters
+from torch._inductor import pattern_matcher as pm
+from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
+
+log = logging.getLogger("fp4op.fusion")
+
+QUANTIZE = torch.ops.fp4op.quantize.default
+# the quantize arguments after `input`, with their schema defaults (None: no default)
+_QUANTIZE_ARGS = (
+    ("global_scale", None),
+    ("sf_vec_size", 16),
+    ("sf_use_ue8m0", False),
+    ("is_sf_swizzled_layout", True),
+    ("is_sf_8x4_layout", False),
+    ("is_global_scale_inversed", False),
+)
+_MODEL_DTYPES = (torch.float16, torch.bfloat16)
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantizeArgs:
+    """The non-tensor arguments of one fp4op.quantize call, and whether it has a global scale."""
+
+    sf_vec_size: int = 16
+    sf_use_ue8m0: bool = False
+    is_sf_swizzled_layout: bool = True
+    is_sf_8x4_layout: bool = False
+    is_global_scale_inversed: bool = False
+    has_global_scale: bool = True
+
+    @property
+    def flags(self) -> tuple:
+        return (
+            self.sf_vec_size,
+            self.sf_use_ue8m0,
+            self.is_sf_swizzled_layout,
+            self.is_sf_8x4_layout,
+            self.is_global_scale_inversed,
+        )
+
+    def quantize(self, x: torch.Tensor, global_scale: torch.Tensor | None):
+        """fp4op.quantize with these arguments (what the patterns are traced with)."""
+        return torch.ops.fp4op.quantize(x, global_scale, *self.flags)
+
+    def tail(self, global_scale: torch.Tensor | None) -> tuple:
+        """The trailing `Q` arguments of every fused op."""
+        return (global_scale, *self.flags)
+
+    def label(self) -> str:
+        recipe = "mxfp4" if self.sf_use_ue8m0 else "nvfp4" if self.sf_vec_size == 16 else f"vec{self.sf_vec_size}"
+        layout = "linear" if not self.is_sf_swizzled_layout else "8x4" if self.is_sf_8x4_layout else "128x4"
+        gs = ("inv-gs" if self.is_global_scale_inversed else "gs") if self.has_global_scale else "no-gs"
+        return f"{recipe}/{layout}/{gs}"
+
+
+def _quantize_arg_values(node: torch.fx.Node) -> list:
+    """All arguments of a quantize node after `input`, positional, defaults filled in."""
+    values = list(node.args[1:])
+    for name, default in _QUANTIZE_ARGS[len(values):]:
+        values.append(node.kwargs.get(name, default))
+    return values
+
+
+def canonicalize_quantize(graph: torch.fx.Graph) -> list[torch.fx.Node]:
+    """Rewrite every fp4op.quantize node into the form make_fx records (positional arguments, trailing
+    defaults dropped), which is what the traced patterns contain; returns the quantize nodes."""
+    nodes = list(graph.find_nodes(op="call_function", target=QUANTIZE))
+    for node in nodes:
+        values = _quantize_arg_values(node)
+        while len(values) > 1 and values[-1] == _QUANTIZE_ARGS[len(values) - 1][1] and type(values[-1]) is type(
+            _QUANTIZE_ARGS[len(values) - 1][1]
+        ):
+            values.pop()
+        node.args = (node.args[0], *values)
+        node.kwargs = {}
+    return nodes
+
+
+def merge_duplicate_quantizes(graph: torch.fx.Graph, quantizes: list[torch.fx.Node]) -> list[torch.fx.Node]:
+    """Merge quantize calls with identical arguments (same input node, same global-scale node, same
+    flags) into one: the op is pure, and a norm/activation output read by several layers (q/k/v or
+    gate/up projections) otherwise has several users and cannot fuse. Returns the remaining nodes."""
+    first: dict[tuple, torch.fx.Node] = {}
+    kept = []
+    for node in quantizes:
+        key = node.args  # canonical: positional only
+        if key in first:
+            _move_getitems(node, first[key])
+            graph.erase_node(node)
+        else:
+            first[key] = node
+            kept.append(node)
+    return kept
+
+
+def _move_getitems(source: torch.fx.Node, target: torch.fx.Node) -> None:
+    """Point the users of source's outputs at target's (one getitem per output index)."""
+    by_index = {u.args[1]: u for u in target.users if u.target is operator.getitem}
+    for user in list(source.users):
+        index = user.args[1] if user.target is operator.getitem else None
+        if index in by_index:
+            user.replace_all_uses_with(by_index[index])
+            user.graph.erase_node(user)
+        else:
+            user.replace_input_with(source, target)
+            if index is not None:
+                by_index[index] = user
+
+
+def quantize_args_of(node: torch.fx.Node) -> QuantizeArgs | None:
+    """The QuantizeArgs of a quantize node, or None if an argument is not a constant."""
+    gs, *flags = _quantize_arg_values(node)
+    if not all(isinstance(f, (bool, int)) for f in flags):
+        return None
+    return QuantizeArgs(*flags, has_global_scale=gs is not None)
+
+
+def tensor_meta(match: pm.Match, name: str) -> torch.Tensor | None:
+    """The fake tensor bound to pattern argument `name` in a match (None if absent or not a tensor)."""
+    node = match.kwargs.get(name)
+    if not isinstance(node, torch.fx.Node):
+        return None
+    value = node.meta.get("val")
+    return value if isinstance(value, torch.Tensor) else None
+
+
+def same_model_dtype(match: pm.Match, names: Sequence[str]) -> bool:
+    """All tensors bound to `names` exist and share one dtype the fused kernels compute (fp16/bf16)."""
+    metas = [tensor_meta(match, n) for n in names]
+    if any(m is None for m in metas):
+        return False
+    dtypes = {m.dtype for m in metas}
+    return len(dtypes) == 1 and dtypes.pop() in _MODEL_DTYPES
+
+
+def same_shape(a: torch.Tensor, b: torch.Tensor | Sequence) -> bool:
+    """Shapes equal for every value of their symbols (no guard is added)."""
+    from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+    sa, sb = tuple(a.shape), tuple(b.shape if isinstance(b, torch.Tensor) else b)
+    return len(sa) == len(sb) and all(statically_known_true(x == y) for x, y in zip(sa, sb))
+
+
+def make_function(names: Sequence[str], body: Callable[..., Any]) -> Callable[..., Any]:
+    """A function of positional parameters `names` that calls body(**named arguments):
+    register_replacement reads the parameter names from the signature."""
+
+    def function(*args):
+        return body(**dict(zip(names, args)))
+
+    function.__signature__ = inspect.Signature(
+        [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD) for n in names]
+    )
+    function.__name__ = body.__name__
+    return function
+
+
+def trace_functional(fn: Callable[..., Any], args: Sequence[Any], **kwargs: Any) -> torch.fx.GraphModule:
+    """Trace `fn` into the form of a post-grad graph: Inductor's `fwd_only` (decomposed), then
+    functionalized. Post-grad graphs are functional, while some decompositions mutate (F.rms_norm's
+    adds eps in place), and functionalizing `fn` before decomposing does not reach those mutations."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    decomposed = pm.fwd_only(fn, args, **kwargs)
+    gm = make_fx(torch.func.functionalize(decomposed, remove="mutations"), tracing_mode="real")(*args)
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
+    return gm
+
+
+class FusionPattern:
+    """One rewrite rule: `pattern(**inputs)` followed by fp4op.quantize becomes `replacement(**inputs)`.
+
+    Subclasses set `name` (the counter key), list their tensor inputs and scalar parameters, and
+    implement `pattern`, `replacement` and, where needed, `check` (dtype/shape conditions on the match).
+    `pattern` returns the tensor that is quantized, or a tuple (that tensor, extra outputs...) for
+    values the fused op also returns (the residual sum); `replacement` returns the fused op's outputs.
+    """
+
+    name: str = ""
+    # scalar parameters and their float32-exact placeholder values (distinct from each other)
+    scalars: dict[str, float] = {}
+
+    def tensor_inputs(self, dtype: torch.dtype, device: str) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def pattern(self, **kw) -> Any:
+        raise NotImplementedError
+
+    def replacement(self, q: QuantizeArgs, **kw) -> Any:
+        raise NotImplementedError
+
+    def check(self, match: pm.Match) -> bool:
+        return True
+
+    def search(self, q: QuantizeArgs, **kw):
+        """The traced search function: `pattern` followed by the quantize."""
+        out = self.pattern(**kw)
+        if isinstance(out, tuple):
+            x_q, sf = q.quantize(out[0], kw.get("global_scale"))
+            return (x_q, sf, *out[1:])
+        return q.quantize(out, kw.get("global_scale"))
+
+    def register(self, pass_: "FusionPass", q: QuantizeArgs, device: str) -> None:
+        inputs = self.tensor_inputs(torch.bfloat16, device)
+        if q.has_global_scale:
+            inputs["global_scale"] = torch.ones(1, dtype=torch.float32, device=device)
+        names = [*inputs, *self.scalars]
+        gs_free = {} if q.has_global_scale else {"global_scale": None}
+
+        def search(**kw):
+            return self.search(q, **kw, **gs_free)
+
+        def replace(**kw):
+            return self.replacement(q, **kw, **gs_free)
+
+        search.__name__ = f"{type(self).__name__}_pattern"
+        replace.__name__ = f"{type(self).__name__}_replacement"
+
+        def extra_check(match: pm.Match) -> bool:
+            if not self.check(match):
+                return False
+            pass_.note_match(self.name)
+            return True
+
+        pm.register_replacement(
+            make_function(names, search),
+            make_function(names, replace),
+            list(inputs.values()),
+            trace_functional,
+            pass_.patterns,
+            extra_check=extra_check,
+            scalar_workaround=dict(self.scalars),
+            skip_duplicates=True,
+        )
+
+
+@dataclasses.dataclass
+class GraphRecord:
+    """What the pass saw in one graph: op counts before and after, and the matches per rule."""
+
+    before: collections.Counter
+    after: collections.Counter
+    matches: collections.Counter
+
+
+def op_counts(graph: torch.fx.Graph) -> collections.Counter:
+    """Counts of call_function targets in a graph, keyed by their names (e.g. 'fp4op.quantize.default')."""
+    counts = collections.Counter()
+    for node in graph.nodes:
+        if node.op == "call_function" and node.target is not operator.getitem:
+            counts[_target_name(node.target)] += 1
+    return counts
+
+
+def _target_name(target) -> str:
+    if isinstance(target, torch._ops.OpOverload):
+        return f"{target.namespace}.{target._opname}.{target._overloadname}"
+    return getattr(target, "__name__", str(target))
+
+
+def _source_files() -> tuple[str, ...]:
+    here = os.path.dirname(os.path.abspath(__file__))
+    return tuple(sorted(glob.glob(os.path.join(here, "*.py"))))
+
+
+class FusionPass(CustomGraphPass):
+    """The fp4op fusion pass (a post-grad custom pass). One instance serves any number of compiles."""
+
+    # marks instances of this class across module reloads (composition checks use it, not isinstance)
+    fp4op_fusion_pass = True
+
+    def __init__(self, rules: Sequence[FusionPattern] | None = None, keep_records: int = 64):
+        self.patterns = pm.PatternMatcherPass(pass_name="fp4op_fusion")
+        self._rules = list(rules) if rules is not None else None
+        self._registered: set[tuple[QuantizeArgs, str]] = set()
+        self.counts: collections.Counter = collections.Counter()
+        self.records: collections.deque[GraphRecord] = collections.deque(maxlen=keep_records)
+        self._current: collections.Counter | None = None
+
+    @property
+    def rules(self) -> list[FusionPattern]:
+        if self._rules is None:
+            from . import all_rules
+
+            self._rules = all_rules()
+        return self._rules
+
+    def note_match(self, rule_name: str) -> None:
+        self.counts[rule_name] += 1
+        counters["fp4op_fusion"][rule_name] += 1  # next to Inductor's own pattern counters
+        if self._current is not None:
+            self._current[rule_name] += 1
+
+    def reset(self) -> None:
+        """Forget the counters and records (the registered rules stay)."""
+        self.counts.clear()
+        self.records.clear()
+
+    def _ensure_registered(self, q: QuantizeArgs, device: str) -> None:
+        key = (q, device)
+        if key in self._registered:
+            return
+        self._registered.add(key)
+        for rule in self.rules:
+            rule.register(self, q, device)
+        log.debug("fp4op.fusion: registered %d rules for %s on %s", len(self.rules), q.label(), device)
+
+    def __call__(self, graph: torch.fx.Graph) -> None:
+        before = op_counts(graph)
+        quantizes = merge_duplicate_quantizes(graph, canonicalize_quantize(graph))
+        matches: collections.Counter = collections.Counter()
+        if quantizes:
+            for node in quantizes:
+                q = quantize_args_of(node)
+                val = node.args[0].meta.get("val") if isinstance(node.args[0], torch.fx.Node) else None
+                if q is None or not isinstance(val, torch.Tensor):
+                    continue
+                self._ensure_registered(q, val.device.type)
+            self._current = matches
+            try:
+                self.patterns.apply(graph)
+            finally:
+                self._current = None
+            if matches:
+                graph.eliminate_dead_code()
+                log.info("fp4op.fusion: %d fusions: %s", sum(matches.values()), dict(matches))
+        self.records.append(GraphRecord(before, op_counts(graph), matches))
+
+    def uuid(self) -> bytes:
+        return get_hash_for_files(_source_files(), extra=f"fp4op-fusion torch={torch.__version__}")
+
+
+def is_fusion_pass(p: Any) -> bool:
+    return bool(getattr(p, "fp4op_fusion_pass", False))
+
+
+class ComposedPass(CustomGraphPass):
+    """Runs several post-grad passes in order, as one pass object (torch 2.11 takes a single pass in
+    post_grad_custom_post_pass; newer versions also take a list). Its uuid combines the members' uuids;
+    a member without one (a plain function) makes it None, which tells Inductor not to cache."""
+
+    # marks instances across module reloads
+    fp4op_composed_pass = True
+
+    def __init__(self, passes: Sequence[Callable[[torch.fx.Graph], None]]):
+        self.passes = tuple(passes)
+
+    def __call__(self, graph: torch.fx.Graph) -> None:
+        for p in self.passes:
+            p(graph)
+
+    def uuid(self) -> Any:
+        uuids = []
+        for p in self.passes:
+            u = p.uuid() if isinstance(p, CustomGraphPass) else None
+            if u is None:
+                return None
+            uuids.append(u)
+        return ("fp4op.ComposedPass", *uuids)
+
+
+def _flatten(existing: Any) -> list:
+    if existing is None:
+        return []
+    if isinstance(existing, (list, tuple)):
+        return [q for p in existing for q in _flatten(p)]
+    if getattr(existing, "fp4op_composed_pass", False):
+        return [q for p in existing.passes for q in _flatten(p)]
+    return [existing]
+
+
+def compose_with(existing: Any, fusion_pass: FusionPass) -> CustomGraphPass:
+    """`existing` (None, a pass, or a list of passes) followed by `fusion_pass`, as one pass object.
+    Idempotent: an fp4op fusion pass already in `existing` is replaced, never doubled."""
+    others = [p for p in _flatten(existing) if not is_fusion_pass(p)]
+    if not others:
+        return fusion_pass
+    return ComposedPass([*others, fusion_pass])

@@ -1,0 +1,97 @@
+"""RMSNorm -> quantize rules, with and without a residual add before the norm.
+
+Source forms (each with and without a weight, any eps):
+
+* ``"torch"``: ``F.rms_norm`` / ``nn.RMSNorm`` (weight applied in float32, one rounding);
+* ``"hf"``: the Hugging Face LlamaRMSNorm form ``weight * (x.float() * rsqrt(var + eps)).to(dtype)``
+  (the weight multiplies in the model dtype);
+* ``"gemma"``: the Gemma form ``(x.float() * rsqrt(var + eps) * (1.0 + weight.float())).type_as(x)``.
+
+With `residual`, the norm's input is ``x + residual`` and that sum is also an output (the next
+residual), which fp4op.add_rms_norm_quantize returns.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch._inductor import pattern_matcher as pm
+
+from .pass_manager import FusionPattern, QuantizeArgs, same_model_dtype, same_shape, tensor_meta
+
+# float32-exact placeholder for eps (F.rms_norm's decomposition rounds eps to float32 on CPU)
+EPS_PLACEHOLDER = 2.0**-17
+FORMS = ("torch", "hf", "gemma")
+
+
+def rms_norm_forms(x: torch.Tensor, weight: torch.Tensor | None, eps: float, form: str) -> torch.Tensor:
+    """The RMSNorm of `x` written in one of the source `FORMS`."""
+    if form == "torch":
+        return F.rms_norm(x, (x.shape[-1],), weight, eps)
+    h = x.to(torch.float32)
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    if form == "hf":
+        return h.to(x.dtype) if weight is None else weight * h.to(x.dtype)
+    if weight is not None:
+        h = h * (1.0 + weight.float())
+    return h.type_as(x)
+
+
+class RMSNormQuantize(FusionPattern):
+    scalars = {"eps": EPS_PLACEHOLDER}
+
+    def __init__(self, form: str, with_weight: bool, residual: bool):
+        if form not in FORMS:
+            raise ValueError(f"fp4op.fusion: unknown RMSNorm form {form!r}")
+        if form == "gemma" and not with_weight:
+            raise ValueError("fp4op.fusion: the Gemma form without weight is the 'hf' form")
+        self.form = form
+        self.with_weight = with_weight
+        self.residual = residual
+        op = "add_rms_norm_quantize" if residual else "rms_norm_quantize"
+        self.name = f"{op}[{form}{'' if with_weight else ',no_weight'}]"
+
+    def tensor_inputs(self, dtype, device):
+        inputs = {"x": torch.empty(8, 32, dtype=dtype, device=device)}
+        if self.residual:
+            inputs["residual"] = torch.empty(8, 32, dtype=dtype, device=device)
+        if self.with_weight:
+            inputs["weight"] = torch.empty(32, dtype=dtype, device=device)
+        return inputs
+
+    def pattern(self, x, eps, weight=None, residual=None, global_scale=None):
+        if self.residual:
+            x = x + residual
+            return rms_norm_forms(x, weight, eps, self.form), x
+        return rms_norm_forms(x, weight, eps, self.form)
+
+    def replacement(self, q: QuantizeArgs, x, eps, weight=None, residual=None, global_scale=None):
+        offset = 1.0 if self.form == "gemma" else 0.0
+        in_dtype = self.form == "hf" and self.with_weight
+        if self.residual:
+            return torch.ops.fp4op.add_rms_norm_quantize(x, residual, weight, eps, offset, in_dtype, *q.tail(global_scale))
+        return torch.ops.fp4op.rms_norm_quantize(x, weight, eps, offset, in_dtype, *q.tail(global_scale))
+
+    def check(self, match: pm.Match) -> bool:
+        names = ["x"] + (["residual"] if self.residual else []) + (["weight"] if self.with_weight else [])
+        if not same_model_dtype(match, names):
+            return False
+        x = tensor_meta(match, "x")
+        if x.dim() < 1:
+            return False
+        if self.residual and not same_shape(tensor_meta(match, "residual"), x):
+            return False
+        if self.with_weight and not same_shape(tensor_meta(match, "weight"), (x.shape[-1],)):
+            return False
+        return True
+
+
+def rules() -> list[FusionPattern]:
+    """Residual forms first: they anchor at the same quantize and cover more of the graph."""
+    return [
+        RMSNormQuantize(form, with_weight, residual)
+        for residual in (True, False)
+        for form in FORMS
+        for with_weight in (True, False)
+        if not (form == "gemma" and not with_weight)
+    ]

@@ -1,0 +1,165 @@
+"""GPU benchmark of the fused "norm/activation + FP4 quantize" ops (issue 4).
+
+For each op and shape, times with CUDA events (warm-up, L2 flushed before every iteration, median):
+  fused     the fused op (torch.ops.fp4op.*_quantize)
+  unfused   torch.compile of the norm/activation followed by torch.ops.fp4op.quantize
+  inductor  torch.compile of the norm/activation followed by fp4op.reference.quantize (Inductor alone)
+  copy      a device copy moving the same number of bytes as the fused op reads and writes
+and prints a markdown table; --out writes the results as JSON (device, torch version, git commit).
+
+    python scripts/bench_fused.py --out bench_fused.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import fp4op
+from fp4op import reference
+
+OPS = torch.ops.fp4op
+DEFAULT_SHAPES = ((8192, 8192), (4096, 4096), (16384, 2048), (128, 8192))
+EPS = 1e-6
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
+            cwd=Path(__file__).resolve().parent,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def time_ms(fn, iters: int, warmup: int, flush: torch.Tensor) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        flush.zero_()  # evict the inputs from L2
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def cases(m: int, k: int, dtype: torch.dtype, gs: torch.Tensor):
+    """(name, fused call, model-dtype computation, its inputs, bytes read + written by the fused op)."""
+    dev = "cuda"
+    x = torch.randn(m, k, dtype=dtype, device=dev)
+    residual = torch.randn(m, k, dtype=dtype, device=dev)
+    w = torch.randn(k, dtype=dtype, device=dev)
+    b = torch.randn(k, dtype=dtype, device=dev)
+    gate_up = torch.randn(m, 2 * k, dtype=dtype, device=dev)
+    gate, up = gate_up[:, :k], gate_up[:, k:]
+    q_bytes = m * k // 2 + m * k // 16  # x_q and the scales
+    e = x.element_size()
+    yield ("rms_norm", lambda: OPS.rms_norm_quantize(x, w, EPS, global_scale=gs),
+           lambda x, w: F.rms_norm(x, (k,), w, EPS), (x, w), m * k * e + q_bytes)
+    yield ("add_rms_norm", lambda: OPS.add_rms_norm_quantize(x, residual, w, EPS, global_scale=gs),
+           lambda x, r, w: F.rms_norm(x + r, (k,), w, EPS), (x, residual, w), 3 * m * k * e + q_bytes)
+    yield ("layer_norm", lambda: OPS.layer_norm_quantize(x, w, b, EPS, global_scale=gs),
+           lambda x, w, b: F.layer_norm(x, (k,), w, b, EPS), (x, w, b), m * k * e + q_bytes)
+    yield ("silu_and_mul", lambda: OPS.silu_and_mul_quantize(gate, up, global_scale=gs),
+           lambda t: F.silu(t[:, :k]) * t[:, k:], (gate_up,), 2 * m * k * e + q_bytes)
+    yield ("gelu_tanh_and_mul", lambda: OPS.gelu_and_mul_quantize(gate, up, "tanh", global_scale=gs),
+           lambda t: F.gelu(t[:, :k], approximate="tanh") * t[:, k:], (gate_up,), 2 * m * k * e + q_bytes)
+    yield ("silu", lambda: OPS.silu_quantize(x, global_scale=gs), lambda x: F.silu(x), (x,), m * k * e + q_bytes)
+
+
+def compiled_pair(model, gs: torch.Tensor):
+    """torch.compile of `model` followed by the fp4op.quantize op, and by the reference (Inductor alone)."""
+
+    def with_op(*t):
+        return torch.ops.fp4op.quantize(model(*t), gs)
+
+    def with_reference(*t):
+        return reference.quantize(model(*t), gs)
+
+    return torch.compile(with_op, dynamic=False), torch.compile(with_reference, dynamic=False)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, help="write the results as JSON here")
+    parser.add_argument("--iters", type=int, default=50)
+    parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--shapes", type=str, default=None, help="e.g. 8192x8192,4096x4096")
+    parser.add_argument("--ops", type=str, default=None, help="comma-separated subset of the op names")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        print("bench_fused: needs a CUDA GPU", file=sys.stderr)
+        return 1
+    shapes = DEFAULT_SHAPES
+    if args.shapes:
+        shapes = tuple(tuple(int(v) for v in s.split("x")) for s in args.shapes.split(","))
+    wanted = set(args.ops.split(",")) if args.ops else None
+    flush = torch.empty(256 * 1024 * 1024, dtype=torch.uint8, device="cuda")
+    gs = torch.tensor([448.0 * 6.0 / 8.0], device="cuda")
+
+    results = []
+    for m, k in shapes:
+        for name, fused, model, inputs, nbytes in cases(m, k, torch.bfloat16, gs):
+            if wanted and name not in wanted:
+                continue
+            unfused, inductor = compiled_pair(model, gs)
+            copy_src = torch.empty(nbytes // 2, dtype=torch.uint8, device="cuda")
+            copy_dst = torch.empty_like(copy_src)
+            # the fused result must agree with the unfused composition (reduction order aside)
+            got, want = fused()[:2], unfused(*inputs)
+            same = (got[1] == want[1]).float().mean().item()
+            row = {
+                "op": name,
+                "m": m,
+                "k": k,
+                "dtype": "bfloat16",
+                "bytes": nbytes,
+                "sf_identical_fraction": same,
+                "fused_ms": time_ms(fused, args.iters, args.warmup, flush),
+                "unfused_ms": time_ms(lambda: unfused(*inputs), args.iters, args.warmup, flush),
+                "inductor_ms": time_ms(lambda: inductor(*inputs), args.iters, args.warmup, flush),
+                "copy_ms": time_ms(lambda: copy_dst.copy_(copy_src), args.iters, args.warmup, flush),
+            }
+            row["fused_GBps"] = nbytes / row["fused_ms"] / 1e6
+            row["speedup_vs_unfused"] = row["unfused_ms"] / row["fused_ms"]
+            row["speedup_vs_inductor"] = row["inductor_ms"] / row["fused_ms"]
+            results.append(row)
+            print(f"{name} {m}x{k}: fused {row['fused_ms']:.4f} ms, unfused {row['unfused_ms']:.4f} ms, "
+                  f"inductor {row['inductor_ms']:.4f} ms, copy {row['copy_ms']:.4f} ms", file=sys.stderr)
+
+    header = ("| op | M x K | fused ms | unfused ms | inductor ms | copy ms | fused GB/s | x unfused | x inductor |"
+              "\n|---|---|---|---|---|---|---|---|---|")
+    print(header)
+    for r in results:
+        print(f"| {r['op']} | {r['m']}x{r['k']} | {r['fused_ms']:.4f} | {r['unfused_ms']:.4f} | "
+              f"{r['inductor_ms']:.4f} | {r['copy_ms']:.4f} | {r['fused_GBps']:.0f} | "
+              f"{r['speedup_vs_unfused']:.2f} | {r['speedup_vs_inductor']:.2f} |")
+    if args.out:
+        meta = {
+            "device": torch.cuda.get_device_name(),
+            "torch": torch.__version__,
+            "git_commit": git_commit(),
+            "fp4op": fp4op.__version__,
+            "iters": args.iters,
+            "l2_flush": True,
+            "timing": "CUDA events, median",
+            "results": results,
+        }
+        args.out.write_text(json.dumps(meta, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

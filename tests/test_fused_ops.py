@@ -1,0 +1,503 @@
+"""The fused "norm/activation + FP4 quantize" ops (issue 4).
+
+Contract: each op equals eager PyTorch computing the norm/activation in the model dtype (float16/
+bfloat16, float32 opmath, as the modules do) followed by fp4op.quantize; only the reduction order (and
+the transcendental functions' last float32 bit) may differ. Acceptance: >= 99.9% of (scale byte,
+packed bytes) blocks identical to the eager composition, and no element more than one E2M1 step away.
+"""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import requires_cuda
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+import fp4op
+from fp4op import layouts, reference
+
+OPS = torch.ops.fp4op
+DTYPES = (torch.bfloat16, torch.float16)
+# (sf_vec_size, sf_use_ue8m0)
+RECIPES = {"nvfp4": (16, False), "mxfp4": (32, True)}
+LAYOUTS = layouts.LAYOUTS
+MIN_IDENTICAL_BLOCKS = 0.999
+
+
+# ---- inputs -----------------------------------------------------------------------------------------
+
+
+def make_input(shape, dtype, device="cpu", seed=0):
+    """Gaussian values with per-row magnitudes over several decades and a few large outliers."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g)
+    rows = x.reshape(-1, shape[-1]) if shape[-1] else x.reshape(-1, 1)
+    rows *= torch.exp2(torch.randint(-6, 7, (rows.shape[0], 1), generator=g).float())
+    flat = x.view(-1)
+    if flat.numel():
+        idx = torch.randint(0, flat.numel(), (max(1, flat.numel() // 500),), generator=g)
+        flat[idx] *= 40.0
+    return x.to(dtype).to(device)
+
+
+def make_affine(k, dtype, device="cpu", seed=1, mean=1.0):
+    g = torch.Generator().manual_seed(seed)
+    return (mean + 0.5 * torch.randn(k, generator=g)).to(dtype).to(device)
+
+
+def quantize_kwargs(recipe, layout, global_scale=None):
+    vec, ue8m0 = RECIPES[recipe]
+    swizzled, is_8x4 = layouts.layout_flags(layout)
+    return dict(
+        global_scale=None if ue8m0 else global_scale,
+        sf_vec_size=vec,
+        sf_use_ue8m0=ue8m0,
+        is_sf_swizzled_layout=swizzled,
+        is_sf_8x4_layout=is_8x4,
+    )
+
+
+def global_scale_of(y):
+    return fp4op.nvfp4_global_scale(y).to(y.device)
+
+
+# ---- the eager compositions ----------------------------------------------------------------------------
+
+
+def eager_rms_norm(x, weight, eps, weight_offset=0.0, weight_in_input_dtype=False):
+    k = x.shape[-1]
+    if weight is None or (weight_offset == 0.0 and not weight_in_input_dtype):
+        return F.rms_norm(x, (k,), weight, eps)  # torch's own kernel / decomposition
+    xf = x.float()
+    normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    if weight_in_input_dtype:  # Hugging Face Llama: product in the model dtype
+        return (weight + weight_offset) * normed.to(x.dtype)
+    return (normed * (weight_offset + weight.float())).to(x.dtype)  # Hugging Face Gemma
+
+
+def eager_layer_norm(x, weight, bias, eps):
+    return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
+
+
+def eager_act(name, x):
+    if name == "silu":
+        return F.silu(x)
+    return F.gelu(x, approximate="tanh" if name == "gelu_tanh" else "none")
+
+
+# ---- comparison ------------------------------------------------------------------------------------------
+
+
+def _block_factors(sf_bytes, recipe, global_scale):
+    """Dequantization factors of scale bytes (NVFP4: one global scale per byte)."""
+    if RECIPES[recipe][1]:
+        return reference.pow2(sf_bytes.to(torch.int32) - 127)
+    return reference.e4m3_to_float(sf_bytes) / global_scale
+
+
+def _e2m1_step(mag):
+    return torch.where(mag <= 2.0, 0.5, torch.where(mag <= 4.0, 1.0, 2.0))
+
+
+class Tally:
+    """Counts differing blocks over several calls, checks every element bound and the padding."""
+
+    def __init__(self):
+        self.blocks = 0
+        self.differing = 0
+
+    def add(self, got, want, shape, recipe, layout, global_scale):
+        (xq, sf), (xq_ref, sf_ref) = got, want
+        vec = RECIPES[recipe][0]
+        m, k = math.prod(shape[:-1]), shape[-1]
+        nk = k // vec
+        assert xq.shape == xq_ref.shape and xq.dtype == torch.uint8
+        assert sf.shape == sf_ref.shape and sf.dtype == torch.uint8
+        xq, sf, xq_ref, sf_ref = (t.cpu() for t in (xq, sf, xq_ref, sf_ref))
+        # padding bytes of the swizzled layouts are exactly zero
+        padding = layouts.swizzle(torch.ones(m, nk, dtype=torch.uint8), layout) == 0
+        assert (sf[padding] == 0).all()
+        if m == 0 or k == 0:
+            return
+        sf_lin = layouts.unswizzle(sf, m, nk, layout)
+        sf_lin_ref = layouts.unswizzle(sf_ref, m, nk, layout)
+        q = xq.reshape(m, nk, vec // 2)
+        q_ref = xq_ref.reshape(m, nk, vec // 2)
+        same = (q == q_ref).all(-1) & (sf_lin == sf_lin_ref)
+        self.blocks += same.numel()
+        self.differing += int((~same).sum())
+        # every element of the differing blocks within one E2M1 step (of the larger block scale)
+        rows, blocks = torch.nonzero(~same, as_tuple=True)
+        if rows.numel() == 0:
+            return
+        gs = None if global_scale is None else global_scale.cpu().float().reshape(-1)
+        if gs is not None:
+            gs = gs[rows] if gs.numel() > 1 else gs.expand(rows.numel())
+        fa = _block_factors(sf_lin[rows, blocks], recipe, gs).unsqueeze(-1)
+        fb = _block_factors(sf_lin_ref[rows, blocks], recipe, gs).unsqueeze(-1)
+        qa, qb = q[rows, blocks], q_ref[rows, blocks]
+        ea = reference.e2m1_to_float(torch.stack((qa & 0xF, qa >> 4), -1).reshape(-1, vec))
+        eb = reference.e2m1_to_float(torch.stack((qb & 0xF, qb >> 4), -1).reshape(-1, vec))
+        bound = torch.maximum(fa, fb) * _e2m1_step(torch.maximum(ea.abs(), eb.abs()))
+        err = (ea * fa - eb * fb).abs()
+        assert (err <= bound * (1 + 1e-6)).all(), f"an element differs by more than one E2M1 step: {err.max()}"
+
+    def check(self):
+        assert self.blocks > 0
+        identical = 1.0 - self.differing / self.blocks
+        assert identical >= MIN_IDENTICAL_BLOCKS, f"{self.differing} of {self.blocks} blocks differ"
+
+
+# ---- the ops under test, as (fused call, eager reference) pairs ---------------------------------------------
+
+NORMS = (
+    "rms_norm",
+    "rms_norm_no_weight",
+    "rms_norm_gemma",
+    "rms_norm_llama",
+    "add_rms_norm",
+    "add_rms_norm_llama",
+    "layer_norm",
+    "layer_norm_no_affine",
+)
+ACTIVATIONS = ("silu_and_mul", "gelu_and_mul", "gelu_tanh_and_mul", "silu", "gelu", "gelu_tanh")
+
+# (M, K, eps): odd row counts, K = 16 * odd (NVFP4) or 32 * odd (MXFP4), 2048, 4096
+NORM_SHAPES = ((1, 2048, 1e-5), (7, None, 1e-6), (129, 4096, 3e-7))
+ACT_SHAPES = ((1, None), (7, 2048), (129, 4096))
+
+
+def odd_k(recipe):
+    return RECIPES[recipe][0] * 33
+
+
+def norm_case(name, x, eps, device):
+    """(fused op args, eager result, extra outputs to compare exactly) of a norm case."""
+    k, dtype = x.shape[-1], x.dtype
+    if name.startswith("add_rms_norm"):
+        residual = make_input(x.shape, dtype, device, seed=7)
+        weight = make_affine(k, dtype, device)
+        in_dtype = name.endswith("llama")
+        total = x + residual
+        y = eager_rms_norm(total, weight, eps, 0.0, in_dtype)
+        return OPS.add_rms_norm_quantize, (x, residual, weight, eps, 0.0, in_dtype), y, total
+    if name.startswith("rms_norm"):
+        weight = None if name.endswith("no_weight") else make_affine(k, dtype, device)
+        offset, in_dtype = 0.0, False
+        if name.endswith("gemma") or name.endswith("offset"):
+            offset, weight = 1.0, make_affine(k, dtype, device, mean=0.0)
+        if "llama" in name:
+            in_dtype = True
+        y = eager_rms_norm(x, weight, eps, offset, in_dtype)
+        return OPS.rms_norm_quantize, (x, weight, eps, offset, in_dtype), y, None
+    affine = not name.endswith("no_affine")
+    weight = make_affine(k, dtype, device) if affine else None
+    bias = make_affine(k, dtype, device, seed=2, mean=0.0) if affine else None
+    return OPS.layer_norm_quantize, (x, weight, bias, eps), eager_layer_norm(x, weight, bias, eps), None
+
+
+def act_case(name, x, device):
+    if name.endswith("_and_mul"):
+        # up without outliers, so that float16 products stay finite
+        up = torch.randn(x.shape, generator=torch.Generator().manual_seed(5)).to(x.dtype).to(device)
+        act = name[: -len("_and_mul")]
+        y = eager_act(act, x) * up
+        if act == "silu":
+            return OPS.silu_and_mul_quantize, (x, up), y
+        return OPS.gelu_and_mul_quantize, (x, up, "tanh" if act == "gelu_tanh" else "none"), y
+    y = eager_act(name, x)
+    if name == "silu":
+        return OPS.silu_quantize, (x,), y
+    return OPS.gelu_quantize, (x, "tanh" if name == "gelu_tanh" else "none"), y
+
+
+def run_fused(op, args, y_ref, recipe, layout):
+    gs = global_scale_of(y_ref)
+    kw = quantize_kwargs(recipe, layout, gs)
+    return op(*args, **kw), OPS.quantize(y_ref, **kw), kw["global_scale"]
+
+
+# ---- numerics vs the eager composition --------------------------------------------------------------------
+
+
+def check_norm(name, dtype, recipe, layout, device):
+    tally = Tally()
+    for i, (m, k, eps) in enumerate(NORM_SHAPES):
+        k = k or odd_k(recipe)
+        x = make_input((m, k), dtype, device, seed=10 + i)
+        op, args, y_ref, total = norm_case(name, x, eps, device)
+        got, want, gs = run_fused(op, args, y_ref, recipe, layout)
+        if total is not None:
+            assert torch.equal(got[2], total)  # x + residual in the model dtype, exactly
+            got = got[:2]
+        tally.add(got, want, x.shape, recipe, layout, gs)
+    tally.check()
+
+
+def check_activation(name, dtype, recipe, layout, device):
+    tally = Tally()
+    for i, (m, k) in enumerate(ACT_SHAPES):
+        k = k or odd_k(recipe)
+        x = make_input((m, k), dtype, device, seed=20 + i)
+        op, args, y_ref = act_case(name, x, device)
+        got, want, gs = run_fused(op, args, y_ref, recipe, layout)
+        tally.add(got, want, x.shape, recipe, layout, gs)
+    tally.check()
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("recipe", RECIPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name", NORMS)
+def test_norm_matches_eager(name, dtype, recipe, layout):
+    check_norm(name, dtype, recipe, layout, "cpu")
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("recipe", RECIPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name", ACTIVATIONS)
+def test_activation_matches_eager(name, dtype, recipe, layout):
+    check_activation(name, dtype, recipe, layout, "cpu")
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rms_norm_weight_offset_in_input_dtype(dtype, recipe):
+    check_norm("rms_norm_llama_offset", dtype, recipe, "128x4", "cpu")
+
+
+def test_leading_dims_and_per_row_global_scale():
+    x = make_input((2, 3, 256), torch.bfloat16)
+    w = make_affine(256, torch.bfloat16)
+    y = F.rms_norm(x, (256,), w, 1e-6)
+    gs = fp4op.nvfp4_global_scale(y, per_row=True)
+    got = OPS.rms_norm_quantize(x, w, 1e-6, global_scale=gs, is_global_scale_inversed=False)
+    want = OPS.quantize(y, gs)
+    assert got[0].shape == (2, 3, 128)
+    tally = Tally()
+    tally.add(got, want, x.shape, "nvfp4", "128x4", gs)
+    tally.check()
+
+
+@pytest.mark.parametrize("op", ["silu_and_mul", "gelu_and_mul"])
+def test_gate_up_halves_of_one_tensor(op):
+    h = 96
+    t = make_input((2, 5, 2 * h), torch.bfloat16)
+    gate, up = t[..., :h], t[..., h:]
+    assert not gate.is_contiguous() and gate.stride(-1) == 1
+    fused = getattr(OPS, f"{op}_quantize")
+    kw = quantize_kwargs("nvfp4", "128x4", torch.tensor([100.0]))
+    got = fused(gate, up, **kw)
+    want = fused(gate.contiguous(), up.contiguous(), **kw)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+def test_non_contiguous_inputs():
+    t = make_input((6, 2, 128), torch.float16)
+    x = t[:, 0, :]  # rows strided by 256
+    xt = make_input((64, 6), torch.float16).t()  # last-dim stride != 1
+    w = make_affine(128, torch.float16)[None].expand(6, 128)[0]
+    kw = quantize_kwargs("mxfp4", "linear")
+    for a in (x, t[:, :, ::2].reshape(6, -1)[:, :64], xt):
+        for fused, args in (
+            (OPS.rms_norm_quantize, lambda v: (v, None, 1e-6)),
+            (OPS.silu_and_mul_quantize, lambda v: (v, v)),
+            (OPS.gelu_quantize, lambda v: (v,)),
+        ):
+            got = fused(*args(a), **kw)
+            want = fused(*args(a.contiguous()), **kw)
+            assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    got = OPS.layer_norm_quantize(x, w, None, 1e-5, **kw)
+    want = OPS.layer_norm_quantize(x.contiguous(), w.contiguous(), None, 1e-5, **kw)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+@pytest.mark.parametrize("shape", [(0, 64), (4, 0), (0, 3, 32)])
+def test_empty(shape):
+    x = torch.zeros(shape, dtype=torch.bfloat16)
+    kw = quantize_kwargs("mxfp4", "128x4")
+    xq, sf, total = OPS.add_rms_norm_quantize(x, x, None, 1e-6, **kw)
+    want = OPS.quantize(x, **kw)
+    assert xq.shape == want[0].shape and torch.equal(sf, want[1]) and total.shape == x.shape
+    xq, sf = OPS.silu_quantize(x, **kw)
+    assert xq.shape == want[0].shape and torch.equal(sf, want[1])
+
+
+# ---- opcheck, fakes, errors ----------------------------------------------------------------------------------
+
+
+def op_cases(device):
+    """(op, args, kwargs) covering every op, both recipes and every optional argument."""
+    dt = torch.bfloat16
+    x = make_input((3, 64), dt, device)
+    x2 = make_input((2, 3, 64), torch.float16, device)
+    w, b = make_affine(64, dt, device), make_affine(64, dt, device, seed=3)
+    gs = torch.tensor([50.0], device=device)
+    nv = dict(global_scale=gs)
+    mx = dict(global_scale=None, sf_vec_size=32, sf_use_ue8m0=True, is_sf_swizzled_layout=False)
+    eightx4 = dict(global_scale=gs, is_sf_8x4_layout=True, is_global_scale_inversed=True)
+    return [
+        (OPS.rms_norm_quantize, (x, w, 1e-6), nv),
+        (OPS.rms_norm_quantize, (x, w, 1e-6, 1.0, True), mx),
+        (OPS.rms_norm_quantize, (x2, None, 1e-5), mx),
+        (OPS.add_rms_norm_quantize, (x, x.flip(0), w, 1e-6), eightx4),
+        (OPS.add_rms_norm_quantize, (x2, x2 * 2, None, 1e-6, 0.0, True), mx),
+        (OPS.layer_norm_quantize, (x, w, b, 1e-5), nv),
+        (OPS.layer_norm_quantize, (x2, None, None, 1e-5), mx),
+        (OPS.silu_and_mul_quantize, (x, x.flip(1)), nv),
+        (OPS.silu_and_mul_quantize, (x2, x2), mx),
+        (OPS.gelu_and_mul_quantize, (x, x, "tanh"), eightx4),
+        (OPS.gelu_and_mul_quantize, (x2, x2), mx),
+        (OPS.silu_quantize, (x,), nv),
+        (OPS.gelu_quantize, (x2, "none"), mx),
+        (OPS.gelu_quantize, (x, "tanh"), nv),
+    ]
+
+
+@pytest.mark.parametrize("case", range(len(op_cases("cpu"))))
+def test_opcheck_cpu(case):
+    op, args, kwargs = op_cases("cpu")[case]
+    torch.library.opcheck(op, args, kwargs)
+
+
+@requires_cuda
+@pytest.mark.parametrize("case", range(len(op_cases("cpu"))))
+def test_opcheck_cuda(case):
+    op, args, kwargs = op_cases("cuda")[case]
+    torch.library.opcheck(op, args, kwargs)
+
+
+@pytest.mark.parametrize("case", range(len(op_cases("cpu"))))
+def test_fake_shapes(case):
+    op, args, kwargs = op_cases("cpu")[case]
+    real = op(*args, **kwargs)
+    with FakeTensorMode(allow_non_fake_inputs=False) as mode:
+        fake_args = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args]
+        fake_kwargs = {k: mode.from_tensor(v) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+        fake = op(*fake_args, **fake_kwargs)
+    assert [(t.shape, t.dtype) for t in fake] == [(t.shape, t.dtype) for t in real]
+
+
+def test_compile_fullgraph():
+    x = make_input((5, 128), torch.bfloat16)
+    w = make_affine(128, torch.bfloat16)
+    gs = torch.tensor([80.0])
+
+    def f(x, w, gs):
+        return OPS.rms_norm_quantize(x, w, 1e-6, global_scale=gs)
+
+    got = torch.compile(f, fullgraph=True, backend="aot_eager")(x, w, gs)
+    want = f(x, w, gs)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+def _bad_calls():
+    bf = torch.bfloat16
+    x = torch.randn(4, 64).to(bf)
+    w = torch.ones(64, dtype=bf)
+    gs = torch.tensor([1.0])
+    return [
+        ("fp8", NotImplementedError, "float16 or bfloat16", lambda: OPS.silu_quantize(x.to(torch.float8_e4m3fn), gs)),
+        ("float32", NotImplementedError, "x of a fused", lambda: OPS.rms_norm_quantize(x.float(), None, 1e-6, global_scale=gs)),
+        ("float32 gate", NotImplementedError, "gate", lambda: OPS.silu_and_mul_quantize(x.float(), x.float(), gs)),
+        ("weight dtype", ValueError, "weight must have the dtype", lambda: OPS.rms_norm_quantize(x, w.half(), 1e-6, global_scale=gs)),
+        ("weight fp32", ValueError, "weight must have the dtype", lambda: OPS.layer_norm_quantize(x, w.float(), None, 1e-6, gs)),
+        ("bias shape", ValueError, "bias must have shape", lambda: OPS.layer_norm_quantize(x, w, w[:32], 1e-6, gs)),
+        ("weight shape", ValueError, "weight must have shape", lambda: OPS.rms_norm_quantize(x, w[None], 1e-6, global_scale=gs)),
+        ("residual dtype", ValueError, "residual must have the dtype", lambda: OPS.add_rms_norm_quantize(x, x.half(), w, 1e-6, global_scale=gs)),
+        ("residual shape", ValueError, "residual must have the shape", lambda: OPS.add_rms_norm_quantize(x, x[:2], w, 1e-6, global_scale=gs)),
+        ("up shape", ValueError, "up must have the shape", lambda: OPS.silu_and_mul_quantize(x, x[:, :32], gs)),
+        ("up dtype", ValueError, "up must have the dtype", lambda: OPS.gelu_and_mul_quantize(x, x.half(), "none", gs)),
+        ("approximate", ValueError, "approximate", lambda: OPS.gelu_quantize(x, "fast", gs)),
+        ("K", ValueError, "multiple of sf_vec_size", lambda: OPS.silu_quantize(x[:, :24], gs)),
+        ("no global_scale", ValueError, "global_scale is required", lambda: OPS.silu_quantize(x)),
+        ("global_scale size", ValueError, "global_scale must have 1 element", lambda: OPS.silu_quantize(x, torch.ones(3))),
+        ("sf_vec_size", NotImplementedError, "sf_vec_size", lambda: OPS.silu_quantize(x, gs, 8)),
+        ("recipe", ValueError, "sf_use_ue8m0", lambda: OPS.silu_quantize(x, gs, 16, True)),
+    ]
+
+
+@pytest.mark.parametrize("case", range(len(_bad_calls())))
+def test_errors(case):
+    _, exc, message, call = _bad_calls()[case]
+    with pytest.raises(exc, match=message):
+        call()
+    # the fake kernels raise the same errors
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        with pytest.raises(exc, match=message):
+            call()
+
+
+def test_not_differentiable():
+    x = torch.randn(2, 32, dtype=torch.bfloat16, requires_grad=True)
+    xq, sf = OPS.silu_quantize(x, torch.tensor([1.0]))
+    assert not xq.requires_grad and not sf.requires_grad
+
+
+# ---- CUDA ------------------------------------------------------------------------------------------------------
+
+
+@requires_cuda
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("recipe", RECIPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name", NORMS)
+def test_norm_matches_eager_cuda(name, dtype, recipe, layout):
+    check_norm(name, dtype, recipe, layout, "cuda")
+
+
+@requires_cuda
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("recipe", RECIPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name", ACTIVATIONS)
+def test_activation_matches_eager_cuda(name, dtype, recipe, layout):
+    check_activation(name, dtype, recipe, layout, "cuda")
+
+
+# K beyond what the CUDA kernels keep on chip, and small K (one warp per row)
+CUDA_SHAPES = ((3, 16 * 3), (130, 512), (33, 16384), (5, 20480 + 32), (2, 65536))
+
+
+@requires_cuda
+@pytest.mark.parametrize("shape", CUDA_SHAPES)
+@pytest.mark.parametrize("name", NORMS + ACTIVATIONS)
+def test_cuda_matches_cpu(name, shape):
+    for recipe in (r for r in RECIPES if shape[1] % RECIPES[r][0] == 0):
+        tally = Tally()
+        for layout in LAYOUTS:
+            results, gs = [], None
+            for device in ("cpu", "cuda"):
+                x = make_input(shape, torch.bfloat16, device, seed=3)
+                if name in NORMS:
+                    op, args, y_ref, _ = norm_case(name, x, 1e-6, device)
+                else:
+                    op, args, y_ref = act_case(name, x, device)
+                gs = global_scale_of(y_ref.cpu()) if gs is None else gs  # the same scale on both devices
+                kw = quantize_kwargs(recipe, layout, gs.to(device))
+                results.append([t.cpu() for t in op(*args, **kw)])
+            cpu, cuda = results
+            if name.startswith("add_rms_norm"):
+                assert torch.equal(cpu[2], cuda[2])
+            tally.add(cuda[:2], cpu[:2], shape, recipe, layout, gs)
+        tally.check()
+
+
+@requires_cuda
+def test_cuda_strided_halves_and_stream():
+    h = 4096
+    t = make_input((9, 2 * h), torch.bfloat16, "cuda")
+    kw = quantize_kwargs("nvfp4", "128x4", torch.tensor([20.0], device="cuda"))
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        got = OPS.silu_and_mul_quantize(t[:, :h], t[:, h:], **kw)
+    stream.synchronize()
+    want = OPS.silu_and_mul_quantize(t[:, :h].contiguous(), t[:, h:].contiguous(), **kw)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    # a view at an address that is not 16-byte aligned falls back to an aligned copy
+    odd = make_input((4, 16 * 65 + 4), torch.float16, "cuda")[:, 4:]  # 8-byte aligned rows
+    got = OPS.gelu_quantize(odd, **kw)
+    want = OPS.gelu_quantize(odd.contiguous(), **kw)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])

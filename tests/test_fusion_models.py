@@ -1,0 +1,270 @@
+"""The fusion on models written the way people write them, converted with fp4op.nn.convert; dynamic
+shapes; enabling the pass twice or next to a user's own pass."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch._inductor.custom_graph_pass import CustomGraphPass
+
+import fp4op.fusion as fusion
+import fp4op.nn as fnn
+from conftest import requires_cuda
+from fusion_helpers import compile_fused, fp4_ops, fresh_compile_config
+
+D, H = 64, 128
+
+
+class LlamaRMSNorm(nn.Module):
+    """As in Hugging Face transformers."""
+
+    def __init__(self, hidden_size, eps=1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.variance_epsilon = eps
+
+    def forward(self, hidden_states):
+        input_dtype = hidden_states.dtype
+        hidden_states = hidden_states.to(torch.float32)
+        variance = hidden_states.pow(2).mean(-1, keepdim=True)
+        hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
+        return self.weight * hidden_states.to(input_dtype)
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.gate_proj = nn.Linear(D, H, bias=False)
+        self.up_proj = nn.Linear(D, H, bias=False)
+        self.down_proj = nn.Linear(H, D, bias=False)
+        self.act_fn = nn.SiLU()
+
+    def forward(self, x):
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, heads=4):
+        super().__init__()
+        self.heads = heads
+        self.input_layernorm = LlamaRMSNorm(D, eps=1e-5)
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = (nn.Linear(D, D, bias=False) for _ in range(4))
+        self.post_attention_layernorm = LlamaRMSNorm(D, eps=1e-5)
+        self.mlp = LlamaMLP()
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        h = self.input_layernorm(x)
+        q, k, v = (p(h).view(b, t, self.heads, -1).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
+        attn = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(b, t, D)
+        x = x + self.o_proj(attn)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class GPT2MLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.ln = nn.LayerNorm(D)
+        self.c_fc = nn.Linear(D, 4 * D)
+        self.act = nn.GELU(approximate="tanh")
+        self.c_proj = nn.Linear(4 * D, D)
+
+    def forward(self, x):
+        return x + self.c_proj(self.act(self.c_fc(self.ln(x))))
+
+
+class FusedGateUpMLP(nn.Module):
+    """vLLM style: one gate_up projection, then chunk."""
+
+    def __init__(self):
+        super().__init__()
+        self.norm = nn.RMSNorm(D, eps=1e-6)
+        self.gate_up_proj = nn.Linear(D, 2 * H, bias=False)
+        self.down_proj = nn.Linear(H, D, bias=False)
+
+    def forward(self, x):
+        gate, up = self.gate_up_proj(self.norm(x)).chunk(2, dim=-1)
+        return x + self.down_proj(F.silu(gate) * up)
+
+
+def _randomize(model):
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(torch.randn_like(p) * (0.1 if "norm" not in name and "ln" not in name else 1) + ("weight" in name and ("norm" in name or "ln" in name)))
+    return model
+
+
+def _fp4_model(cls, recipe="nvfp4", dtype=torch.bfloat16, device="cpu"):
+    model = _randomize(cls()).to(device, dtype).eval()
+    reference = _randomize(cls()).to(device, dtype).eval()
+    reference.load_state_dict(model.state_dict())
+    fnn.convert(model, recipe=recipe)
+    x = torch.randn(2, 8, D, dtype=dtype, device=device)
+    with torch.no_grad(), fnn.calibrate(model):
+        model(x)
+    return model, reference
+
+
+MODELS = {
+    "llama_decoder": (LlamaDecoderLayer, {"rms_norm_quantize[hf]": 1, "add_rms_norm_quantize[hf]": 1, "silu_and_mul_quantize[silu]": 1}),
+    "gpt2_mlp": (GPT2MLP, {"layer_norm_quantize[weight,bias]": 1, "gelu_quantize[gelu_tanh]": 1}),
+    "fused_gate_up": (FusedGateUpMLP, {"rms_norm_quantize[torch]": 1, "silu_and_mul_quantize[silu]": 1}),
+}
+
+
+@pytest.mark.parametrize(
+    "name,recipe,dtype,device",
+    [
+        ("llama_decoder", "nvfp4", torch.bfloat16, "cpu"),
+        ("gpt2_mlp", "nvfp4", torch.float16, "cpu"),
+        ("fused_gate_up", "mxfp4", torch.bfloat16, "cpu"),
+        pytest.param("llama_decoder", "nvfp4", torch.bfloat16, "cuda", marks=requires_cuda),
+        pytest.param("gpt2_mlp", "mxfp4", torch.bfloat16, "cuda", marks=requires_cuda),
+    ],
+)
+def test_model_fuses(name, recipe, dtype, device):
+    cls, expected = MODELS[name]
+    model, reference = _fp4_model(cls, recipe, dtype, device)
+    x = torch.randn(3, 8, D, dtype=dtype, device=device)
+    out, record = compile_fused(model, x)
+    assert dict(record.matches) == expected
+    assert "fp4op.quantize.default" not in record.after or name == "llama_decoder"
+    if name == "llama_decoder":
+        assert record.after["fp4op.quantize.default"] == 1  # o_proj: its input comes from attention
+    with torch.no_grad():
+        eager = model(x)
+        full = reference(x)
+    torch.testing.assert_close(out, eager, rtol=0.05, atol=0.05)
+    # FP4 model vs the bf16/fp16 model: the error of 4-bit weights and activations
+    assert ((eager.float() - full.float()).norm() / full.float().norm()).item() < 0.25
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=requires_cuda)])
+def test_dynamic_shapes_no_recompile(device):
+    model, _ = _fp4_model(FusedGateUpMLP, device=device)
+    fusion.reset()
+    with fresh_compile_config(), torch.no_grad():
+        torch._dynamo.utils.counters.clear()
+        compiled = torch.compile(model, dynamic=True, options=fusion.compile_options())
+        for m in (5, 17, 40):
+            x = torch.randn(m, D, dtype=torch.bfloat16, device=device)
+            torch.testing.assert_close(compiled(x), model(x), rtol=0.05, atol=0.05)
+        assert len(fusion.fusion_pass().records) == 1  # compiled once for every M
+        frames = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+        torch_counters = dict(torch._dynamo.utils.counters["fp4op_fusion"])
+    assert frames == 1
+    assert fusion.match_counts() == {"rms_norm_quantize[torch]": 1, "silu_and_mul_quantize[silu]": 1}
+    assert torch_counters == fusion.match_counts()
+
+
+class CountingPass(CustomGraphPass):
+    def __init__(self):
+        self.calls = 0
+
+    def __call__(self, graph):
+        self.calls += 1
+
+    def uuid(self):
+        return "counting-pass-v1"
+
+
+def test_enable_twice_and_with_user_pass():
+    model, _ = _fp4_model(GPT2MLP)
+    user = CountingPass()
+    x = torch.randn(4, D, dtype=torch.bfloat16)
+    with torch._inductor.config.patch(post_grad_custom_post_pass=user):
+        with fusion.enabled(), fusion.enabled():
+            configured = torch._inductor.config.post_grad_custom_post_pass
+            # one composed pass: the user's, then fp4op's once
+            assert isinstance(configured, fusion.ComposedPass)
+            assert configured.passes == (user, fusion.fusion_pass())
+            assert configured.uuid() == ("fp4op.ComposedPass", "counting-pass-v1", fusion.fusion_pass().uuid())
+            fusion.reset()
+            with fresh_compile_config(), torch.no_grad():
+                torch.compile(model)(x)
+        assert torch._inductor.config.post_grad_custom_post_pass is user  # restored
+        assert user.calls == 1
+        assert sum(fusion.match_counts().values()) == 2
+        # compile_options composes with the configured pass too (and with a list of passes)
+        options = fusion.compile_options(existing_pass=[CountingPass()])
+        assert len(options["post_grad_custom_post_pass"].passes) == 3
+    # a plain function as user pass: the composition has no uuid, so Inductor will not cache
+    assert fusion.post_grad_pass(lambda g: None).uuid() is None
+    assert fusion.post_grad_pass(None) is fusion.fusion_pass()
+
+
+def test_rules_registered_once():
+    p = fusion.FusionPass()
+    q = fusion.QuantizeArgs()
+    p._ensure_registered(q, "cpu")
+    n = sum(len(v) for v in p.patterns.patterns.values())
+    p._ensure_registered(q, "cpu")
+    assert sum(len(v) for v in p.patterns.patterns.values()) == n
+    assert n == len(fusion.all_rules())
+
+
+def test_identical_quantizes_merge_then_fuse():
+    """Two layers quantizing one norm output with the same scale (q/k/v, gate/up with tied static scales)
+    become one quantize, which then fuses with the norm."""
+    from torch._inductor.decomposition import select_decomp_table
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    def two_consumers(x, w, gs):
+        h = F.rms_norm(x, (D,), w, 1e-6)
+        a, sa = torch.ops.fp4op.quantize(h, gs, 16, False)
+        b, sb = torch.ops.fp4op.quantize(h, gs)
+        return a, sa, b, sb
+
+    args = (torch.randn(8, D, dtype=torch.bfloat16), torch.randn(D, dtype=torch.bfloat16), torch.tensor([50.0]))
+    # a post-grad-like graph: decomposed, then functional
+    decomposed = make_fx(two_consumers, select_decomp_table(), tracing_mode="fake")(*args)
+    gm = make_fx(torch.func.functionalize(decomposed, remove="mutations"), tracing_mode="fake")(*args)
+    p = fusion.FusionPass()
+    p(gm.graph)
+    gm.recompile()
+    assert fp4_ops(p.records[-1].before) == {"fp4op.quantize.default": 2}
+    assert fp4_ops(p.records[-1].after) == {"fp4op.rms_norm_quantize.default": 1}
+    a, sa, b, sb = gm(*args)
+    assert torch.equal(a, b) and torch.equal(sa, sb)
+
+
+def test_module_reload_keeps_one_fusion_pass():
+    """After reloading fp4op.fusion, composing with a pass object of the old module replaces it."""
+    import importlib
+
+    old = fusion.fusion_pass()
+    user = CountingPass()
+    configured = fusion.post_grad_pass([user, old])
+    importlib.reload(fusion.pass_manager)
+    importlib.reload(fusion)
+    new = fusion.post_grad_pass(configured)
+    assert new.passes == (user, fusion.fusion_pass()) and fusion.fusion_pass() is not old
+
+
+def test_fx_graph_cache_keys_on_the_pass():
+    """With Inductor's FX graph cache on: a recompile with the fusion hits the cache (the pass does not
+    run again, the cached code is the fused one); a compile without the fusion must not reuse it."""
+    fresh_cache = getattr(torch._inductor.utils, "fresh_cache", None) or torch._inductor.utils.fresh_inductor_cache
+    gs = torch.tensor([100.0])
+
+    def fn(x, w):
+        return torch.ops.fp4op.quantize(F.rms_norm(x, (D,), w, 1e-6), gs)
+
+    args = (torch.randn(8, D, dtype=torch.bfloat16), torch.randn(D, dtype=torch.bfloat16))
+    counters = torch._dynamo.utils.counters
+    with fresh_cache(), torch._inductor.config.patch(fx_graph_cache=True), torch.no_grad():
+        results = []
+        for options in (fusion.compile_options(), fusion.compile_options(), None):
+            torch._dynamo.reset()
+            counters.clear()
+            fusion.reset()
+            results.append(torch.compile(fn, options=options)(*args))
+            results[-1] = (results[-1], dict(counters["inductor"]), len(fusion.fusion_pass().records))
+    (first, c1, r1), (second, c2, r2), (plain, c3, r3) = results
+    assert c1.get("fxgraph_cache_miss") == 1 and r1 == 1
+    assert c2.get("fxgraph_cache_hit") == 1 and r2 == 0  # cached fused code, pass not rerun
+    assert c3.get("fxgraph_cache_miss") == 1 and r3 == 0  # another key: compiled without the pass
+    assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
+    torch._dynamo.reset()

@@ -1,0 +1,133 @@
+"""fp4op.nn: FP4Linear numerics against the dequantized reference, calibration, convert."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import fp4op
+import fp4op.nn as fnn
+from conftest import requires_cuda
+from fp4op import reference
+
+RECIPE_ARGS = {"nvfp4": (16, False), "mxfp4": (32, True)}
+
+
+def _reference_linear(x, layer, gs):
+    """Quantize x with fp4op.reference, dequantize both operands to the model dtype, F.linear."""
+    vec, ue8m0 = RECIPE_ARGS[layer.recipe]
+    x_q, x_sf = reference.quantize(x, gs, vec, ue8m0)
+    x_dq = reference.dequantize(x_q, x_sf, gs, vec, ue8m0).to(x.dtype)
+    w_dq = reference.dequantize(layer.weight_q, layer.weight_sf, layer.weight_global_scale, vec, ue8m0).to(x.dtype)
+    return F.linear(x_dq, w_dq, layer.bias)
+
+
+@pytest.mark.parametrize("recipe", ["nvfp4", "mxfp4"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("bias", [True, False])
+def test_fp4linear_matches_dequantized_reference(recipe, dtype, bias):
+    linear = nn.Linear(64, 48, bias=bias, dtype=dtype)
+    layer = fnn.FP4Linear.from_linear(linear, recipe=recipe, matmul="emulated")
+    x = torch.randn(2, 5, 64, dtype=dtype) * 4
+    with torch.no_grad():
+        out = layer(x)
+        gs = None if recipe == "mxfp4" else fp4op.nvfp4_global_scale(x)  # uncalibrated: dynamic
+        assert out.shape == (2, 5, 48) and out.dtype == dtype
+        torch.testing.assert_close(out, _reference_linear(x, layer, gs), rtol=0, atol=0)
+        # and it approximates the bf16/fp16 layer (FP4 error: a few percent of the output scale)
+        err = (out.float() - linear(x).float()).norm() / linear(x).float().norm()
+        assert err < 0.2
+
+
+def test_weight_quantized_once_at_conversion():
+    linear = nn.Linear(32, 16, dtype=torch.bfloat16)
+    layer = fnn.FP4Linear.from_linear(linear)
+    w_q, w_sf = reference.quantize(linear.weight.detach(), fp4op.nvfp4_global_scale(linear.weight.detach()))
+    assert torch.equal(layer.weight_q, w_q) and torch.equal(layer.weight_sf, w_sf)
+    assert {n for n, _ in layer.named_buffers()} == {
+        "weight_q", "weight_sf", "weight_global_scale", "input_global_scale", "bias"
+    }
+    assert not list(layer.parameters())
+
+
+def test_static_scale_calibration_and_siblings():
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q = nn.Linear(32, 32, dtype=torch.bfloat16)
+            self.k = nn.Linear(32, 32, dtype=torch.bfloat16)
+            self.o = nn.Linear(32, 32, dtype=torch.bfloat16)
+
+        def forward(self, x):
+            return self.o(self.q(x) * self.k(x))
+
+    model = fnn.convert(Block())
+    batches = [torch.randn(3, 32, dtype=torch.bfloat16) * s for s in (1, 5, 2)]
+    with torch.no_grad(), fnn.calibrate(model):
+        for b in batches:
+            model(b)
+    amax = max(b.abs().amax().float() for b in batches)
+    assert model.q.input_global_scale.item() == pytest.approx((448 * 6 / amax).item())
+    # q and k read the same tensor: one shared scale object; o reads another tensor
+    assert model.q.input_global_scale is model.k.input_global_scale
+    assert model.o.input_global_scale is not model.q.input_global_scale
+    x = torch.randn(3, 32, dtype=torch.bfloat16)
+    with torch.no_grad():
+        torch.testing.assert_close(model.q(x), _reference_linear(x, model.q, model.q.input_global_scale), rtol=0, atol=0)
+    # the calibrated scale survives a state_dict round trip
+    fresh = fnn.convert(Block())
+    fresh.load_state_dict(model.state_dict())
+    assert fresh.q._calibrated and torch.equal(fresh.q.input_global_scale, model.q.input_global_scale)
+
+
+def test_dynamic_activation_scale():
+    layer = fnn.FP4Linear.from_linear(nn.Linear(32, 8, dtype=torch.bfloat16), activation_scale="dynamic")
+    assert layer.input_global_scale is None
+    x = torch.randn(4, 32, dtype=torch.bfloat16)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), _reference_linear(x, layer, fp4op.nvfp4_global_scale(x)), rtol=0, atol=0)
+
+
+def test_convert_swaps_skips_and_excludes():
+    model = nn.Sequential(
+        nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 24), nn.Linear(24, 32), nn.Sequential(nn.Linear(32, 32))
+    ).to(torch.bfloat16)
+    fnn.convert(model, recipe="nvfp4", exclude=["4.*"])
+    kinds = [type(m).__name__ for m in (model[0], model[2], model[3], model[4][0])]
+    # 24 is not a multiple of 16: kept; "4.0" excluded by pattern
+    assert kinds == ["FP4Linear", "FP4Linear", "Linear", "Linear"]
+    model = fnn.convert(nn.Sequential(nn.Linear(64, 8), nn.Linear(48, 8)), recipe="mxfp4", exclude=["0"])
+    assert [type(m).__name__ for m in model] == ["Linear", "Linear"]  # 48 % 32 != 0
+    fp32 = fnn.convert(nn.Sequential(nn.Linear(32, 8)))  # float32 weights are quantized from bfloat16
+    assert fp32[0].dtype == torch.bfloat16
+
+
+def test_errors():
+    with pytest.raises(ValueError, match="recipe"):
+        fnn.FP4Linear(32, 8, recipe="int4")
+    with pytest.raises(ValueError, match="multiple"):
+        fnn.FP4Linear(24, 8)
+    with pytest.raises(ValueError, match="activation_scale"):
+        fnn.FP4Linear(32, 8, activation_scale="per-row")
+    layer = fnn.FP4Linear(32, 8)
+    with pytest.raises(ValueError, match="expected input"):
+        layer(torch.randn(2, 16, dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match="set_input_amax"):
+        fnn.FP4Linear(32, 8, recipe="mxfp4").set_input_amax(1.0)
+
+
+@requires_cuda
+@pytest.mark.parametrize("recipe", ["nvfp4", "mxfp4"])
+def test_cuda_matmul_paths(recipe):
+    """On CUDA: the emulated path equals the CPU one; on sm_100+ the scaled_mm path agrees with it."""
+    linear = nn.Linear(256, 128, dtype=torch.bfloat16)
+    cpu = fnn.FP4Linear.from_linear(linear, recipe=recipe, matmul="emulated")
+    gpu = fnn.FP4Linear.from_linear(linear.cuda(), recipe=recipe, matmul="emulated")
+    x = torch.randn(33, 256, dtype=torch.bfloat16)
+    with torch.no_grad():
+        torch.testing.assert_close(gpu(x.cuda()).cpu(), cpu(x), rtol=1e-2, atol=1e-2)
+        if fnn.scaled_mm_supported(torch.device("cuda")):
+            fast = fnn.FP4Linear.from_linear(linear, recipe=recipe, matmul="scaled_mm")
+            torch.testing.assert_close(fast(x.cuda()), gpu(x.cuda()), rtol=2e-2, atol=2e-2)
