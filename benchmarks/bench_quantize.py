@@ -1,0 +1,593 @@
+"""GPU benchmark of fp4op quantization against a device-to-device copy and the peers a user would
+pick instead (issue 5). One command on the GPU machine:
+
+    python benchmarks/bench_quantize.py --suite full --out-dir $OUT
+
+Measured in one process, per problem (M x K, input dtype, recipe, scale layout):
+* copy     -- a device-to-device copy of a uint8 tensor of effective_bytes / 2 bytes: it reads and
+              writes effective_bytes in total, the least traffic the quantization itself can do
+              (effective_bytes = input + x_q + sf, padding included; the same for every row);
+* fp4op    -- torch.ops.fp4op.quantize;
+* torchao  -- torchao.prototype.mx_formats under torch.compile: NVFP4Tensor.to_nvfp4 (per-tensor
+              scale, swizzled scales) and MXTensor.to_mx (FP4, RCEIL scales, swizzled), bf16 input,
+              128x4 layout (the only one torchao writes);
+* inductor_reference -- torch.compile of fp4op.reference.quantize: what Inductor alone generates
+              for the same numerics (bf16, 128x4).
+Eager timings use CUDA events around one call, after an L2 flush (a 256 MiB write) before every
+iteration; the median over an adaptive number of iterations is reported. Small M (<= 16) is also timed
+under CUDA-graph replay against an empty kernel captured the same way. Results: JSON, a markdown
+table, a PNG plot (benchmarks/plot.py) and a PASS/FAIL summary of issue 5's targets
+(benchmarks/report.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import traceback
+
+import torch
+
+import common
+import report
+
+SUITES = {
+    # fp4op on everything; the peers on bf16 128x4 for every shape
+    "full": {
+        "ms": (1, 16, 128, 1024, 8192, 32768),
+        "ks": (2048, 4096, 8192, 16384),
+        "dtypes": ("bfloat16", "float16", "float8_e4m3fn"),
+        "recipes": ("nvfp4", "mxfp4"),
+        "layouts": common.LAYOUTS,
+    },
+    # every code path and every check, on a few shapes (8192 x 4096 bf16 is 64 MiB)
+    "quick": {
+        "ms": (1, 16, 8192),
+        "ks": (4096, 16384),
+        "dtypes": ("bfloat16", "float16", "float8_e4m3fn"),
+        "recipes": ("nvfp4", "mxfp4"),
+        "layouts": common.LAYOUTS,
+    },
+    # a CPU dry run of the whole script (tiny shapes, host clock): checks the script, not a device
+    "cpu-dry-run": {
+        "ms": (1, 16, 256),
+        "ks": (256,),
+        "dtypes": ("bfloat16", "float8_e4m3fn"),
+        "recipes": ("nvfp4", "mxfp4"),
+        "layouts": common.LAYOUTS,
+    },
+}
+SMALL_M = 16  # M <= SMALL_M is also timed under CUDA-graph replay
+PEER_DTYPE = "bfloat16"
+PEER_LAYOUT = "128x4"
+
+
+# ---------------------------------------------------------------------------------------------
+# timing
+
+
+class CudaTimer:
+    """Median device time of one call, CUDA events around it, L2 flushed before each iteration."""
+
+    def __init__(self, target_s: float, min_iters: int, max_iters: int, flush_bytes: int):
+        self.target_s, self.min_iters, self.max_iters = target_s, min_iters, max_iters
+        self.flush_buf = torch.empty(flush_bytes, dtype=torch.uint8, device="cuda")
+        self.flush_s = 0.0
+        self.flush_s = common.median(self._timed(self.flush_buf.zero_, 20, flush=False)) * 1e-6
+
+    def _timed(self, fn, n: int, flush: bool = True) -> list[float]:
+        starts = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
+        ends = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
+        for i in range(n):
+            if flush:
+                self.flush_buf.zero_()  # evicts the previous iteration's data from L2 (> L2 size)
+            starts[i].record()
+            fn()
+            ends[i].record()
+        torch.cuda.synchronize()
+        return [s.elapsed_time(e) * 1e3 for s, e in zip(starts, ends)]
+
+    def measure(self, fn, target_s: float | None = None) -> dict:
+        fn()  # warm-up: compiles, loads modules, fills the allocator's cache
+        torch.cuda.synchronize()
+        estimate_s = common.median(self._timed(fn, 3)) * 1e-6
+        target_s = self.target_s if target_s is None else target_s
+        n = int(target_s / (estimate_s + self.flush_s))
+        n = max(self.min_iters, min(self.max_iters, n))
+        times = self._timed(fn, n)
+        return {
+            "time_us": common.median(times),
+            "time_us_p10": common.percentile(times, 10),
+            "time_us_p90": common.percentile(times, 90),
+            "iters": n,
+        }
+
+    def graph_replay(self, fn, calls: int, replays: int) -> dict:
+        """Time per call of `fn` captured `calls` times in one CUDA graph (no L2 flush: back-to-back
+        kernels on L2-resident data, as inside a model's decode step)."""
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                fn()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for _ in range(calls):
+                fn()
+        graph.replay()
+        torch.cuda.synchronize()
+        starts = [torch.cuda.Event(enable_timing=True) for _ in range(replays)]
+        ends = [torch.cuda.Event(enable_timing=True) for _ in range(replays)]
+        for i in range(replays):
+            starts[i].record()
+            graph.replay()
+            ends[i].record()
+        torch.cuda.synchronize()
+        per_call = [s.elapsed_time(e) * 1e3 / calls for s, e in zip(starts, ends)]
+        del graph
+        return {"time_us": common.median(per_call), "iters": replays, "calls_per_graph": calls}
+
+
+class HostTimer:
+    """The CPU dry run's stand-in for CudaTimer (host clock, no flush, no graphs)."""
+
+    def __init__(self, target_s: float, min_iters: int, max_iters: int):
+        self.target_s, self.min_iters, self.max_iters = target_s, min_iters, max_iters
+        self.flush_s = 0.0
+
+    def measure(self, fn, target_s: float | None = None) -> dict:
+        fn()
+        t0 = time.perf_counter()
+        fn()
+        estimate_s = time.perf_counter() - t0
+        target_s = self.target_s if target_s is None else target_s
+        n = max(self.min_iters, min(self.max_iters, int(target_s / max(estimate_s, 1e-6))))
+        times = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e6)
+        return {
+            "time_us": common.median(times),
+            "time_us_p10": common.percentile(times, 10),
+            "time_us_p90": common.percentile(times, 90),
+            "iters": n,
+        }
+
+
+# ---------------------------------------------------------------------------------------------
+# the peers
+
+
+def torchao_nvfp4(x, per_tensor_scale):
+    from torchao.prototype.mx_formats.nvfp4_tensor import NVFP4Tensor
+
+    t = NVFP4Tensor.to_nvfp4(x, block_size=16, per_tensor_scale=per_tensor_scale, is_swizzled_scales=True)
+    return t.qdata, t.scale
+
+
+def torchao_mxfp4(x):
+    from torchao.prototype.mx_formats.config import ScaleCalculationMode
+    from torchao.prototype.mx_formats.mx_tensor import MXTensor
+
+    # RCEIL: the scale is the power of two at or above amax / 6, fp4op's (and cuBLAS's) MXFP4 recipe
+    t = MXTensor.to_mx(
+        x, torch.float4_e2m1fn_x2, 32, scaling_mode=ScaleCalculationMode.RCEIL, is_swizzled_scales=True
+    )
+    return t.qdata, t.scale
+
+
+def reference_nvfp4(x, global_scale):
+    from fp4op import reference
+
+    return reference.quantize(x, global_scale, 16, False, PEER_LAYOUT)
+
+
+def reference_mxfp4(x):
+    from fp4op import reference
+
+    return reference.quantize(x, None, 32, True, PEER_LAYOUT)
+
+
+# (peer, recipe) -> (function, its arguments from (x, fp4op's global scale))
+PEERS = {
+    ("torchao", "nvfp4"): (torchao_nvfp4, lambda x, gs: (x, torch.reciprocal(gs))),  # torchao divides by it
+    ("torchao", "mxfp4"): (torchao_mxfp4, lambda x, gs: (x,)),
+    ("inductor_reference", "nvfp4"): (reference_nvfp4, lambda x, gs: (x, gs)),
+    ("inductor_reference", "mxfp4"): (reference_mxfp4, lambda x, gs: (x,)),
+}
+
+
+class CompiledPeers:
+    """One torch.compile'd function per (peer, recipe), shapes handled by `dynamic`:
+    "m": M dynamic (one graph per K serves every M >= 2; M = 1 gets its own), K static -- a model's
+         layers have fixed K while the token count M varies;
+    "static": dynamic=False, one graph per shape (slowest to compile);
+    "all": M and K dynamic (fewest compiles)."""
+
+    def __init__(self, dynamic: str, compile_budget_s: float):
+        self.dynamic = dynamic
+        self.budget_s = compile_budget_s
+        self.spent_s = 0.0
+        self.compiled = {}
+        self.graphs_seen = set()
+        cfg = torch._dynamo.config
+        for name in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit",
+                     "accumulated_cache_size_limit"):
+            if hasattr(cfg, name):
+                setattr(cfg, name, max(getattr(cfg, name), 512))
+        if dynamic != "static":
+            cfg.automatic_dynamic_shapes = False  # only the dims we mark are dynamic
+
+    def _graph_key(self, peer, recipe, m, k):
+        if self.dynamic == "static":
+            return (peer, recipe, m, k)
+        if self.dynamic == "all":
+            return (peer, recipe, m == 1)
+        return (peer, recipe, m == 1, k)
+
+    def needs_compile(self, peer, recipe, m, k) -> bool:
+        return self._graph_key(peer, recipe, m, k) not in self.graphs_seen
+
+    def over_budget(self) -> bool:
+        return self.spent_s > self.budget_s
+
+    def mark(self, x):
+        if self.dynamic == "static":
+            return
+        if x.shape[0] >= 2:  # dynamo specializes a size of 1 anyway
+            torch._dynamo.maybe_mark_dynamic(x, 0)
+        if self.dynamic == "all":
+            torch._dynamo.maybe_mark_dynamic(x, 1)
+
+    def function(self, peer, recipe):
+        key = (peer, recipe)
+        if key not in self.compiled:
+            fn = PEERS[key][0]
+            self.compiled[key] = torch.compile(fn, dynamic=False) if self.dynamic == "static" else torch.compile(fn)
+        return self.compiled[key]
+
+    def first_call(self, peer, recipe, m, k, args) -> float:
+        """Runs the first call of a shape (compiling if needed); returns the compile seconds."""
+        fn = self.function(peer, recipe)
+        t0 = time.perf_counter()
+        fn(*args)
+        if args[0].is_cuda:
+            torch.cuda.synchronize()
+        elapsed = time.perf_counter() - t0
+        key = self._graph_key(peer, recipe, m, k)
+        if key in self.graphs_seen:
+            return 0.0
+        self.graphs_seen.add(key)
+        self.spent_s += elapsed
+        return elapsed
+
+
+# ---------------------------------------------------------------------------------------------
+# inputs and checks
+
+
+def make_input(m: int, k: int, dtype: str, device: str) -> torch.Tensor:
+    """Random normal data (never zeros: they can run faster and hide unwritten outputs), scaled so
+    that fp8 inputs use a good part of their range."""
+    if dtype == "float8_e4m3fn":
+        return (torch.randn(m, k, device=device, dtype=torch.bfloat16) * 32).to(torch.float8_e4m3fn)
+    return torch.randn(m, k, device=device, dtype=common.DTYPES[dtype]) * 3
+
+
+def verify_fp4op(x, gs, recipe, layout, x_q, sf, rows: int = 128) -> bool:
+    """fp4op's outputs of the timed run against fp4op.reference on the first `rows` rows."""
+    from fp4op import layouts, reference
+
+    vec, ue8m0 = common.RECIPES[recipe]
+    m, k = x.shape
+    r = min(m, rows)
+    ref_q, ref_sf = reference.quantize(x[:r], None if ue8m0 else gs, vec, ue8m0, layouts.LINEAR)
+    got_sf = layouts.unswizzle(sf, m, k // vec, layout)[:r]
+    return bool(torch.equal(x_q[:r], ref_q) and torch.equal(got_sf, ref_sf))
+
+
+def match_fraction(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Fraction of equal bytes of two outputs with the same bytes in possibly different views."""
+    a = a.contiguous().view(torch.uint8).reshape(-1)
+    b = b.contiguous().view(torch.uint8).reshape(-1)
+    if a.numel() != b.numel():
+        return 0.0
+    return (a == b).double().mean().item()
+
+
+def short_error(e: BaseException) -> str:
+    text = f"{type(e).__name__}: {e}"
+    return text if len(text) < 400 else text[:400] + " ..."
+
+
+# ---------------------------------------------------------------------------------------------
+# the suite
+
+
+class Bench:
+    def __init__(self, args, device: str):
+        self.args = args
+        self.device = device
+        self.suite = SUITES[args.suite]
+        if device == "cuda":
+            self.timer = CudaTimer(args.target_ms / 1e3, args.min_iters, args.max_iters, args.flush_mib * common.MiB)
+        else:
+            self.timer = HostTimer(args.target_ms / 1e3, args.min_iters, args.max_iters)
+        self.rows: list[dict] = []
+        self.copy_cache: dict[int, dict] = {}
+        self.errors: list[str] = []
+        self.peers = None if args.skip_peers else CompiledPeers(args.peer_dynamic, args.compile_budget_s)
+        self.peer_import_error = None
+        if self.peers is not None:
+            try:
+                import torchao.prototype.mx_formats  # noqa: F401
+            except Exception as e:  # torchao missing or broken: the inductor peer still runs
+                self.peer_import_error = short_error(e)
+                print(f"torchao unavailable, its rows are skipped: {self.peer_import_error}", flush=True)
+
+    def log(self, msg: str):
+        print(msg, flush=True)
+
+    # the reference copy ------------------------------------------------------------------
+    def copy(self, effective_bytes: int) -> dict:
+        n = max(1, effective_bytes // 2)
+        if n not in self.copy_cache:
+            src = torch.empty(n, dtype=torch.uint8, device=self.device).random_(0, 256)
+            dst = torch.empty_like(src)
+            t = self.timer.measure(lambda: dst.copy_(src), target_s=self.args.target_ms / 2e3)
+            t["bytes"] = 2 * n
+            t["gbps"] = 2 * n / t["time_us"] / 1e3
+            self.copy_cache[n] = t
+            del src, dst
+        return self.copy_cache[n]
+
+    def peak_copy(self) -> dict:
+        """The device's copy bandwidth: 1 GiB read + 1 GiB written (16 MiB each on the CPU dry run)."""
+        nbytes = (1 << 30) if self.device == "cuda" else (16 << 20)
+        t = self.copy(2 * nbytes)
+        return {"bytes_moved": t["bytes"], "time_us": t["time_us"], "GBps": t["gbps"]}
+
+    def add_row(self, base: dict, timing: dict | None, error: str | None = None, **extra) -> dict:
+        row = dict(base)
+        row.update(extra)
+        row["error"] = error
+        if timing is not None:
+            row.update(timing)
+            copy = self.copy(row["effective_bytes"])
+            row["gbps"] = row["effective_bytes"] / row["time_us"] / 1e3
+            row["copy_time_us"] = copy["time_us"]
+            row["copy_gbps"] = copy["gbps"]
+            row["pct_of_copy"] = 100.0 * copy["time_us"] / row["time_us"]
+        self.rows.append(row)
+        return row
+
+    # eager --------------------------------------------------------------------------------
+    def run_fp4op(self, x, gs, m, k, dtype):
+        for recipe in self.suite["recipes"]:
+            vec, ue8m0 = common.RECIPES[recipe]
+            for layout in self.suite["layouts"]:
+                base = {"section": "eager", "impl": "fp4op", "m": m, "k": k, "dtype": dtype, "recipe": recipe,
+                        "layout": layout, **common.byte_counts(m, k, dtype, recipe, layout)}
+                swizzled, is_8x4 = layout != "linear", layout == "8x4"
+                g = None if ue8m0 else gs
+
+                def call():
+                    return torch.ops.fp4op.quantize(x, g, vec, ue8m0, swizzled, is_8x4, False)
+
+                try:
+                    x_q, sf = call()
+                    verified = verify_fp4op(x, gs, recipe, layout, x_q, sf)
+                    del x_q, sf
+                    timing = self.timer.measure(call)
+                    row = self.add_row(base, timing, verified=verified)
+                    if not verified:
+                        self.errors.append(f"fp4op {m}x{k} {dtype} {recipe} {layout}: output differs from reference")
+                    self.log(f"  fp4op {recipe:5s} {layout:6s} {row['time_us']:10.2f} us "
+                             f"{row['gbps']:8.1f} GB/s {row['pct_of_copy']:6.1f}% of copy"
+                             + ("" if verified else "  MISMATCH"))
+                except Exception as e:
+                    self.add_row(base, None, short_error(e))
+                    self.errors.append(f"fp4op {m}x{k} {dtype} {recipe} {layout}: {short_error(e)}")
+                    self.log(f"  fp4op {recipe} {layout} FAILED: {short_error(e)}")
+
+    def run_peers(self, x, gs, m, k):
+        for recipe in self.suite["recipes"]:
+            fp4op_out = None
+            for peer in ("torchao", "inductor_reference"):
+                base = {"section": "eager", "impl": peer, "m": m, "k": k, "dtype": PEER_DTYPE, "recipe": recipe,
+                        "layout": PEER_LAYOUT, **common.byte_counts(m, k, PEER_DTYPE, recipe, PEER_LAYOUT)}
+                if peer == "torchao" and self.peer_import_error:
+                    self.add_row(base, None, self.peer_import_error)
+                    continue
+                if self.peers.needs_compile(peer, recipe, m, k) and self.peers.over_budget():
+                    self.add_row(base, None, f"skipped: compile budget of {self.args.compile_budget_s:.0f} s spent")
+                    continue
+                fn = self.peers.function(peer, recipe)
+                try:
+                    self.peers.mark(x)
+                    args = PEERS[(peer, recipe)][1](x, gs)
+                    compile_s = self.peers.first_call(peer, recipe, m, k, args)
+                    q, s = fn(*args)
+                    if fp4op_out is None:
+                        vec, ue8m0 = common.RECIPES[recipe]
+                        fp4op_out = torch.ops.fp4op.quantize(x, None if ue8m0 else gs, vec, ue8m0, True, False, False)
+                    same = {"x_q_match": match_fraction(q, fp4op_out[0]), "sf_match": match_fraction(s, fp4op_out[1])}
+                    del q, s
+                    timing = self.timer.measure(lambda: fn(*args))
+                    row = self.add_row(base, timing, compile_s=round(compile_s, 2), **same)
+                    self.log(f"  {peer:18s} {recipe:5s} {row['time_us']:10.2f} us {row['gbps']:8.1f} GB/s "
+                             f"{row['pct_of_copy']:6.1f}% of copy (compile {compile_s:.1f} s, "
+                             f"x_q match {same['x_q_match']:.4f})")
+                except Exception as e:
+                    self.add_row(base, None, short_error(e))
+                    self.errors.append(f"{peer} {m}x{k} {recipe}: {short_error(e)}")
+                    self.log(f"  {peer} {recipe} FAILED: {short_error(e)}")
+                    if self.args.verbose:
+                        traceback.print_exc()
+
+    # CUDA graphs ---------------------------------------------------------------------------
+    def run_graphs(self, inputs):
+        calls, replays = self.args.graph_calls, self.args.graph_replays
+        tiny = torch.zeros(1, device="cuda")
+        empty = self.timer.graph_replay(lambda: tiny.add_(1), calls, replays)
+        self.graph_empty_us = empty["time_us"]
+        self.log(f"graph replay: empty kernel (1-element add_) {empty['time_us']:.2f} us per call")
+        for (m, k, dtype), (x, gs) in inputs.items():
+            for recipe in self.suite["recipes"]:
+                vec, ue8m0 = common.RECIPES[recipe]
+                for layout in self.suite["layouts"]:
+                    base = {"section": "graph", "impl": "fp4op", "m": m, "k": k, "dtype": dtype, "recipe": recipe,
+                            "layout": layout, **common.byte_counts(m, k, dtype, recipe, layout)}
+                    g = None if ue8m0 else gs
+                    swizzled, is_8x4 = layout != "linear", layout == "8x4"
+                    self._graph_row(base, lambda: torch.ops.fp4op.quantize(x, g, vec, ue8m0, swizzled, is_8x4, False))
+                if dtype == PEER_DTYPE and self.peers is not None:
+                    for peer in ("torchao", "inductor_reference"):
+                        base = {"section": "graph", "impl": peer, "m": m, "k": k, "dtype": dtype, "recipe": recipe,
+                                "layout": PEER_LAYOUT, **common.byte_counts(m, k, dtype, recipe, PEER_LAYOUT)}
+                        if (peer == "torchao" and self.peer_import_error) or self.peers.needs_compile(peer, recipe, m, k):
+                            continue  # not compiled in the eager section (error or budget): nothing to replay
+                        self.peers.mark(x)
+                        args = PEERS[(peer, recipe)][1](x, gs)
+                        fn = self.peers.function(peer, recipe)
+                        self._graph_row(base, lambda: fn(*args))
+
+    def _graph_row(self, base, fn):
+        try:
+            t = self.timer.graph_replay(fn, self.args.graph_calls, self.args.graph_replays)
+            row = dict(base)
+            row.update(t)
+            row["error"] = None
+            row["empty_kernel_us"] = self.graph_empty_us
+            row["ratio_to_empty"] = t["time_us"] / self.graph_empty_us
+            row["gbps"] = row["effective_bytes"] / t["time_us"] / 1e3
+            self.rows.append(row)
+            self.log(f"  graph {base['impl']:18s} {base['m']:3d}x{base['k']:<5d} {base['dtype']:13s} "
+                     f"{base['recipe']:5s} {base['layout']:6s} {t['time_us']:8.2f} us "
+                     f"({row['ratio_to_empty']:.2f}x empty)")
+        except Exception as e:
+            row = dict(base)
+            row["error"] = short_error(e)
+            self.rows.append(row)
+            self.log(f"  graph {base['impl']} {base['m']}x{base['k']} {base['recipe']} FAILED: {short_error(e)}")
+
+    # all ------------------------------------------------------------------------------------
+    def run(self) -> dict:
+        from fp4op import nvfp4_global_scale
+
+        t_start = time.perf_counter()
+        peak = self.peak_copy()
+        self.log(f"copy bandwidth: {peak['GBps']:.1f} GB/s ({peak['bytes_moved'] / common.MiB:.0f} MiB moved)")
+        small_inputs = {}
+        for k in self.suite["ks"]:
+            for m in self.suite["ms"]:
+                for dtype in self.suite["dtypes"]:
+                    x = make_input(m, k, dtype, self.device)
+                    gs = nvfp4_global_scale(x)
+                    self.log(f"{m} x {k} {dtype} ({x.numel() * x.element_size() / common.MiB:.2f} MiB)")
+                    self.run_fp4op(x, gs, m, k, dtype)
+                    if dtype == PEER_DTYPE and self.peers is not None:
+                        self.run_peers(x, gs, m, k)
+                    if m <= SMALL_M and self.device == "cuda" and not self.args.skip_graph:
+                        small_inputs[(m, k, dtype)] = (x, gs)
+                    del x, gs
+                if self.device == "cuda":
+                    torch.cuda.empty_cache()
+        eager_s = time.perf_counter() - t_start
+        if small_inputs:
+            self.run_graphs(small_inputs)
+        return {
+            "suite": self.args.suite,
+            "environment": common.environment(self.device),
+            "method": {
+                "timer": "CUDA events around one call" if self.device == "cuda" else "host clock (dry run)",
+                "l2_flush_MiB": self.args.flush_mib if self.device == "cuda" else 0,
+                "l2_flush_us": self.timer.flush_s * 1e6,
+                "target_ms_per_case": self.args.target_ms,
+                "min_iters": self.args.min_iters,
+                "max_iters": self.args.max_iters,
+                "statistic": "median",
+                "effective_bytes": "input + x_q + sf (sf padding included), the same for every row",
+                "copy": "uint8 device-to-device copy of effective_bytes/2 bytes: reads + writes effective_bytes",
+                "graph": (f"{self.args.graph_calls} calls captured in one CUDA graph, median of "
+                          f"{self.args.graph_replays} replays, no L2 flush; empty kernel = add_ on a 1-element tensor"),
+                "peer_compile": {"dynamic": self.args.peer_dynamic, "budget_s": self.args.compile_budget_s,
+                                 "spent_s": round(self.peers.spent_s, 1) if self.peers else 0.0},
+            },
+            "copy_bandwidth": peak,
+            "graph_empty_kernel_us": getattr(self, "graph_empty_us", None),
+            "rows": self.rows,
+            "errors": self.errors,
+            "wall_s": {"eager": round(eager_s, 1), "total": round(time.perf_counter() - t_start, 1)},
+        }
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--suite", choices=sorted(SUITES), default="quick")
+    p.add_argument("--out-dir", default=os.path.join(common.REPO_ROOT, "benchmarks", "results"))
+    p.add_argument("--name", default=None, help="file stem of the outputs (default: quantize_<suite>)")
+    p.add_argument("--target-ms", type=float, default=100.0, help="wall time aimed at per case")
+    p.add_argument("--min-iters", type=int, default=10)
+    p.add_argument("--max-iters", type=int, default=1000)
+    p.add_argument("--flush-mib", type=int, default=256, help="bytes written between iterations to flush L2")
+    p.add_argument("--peer-dynamic", choices=("m", "static", "all"), default="m",
+                   help="dynamic shapes of the compiled peers (see CompiledPeers)")
+    p.add_argument("--compile-budget-s", type=float, default=150.0,
+                   help="peers needing a new compile after this many seconds of compiling are skipped")
+    p.add_argument("--graph-calls", type=int, default=50, help="calls captured in one CUDA graph")
+    p.add_argument("--graph-replays", type=int, default=20)
+    p.add_argument("--skip-peers", action="store_true")
+    p.add_argument("--skip-graph", action="store_true")
+    p.add_argument("--no-plot", action="store_true")
+    p.add_argument("--verbose", action="store_true")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.suite == "cpu-dry-run":
+        device = "cpu"
+    elif not torch.cuda.is_available():
+        print("bench_quantize.py: no CUDA device here, nothing to measure (the GPU benchmark needs one; "
+              "`--suite cpu-dry-run` exercises the script on the CPU, benchmarks/bench_cpu.py times the "
+              "CPU kernel).")
+        return 0
+    else:
+        device = "cuda"
+    import fp4op
+
+    if device == "cuda" and not common.fp4op_build_info()["cuda_kernels"]:
+        print("bench_quantize.py: fp4op was built without its CUDA kernels (FP4OP_CPU_ONLY?); rebuild it with CUDA.")
+        return 1
+    del fp4op
+    results = Bench(args, device).run()
+    report.attach_speedups(results)
+    os.makedirs(args.out_dir, exist_ok=True)
+    stem = os.path.join(args.out_dir, args.name or f"quantize_{args.suite}")
+    with open(stem + ".json", "w") as f:
+        json.dump(results, f, indent=1)
+    with open(stem + ".md", "w") as f:
+        f.write(report.markdown(results))
+    written = [stem + ".json", stem + ".md"]
+    if not args.no_plot:
+        try:
+            import plot
+
+            plot.make_plot(results, stem + ".png")
+            written.append(stem + ".png")
+        except Exception as e:  # matplotlib missing: the JSON can be plotted elsewhere
+            print(f"plot skipped: {short_error(e)}")
+    print()
+    print(report.summary_text(results))
+    print("wrote " + ", ".join(written))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
