@@ -28,6 +28,7 @@ import os
 import sys
 import time
 import traceback
+import types
 
 import torch
 
@@ -42,6 +43,7 @@ SUITES = {
         "dtypes": ("bfloat16", "float16", "float8_e4m3fn"),
         "recipes": ("nvfp4", "mxfp4"),
         "layouts": common.LAYOUTS,
+        "static_shapes": "32768x16384,16x4096",
     },
     # every code path and every check, on a few shapes (8192 x 4096 bf16 is 64 MiB)
     "quick": {
@@ -50,6 +52,7 @@ SUITES = {
         "dtypes": ("bfloat16", "float16", "float8_e4m3fn"),
         "recipes": ("nvfp4", "mxfp4"),
         "layouts": common.LAYOUTS,
+        "static_shapes": "8192x16384",
     },
     # a CPU dry run of the whole script (tiny shapes, host clock): checks the script, not a device
     "cpu-dry-run": {
@@ -58,11 +61,13 @@ SUITES = {
         "dtypes": ("bfloat16", "float8_e4m3fn"),
         "recipes": ("nvfp4", "mxfp4"),
         "layouts": common.LAYOUTS,
+        "static_shapes": "256x256",
     },
 }
 SMALL_M = 16  # M <= SMALL_M is also timed under CUDA-graph replay
 PEER_DTYPE = "bfloat16"
 PEER_LAYOUT = "128x4"
+PEER_NAMES = ("torchao", "inductor_reference")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -195,22 +200,30 @@ def reference_mxfp4(x):
 
 # (peer, recipe) -> (function, its arguments from (x, fp4op's global scale))
 PEERS = {
-    ("torchao", "nvfp4"): (torchao_nvfp4, lambda x, gs: (x, torch.reciprocal(gs))),  # torchao divides by it
+    # torchao divides by its per-tensor scale, and wants it 0-d
+    ("torchao", "nvfp4"): (torchao_nvfp4, lambda x, gs: (x, torch.reciprocal(gs).reshape(()))),
     ("torchao", "mxfp4"): (torchao_mxfp4, lambda x, gs: (x,)),
     ("inductor_reference", "nvfp4"): (reference_nvfp4, lambda x, gs: (x, gs)),
     ("inductor_reference", "mxfp4"): (reference_mxfp4, lambda x, gs: (x,)),
 }
 
 
-class CompiledPeers:
-    """One torch.compile'd function per (peer, recipe), shapes handled by `dynamic`:
-    "m": M dynamic (one graph per K serves every M >= 2; M = 1 gets its own), K static -- a model's
-         layers have fixed K while the token count M varies;
-    "static": dynamic=False, one graph per shape (slowest to compile);
-    "all": M and K dynamic (fewest compiles)."""
+def _fresh_code(fn, suffix: str):
+    """A copy of `fn` with its own code object: Dynamo keeps its compiled graphs per code object, so
+    a second torch.compile of the copy with other shape settings does not reuse the first's graphs."""
+    return types.FunctionType(fn.__code__.replace(co_name=fn.__name__ + suffix), fn.__globals__, fn.__name__ + suffix)
 
-    def __init__(self, dynamic: str, compile_budget_s: float):
-        self.dynamic = dynamic
+
+class CompiledPeers:
+    """torch.compile'd peers, one per (peer, recipe, shape mode). Shape modes:
+    "all": M and K dynamic (the fewest compiles: one graph for M >= 2 and one for M = 1, which Dynamo
+           always specializes);
+    "m": M dynamic, K static (one graph per K and M >= 2, one per K for M = 1) -- a model's layers
+         have fixed K while the token count M varies;
+    "static": dynamic=False, one graph per shape (the slowest to compile; used for the static
+           cross-check rows "<peer>_static")."""
+
+    def __init__(self, compile_budget_s: float):
         self.budget_s = compile_budget_s
         self.spent_s = 0.0
         self.compiled = {}
@@ -220,51 +233,58 @@ class CompiledPeers:
                      "accumulated_cache_size_limit"):
             if hasattr(cfg, name):
                 setattr(cfg, name, max(getattr(cfg, name), 512))
-        if dynamic != "static":
-            cfg.automatic_dynamic_shapes = False  # only the dims we mark are dynamic
+        cfg.automatic_dynamic_shapes = False  # only the dims we mark are dynamic
 
-    def _graph_key(self, peer, recipe, m, k):
-        if self.dynamic == "static":
-            return (peer, recipe, m, k)
-        if self.dynamic == "all":
-            return (peer, recipe, m == 1)
-        return (peer, recipe, m == 1, k)
+    @staticmethod
+    def _graph_key(peer, recipe, mode, m, k):
+        if mode == "static":
+            return (peer, recipe, mode, m, k)
+        if mode == "all":
+            return (peer, recipe, mode, m == 1)
+        return (peer, recipe, mode, m == 1, k)
 
-    def needs_compile(self, peer, recipe, m, k) -> bool:
-        return self._graph_key(peer, recipe, m, k) not in self.graphs_seen
+    def needs_compile(self, peer, recipe, mode, m, k) -> bool:
+        return self._graph_key(peer, recipe, mode, m, k) not in self.graphs_seen
 
     def over_budget(self) -> bool:
         return self.spent_s > self.budget_s
 
-    def mark(self, x):
-        if self.dynamic == "static":
-            return
-        if x.shape[0] >= 2:  # dynamo specializes a size of 1 anyway
-            torch._dynamo.maybe_mark_dynamic(x, 0)
-        if self.dynamic == "all":
-            torch._dynamo.maybe_mark_dynamic(x, 1)
+    @staticmethod
+    def prepare(x, mode):
+        """The input as the compiled function of `mode` gets it: a fresh view carrying that mode's
+        dynamic-dimension marks (marks live on the tensor object)."""
+        x = x.view(x.shape)
+        if mode != "static":
+            if x.shape[0] >= 2:  # Dynamo specializes a size of 1 anyway
+                torch._dynamo.maybe_mark_dynamic(x, 0)
+            if mode == "all":
+                torch._dynamo.maybe_mark_dynamic(x, 1)
+        return x
 
-    def function(self, peer, recipe):
-        key = (peer, recipe)
+    def function(self, peer, recipe, mode):
+        key = (peer, recipe, mode)
         if key not in self.compiled:
-            fn = PEERS[key][0]
-            self.compiled[key] = torch.compile(fn, dynamic=False) if self.dynamic == "static" else torch.compile(fn)
+            fn = _fresh_code(PEERS[(peer, recipe)][0], "_" + mode)
+            self.compiled[key] = torch.compile(fn, dynamic=False if mode == "static" else None)
         return self.compiled[key]
 
-    def first_call(self, peer, recipe, m, k, args) -> float:
+    def first_call(self, peer, recipe, mode, m, k, args) -> float:
         """Runs the first call of a shape (compiling if needed); returns the compile seconds."""
-        fn = self.function(peer, recipe)
+        fn = self.function(peer, recipe, mode)
+        key = self._graph_key(peer, recipe, mode, m, k)
+        new_graph = key not in self.graphs_seen
         t0 = time.perf_counter()
-        fn(*args)
-        if args[0].is_cuda:
-            torch.cuda.synchronize()
-        elapsed = time.perf_counter() - t0
-        key = self._graph_key(peer, recipe, m, k)
-        if key in self.graphs_seen:
+        try:
+            fn(*args)
+            if args[0].is_cuda:
+                torch.cuda.synchronize()
+        finally:
+            if new_graph:  # a failed compile spends the budget too
+                self.spent_s += time.perf_counter() - t0
+        if not new_graph:
             return 0.0
         self.graphs_seen.add(key)
-        self.spent_s += elapsed
-        return elapsed
+        return time.perf_counter() - t0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -321,8 +341,11 @@ class Bench:
         self.rows: list[dict] = []
         self.copy_cache: dict[int, dict] = {}
         self.errors: list[str] = []
-        self.peers = None if args.skip_peers else CompiledPeers(args.peer_dynamic, args.compile_budget_s)
+        self.peers = None if args.skip_peers else CompiledPeers(args.compile_budget_s)
+        shapes = self.suite["static_shapes"] if args.static_shapes is None else args.static_shapes
+        self.static_shapes = {tuple(int(v) for v in s.split("x")) for s in shapes.split(",") if s}
         self.peer_import_error = None
+        self.dynamic_failures: dict[tuple, str] = {}  # (peer, recipe, mode) -> the compile error
         if self.peers is not None:
             try:
                 import torchao.prototype.mx_formats  # noqa: F401
@@ -395,40 +418,70 @@ class Bench:
                     self.errors.append(f"fp4op {m}x{k} {dtype} {recipe} {layout}: {short_error(e)}")
                     self.log(f"  fp4op {recipe} {layout} FAILED: {short_error(e)}")
 
+    def peer_variants(self, m, k):
+        """(peer, compile shape mode, row name) of the peers timed at M x K."""
+        variants = [(peer, self.args.peer_dynamic, peer) for peer in PEER_NAMES]
+        if (m, k) in self.static_shapes and self.args.peer_dynamic != "static":
+            variants.append(("torchao", "static", "torchao_static"))
+        return variants
+
+    def peer_mode(self, peer, recipe, mode) -> str:
+        """`mode`, or "static" once a dynamic-shape compile of this peer has failed."""
+        return "static" if (peer, recipe, mode) in self.dynamic_failures else mode
+
     def run_peers(self, x, gs, m, k):
         for recipe in self.suite["recipes"]:
-            fp4op_out = None
-            for peer in ("torchao", "inductor_reference"):
-                base = {"section": "eager", "impl": peer, "m": m, "k": k, "dtype": PEER_DTYPE, "recipe": recipe,
+            vec, ue8m0 = common.RECIPES[recipe]
+            fp4op_out = torch.ops.fp4op.quantize(x, None if ue8m0 else gs, vec, ue8m0, True, False, False)
+            for peer, asked_mode, impl in self.peer_variants(m, k):
+                base = {"section": "eager", "impl": impl, "m": m, "k": k, "dtype": PEER_DTYPE, "recipe": recipe,
                         "layout": PEER_LAYOUT, **common.byte_counts(m, k, PEER_DTYPE, recipe, PEER_LAYOUT)}
                 if peer == "torchao" and self.peer_import_error:
                     self.add_row(base, None, self.peer_import_error)
                     continue
-                if self.peers.needs_compile(peer, recipe, m, k) and self.peers.over_budget():
-                    self.add_row(base, None, f"skipped: compile budget of {self.args.compile_budget_s:.0f} s spent")
-                    continue
-                fn = self.peers.function(peer, recipe)
+                mode = self.peer_mode(peer, recipe, asked_mode)
                 try:
-                    self.peers.mark(x)
-                    args = PEERS[(peer, recipe)][1](x, gs)
-                    compile_s = self.peers.first_call(peer, recipe, m, k, args)
-                    q, s = fn(*args)
-                    if fp4op_out is None:
-                        vec, ue8m0 = common.RECIPES[recipe]
-                        fp4op_out = torch.ops.fp4op.quantize(x, None if ue8m0 else gs, vec, ue8m0, True, False, False)
-                    same = {"x_q_match": match_fraction(q, fp4op_out[0]), "sf_match": match_fraction(s, fp4op_out[1])}
-                    del q, s
-                    timing = self.timer.measure(lambda: fn(*args))
-                    row = self.add_row(base, timing, compile_s=round(compile_s, 2), **same)
-                    self.log(f"  {peer:18s} {recipe:5s} {row['time_us']:10.2f} us {row['gbps']:8.1f} GB/s "
-                             f"{row['pct_of_copy']:6.1f}% of copy (compile {compile_s:.1f} s, "
-                             f"x_q match {same['x_q_match']:.4f})")
+                    self._time_peer(base, peer, recipe, mode, x, gs, fp4op_out)
                 except Exception as e:
-                    self.add_row(base, None, short_error(e))
-                    self.errors.append(f"{peer} {m}x{k} {recipe}: {short_error(e)}")
-                    self.log(f"  {peer} {recipe} FAILED: {short_error(e)}")
-                    if self.args.verbose:
-                        traceback.print_exc()
+                    if mode == "static":
+                        self._peer_failed(base, e)
+                        continue
+                    # a dynamic-shape compile that fails (an Inductor limitation) falls back to dynamic=False
+                    self.dynamic_failures[(peer, recipe, mode)] = short_error(e)
+                    self.log(f"  {impl} {recipe}: compile with dynamic shapes ({mode}) failed, using dynamic=False: "
+                             f"{short_error(e)}")
+                    try:
+                        self._time_peer(base, peer, recipe, "static", x, gs, fp4op_out)
+                    except Exception as e2:
+                        self._peer_failed(base, e2)
+            del fp4op_out
+
+    def _time_peer(self, base, peer, recipe, mode, x, gs, fp4op_out):
+        m, k, impl = base["m"], base["k"], base["impl"]
+        if self.peers.needs_compile(peer, recipe, mode, m, k) and self.peers.over_budget():
+            self.add_row(base, None, f"skipped: compile budget of {self.args.compile_budget_s:.0f} s spent")
+            self.log(f"  {impl} {recipe}: skipped, compile budget spent")
+            return
+        args = PEERS[(peer, recipe)][1](self.peers.prepare(x, mode), gs)
+        compile_s = self.peers.first_call(peer, recipe, mode, m, k, args)
+        fn = self.peers.function(peer, recipe, mode)
+        q, s = fn(*args)
+        same = {"x_q_match": match_fraction(q, fp4op_out[0]), "sf_match": match_fraction(s, fp4op_out[1])}
+        del q, s
+        timing = self.timer.measure(lambda: fn(*args))
+        fallback = self.dynamic_failures.get((peer, recipe, self.args.peer_dynamic)) if mode == "static" else None
+        row = self.add_row(base, timing, compile_mode=mode, compile_s=round(compile_s, 2),
+                           dynamic_compile_error=fallback, **same)
+        self.log(f"  {impl:18s} {recipe:5s} {row['time_us']:10.2f} us {row['gbps']:8.1f} GB/s "
+                 f"{row['pct_of_copy']:6.1f}% of copy (compile {mode} {compile_s:.1f} s, "
+                 f"x_q match {same['x_q_match']:.4f})")
+
+    def _peer_failed(self, base, e):
+        self.add_row(base, None, short_error(e))
+        self.errors.append(f"{base['impl']} {base['m']}x{base['k']} {base['recipe']}: {short_error(e)}")
+        self.log(f"  {base['impl']} {base['recipe']} FAILED: {short_error(e)}")
+        if self.args.verbose:
+            traceback.print_exc()
 
     # CUDA graphs ---------------------------------------------------------------------------
     def run_graphs(self, inputs):
@@ -447,14 +500,14 @@ class Bench:
                     swizzled, is_8x4 = layout != "linear", layout == "8x4"
                     self._graph_row(base, lambda: torch.ops.fp4op.quantize(x, g, vec, ue8m0, swizzled, is_8x4, False))
                 if dtype == PEER_DTYPE and self.peers is not None:
-                    for peer in ("torchao", "inductor_reference"):
-                        base = {"section": "graph", "impl": peer, "m": m, "k": k, "dtype": dtype, "recipe": recipe,
+                    for peer, asked_mode, impl in self.peer_variants(m, k):
+                        mode = self.peer_mode(peer, recipe, asked_mode)
+                        base = {"section": "graph", "impl": impl, "m": m, "k": k, "dtype": dtype, "recipe": recipe,
                                 "layout": PEER_LAYOUT, **common.byte_counts(m, k, dtype, recipe, PEER_LAYOUT)}
-                        if (peer == "torchao" and self.peer_import_error) or self.peers.needs_compile(peer, recipe, m, k):
+                        if (peer == "torchao" and self.peer_import_error) or self.peers.needs_compile(peer, recipe, mode, m, k):
                             continue  # not compiled in the eager section (error or budget): nothing to replay
-                        self.peers.mark(x)
-                        args = PEERS[(peer, recipe)][1](x, gs)
-                        fn = self.peers.function(peer, recipe)
+                        args = PEERS[(peer, recipe)][1](self.peers.prepare(x, mode), gs)
+                        fn = self.peers.function(peer, recipe, mode)
                         self._graph_row(base, lambda: fn(*args))
 
     def _graph_row(self, base, fn):
@@ -517,6 +570,7 @@ class Bench:
                 "graph": (f"{self.args.graph_calls} calls captured in one CUDA graph, median of "
                           f"{self.args.graph_replays} replays, no L2 flush; empty kernel = add_ on a 1-element tensor"),
                 "peer_compile": {"dynamic": self.args.peer_dynamic, "budget_s": self.args.compile_budget_s,
+                                 "static_shapes": sorted(f"{m}x{k}" for m, k in self.static_shapes),
                                  "spent_s": round(self.peers.spent_s, 1) if self.peers else 0.0},
             },
             "copy_bandwidth": peak,
@@ -536,8 +590,10 @@ def parse_args(argv=None):
     p.add_argument("--min-iters", type=int, default=10)
     p.add_argument("--max-iters", type=int, default=1000)
     p.add_argument("--flush-mib", type=int, default=256, help="bytes written between iterations to flush L2")
-    p.add_argument("--peer-dynamic", choices=("m", "static", "all"), default="m",
+    p.add_argument("--peer-dynamic", choices=("all", "m", "static"), default="all",
                    help="dynamic shapes of the compiled peers (see CompiledPeers)")
+    p.add_argument("--static-shapes", default=None,
+                   help="MxK,... where torchao is also timed compiled with dynamic=False (default: per suite)")
     p.add_argument("--compile-budget-s", type=float, default=150.0,
                    help="peers needing a new compile after this many seconds of compiling are skipped")
     p.add_argument("--graph-calls", type=int, default=50, help="calls captured in one CUDA graph")
