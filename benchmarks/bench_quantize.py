@@ -321,7 +321,9 @@ def match_fraction(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def short_error(e: BaseException) -> str:
-    text = f"{type(e).__name__}: {e}"
+    """The error's type and the first line of its message (Dynamo appends pages of advice)."""
+    lines = [line for line in str(e).splitlines() if line.strip()]
+    text = f"{type(e).__name__}: {lines[0] if lines else ''}"
     return text if len(text) < 400 else text[:400] + " ..."
 
 
