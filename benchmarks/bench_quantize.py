@@ -269,22 +269,19 @@ class CompiledPeers:
         return self.compiled[key]
 
     def first_call(self, peer, recipe, mode, m, k, args) -> float:
-        """Runs the first call of a shape (compiling if needed); returns the compile seconds."""
+        """Runs the first call of a shape, compiling if Dynamo needs to (also where a graph was
+        expected to be reused but a guard failed); returns its seconds, counted against the budget."""
         fn = self.function(peer, recipe, mode)
-        key = self._graph_key(peer, recipe, mode, m, k)
-        new_graph = key not in self.graphs_seen
         t0 = time.perf_counter()
         try:
             fn(*args)
             if args[0].is_cuda:
                 torch.cuda.synchronize()
-        finally:
-            if new_graph:  # a failed compile spends the budget too
-                self.spent_s += time.perf_counter() - t0
-        if not new_graph:
-            return 0.0
-        self.graphs_seen.add(key)
-        return time.perf_counter() - t0
+            self.graphs_seen.add(self._graph_key(peer, recipe, mode, m, k))
+        finally:  # a failed compile spends the budget too
+            elapsed = time.perf_counter() - t0
+            self.spent_s += elapsed
+        return elapsed
 
 
 # ---------------------------------------------------------------------------------------------
@@ -465,17 +462,17 @@ class Bench:
             self.log(f"  {impl} {recipe}: skipped, compile budget spent")
             return
         args = PEERS[(peer, recipe)][1](self.peers.prepare(x, mode), gs)
-        compile_s = self.peers.first_call(peer, recipe, mode, m, k, args)
+        first_s = self.peers.first_call(peer, recipe, mode, m, k, args)
         fn = self.peers.function(peer, recipe, mode)
         q, s = fn(*args)
         same = {"x_q_match": match_fraction(q, fp4op_out[0]), "sf_match": match_fraction(s, fp4op_out[1])}
         del q, s
         timing = self.timer.measure(lambda: fn(*args))
         fallback = self.dynamic_failures.get((peer, recipe, self.args.peer_dynamic)) if mode == "static" else None
-        row = self.add_row(base, timing, compile_mode=mode, compile_s=round(compile_s, 2),
+        row = self.add_row(base, timing, compile_mode=mode, first_call_s=round(first_s, 2),
                            dynamic_compile_error=fallback, **same)
         self.log(f"  {impl:18s} {recipe:5s} {row['time_us']:10.2f} us {row['gbps']:8.1f} GB/s "
-                 f"{row['pct_of_copy']:6.1f}% of copy (compile {mode} {compile_s:.1f} s, "
+                 f"{row['pct_of_copy']:6.1f}% of copy (first call, compile {mode}: {first_s:.1f} s, "
                  f"x_q match {same['x_q_match']:.4f})")
 
     def _peer_failed(self, base, e):
@@ -495,41 +492,58 @@ class Bench:
         for (m, k, dtype), (x, gs) in inputs.items():
             for recipe in self.suite["recipes"]:
                 vec, ue8m0 = common.RECIPES[recipe]
+                g = None if ue8m0 else gs
                 for layout in self.suite["layouts"]:
                     base = {"section": "graph", "impl": "fp4op", "m": m, "k": k, "dtype": dtype, "recipe": recipe,
                             "layout": layout, **common.byte_counts(m, k, dtype, recipe, layout)}
-                    g = None if ue8m0 else gs
                     swizzled, is_8x4 = layout != "linear", layout == "8x4"
-                    self._graph_row(base, lambda: torch.ops.fp4op.quantize(x, g, vec, ue8m0, swizzled, is_8x4, False))
-                if dtype == PEER_DTYPE and self.peers is not None:
-                    for peer, asked_mode, impl in self.peer_variants(m, k):
-                        mode = self.peer_mode(peer, recipe, asked_mode)
-                        base = {"section": "graph", "impl": impl, "m": m, "k": k, "dtype": dtype, "recipe": recipe,
-                                "layout": PEER_LAYOUT, **common.byte_counts(m, k, dtype, recipe, PEER_LAYOUT)}
-                        if (peer == "torchao" and self.peer_import_error) or self.peers.needs_compile(peer, recipe, mode, m, k):
-                            continue  # not compiled in the eager section (error or budget): nothing to replay
-                        args = PEERS[(peer, recipe)][1](self.peers.prepare(x, mode), gs)
-                        fn = self.peers.function(peer, recipe, mode)
-                        self._graph_row(base, lambda: fn(*args))
+                    if not self._graph_row(base, lambda: torch.ops.fp4op.quantize(x, g, vec, ue8m0, swizzled, is_8x4, False)):
+                        return
+        if self.peers is None:
+            return
+        # the peers last: a capture that fails inside compiled code could leave the stream unusable
+        for (m, k, dtype), (x, gs) in inputs.items():
+            if dtype != PEER_DTYPE:
+                continue
+            for recipe in self.suite["recipes"]:
+                for peer, asked_mode, impl in self.peer_variants(m, k):
+                    mode = self.peer_mode(peer, recipe, asked_mode)
+                    if (peer == "torchao" and self.peer_import_error) or self.peers.needs_compile(peer, recipe, mode, m, k):
+                        continue  # not compiled in the eager section (error or budget): nothing to replay
+                    base = {"section": "graph", "impl": impl, "m": m, "k": k, "dtype": dtype, "recipe": recipe,
+                            "layout": PEER_LAYOUT, **common.byte_counts(m, k, dtype, recipe, PEER_LAYOUT)}
+                    args = PEERS[(peer, recipe)][1](self.peers.prepare(x, mode), gs)
+                    fn = self.peers.function(peer, recipe, mode)
+                    if not self._graph_row(base, lambda: fn(*args)):
+                        return
 
-    def _graph_row(self, base, fn):
+    def _graph_row(self, base, fn) -> bool:
+        """Adds a graph-replay row; False when the device is no longer usable after a failure."""
         try:
             t = self.timer.graph_replay(fn, self.args.graph_calls, self.args.graph_replays)
-            row = dict(base)
-            row.update(t)
-            row["error"] = None
-            row["empty_kernel_us"] = self.graph_empty_us
-            row["ratio_to_empty"] = t["time_us"] / self.graph_empty_us
-            row["gbps"] = row["effective_bytes"] / t["time_us"] / 1e3
-            self.rows.append(row)
-            self.log(f"  graph {base['impl']:18s} {base['m']:3d}x{base['k']:<5d} {base['dtype']:13s} "
-                     f"{base['recipe']:5s} {base['layout']:6s} {t['time_us']:8.2f} us "
-                     f"({row['ratio_to_empty']:.2f}x empty)")
         except Exception as e:
             row = dict(base)
             row["error"] = short_error(e)
             self.rows.append(row)
+            self.errors.append(f"graph {base['impl']} {base['m']}x{base['k']} {base['recipe']}: {short_error(e)}")
             self.log(f"  graph {base['impl']} {base['m']}x{base['k']} {base['recipe']} FAILED: {short_error(e)}")
+            try:
+                torch.cuda.synchronize()
+                return True
+            except Exception as e2:
+                self.errors.append(f"graph section stopped, device unusable: {short_error(e2)}")
+                return False
+        row = dict(base)
+        row.update(t)
+        row["error"] = None
+        row["empty_kernel_us"] = self.graph_empty_us
+        row["ratio_to_empty"] = t["time_us"] / self.graph_empty_us
+        row["gbps"] = row["effective_bytes"] / t["time_us"] / 1e3
+        self.rows.append(row)
+        self.log(f"  graph {base['impl']:18s} {base['m']:3d}x{base['k']:<5d} {base['dtype']:13s} "
+                 f"{base['recipe']:5s} {base['layout']:6s} {t['time_us']:8.2f} us "
+                 f"({row['ratio_to_empty']:.2f}x empty)")
+        return True
 
     # all ------------------------------------------------------------------------------------
     def run(self) -> dict:

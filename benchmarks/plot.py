@@ -14,9 +14,11 @@ MiB = 1 << 20
 # (label, row filter, style): fp4op on every input dtype with 128x4 scales, the peers on bf16
 SERIES = (
     ("fp4op bf16", lambda r: r["impl"] == "fp4op" and r["dtype"] == "bfloat16", {"color": "C0", "marker": "o", "lw": 2}),
-    ("fp4op fp16", lambda r: r["impl"] == "fp4op" and r["dtype"] == "float16", {"color": "C0", "marker": "^", "ls": ":"}),
+    ("fp4op fp16", lambda r: r["impl"] == "fp4op" and r["dtype"] == "float16", {"color": "C4", "marker": "^", "ls": ":"}),
     ("fp4op fp8", lambda r: r["impl"] == "fp4op" and r["dtype"] == "float8_e4m3fn", {"color": "C2", "marker": "s", "ls": ":"}),
     ("torchao bf16 (compiled)", lambda r: r["impl"] == "torchao", {"color": "C3", "marker": "x", "ls": "--"}),
+    ("torchao bf16 (compiled, dynamic=False)", lambda r: r["impl"] == "torchao_static",
+     {"color": "C3", "marker": "X", "ls": "none", "ms": 8}),
     ("Inductor reference bf16", lambda r: r["impl"] == "inductor_reference", {"color": "C1", "marker": "d", "ls": "--"}),
 )
 
@@ -45,7 +47,7 @@ def make_plot(results: dict, out_png: str) -> None:
         for label, keep, style in SERIES:
             pts = _points([r for r in rows if r["recipe"] == recipe and keep(r)])
             if pts:
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], label=label, ms=5, **style)
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], label=label, **{"ms": 5, **style})
         ax.set_xscale("log")
         ax.set_xlabel("input size (MiB)")
         ax.set_ylabel("% of copy bandwidth (same bytes)")
