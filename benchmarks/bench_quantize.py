@@ -80,7 +80,6 @@ class CudaTimer:
     def __init__(self, target_s: float, min_iters: int, max_iters: int, flush_bytes: int):
         self.target_s, self.min_iters, self.max_iters = target_s, min_iters, max_iters
         self.flush_buf = torch.empty(flush_bytes, dtype=torch.uint8, device="cuda")
-        self.flush_s = 0.0
         self.flush_s = common.median(self._timed(self.flush_buf.zero_, 20, flush=False)) * 1e-6
 
     def _timed(self, fn, n: int, flush: bool = True) -> list[float]:
@@ -485,7 +484,7 @@ class Bench:
     # CUDA graphs ---------------------------------------------------------------------------
     def run_graphs(self, inputs):
         calls, replays = self.args.graph_calls, self.args.graph_replays
-        tiny = torch.zeros(1, device="cuda")
+        tiny = torch.zeros(1, device=self.device)
         empty = self.timer.graph_replay(lambda: tiny.add_(1), calls, replays)
         self.graph_empty_us = empty["time_us"]
         self.log(f"graph replay: empty kernel (1-element add_) {empty['time_us']:.2f} us per call")
