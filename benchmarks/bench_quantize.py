@@ -558,9 +558,13 @@ class Bench:
         peak = self.peak_copy()
         self.log(f"copy bandwidth: {peak['GBps']:.1f} GB/s ({peak['bytes_moved'] / common.MiB:.0f} MiB moved)")
         small_inputs = {}
+        skipped = []
         for k in self.suite["ks"]:
             for m in self.suite["ms"]:
                 for dtype in self.suite["dtypes"]:
+                    if time.perf_counter() - t_start > 60 * self.args.max_minutes:
+                        skipped.append(f"{m}x{k} {dtype}")
+                        continue
                     x = make_input(m, k, dtype, self.device)
                     gs = global_scale_of(x)
                     self.log(f"{m} x {k} {dtype} ({x.numel() * x.element_size() / common.MiB:.2f} MiB)")
@@ -573,6 +577,9 @@ class Bench:
                 if self.device == "cuda":
                     torch.cuda.empty_cache()
         eager_s = time.perf_counter() - t_start
+        if skipped:
+            self.errors.append(f"--max-minutes {self.args.max_minutes} reached: not measured: {', '.join(skipped)}")
+            self.log(self.errors[-1])
         if small_inputs:
             self.run_graphs(small_inputs)
         return {
@@ -617,6 +624,9 @@ def parse_args(argv=None):
                    help="MxK,... where torchao is also timed compiled with dynamic=False (default: per suite)")
     p.add_argument("--compile-budget-s", type=float, default=150.0,
                    help="peers needing a new compile after this many seconds of compiling are skipped")
+    p.add_argument("--max-minutes", type=float, default=7.0,
+                   help="after this long, the remaining eager cases are skipped (and listed), so that the "
+                        "results are written within a 10-minute command")
     p.add_argument("--graph-calls", type=int, default=50, help="calls captured in one CUDA graph")
     p.add_argument("--graph-replays", type=int, default=20)
     p.add_argument("--skip-peers", action="store_true")
