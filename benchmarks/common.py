@@ -60,8 +60,10 @@ def percentile(values, q: float):
 
 
 def git_commit() -> str | None:
-    """HEAD of the checkout the benchmark runs from, else $FP4OP_COMMIT (the GPU machine gets a copy
-    of the working tree without .git)."""
+    """$FP4OP_COMMIT if set (the GPU machine gets a copy of the working tree without .git), else HEAD
+    of the checkout the benchmark runs from."""
+    if os.environ.get("FP4OP_COMMIT"):
+        return os.environ["FP4OP_COMMIT"]
     try:
         out = subprocess.run(
             ["git", "-C", REPO_ROOT, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10
@@ -70,7 +72,7 @@ def git_commit() -> str | None:
             return out.stdout.strip()
     except (OSError, subprocess.SubprocessError):
         pass
-    return os.environ.get("FP4OP_COMMIT")
+    return None
 
 
 def cpu_description() -> str:
