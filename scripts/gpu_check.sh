@@ -5,7 +5,8 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/fp4op_out}
-mkdir -p "$OUT"
+LOGS=${LOGS:-/tmp/fp4op_logs}  # everything lands here and comes back as one archive, $OUT/gpu_logs.tgz
+mkdir -p "$OUT" "$LOGS"
 PY=${PY:-python3}
 stages=${*:-build smoke tests sanitize bench fused demo}
 if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
@@ -17,9 +18,9 @@ run() {  # run NAME CMD...: log to $OUT/NAME.log, remember failures
   local name=$1; shift
   echo "=== $name: $*"
   local t0=$(date +%s)
-  "$@" > "$OUT/$name.log" 2>&1
+  "$@" > "$LOGS/$name.log" 2>&1
   local rc=$?
-  echo "--- $name rc=$rc ($(( $(date +%s) - t0 ))s)"; tail -n ${TAIL:-15} "$OUT/$name.log"
+  echo "--- $name rc=$rc ($(( $(date +%s) - t0 ))s)"; tail -n ${TAIL:-15} "$LOGS/$name.log"
   [ $rc -eq 0 ] || status=1
 }
 for s in $stages; do
@@ -33,12 +34,13 @@ for s in $stages; do
       for tool in memcheck racecheck initcheck; do
         run "sanitize_$tool" compute-sanitizer --tool $tool --error-exitcode 1 $PY scripts/memcheck_cases.py
       done ;;
-    bench) run bench $PY benchmarks/bench_quantize.py --suite full --out-dir "$OUT" ;;
-    fused) run fused $PY scripts/bench_fused.py --out "$OUT/bench_fused.json" ;;
+    bench) run bench $PY benchmarks/bench_quantize.py --suite full --out-dir "$LOGS" ;;
+    fused) run fused $PY scripts/bench_fused.py --out "$LOGS/bench_fused.json" ;;
     demo) run demo $PY examples/demo.py ;;
   esac
 done
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$OUT/device.txt" 2>&1
-$PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" >> "$OUT/device.txt" 2>&1
-git rev-parse HEAD >> "$OUT/device.txt" 2>/dev/null
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$LOGS/device.txt" 2>&1
+$PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" >> "$LOGS/device.txt" 2>&1
+echo "commit ${FP4OP_COMMIT:-$(git rev-parse HEAD 2>/dev/null)}" >> "$LOGS/device.txt"
+tar -czf "$OUT/gpu_logs.tgz" -C "$LOGS" .
 exit $status
