@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -31,6 +32,9 @@ EPS = 1e-6
 
 
 def git_commit() -> str:
+    """HEAD of the checkout, or $FP4OP_GIT_COMMIT where the copy has no .git."""
+    if os.environ.get("FP4OP_GIT_COMMIT"):
+        return os.environ["FP4OP_GIT_COMMIT"]
     try:
         return subprocess.run(
             ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,

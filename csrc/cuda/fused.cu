@@ -5,8 +5,8 @@
 // the 2 (NVFP4) or 4 (MXFP4) chunks of a scale block sit in adjacent lanes of one warp and reduce
 // their amax with shuffles, as in quantize.cu. Norms make a first pass that reduces the row in
 // float32 (warp shuffles, then shared memory across warps), keeping up to HELD chunks a thread in
-// registers (K <= 16384); larger rows are read again from global memory in the second pass
-// (elementwise ops use the same unrolled loop without holding anything, for the loads in flight). The second
+// registers (K <= 16384); larger rows are read again from global memory in the second pass.
+// Elementwise ops load their row share (K <= 16384) into registers first too, for loads in flight. The second
 // pass computes the rounded outputs (fused_math.h), quantizes them with the shared numerics and
 // writes x_q (4-byte stores) and the scale bytes. Lanes past the row's last block write the zero
 // padding columns of the swizzled layouts, and the CTAs past the row CTAs zero the padding rows, so
@@ -100,27 +100,25 @@ constexpr bool is_norm(FusedOp op) {
   return op == FusedOp::kRmsNorm || op == FusedOp::kAddRmsNorm || op == FusedOp::kLayerNorm;
 }
 
-// The rounded outputs of one chunk of a row. `v` is the chunk of the normalized input (x, or
-// x + residual) for norms; elementwise ops load their inputs here.
+// The rounded outputs of one chunk of a row: `v` is the chunk of x (activations), gate, or the
+// normalized input (x, or x + residual, for norms); `u` the chunk of up (gated activations).
 template <FusedOp OP, InputDtype D>
-__device__ __forceinline__ void chunk_outputs(const FusedLaunch& a, int64_t row, int64_t chunk, const uint4& v,
+__device__ __forceinline__ void chunk_outputs(const FusedLaunch& a, int64_t chunk, const uint4& v, const uint4& u,
                                               float stat_a, float stat_b, float (&out)[kChunk]) {
+  float x[kChunk];
+  widen8<D>(v, x);
   if constexpr (OP == FusedOp::kActivation) {
-    float x[kChunk];
-    widen8<D>(__ldg(chunk_ptr(a.x, row, a.x_row_stride, chunk)), x);
     const Activation act = Activation(a.activation);
 #pragma unroll
     for (int i = 0; i < kChunk; ++i) out[i] = fused::activation_element(x[i], act, D);
   } else if constexpr (OP == FusedOp::kGatedActivation) {
-    float gate[kChunk], up[kChunk];
-    widen8<D>(__ldg(chunk_ptr(a.x, row, a.x_row_stride, chunk)), gate);
-    widen8<D>(__ldg(chunk_ptr(a.y, row, a.y_row_stride, chunk)), up);
+    float up[kChunk];
+    widen8<D>(u, up);
     const Activation act = Activation(a.activation);
 #pragma unroll
-    for (int i = 0; i < kChunk; ++i) out[i] = fused::gated_element(gate[i], up[i], act, D);
+    for (int i = 0; i < kChunk; ++i) out[i] = fused::gated_element(x[i], up[i], act, D);
   } else {
-    float x[kChunk], w[kChunk] = {}, b[kChunk] = {};
-    widen8<D>(v, x);
+    float w[kChunk] = {}, b[kChunk] = {};
     if (a.weight != nullptr) widen8<D>(__ldg(chunk_ptr(a.weight, 0, 0, chunk)), w);
     if constexpr (OP == FusedOp::kLayerNorm) {
       if (a.bias != nullptr) widen8<D>(__ldg(chunk_ptr(a.bias, 0, 0, chunk)), b);
@@ -234,7 +232,21 @@ __global__ void __launch_bounds__(kThreads) fused_kernel(const FusedLaunch a, co
     const int64_t row = row_ok ? row_or_past : 0;  // rows past M only take part in the shuffles
 
     uint4 held[kSlots];
+    uint4 held_up[OP == FusedOp::kGatedActivation ? kSlots : 1];
     float stat_a = 0.0f, stat_b = 0.0f;  // rms: rstd; layer norm: mean, rstd
+    if constexpr (!is_norm(OP) && HELD > 0) {
+      // load the whole row share first: HELD loads (two per chunk for gated ops) in flight a thread
+#pragma unroll
+      for (int c = 0; c < HELD; ++c) {
+        const int64_t chunk = lane + int64_t(c) * RT;
+        held[c] = make_uint4(0u, 0u, 0u, 0u);
+        if constexpr (OP == FusedOp::kGatedActivation) held_up[c] = make_uint4(0u, 0u, 0u, 0u);
+        if (row_ok && c < g.iters && chunk < g.chunks) {
+          held[c] = __ldg(chunk_ptr(a.x, row, a.x_row_stride, chunk));
+          if constexpr (OP == FusedOp::kGatedActivation) held_up[c] = __ldg(chunk_ptr(a.y, row, a.y_row_stride, chunk));
+        }
+      }
+    }
     if constexpr (is_norm(OP)) {
       float acc = 0.0f;
       if constexpr (HELD > 0) {
@@ -287,27 +299,34 @@ __global__ void __launch_bounds__(kThreads) fused_kernel(const FusedLaunch a, co
     if constexpr (!UE8M0) {
       rs = nvfp4_row_scale(a.global_scale[a.global_scale_per_row ? row : 0], a.is_global_scale_inversed);
     }
-    auto second_pass_chunk = [&](int64_t chunk, const uint4& v) {
+    auto second_pass_chunk = [&](int64_t chunk, const uint4& v, const uint4& u) {
       const bool has_data = row_ok && chunk < g.chunks;
       const bool is_pad_col = row_ok && !has_data && chunk < g.padded_chunks;
       float f[kChunk] = {};
-      if (has_data) chunk_outputs<OP, D>(a, row, chunk, v, stat_a, stat_b, f);
+      if (has_data) chunk_outputs<OP, D>(a, chunk, v, u, stat_a, stat_b, f);
       quantize_chunk<UE8M0>(a, f, has_data, is_pad_col, row, chunk, rs);
     };
     if constexpr (HELD > 0) {
 #pragma unroll
       for (int c = 0; c < HELD; ++c) {
-        if (c < g.iters) second_pass_chunk(lane + int64_t(c) * RT, is_norm(OP) ? held[c] : make_uint4(0u, 0u, 0u, 0u));
+        if (c < g.iters) {
+          second_pass_chunk(lane + int64_t(c) * RT, held[c],
+                            OP == FusedOp::kGatedActivation ? held_up[c] : make_uint4(0u, 0u, 0u, 0u));
+        }
       }
     } else {
-#pragma unroll 2
       for (int c = 0; c < g.iters; ++c) {
         const int64_t chunk = lane + int64_t(c) * RT;
-        uint4 v = make_uint4(0u, 0u, 0u, 0u);
-        if constexpr (is_norm(OP)) {
-          if (row_ok && chunk < g.chunks) v = reload_norm_chunk<OP>(a, row, chunk);
+        uint4 v = make_uint4(0u, 0u, 0u, 0u), u = make_uint4(0u, 0u, 0u, 0u);
+        if (row_ok && chunk < g.chunks) {
+          if constexpr (is_norm(OP)) {
+            v = reload_norm_chunk<OP>(a, row, chunk);
+          } else {
+            v = __ldg(chunk_ptr(a.x, row, a.x_row_stride, chunk));
+            if constexpr (OP == FusedOp::kGatedActivation) u = __ldg(chunk_ptr(a.y, row, a.y_row_stride, chunk));
+          }
         }
-        second_pass_chunk(chunk, v);
+        second_pass_chunk(chunk, v, u);
       }
     }
   }
