@@ -78,7 +78,8 @@ def _matrix_params():
 def test_kernel_matches_reference(dtype, vec, ue8m0, layout, kind, inversed):
     for m in MS:
         for k in KS:
-            if k % vec:
+            # every M with the small K; the long rows (K = 2048) with a short and a partial-tile M
+            if k % vec or (k == 2048 and m not in (7, 129)):
                 continue
             x = random_input((m, k), dtype)
             gs = None
