@@ -406,7 +406,7 @@ def test_empty_inputs(vec, ue8m0, layout, shape):
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("kind,inversed", [("scalar", False), ("per_row", True), ("per_row_2d", False)])
 def test_dequantize_matches_reference(dtype, vec, ue8m0, layout, kind, inversed):
-    for m, k in ((1, 32), (7, 64), (129, 96), (300, 2048)):
+    for m, k in ((1, 32), (7, 64), (129, 96), (300, 256)):
         x = random_input((m, k), dtype)
         gs = make_global_scale(x, kind)
         if inversed:
