@@ -39,13 +39,16 @@ def problems(draw):
     seed = draw(st.integers(0, 2**31 - 1))
     n_special = draw(st.integers(0, 8))
     specials = draw(st.lists(st.sampled_from(SPECIALS), min_size=n_special, max_size=n_special))
+    # whole blocks of one value: all-NaN, all -0.0, all-inf, ... blocks
+    block_fills = draw(st.lists(st.sampled_from([float("nan"), -0.0, 0.0, float("inf"), float("-inf"), 1e-40, 6.0]),
+                                max_size=3))
     scale_kind = draw(st.sampled_from(["usual", "one", "special", "random"]))
     per_row = draw(st.booleans())
     per_row_2d = draw(st.booleans())
     inversed = draw(st.booleans())
     special_scale = draw(st.sampled_from([0.0, -0.0, -3.0, float("inf"), float("nan"), 1e-30, 1e30]))
     return dict(vec=vec, ue8m0=ue8m0, dtype=dtype, layout=layout, m=m, k=nk * vec, kind=kind, seed=seed,
-                specials=specials, scale_kind=scale_kind, per_row=per_row, per_row_2d=per_row_2d,
+                specials=specials, block_fills=block_fills, scale_kind=scale_kind, per_row=per_row, per_row_2d=per_row_2d,
                 inversed=inversed, special_scale=special_scale)
 
 
@@ -78,6 +81,10 @@ def build_input(p):
     if n and p["specials"]:
         pos = torch.randint(0, n, (len(p["specials"]),), generator=g)
         x[pos] = torch.tensor(p["specials"])
+    if n and p["block_fills"]:
+        blocks = x.view(-1, vec)
+        for value, b in zip(p["block_fills"], torch.randint(0, blocks.shape[0], (len(p["block_fills"]),), generator=g)):
+            blocks[b] = value
     if p["dtype"] == torch.float8_e4m3fn:
         x = x.clamp(-448, 448)  # keeps NaN; out-of-range values would become NaN in the cast
     return x.reshape(m, k).to(p["dtype"])
