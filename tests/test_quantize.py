@@ -459,3 +459,21 @@ def test_round_trip_exact_for_representable_values(vec, ue8m0):
     x_q, sf = op_quantize(values.to(torch.bfloat16), ONE, vec, ue8m0, "linear")
     deq = op_dequantize(x_q, sf, ONE, vec, ue8m0, "linear")
     assert torch.equal(deq, values)
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=dtype_id)
+def test_infinity_times_denormal_scale_with_flush_to_zero(dtype):
+    # MXFP4 scale of an infinite block is 2^-127, a float32 denormal: with denormals flushed,
+    # -inf * 2^-127 would be -inf * 0 = NaN (code 0x7) instead of -6 (code 0xF). The kernel must keep
+    # IEEE denormals even when the caller turned flush-to-zero on.
+    x = torch.zeros(1, 32)
+    x[0, 0] = -math.inf
+    x[0, 1] = math.inf
+    x = x.to(dtype)
+    torch.set_flush_denormal(True)
+    try:
+        x_q, sf = op_quantize(x, None, 32, True, "linear")
+    finally:
+        torch.set_flush_denormal(False)
+    assert sf.item() == 0xFE
+    assert unpack(x_q)[0, :2].tolist() == [0xF, 0x7]

@@ -72,13 +72,15 @@ def test_concurrent_cpu_calls():
 
 
 def test_concurrent_cpu_calls_on_denormal_inputs():
-    # tiny inputs, where flush-to-zero in one thread would change results if it leaked into the kernel
+    # bf16 denormals (float32 denormals once widened), where flush-to-zero in a thread would change
+    # the results if it reached the kernel
     problems = []
     for i in range(N_THREADS):
-        bits = torch.randint(1, 0x3FF, (300, 256), dtype=torch.int16)
-        x = bits.view(torch.float16)
+        bits = torch.randint(1, 0x7F, (300, 256), dtype=torch.int16)
+        x = bits.view(torch.bfloat16)
+        x[::5, :16] = 2.0**-100  # some blocks with normal values, which MXFP4 scales above byte 0
         vec, ue8m0 = ((16, False), (32, True))[i % 2]
-        problems.append((x, torch.tensor([1e6]), vec, ue8m0, LAYOUTS[i % 3]))
+        problems.append((x, torch.tensor([3e38]), vec, ue8m0, LAYOUTS[i % 3]))
     _run_concurrently(problems, "cpu", flush_denormal_threads=(0, 2, 4))
 
 
