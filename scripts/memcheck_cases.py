@@ -1,0 +1,82 @@
+"""Small CUDA quantize + dequantize cases for compute-sanitizer (memcheck, racecheck, initcheck):
+
+    compute-sanitizer --tool memcheck --error-exitcode 1 python scripts/memcheck_cases.py
+
+Covers every input dtype, recipe and layout, odd M (M = 1 included), odd numbers of scale blocks,
+empty inputs, per-row global scales, non-contiguous and unaligned inputs. Each result is compared
+with the CPU kernel; exits 1 on a mismatch, 2 without a GPU."""
+
+import math
+import sys
+
+import torch
+
+import fp4op  # noqa: F401  (registers the ops)
+from fp4op import layouts
+
+DTYPES = (torch.float16, torch.bfloat16, torch.float8_e4m3fn)
+RECIPES = ((16, False), (32, True))
+SHAPES = ((1, 32), (7, 96), (129, 160), (300, 64), (0, 64), (5, 0), (2, 3, 224))
+
+
+def make_input(shape, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g) * 4
+    if x.numel():
+        x.view(-1)[:: 97] = 0.0
+        x.view(-1)[5 :: 211] = float("nan")
+        if dtype != torch.float8_e4m3fn:
+            x.view(-1)[7 :: 401] = float("inf")
+    return x.clamp(-448, 448).to(dtype) if dtype == torch.float8_e4m3fn else x.to(dtype)
+
+
+def check(name, x_cpu, x_cuda, gs, vec, ue8m0, layout, failures):
+    swz, is8x4 = layouts.layout_flags(layout)
+    gs_cuda = None if gs is None else gs.cuda()
+    got = torch.ops.fp4op.quantize(x_cuda, gs_cuda, vec, ue8m0, swz, is8x4, False)
+    deq = torch.ops.fp4op.dequantize(*got, gs_cuda, vec, ue8m0, swz, is8x4, False, torch.bfloat16)
+    torch.cuda.synchronize()
+    want = torch.ops.fp4op.quantize(x_cpu, gs, vec, ue8m0, swz, is8x4, False)
+    want_deq = torch.ops.fp4op.dequantize(*want, gs, vec, ue8m0, swz, is8x4, False, torch.bfloat16)
+    same_deq = torch.equal(deq.cpu().isnan(), want_deq.isnan()) and torch.equal(
+        deq.cpu().nan_to_num().view(torch.int16), want_deq.nan_to_num().view(torch.int16))
+    if not (torch.equal(got[0].cpu(), want[0]) and torch.equal(got[1].cpu(), want[1]) and same_deq):
+        failures.append(name)
+
+
+def main():
+    if not torch.cuda.is_available():
+        print("memcheck_cases: no CUDA device")
+        return 2
+    failures = []
+    count = 0
+    for dtype in DTYPES:
+        for vec, ue8m0 in RECIPES:
+            for layout in layouts.LAYOUTS:
+                for i, shape in enumerate(SHAPES):
+                    if shape[-1] % vec:
+                        continue
+                    x = make_input(shape, dtype, i)
+                    m = math.prod(shape[:-1])
+                    gs = None if ue8m0 else (torch.rand(m) * 100 + 1 if i % 2 else torch.tensor([37.0]))
+                    name = f"{dtype} vec={vec} {layout} {shape}"
+                    check(name, x, x.cuda(), gs, vec, ue8m0, layout, failures)
+                    count += 1
+                # non-contiguous and unaligned inputs
+                base = make_input((33, 256), dtype, 99)
+                gs = None if ue8m0 else torch.tensor([5.0])
+                check(f"{dtype} vec={vec} {layout} strided", base[:, ::2], base.cuda()[:, ::2], gs, vec, ue8m0,
+                      layout, failures)
+                flat = make_input((40 * 96 + 16,), dtype, 7)
+                unaligned = flat[3 : 3 + 40 * 96].view(40, 96)
+                check(f"{dtype} vec={vec} {layout} unaligned", unaligned, flat.cuda()[3 : 3 + 40 * 96].view(40, 96),
+                      gs, vec, ue8m0, layout, failures)
+                count += 2
+    for f in failures:
+        print("MISMATCH", f)
+    print(f"memcheck_cases: {count - len(failures)}/{count} cases match the CPU kernel")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

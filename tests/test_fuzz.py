@@ -1,0 +1,147 @@
+"""Property tests (hypothesis): for random shapes, dtypes, recipes, layouts, global scales and values
+aimed at the rounding boundaries, the CPU kernel equals fp4op.reference byte for byte, and the CUDA
+kernel equals the CPU kernel when a GPU is present.
+
+Profiles (tests/conftest.py): 'ci' by default (bounded, derandomized); FP4OP_HYPOTHESIS_PROFILE=long
+runs >= 100000 examples."""
+
+import pytest
+import torch
+
+hypothesis = pytest.importorskip("hypothesis")
+from hypothesis import given, note, strategies as st  # noqa: E402
+
+from conftest import HAS_CUDA, assert_same_bytes, op_dequantize, op_quantize  # noqa: E402
+from fp4op import layouts, reference  # noqa: E402
+
+E2M1_GRID = [0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0, 3.5, 4.0, 5.0, 6.0]
+E4M3_VALUES = torch.arange(1, 0x7F, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
+# E4M3 midpoints (ties of the block-scale rounding) and the E4M3 values themselves
+E4M3_POINTS = torch.cat([E4M3_VALUES, (E4M3_VALUES[1:] + E4M3_VALUES[:-1]) / 2])
+SPECIALS = [0.0, -0.0, float("inf"), float("-inf"), float("nan"), 6e-8, -6e-8, 1e-40, -1e-39, 65504.0, 448.0,
+            3e38, 2.0**-126, 2.0**-127, 2.0**-133]
+ELEMENT_KINDS = ("wide", "grid", "scale_boundary", "denormal", "specials")
+
+RECIPES = st.sampled_from([(16, False), (32, True)])
+DTYPES = st.sampled_from([torch.float16, torch.bfloat16, torch.float8_e4m3fn])
+MAX_ELEMENTS = 1 << 16  # keeps one example fast; M up to 3000 with short rows, long rows with few M
+
+
+@st.composite
+def problems(draw):
+    vec, ue8m0 = draw(RECIPES)
+    dtype = draw(DTYPES)
+    layout = draw(st.sampled_from(layouts.LAYOUTS))
+    m = draw(st.one_of(st.integers(0, 10), st.integers(0, 3000)))
+    max_blocks = max(0, min(64, MAX_ELEMENTS // (max(m, 1) * vec)))
+    nk = draw(st.integers(0, max_blocks))
+    kind = draw(st.sampled_from(ELEMENT_KINDS))
+    seed = draw(st.integers(0, 2**31 - 1))
+    n_special = draw(st.integers(0, 8))
+    specials = draw(st.lists(st.sampled_from(SPECIALS), min_size=n_special, max_size=n_special))
+    # whole blocks of one value: all-NaN, all -0.0, all-inf, ... blocks
+    block_fills = draw(st.lists(st.sampled_from([float("nan"), -0.0, 0.0, float("inf"), float("-inf"), 1e-40, 6.0]),
+                                max_size=3))
+    scale_kind = draw(st.sampled_from(["usual", "one", "special", "random"]))
+    per_row = draw(st.booleans())
+    per_row_2d = draw(st.booleans())
+    inversed = draw(st.booleans())
+    special_scale = draw(st.sampled_from([0.0, -0.0, -3.0, float("inf"), float("nan"), 1e-30, 1e30]))
+    return dict(vec=vec, ue8m0=ue8m0, dtype=dtype, layout=layout, m=m, k=nk * vec, kind=kind, seed=seed,
+                specials=specials, block_fills=block_fills, scale_kind=scale_kind, per_row=per_row, per_row_2d=per_row_2d,
+                inversed=inversed, special_scale=special_scale)
+
+
+def build_input(p):
+    g = torch.Generator().manual_seed(p["seed"])
+    m, k, vec = p["m"], p["k"], p["vec"]
+    n = m * k
+    block_exp = torch.randint(-12, 8, (max(1, n // vec),), generator=g).repeat_interleave(vec)[:n].float()
+    if p["kind"] == "wide":
+        x = torch.randn(n, generator=g) * torch.pow(2.0, block_exp)
+    elif p["kind"] == "grid":
+        # values on the E2M1 grid and its midpoints, times each block's power of two; every block holds
+        # 6 * 2^e so that (with S = 1) the elements land exactly on the grid after scaling
+        grid = torch.tensor(E2M1_GRID)[torch.randint(0, len(E2M1_GRID), (n,), generator=g)]
+        sign = torch.where(torch.rand(n, generator=g) < 0.5, -1.0, 1.0)
+        x = grid * sign * torch.pow(2.0, block_exp)
+        if n:
+            x.view(-1, vec)[:, 0] = 6.0 * torch.pow(2.0, block_exp.view(-1, vec)[:, 0])
+    elif p["kind"] == "scale_boundary":
+        # block amax = 6 * (an E4M3 value or midpoint) * 2^e: the block-scale rounding boundaries
+        idx = torch.randint(0, E4M3_POINTS.numel(), (max(1, n // vec),), generator=g)
+        amax = (6.0 * E4M3_POINTS[idx] * torch.pow(2.0, torch.randint(-4, 2, idx.shape, generator=g).float()))
+        x = (torch.rand(n, generator=g) * 2 - 1) * amax.repeat_interleave(vec)[:n]
+        if n:
+            x.view(-1, vec)[:, 1] = amax[: n // vec]
+    elif p["kind"] == "denormal":
+        x = torch.randn(n, generator=g) * 2.0**-20 * torch.pow(2.0, block_exp.clamp(max=0) * 8)
+    else:
+        x = torch.tensor(SPECIALS)[torch.randint(0, len(SPECIALS), (n,), generator=g)]
+    if n and p["specials"]:
+        pos = torch.randint(0, n, (len(p["specials"]),), generator=g)
+        x[pos] = torch.tensor(p["specials"])
+    if n and p["block_fills"]:
+        blocks = x.view(-1, vec)
+        for value, b in zip(p["block_fills"], torch.randint(0, blocks.shape[0], (len(p["block_fills"]),), generator=g)):
+            blocks[b] = value
+    if p["dtype"] == torch.float8_e4m3fn:
+        x = x.clamp(-448, 448)  # keeps NaN; out-of-range values would become NaN in the cast
+    return x.reshape(m, k).to(p["dtype"])
+
+
+def build_global_scale(p, x):
+    if p["ue8m0"]:
+        return None
+    rows = p["m"] if p["per_row"] else 1
+    if p["scale_kind"] == "one" or p["kind"] == "grid":
+        gs = torch.ones(rows)
+    elif p["scale_kind"] == "special":
+        gs = torch.full((rows,), p["special_scale"])
+    elif p["scale_kind"] == "random":
+        gs = torch.pow(2.0, torch.randn(rows) * 20)
+    else:
+        a = x.float().abs().nan_to_num(0.0, 0.0, 0.0)
+        amax = a.amax(-1) if p["per_row"] and a.numel() else a.amax().reshape(1) if a.numel() else torch.ones(rows)
+        gs = 2688.0 / amax
+    if p["inversed"]:
+        gs = 1.0 / gs
+    return gs.reshape(-1, 1) if p["per_row"] and p["per_row_2d"] else gs
+
+
+@given(problems())
+def test_kernel_equals_reference(p):
+    note(str({k: v for k, v in p.items()}))
+    x = build_input(p)
+    gs = build_global_scale(p, x)
+    args = (p["vec"], p["ue8m0"], p["layout"], p["inversed"])
+    got = op_quantize(x, gs, *args)
+    want = reference.quantize(x, gs, *args)
+    assert_same_bytes(got[0], want[0], "x_q")
+    assert_same_bytes(got[1], want[1], "sf")
+    deq = op_dequantize(got[0], got[1], gs, *args)
+    assert_same_bytes(deq, reference.dequantize(got[0], got[1], gs, *args), "dequantize")
+    if HAS_CUDA:
+        gs_cuda = None if gs is None else gs.cuda()
+        cuda = op_quantize(x.cuda(), gs_cuda, *args)
+        assert_same_bytes(cuda[0], got[0], "x_q CUDA vs CPU")
+        assert_same_bytes(cuda[1], got[1], "sf CUDA vs CPU")
+        cuda_deq = op_dequantize(cuda[0], cuda[1], gs_cuda, *args)
+        assert_same_bytes(cuda_deq, deq, "dequantize CUDA vs CPU")
+
+
+@given(
+    st.lists(st.floats(width=32, allow_nan=True, allow_infinity=True, allow_subnormal=True), min_size=32,
+             max_size=32),
+    RECIPES,
+    st.sampled_from([1.0, 2688.0, 0.5, 3.0e-5, 1.0e20]),
+)
+def test_single_block_any_float32_values(values, recipe, scale):
+    # one row of arbitrary float32 values (hypothesis' float strategy favours the edge cases) in bf16
+    vec, ue8m0 = recipe
+    x = torch.tensor(values, dtype=torch.float32).to(torch.bfloat16).reshape(1, 32)
+    gs = torch.tensor([scale])
+    got = op_quantize(x, gs, vec, ue8m0, "linear")
+    want = reference.quantize(x, gs, vec, ue8m0, "linear")
+    assert_same_bytes(got[0], want[0], "x_q")
+    assert_same_bytes(got[1], want[1], "sf")

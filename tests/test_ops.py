@@ -1,0 +1,168 @@
+"""The custom ops as PyTorch ops: torch.library.opcheck over the matrix, fake tensors, torch.compile
+with dynamic shapes, autograd."""
+
+import itertools
+
+import pytest
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+import fp4op
+from conftest import DTYPES, LAYOUTS, RECIPES, SCALE_KINDS, dtype_id, make_global_scale, op_quantize, random_input
+from fp4op import layouts
+
+# (M, K) pairs cycled through the matrix so that every M and every K appears (K = 48 is NVFP4-only)
+SHAPES_NVFP4 = [(1, 16), (7, 48), (128, 32), (129, 2048), (300, 48), (7, 16), (129, 32)]
+SHAPES_MXFP4 = [(1, 32), (7, 2048), (128, 64), (129, 32), (300, 96)]
+
+
+def _opcheck_utils(dtype):
+    # opcheck's test_schema compares inputs before and after the call for mutation with arithmetic
+    # (SchemaCheckMode.bitwise_equal) that PyTorch's CPU backend lacks for float8:
+    # 'NotImplementedError: "mul_cpu_reduced_float" not implemented for Float8_e4m3fn'. Only that check
+    # is dropped for float8 inputs; test_fp8_input_not_mutated checks mutation of those by hand.
+    if dtype == torch.float8_e4m3fn:
+        return ("test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
+    return ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
+
+
+def _quantize_cases():
+    counter = itertools.count()
+    for dtype in DTYPES:
+        for name, vec, ue8m0 in RECIPES:
+            for layout in LAYOUTS:
+                scales = (("none", False),) if ue8m0 else [(k, inv) for k in SCALE_KINDS for inv in (False, True)]
+                for kind, inversed in scales:
+                    shapes = SHAPES_MXFP4 if ue8m0 else SHAPES_NVFP4
+                    m, k = shapes[next(counter) % len(shapes)]
+                    yield pytest.param(
+                        dtype, vec, ue8m0, layout, kind, inversed, m, k,
+                        id=f"{dtype_id(dtype)}-{name}-{layout}-{kind}{'-inv' if inversed else ''}-{m}x{k}",
+                    )
+
+
+def _args(x, gs, vec, ue8m0, layout, inversed):
+    swz, is8x4 = layouts.layout_flags(layout)
+    return (x, gs, vec, ue8m0, swz, is8x4, inversed)
+
+
+@pytest.mark.parametrize("dtype,vec,ue8m0,layout,kind,inversed,m,k", list(_quantize_cases()))
+def test_opcheck_quantize(dtype, vec, ue8m0, layout, kind, inversed, m, k):
+    x = random_input((m, k), dtype)
+    gs = None if ue8m0 else make_global_scale(x, kind)
+    torch.library.opcheck(
+        torch.ops.fp4op.quantize.default, _args(x, gs, vec, ue8m0, layout, inversed), test_utils=_opcheck_utils(dtype)
+    )
+
+
+def test_opcheck_quantize_mxfp4_with_ignored_global_scale():
+    x = random_input((7, 64), torch.bfloat16)
+    torch.library.opcheck(torch.ops.fp4op.quantize.default, _args(x, torch.ones(1), 32, True, "128x4", False))
+
+
+@pytest.mark.parametrize("name,vec,ue8m0", RECIPES, ids=[r[0] for r in RECIPES])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("kind,inversed", [("scalar", False), ("per_row", True), ("per_row_2d", False)])
+@pytest.mark.parametrize("output_dtype", [torch.float32, torch.bfloat16, torch.float16], ids=dtype_id)
+def test_opcheck_dequantize(name, vec, ue8m0, layout, kind, inversed, output_dtype):
+    x = random_input((129, 64), torch.bfloat16)
+    gs = make_global_scale(x, kind)
+    x_q, sf = op_quantize(x, gs, vec, ue8m0, layout, inversed)
+    swz, is8x4 = layouts.layout_flags(layout)
+    torch.library.opcheck(
+        torch.ops.fp4op.dequantize.default, (x_q, sf, gs, vec, ue8m0, swz, is8x4, inversed, output_dtype)
+    )
+
+
+@pytest.mark.parametrize("vec,ue8m0", [(16, False), (32, True)], ids=["nvfp4", "mxfp4"])
+def test_fp8_input_not_mutated(vec, ue8m0):
+    x = random_input((129, 64), torch.float8_e4m3fn)
+    before = x.view(torch.uint8).clone()
+    gs = make_global_scale(x, "per_row")
+    gs_before = gs.clone()
+    op_quantize(x, gs, vec, ue8m0, "128x4")
+    assert torch.equal(x.view(torch.uint8), before) and torch.equal(gs, gs_before)
+
+
+# ---- fake tensors -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("vec,ue8m0", [(16, False), (32, True)], ids=["nvfp4", "mxfp4"])
+@pytest.mark.parametrize("shape", [(1, 64), (129, 96 * 2), (3, 5, 64), (0, 64), (300, 0)])
+def test_fake_shapes_dtypes_devices(layout, dtype, vec, ue8m0, shape):
+    real = torch.zeros(shape, dtype=dtype)
+    want_xq, want_sf = op_quantize(real, torch.ones(1), vec, ue8m0, layout)
+    with FakeTensorMode() as mode:
+        x = mode.from_tensor(real)
+        x_q, sf = op_quantize(x, mode.from_tensor(torch.ones(1)), vec, ue8m0, layout)
+        deq = fp4op.dequantize(x_q, sf, mode.from_tensor(torch.ones(1)), vec, ue8m0, *layouts.layout_flags(layout),
+                               output_dtype=torch.bfloat16)
+    assert (x_q.shape, x_q.dtype, x_q.device) == (want_xq.shape, torch.uint8, real.device)
+    assert (sf.shape, sf.dtype, sf.device) == (want_sf.shape, torch.uint8, real.device)
+    assert (deq.shape, deq.dtype) == (shape, torch.bfloat16)
+    # the meta device goes through the same fake kernels
+    meta_xq, meta_sf = op_quantize(real.to("meta"), torch.ones(1, device="meta"), vec, ue8m0, layout)
+    assert meta_xq.shape == want_xq.shape and meta_sf.shape == want_sf.shape and meta_sf.device.type == "meta"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU for fake CUDA tensors")
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_fake_cuda_device(layout):
+    with FakeTensorMode() as mode:
+        x = mode.from_tensor(torch.zeros(129, 64, dtype=torch.bfloat16, device="cuda"))
+        gs = mode.from_tensor(torch.ones(1, device="cuda"))
+        x_q, sf = op_quantize(x, gs, 16, False, layout)
+    assert x_q.device.type == "cuda" and sf.device.type == "cuda"
+    assert sf.shape == layouts.sf_shape(129, 4, layout)
+
+
+# ---- torch.compile ----------------------------------------------------------------------------------
+
+def test_compile_dynamic_no_recompile_and_bit_identical():
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    def quantize_both(x, gs):
+        # the API and the raw ops in one graph
+        x_q, sf = fp4op.fp4_quantize(x, gs, 16, False, True, False)
+        mx_q, mx_sf = torch.ops.fp4op.quantize(x, None, 32, True, False, False, False)
+        deq = torch.ops.fp4op.dequantize(x_q, sf, gs, 16, False, True, False, False, torch.bfloat16)
+        return x_q, sf, mx_q, mx_sf, deq
+
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("inductor")
+    compiled = torch.compile(quantize_both, backend=counter, dynamic=True, fullgraph=True)
+    for m in (7, 129, 300, 1000):
+        x = random_input((m, 128), torch.bfloat16)
+        gs = make_global_scale(x, "per_row")
+        got = compiled(x, gs)
+        want = quantize_both(x, gs)
+        for g, w in zip(got, want):
+            assert g.shape == w.shape and g.dtype == w.dtype
+            assert torch.equal(g.view(torch.uint8) if g.dtype == torch.uint8 else g.view(torch.int16),
+                               w.view(torch.uint8) if w.dtype == torch.uint8 else w.view(torch.int16))
+    assert counter.frame_count == 1, f"recompiled when M changed: {counter.frame_count} compilations"
+    torch._dynamo.reset()
+
+
+# ---- autograd ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=dtype_id)
+def test_input_requiring_grad(dtype):
+    x = random_input((7, 64), dtype).requires_grad_()
+    gs = make_global_scale(x.detach(), "scalar").requires_grad_()
+    x_q, sf = torch.ops.fp4op.quantize(x, gs)
+    api_q, api_sf = fp4op.fp4_quantize(x, gs)
+    for t in (x_q, sf, api_q, api_sf):
+        assert not t.requires_grad and t.grad_fn is None
+    want = torch.ops.fp4op.quantize(x.detach(), gs.detach())
+    assert torch.equal(x_q, want[0]) and torch.equal(sf, want[1])
+
+
+def test_dequantize_backward_raises_clear_error():
+    x = random_input((7, 64), torch.bfloat16)
+    gs = make_global_scale(x, "scalar")
+    x_q, sf = torch.ops.fp4op.quantize(x, gs)
+    out = torch.ops.fp4op.dequantize(x_q, sf, gs.clone().requires_grad_())
+    with pytest.raises(RuntimeError, match="not differentiable"):
+        out.sum().backward()
