@@ -3,7 +3,7 @@
 // Quantize: one thread per scale block (16 or 32 elements). A CTA covers a tile of
 // rows_per_tile x cols_per_tile blocks; tiles along K map to blockIdx.x and row tiles to blockIdx.y,
 // so no thread divides by K. Threads past the last real block column write the zero padding columns
-// of the swizzled sf layouts and the CTAs of blockIdx.z == 1 zero the padding rows: one launch writes
+// of the swizzled sf layouts and the CTAs past the quantizing ones zero the padding rows: one launch writes
 // every output byte.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -91,18 +91,21 @@ struct Tiling {
   int cols_per_tile;
   int rows_per_tile;
   int64_t row_tiles;
+  unsigned data_rows_y;  // gridDim.y of the quantizing CTAs; the CTAs above zero the padding rows
 };
 
-// Zeroes the padding rows [m, sf_rows) of a swizzled layout, one 4-byte word (4 block columns) a thread.
+// Zeroes the padding rows [m, sf_rows) of a swizzled layout, one 4-byte word (4 block columns) a
+// thread; the CTAs of blockIdx.y >= data_rows_y do this. 32-bit index math: the launcher checks that
+// the padding has fewer than 2^32 words.
 template <SfLayout LAYOUT>
-__device__ void zero_padding_rows(const QuantizeLaunch& a, int64_t nk) {
-  const int64_t words_per_row = sf_cols(nk, LAYOUT) / 4;
-  const int64_t words = (sf_rows(a.m, LAYOUT) - a.m) * words_per_row;
-  const int64_t stride = int64_t(gridDim.x) * gridDim.y * kThreads;
-  for (int64_t i = (int64_t(blockIdx.y) * gridDim.x + blockIdx.x) * kThreads + threadIdx.x; i < words;
+__device__ void zero_padding_rows(const QuantizeLaunch& a, int64_t nk, unsigned data_rows_y) {
+  const uint32_t words_per_row = uint32_t(sf_cols(nk, LAYOUT) / 4);
+  const uint32_t words = uint32_t(sf_rows(a.m, LAYOUT) - a.m) * words_per_row;
+  const uint32_t stride = gridDim.x * (gridDim.y - data_rows_y) * kThreads;
+  for (uint32_t i = ((blockIdx.y - data_rows_y) * gridDim.x + blockIdx.x) * kThreads + threadIdx.x; i < words;
        i += stride) {
     const int64_t row = a.m + i / words_per_row;
-    const int64_t col = (i % words_per_row) * 4;
+    const int64_t col = int64_t(i % words_per_row) * 4;
     *reinterpret_cast<uint32_t*>(a.sf + sf_offset(row, col, nk, LAYOUT)) = 0u;
   }
 }
@@ -110,7 +113,7 @@ __device__ void zero_padding_rows(const QuantizeLaunch& a, int64_t nk) {
 // One thread per scale block: VEC elements read with 16-byte loads (the two or four loads of a
 // thread are adjacent; the warp's loads together cover a contiguous span, served by L1), reduced,
 // scaled, packed and written with one 8- or 16-byte store. Each thread walks row tiles with a
-// stride of gridDim.y and loads the next tile's block before converting the current one, so that
+// stride of data_rows_y and loads the next tile's block before converting the current one, so that
 // memory traffic overlaps the conversion arithmetic.
 template <InputDtype D, int VEC, bool UE8M0, SfLayout LAYOUT>
 __global__ void __launch_bounds__(kThreads) quantize_kernel(const QuantizeLaunch a, const Tiling t) {
@@ -118,8 +121,8 @@ __global__ void __launch_bounds__(kThreads) quantize_kernel(const QuantizeLaunch
   constexpr int kLoads = VEC / In::kPerVector;
   constexpr int kElementBytes = D == InputDtype::kFloat8E4M3 ? 1 : 2;
   const int64_t nk = a.k / VEC;
-  if (blockIdx.z == 1) {
-    if constexpr (LAYOUT != SfLayout::kLinear) zero_padding_rows<LAYOUT>(a, nk);
+  if (blockIdx.y >= t.data_rows_y) {
+    if constexpr (LAYOUT != SfLayout::kLinear) zero_padding_rows<LAYOUT>(a, nk, t.data_rows_y);
     return;
   }
 
@@ -144,14 +147,14 @@ __global__ void __launch_bounds__(kThreads) quantize_kernel(const QuantizeLaunch
   uint4 next[kLoads];
   load_block(row_of(blockIdx.y), next);
   // the trip count depends on blockIdx.y only, so every lane reaches the shuffles below
-  for (int64_t tile = blockIdx.y; tile < t.row_tiles; tile += gridDim.y) {
+  for (int64_t tile = blockIdx.y; tile < t.row_tiles; tile += t.data_rows_y) {
     const int64_t row = row_of(tile);
     const bool row_ok = local_row < t.rows_per_tile && row < a.m;
     const bool has_data = row_ok && col_has_data;
     uint4 v[kLoads];
 #pragma unroll
     for (int i = 0; i < kLoads; ++i) v[i] = next[i];
-    load_block(row_of(tile + gridDim.y), next);
+    load_block(row_of(tile + t.data_rows_y), next);
 
     float f[VEC];
     if (has_data) {
@@ -226,8 +229,9 @@ cudaError_t launch_quantize_typed(const QuantizeLaunch& a, cudaStream_t stream) 
   }
   t.row_tiles = (a.m + t.rows_per_tile - 1) / t.rows_per_tile;
   if (tiles_k > 0x7FFFFFFF) return cudaErrorInvalidValue;
-  const bool pad_rows = sf_rows(a.m, LAYOUT) > a.m;
-  // one wave of resident CTAs; each walks row tiles with stride gridDim.y
+  const int64_t pad_words = (sf_rows(a.m, LAYOUT) - a.m) * (cols / 4);
+  if (pad_words >= (int64_t(1) << 32)) return cudaErrorInvalidValue;
+  // one wave of resident CTAs; each walks row tiles with stride data_rows_y
   static const int ctas_per_sm = [] {
     int n = 0;
     if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, quantize_kernel<D, VEC, UE8M0, LAYOUT>, kThreads, 0) !=
@@ -238,8 +242,10 @@ cudaError_t launch_quantize_typed(const QuantizeLaunch& a, cudaStream_t stream) 
     return std::max(n, 1);
   }();
   const int64_t target_y = std::max<int64_t>(1, int64_t(a.num_sms) * ctas_per_sm / tiles_k);
-  const int64_t grid_y = std::min<int64_t>(std::min<int64_t>(t.row_tiles, target_y), kMaxGridY);
-  const dim3 grid(unsigned(tiles_k), unsigned(grid_y), pad_rows ? 2u : 1u);
+  const int64_t grid_y = std::min<int64_t>(std::min<int64_t>(t.row_tiles, target_y), kMaxGridY / 2);
+  t.data_rows_y = unsigned(grid_y);
+  const int64_t pad_y = std::min<int64_t>((pad_words + tiles_k * kThreads - 1) / (tiles_k * kThreads), kMaxGridY / 2);
+  const dim3 grid(unsigned(tiles_k), unsigned(grid_y + pad_y));
   quantize_kernel<D, VEC, UE8M0, LAYOUT><<<grid, kThreads, 0, stream>>>(a, t);
   return cudaGetLastError();
 }
