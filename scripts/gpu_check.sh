@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Everything the GPU machine does in one call: build, GPU tests, sanitizers, benchmarks.
 # Usage (on the device machine, from the repo root): bash scripts/gpu_check.sh [stage ...]
-# Stages: build smoke tests sanitize bench fused demo (default: all). Logs and results go to $OUT.
+# Stages: build smoke tests sanitize bench quickbench fused demo (default: all but quickbench). Logs and results go to $OUT.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/fp4op_out}
@@ -29,14 +29,15 @@ for s in $stages; do
       run build env FP4OP_CUDA_GENCODE="${FP4OP_CUDA_GENCODE:--gencode=arch=compute_90a,code=sm_90a}" MAX_JOBS=16 \
         $PY -m pip install --no-build-isolation --no-deps -e . ;;
     smoke) run smoke $PY scripts/gpu_smoke.py ;;
-    tests) run tests $PY -m pytest tests -q -x -p no:cacheprovider ;;
+    tests) run tests timeout ${TESTS_TIMEOUT:-360} $PY -m pytest tests -q -p no:cacheprovider ;;
     sanitize)
       for tool in memcheck racecheck initcheck; do
-        run "sanitize_$tool" compute-sanitizer --tool $tool --error-exitcode 1 $PY scripts/memcheck_cases.py
+        run "sanitize_$tool" timeout 120 compute-sanitizer --tool $tool --error-exitcode 1 $PY scripts/memcheck_cases.py
       done ;;
     bench) run bench $PY benchmarks/bench_quantize.py --suite full --out-dir "$LOGS" ;;
+    quickbench) run quickbench $PY benchmarks/bench_quantize.py --suite quick --skip-peers --out-dir "$LOGS" ;;
     fused) run fused $PY scripts/bench_fused.py --out "$LOGS/bench_fused.json" ;;
-    demo) run demo $PY examples/demo.py ;;
+    demo) run demo timeout 180 $PY examples/demo.py ;;
   esac
 done
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$LOGS/device.txt" 2>&1
