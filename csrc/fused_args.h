@@ -27,7 +27,7 @@ inline void check_like(const at::Tensor& t, const char* name, const at::Tensor& 
   TORCH_CHECK_VALUE(t.scalar_type() == x.scalar_type(), "fp4op: ", name, " must have the dtype of ", x_name,
                     " (", x.scalar_type(), "), got ", t.scalar_type());
   TORCH_CHECK_VALUE(t.sizes() == x.sizes(), "fp4op: ", name, " must have the shape of ", x_name, " ",
-                    x.sizes(), ", got ", t.sizes());
+                    shape(x.sizes()), ", got ", shape(t.sizes()));
   TORCH_CHECK_VALUE(t.device() == x.device(), "fp4op: ", name, " is on ", t.device(), " but ", x_name,
                     " is on ", x.device());
 }
@@ -36,7 +36,7 @@ inline void check_like(const at::Tensor& t, const char* name, const at::Tensor& 
 inline void check_affine(const std::optional<at::Tensor>& p, const char* name, const at::Tensor& x) {
   if (!p.has_value() || !p->defined()) return;
   TORCH_CHECK_VALUE(x.dim() >= 1 && p->dim() == 1 && p->size(0) == x.size(-1), "fp4op: ", name,
-                    " must have shape [K] = [", (x.dim() >= 1 ? x.size(-1) : 0), "], got ", p->sizes());
+                    " must have shape [K] = [", num(x.dim() >= 1 ? x.size(-1) : 0), "], got ", shape(p->sizes()));
   TORCH_CHECK_VALUE(p->scalar_type() == x.scalar_type(), "fp4op: ", name, " must have the dtype of x (",
                     x.scalar_type(), "), got ", p->scalar_type());
   TORCH_CHECK_VALUE(p->device() == x.device(), "fp4op: ", name, " is on ", p->device(), " but x is on ",
@@ -96,8 +96,8 @@ inline FusedProblem prepare_fused(const at::Tensor& x, const char* name,
   check_recipe(sf_vec_size, sf_use_ue8m0);
   const InputDtype dtype = model_dtype_of(x, name);
   TORCH_CHECK_VALUE(x.dim() >= 1, "fp4op: ", name, " must have at least 1 dimension, got a 0-d tensor");
-  TORCH_CHECK_VALUE(x.size(-1) % sf_vec_size == 0, "fp4op: the last dimension of ", name, " (K = ", x.size(-1),
-                    ") must be a multiple of sf_vec_size = ", sf_vec_size);
+  TORCH_CHECK_VALUE(x.size(-1) % sf_vec_size == 0, "fp4op: the last dimension of ", name, " (K = ", num(x.size(-1)),
+                    ") must be a multiple of sf_vec_size = ", num(sf_vec_size));
   const QuantizeShape s = check_quantize_shape(x, sf_vec_size, is_sf_swizzled_layout, is_sf_8x4_layout);
   at::Tensor gs = checked_global_scale(global_scale, sf_use_ue8m0, s.m, x.device());
   auto [xq, sf] = empty_quantize_outputs(x, s);

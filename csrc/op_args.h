@@ -12,6 +12,16 @@
 
 namespace fp4op {
 
+// Error messages format numbers with std::to_string, not ostream: an ostream number insertion
+// compiled into the extension crashed (SIGSEGV in std::num_put) on the GPU machine's torch 2.11.
+inline std::string num(int64_t v) { return std::to_string(v); }
+
+inline std::string shape(c10::IntArrayRef sizes) {
+  std::string out = "[";
+  for (size_t i = 0; i < sizes.size(); ++i) out += (i ? ", " : "") + std::to_string(sizes[i]);
+  return out + "]";
+}
+
 inline InputDtype input_dtype_of(const at::Tensor& t, const char* name) {
   switch (t.scalar_type()) {
     case at::kHalf: return InputDtype::kFloat16;
@@ -32,11 +42,11 @@ inline SfLayout sf_layout_of(bool is_sf_swizzled_layout, bool is_sf_8x4_layout) 
 // The recipe arguments: NVFP4 is (16, E4M3 scales), MXFP4 is (32, UE8M0 scales).
 inline void check_recipe(int64_t sf_vec_size, bool sf_use_ue8m0) {
   TORCH_CHECK_NOT_IMPLEMENTED(sf_vec_size == 16 || sf_vec_size == 32,
-                              "fp4op: sf_vec_size must be 16 (NVFP4) or 32 (MXFP4), got ", sf_vec_size);
+                              "fp4op: sf_vec_size must be 16 (NVFP4) or 32 (MXFP4), got ", num(sf_vec_size));
   TORCH_CHECK_VALUE(!(sf_use_ue8m0 && sf_vec_size != 32),
-                    "fp4op: sf_use_ue8m0=True (MXFP4) requires sf_vec_size=32, got ", sf_vec_size);
+                    "fp4op: sf_use_ue8m0=True (MXFP4) requires sf_vec_size=32, got ", num(sf_vec_size));
   TORCH_CHECK_VALUE(!(!sf_use_ue8m0 && sf_vec_size != 16),
-                    "fp4op: sf_use_ue8m0=False (NVFP4) requires sf_vec_size=16, got ", sf_vec_size);
+                    "fp4op: sf_use_ue8m0=False (NVFP4) requires sf_vec_size=16, got ", num(sf_vec_size));
 }
 
 // The global scale as the kernels read it: float32, contiguous, 1 or M elements, on `device`.
@@ -51,8 +61,8 @@ inline at::Tensor checked_global_scale(const std::optional<at::Tensor>& global_s
   TORCH_CHECK_VALUE(at::isFloatingType(gs.scalar_type()),
                     "fp4op: global_scale must have a floating dtype, got ", gs.scalar_type());
   TORCH_CHECK_VALUE(gs.numel() == 1 || gs.numel() == m,
-                    "fp4op: global_scale must have 1 element or one per row (", m, "), got shape ",
-                    gs.sizes());
+                    "fp4op: global_scale must have 1 element or one per row (", num(m), "), got shape ",
+                    shape(gs.sizes()));
   TORCH_CHECK_VALUE(gs.device() == device, "fp4op: global_scale is on ", gs.device(),
                     " but the input is on ", device);
   // convert, never reinterpret, a scale of another floating dtype
@@ -71,8 +81,8 @@ inline QuantizeShape check_quantize_shape(const at::Tensor& input, int64_t sf_ve
                                           bool is_sf_swizzled_layout, bool is_sf_8x4_layout) {
   TORCH_CHECK_VALUE(input.dim() >= 1, "fp4op: input must have at least 1 dimension, got a 0-d tensor");
   const int64_t k = input.size(-1);
-  TORCH_CHECK_VALUE(k % sf_vec_size == 0, "fp4op: the last dimension of input (K = ", k,
-                    ") must be a multiple of sf_vec_size = ", sf_vec_size);
+  TORCH_CHECK_VALUE(k % sf_vec_size == 0, "fp4op: the last dimension of input (K = ", num(k),
+                    ") must be a multiple of sf_vec_size = ", num(sf_vec_size));
   const int64_t m = c10::multiply_integers(input.sizes().begin(), input.sizes().end() - 1);
   return QuantizeShape{m, k, k / sf_vec_size, sf_layout_of(is_sf_swizzled_layout, is_sf_8x4_layout)};
 }
@@ -108,13 +118,13 @@ inline DequantizeShape check_dequantize_args(const at::Tensor& x_q, const at::Te
   TORCH_CHECK_VALUE(sf.device() == x_q.device(), "fp4op: sf is on ", sf.device(), " but x_q is on ",
                     x_q.device());
   const int64_t k = 2 * x_q.size(-1);
-  TORCH_CHECK_VALUE(k % sf_vec_size == 0, "fp4op: 2 * x_q.size(-1) (K = ", k,
-                    ") must be a multiple of sf_vec_size = ", sf_vec_size);
+  TORCH_CHECK_VALUE(k % sf_vec_size == 0, "fp4op: 2 * x_q.size(-1) (K = ", num(k),
+                    ") must be a multiple of sf_vec_size = ", num(sf_vec_size));
   const int64_t m = c10::multiply_integers(x_q.sizes().begin(), x_q.sizes().end() - 1);
   const SfLayout layout = sf_layout_of(is_sf_swizzled_layout, is_sf_8x4_layout);
   const int64_t rows = sf_rows(m, layout), cols = sf_cols(k / sf_vec_size, layout);
-  TORCH_CHECK_VALUE(sf.numel() == rows * cols, "fp4op: sf must have ", rows, " x ", cols,
-                    " elements for this x_q and layout, got shape ", sf.sizes());
+  TORCH_CHECK_VALUE(sf.numel() == rows * cols, "fp4op: sf must have ", num(rows), " x ", num(cols),
+                    " elements for this x_q and layout, got shape ", shape(sf.sizes()));
   const at::ScalarType out = output_dtype.value_or(at::kFloat);
   TORCH_CHECK_VALUE(out == at::kFloat || out == at::kBFloat16 || out == at::kHalf,
                     "fp4op: output_dtype must be float32, bfloat16 or float16, got ", out);
