@@ -179,7 +179,8 @@ def test_never_fuse(device):
         outs.append(q(F.layer_norm(x[2], (16, K), None, None, 1e-5)))  # normalized over two dims
         n3 = F.rms_norm(x[3], (K,), w, 1e-5)
         outs.append(q(n3 * 2))  # the quantized tensor is not the norm output
-        outs.append(q(F.layer_norm(x[4], (K,), w32, w32, 1e-5)))  # fp32 weight, bf16 activations (mixed)
+        if device == "cpu":  # eager CUDA layer_norm rejects an fp32 weight with bf16 activations
+            outs.append(q(F.layer_norm(x[4], (K,), w32, w32, 1e-5)))  # fp32 weight, bf16 activations (mixed)
         outs.append(q(F.rms_norm(x32[0], (K,), w32, 1e-5).to(dtype)))  # fp32 activations
         outs.append(q(F.silu(g) * u1))  # broadcasting multiply
         outs.append(q(F.silu(x32[1]).to(dtype)))  # fp32 activation (a bf16 input upcast would be fine)
@@ -191,7 +192,7 @@ def test_never_fuse(device):
     args = (x, x32, w, w32, g, u1)
     out, record = compile_fused(fn, *args)
     assert dict(record.matches) == {}
-    assert fp4_ops(record.after) == {"fp4op.quantize.default": 9}
+    assert fp4_ops(record.after) == {"fp4op.quantize.default": 9 if device == "cpu" else 8}
     with torch.no_grad():
         expected = fn(*args)
     for got, want in zip(out, expected):
