@@ -137,28 +137,31 @@ FP4OP_HD float e4m3_bits_to_float(uint8_t b) {
 
 // float -> E2M1 code, round to nearest even, satfinite, NaN -> +6 (0x7), sign of zero kept:
 // __nv_cvt_float_to_fp4(x, __NV_E2M1, cudaRoundNearest) / cvt.rn.satfinite.e2m1x2.f32.
-// After clamping to [-6, 6] (NaN -> +6), the E2M1 grid has spacing 0.5 below 2 (region k = 0),
-// 1 in [2, 4) (k = 1) and 2 in [4, 6] (k = 2). Scaling |x| by 2^(1-k) (exact) maps the region's
-// spacing to 1, and adding 2^23 makes the float adder round to an integer with ties to even: that
-// integer plus 2k is the code.
+// The E2M1 grid has spacing 0.5 below 2 (region k = 0), 1 in [2, 4) (k = 1) and 2 in [4, 8) (k = 2).
+// Scaling |x| by 2^(1-k) (exact) maps the region's spacing to 1, and adding 2^23 makes the float
+// adder round to an integer with ties to even: that integer plus 2k is the code. Past 6 (k >= 2 and
+// a rounded value of 4 or more, or k >= 3), for infinities (step scale 0: inf * 0 is NaN) and for NaN
+// the bit arithmetic gives codes above 7, which saturate to 7.
 FP4OP_HD uint32_t e2m1_code_software(float x) {
-#if defined(__CUDA_ARCH__)
-  const float clamped = fmaxf(fminf(x, 6.0f), -6.0f);  // maxNum/minNum: NaN -> +6
-#else
-  const float clamped = x != x ? 6.0f : (x > 6.0f ? 6.0f : (x < -6.0f ? -6.0f : x));
-#endif
-  const uint32_t bits = float_to_bits(clamped);
+  const uint32_t bits = float_to_bits(x);
   const uint32_t abs_bits = bits & 0x7FFFFFFFu;
   uint32_t region = abs_bits & 0x7F800000u;  // 2^floor(log2|x|), at least 1: 2^k
   region = region < 0x3F800000u ? 0x3F800000u : region;
-  const float step_scale = bits_to_float(0x7F800000u - region);  // 2^(1-k)
+  const float step_scale = bits_to_float(0x7F800000u - region);  // 2^(1-k), 0 for inf/NaN
 #if defined(__CUDA_ARCH__)
-  const float rounded = __fmaf_rn(fabsf(clamped), step_scale, 8388608.0f);  // exact product: = mul, add
+  const float rounded = __fmaf_rn(fabsf(x), step_scale, 8388608.0f);  // exact product: = mul, add
 #else
   const float rounded = add_rn(mul_rn(bits_to_float(abs_bits), step_scale), 8388608.0f);
 #endif
-  const uint32_t code = (float_to_bits(rounded) - 0x4B000000u) + ((region - 0x3F800000u) >> 22);
+  // steps (bits(rounded) - bits(2^23)) + 2k, with 2k = (region >> 22) - 254
+  uint32_t code = float_to_bits(rounded) + (region >> 22) - (0x4B000000u + 254u);
+  code = code < 7u ? code : 7u;
+#if defined(__CUDA_ARCH__)
+  // GPU arithmetic returns the canonical, positive NaN: the products fed here carry no NaN sign
   return code | ((bits >> 28) & 0x8u);
+#else
+  return code | (abs_bits > 0x7F800000u ? 0u : (bits >> 28) & 0x8u);
+#endif
 }
 
 // Two E2M1 codes packed in one byte: `lo` in bits 0..3, `hi` in bits 4..7.

@@ -135,26 +135,32 @@ __global__ void __launch_bounds__(kThreads) quantize_kernel(const QuantizeLaunch
   Nvfp4RowScale row_scale{};
   if (!UE8M0 && !a.global_scale_per_row) row_scale = nvfp4_row_scale(a.global_scale[0], a.is_global_scale_inversed);
 
-  const auto row_of = [&](int64_t tile) { return tile * t.rows_per_tile + local_row; };
-  const auto load_block = [&](int64_t row, uint4 (&v)[kLoads]) {
-    if (col_has_data && row < a.m) {
-      const uint4* src = in + (row * a.k + col * VEC) * kElementBytes / 16;
-#pragma unroll
-      for (int i = 0; i < kLoads; ++i) v[i] = __ldg(src + i);
-    }
-  };
+  // per-iteration pointer steps instead of 64-bit index products in the loop
+  const int64_t row_step = int64_t(t.data_rows_y) * t.rows_per_tile;
+  int64_t row = int64_t(blockIdx.y) * t.rows_per_tile + local_row;
+  const int64_t first = row * a.k + col * VEC;  // element index of this thread's first block
+  const uint4* src = in + first * kElementBytes / 16;
+  uint8_t* dst = a.x_q + first / 2;
+  const int64_t src_step = row_step * a.k * kElementBytes / 16;
+  const int64_t dst_step = row_step * a.k / 2;
 
   uint4 next[kLoads];
-  load_block(row_of(blockIdx.y), next);
+  if (col_has_data && row < a.m) {
+#pragma unroll
+    for (int i = 0; i < kLoads; ++i) next[i] = __ldg(src + i);
+  }
   // the trip count depends on blockIdx.y only, so every lane reaches the shuffles below
-  for (int64_t tile = blockIdx.y; tile < t.row_tiles; tile += t.data_rows_y) {
-    const int64_t row = row_of(tile);
+  for (int64_t tile = blockIdx.y; tile < t.row_tiles;
+       tile += t.data_rows_y, row += row_step, src += src_step, dst += dst_step) {
     const bool row_ok = local_row < t.rows_per_tile && row < a.m;
     const bool has_data = row_ok && col_has_data;
     uint4 v[kLoads];
 #pragma unroll
     for (int i = 0; i < kLoads; ++i) v[i] = next[i];
-    load_block(row_of(tile + t.data_rows_y), next);
+    if (col_has_data && row + row_step < a.m) {
+#pragma unroll
+      for (int i = 0; i < kLoads; ++i) next[i] = __ldg(src + src_step + i);
+    }
 
     float f[VEC];
     if (has_data) {
@@ -178,7 +184,6 @@ __global__ void __launch_bounds__(kThreads) quantize_kernel(const QuantizeLaunch
       s = nvfp4_block_scale(amax, row_scale);
     }
 
-    const int64_t first = row * a.k + col * VEC;  // element index of the block
     if (has_data) {
       typename PackedBlock<VEC>::type packed;
       uint32_t* words = reinterpret_cast<uint32_t*>(&packed);
@@ -192,7 +197,7 @@ __global__ void __launch_bounds__(kThreads) quantize_kernel(const QuantizeLaunch
         }
         words[w] = word;
       }
-      __stcs(reinterpret_cast<typename PackedBlock<VEC>::type*>(a.x_q + first / 2), packed);
+      __stcs(reinterpret_cast<typename PackedBlock<VEC>::type*>(dst), packed);
     }
 
     const uint32_t sf_byte = has_data ? s.sf : 0u;
