@@ -24,13 +24,10 @@ kernels an IEEE ``1 / sqrt``; only reduction order differs from eager.
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from . import _C  # noqa: F401  (loading the library registers the schemas and kernels)
-from . import layouts
-from .ops import _no_context, _not_differentiable, check_global_scale, check_recipe, quantize_shapes
+from .ops import _no_context, _not_differentiable, check_recipe, fake_quantize_outputs
 
 _MODEL_DTYPES = (torch.float16, torch.bfloat16)
 
@@ -85,17 +82,9 @@ def _fake_quantize_outputs(
     """Checks of the quantize half (as the C++ prepare_fused) and the empty (x_q, sf)."""
     check_recipe(sf_vec_size, sf_use_ue8m0)
     _check_model_dtype(x, name)
-    if x.dim() < 1:
-        raise ValueError(f"fp4op: {name} must have at least 1 dimension, got a 0-d tensor")
-    k = x.shape[-1]
-    torch._check_value(
-        k % sf_vec_size == 0,
-        lambda: f"fp4op: the last dimension of {name} (K = {k}) must be a multiple of sf_vec_size = {sf_vec_size}",
+    return fake_quantize_outputs(
+        x, name, global_scale, sf_vec_size, sf_use_ue8m0, is_sf_swizzled_layout, is_sf_8x4_layout
     )
-    check_global_scale(global_scale, sf_use_ue8m0, math.prod(x.shape[:-1]), x.device)
-    layout = layouts.layout_from_flags(is_sf_swizzled_layout, is_sf_8x4_layout)
-    xq_shape, sf_shape = quantize_shapes(x.shape, sf_vec_size, layout)
-    return x.new_empty(xq_shape, dtype=torch.uint8), x.new_empty(sf_shape, dtype=torch.uint8)
 
 
 @torch.library.register_fake("fp4op::rms_norm_quantize")

@@ -52,6 +52,22 @@ def quantize_shapes(input_shape, sf_vec_size: int, layout: str):
     return (*input_shape[:-1], k // 2), layouts.sf_shape(m, k // sf_vec_size, layout)
 
 
+def fake_quantize_outputs(x, name, global_scale, sf_vec_size, sf_use_ue8m0, is_sf_swizzled_layout, is_sf_8x4_layout):
+    """The checks of a quantize that follow its recipe and dtype checks, and its empty (x_q, sf): shared
+    by the fake kernels of fp4op::quantize and of the fused ops."""
+    if x.dim() < 1:
+        raise ValueError(f"fp4op: {name} must have at least 1 dimension, got a 0-d tensor")
+    k = x.shape[-1]
+    torch._check_value(
+        k % sf_vec_size == 0,
+        lambda: f"fp4op: the last dimension of {name} (K = {k}) must be a multiple of sf_vec_size = {sf_vec_size}",
+    )
+    check_global_scale(global_scale, sf_use_ue8m0, math.prod(x.shape[:-1]), x.device)
+    layout = layouts.layout_from_flags(is_sf_swizzled_layout, is_sf_8x4_layout)
+    xq_shape, sf_shape = quantize_shapes(x.shape, sf_vec_size, layout)
+    return x.new_empty(xq_shape, dtype=torch.uint8), x.new_empty(sf_shape, dtype=torch.uint8)
+
+
 @torch.library.register_fake("fp4op::quantize")
 def _quantize_fake(
     input,
@@ -64,17 +80,9 @@ def _quantize_fake(
 ):
     check_recipe(sf_vec_size, sf_use_ue8m0)
     check_input_dtype(input)
-    if input.dim() < 1:
-        raise ValueError("fp4op: input must have at least 1 dimension, got a 0-d tensor")
-    k = input.shape[-1]
-    torch._check_value(
-        k % sf_vec_size == 0,
-        lambda: f"fp4op: the last dimension of input (K = {k}) must be a multiple of sf_vec_size = {sf_vec_size}",
+    return fake_quantize_outputs(
+        input, "input", global_scale, sf_vec_size, sf_use_ue8m0, is_sf_swizzled_layout, is_sf_8x4_layout
     )
-    check_global_scale(global_scale, sf_use_ue8m0, math.prod(input.shape[:-1]), input.device)
-    layout = layouts.layout_from_flags(is_sf_swizzled_layout, is_sf_8x4_layout)
-    xq_shape, sf_shape = quantize_shapes(input.shape, sf_vec_size, layout)
-    return input.new_empty(xq_shape, dtype=torch.uint8), input.new_empty(sf_shape, dtype=torch.uint8)
 
 
 @torch.library.register_fake("fp4op::dequantize")
