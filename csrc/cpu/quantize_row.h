@@ -53,10 +53,11 @@ inline void quantize_row(const float* v, int64_t row, const QuantizeParams& p, u
     float amax = fabsf(blk[0]);
     for (int i = 1; i < vec; ++i) amax = amax_fold(amax, blk[i]);
     const BlockScale s = p.sf_use_ue8m0 ? mxfp4_block_scale(amax) : nvfp4_block_scale(amax, rs);
+    // scale and convert in a flat loop the compiler vectorizes, then pack pairs of codes
+    uint32_t codes[32];
+    for (int i = 0; i < vec; ++i) codes[i] = e2m1_code_software(mul_rn(blk[i], s.out_scale));
     uint8_t* out = xq_row + b * (vec / 2);
-    for (int i = 0; i < vec / 2; ++i) {
-      out[i] = uint8_t(e2m1x2(mul_rn(blk[2 * i], s.out_scale), mul_rn(blk[2 * i + 1], s.out_scale)));
-    }
+    for (int i = 0; i < vec / 2; ++i) out[i] = uint8_t(codes[2 * i] | (codes[2 * i + 1] << 4));
     sf[sf_offset(row, b, nk, p.layout)] = s.sf;
   }
 }
