@@ -33,6 +33,7 @@ for s in $stages; do
     sanitize)
       for tool in memcheck racecheck initcheck; do
         run "sanitize_$tool" timeout 120 compute-sanitizer --tool $tool --error-exitcode 1 $PY scripts/memcheck_cases.py
+        run "sanitize_fused_$tool" timeout 120 compute-sanitizer --tool $tool --error-exitcode 1 $PY scripts/memcheck_fused_cases.py
       done ;;
     bench) run bench $PY benchmarks/bench_quantize.py --suite full --out-dir "$LOGS" ;;
     quickbench) run quickbench $PY benchmarks/bench_quantize.py --suite quick --skip-peers --out-dir "$LOGS" ;;
