@@ -9,10 +9,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch._inductor.custom_graph_pass import CustomGraphPass
 
+import fp4op
 import fp4op.fusion as fusion
 import fp4op.nn as fnn
 from conftest import requires_cuda
-from fusion_helpers import compile_fused, fp4_ops, fresh_compile_config
+from fusion_helpers import assert_fp4_close, compile_fused, fp4_ops, fresh_compile_config
 
 D, H = 64, 128
 
@@ -268,3 +269,32 @@ def test_fx_graph_cache_keys_on_the_pass():
     assert c3.get("fxgraph_cache_miss") == 1 and r3 == 0  # another key: compiled without the pass
     assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
     torch._dynamo.reset()
+
+
+class BranchyBlock(nn.Module):
+    """A data-dependent branch between two norm/activation + quantize chains: a graph break."""
+
+    def __init__(self):
+        super().__init__()
+        self.norm = nn.RMSNorm(D, eps=1e-5)
+
+    def forward(self, x, gs):
+        q_norm = fp4op.fp4_quantize(self.norm(x), gs)
+        y = F.silu(x) if x.sum() > 0 else F.gelu(x, approximate="tanh")
+        return q_norm, torch.ops.fp4op.quantize(y, gs, 16, False, True, False, False)
+
+
+def test_graph_breaks_keep_fusion_and_results():
+    model = BranchyBlock().to(torch.bfloat16)
+    gs = torch.tensor([500.0])
+    x = torch.randn(8, D, dtype=torch.bfloat16)
+    fusion.reset()
+    with fresh_compile_config(), torch.no_grad():
+        compiled = torch.compile(model, options=fusion.compile_options())
+        for sample in (x.abs(), -x.abs()):  # both sides of the branch
+            got, want = compiled(sample, gs), model(sample, gs)
+            for g, w in zip(got, want):
+                assert_fp4_close(g, w)
+    counts = fusion.match_counts()
+    assert any(k.startswith("rms_norm_quantize") and v for k, v in counts.items()), counts
+    assert any(k.startswith(("silu_quantize", "gelu_quantize")) and v for k, v in counts.items()), counts
