@@ -50,8 +50,18 @@ inline void quantize_row(const float* v, int64_t row, const QuantizeParams& p, u
   const int vec = p.sf_vec_size;
   for (int64_t b = 0; b < nk; ++b) {
     const float* blk = v + b * vec;
-    float amax = fabsf(blk[0]);
-    for (int i = 1; i < vec; ++i) amax = amax_fold(amax, blk[i]);
+    // NaN-ignoring maximum (a NaN never compares greater) over four independent chains; a block of
+    // NaNs keeps the -1 start and gets the NaN amax that amax_fold gives it
+    float lane[4] = {-1.0f, -1.0f, -1.0f, -1.0f};
+    for (int i = 0; i < vec; i += 4) {
+      for (int j = 0; j < 4; ++j) {
+        const float a = fabsf(blk[i + j]);
+        lane[j] = a > lane[j] ? a : lane[j];
+      }
+    }
+    float amax = lane[0];
+    for (int j = 1; j < 4; ++j) amax = lane[j] > amax ? lane[j] : amax;
+    if (amax < 0.0f) amax = fabsf(blk[0]);
     const BlockScale s = p.sf_use_ue8m0 ? mxfp4_block_scale(amax) : nvfp4_block_scale(amax, rs);
     // scale and convert in a flat loop the compiler vectorizes, then pack pairs of codes
     uint32_t codes[32];
