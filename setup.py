@@ -32,17 +32,23 @@ def _with_cuda():
 
 def _extension():
     # IEEE float32 everywhere (SPEC.md): no contraction into FMA, no fast-math on the host.
-    cxx = ["-O3", "-ffp-contract=off", "-fno-fast-math"]
+    # -fopenmp: at::parallel_for is inline OpenMP code in torch's headers; without the flag the CPU
+    # kernels run on one thread (the omp runtime symbols resolve to torch's own libgomp).
+    cxx = ["-O3", "-ffp-contract=off", "-fno-fast-math", "-fopenmp"]
+    link = ["-fopenmp"]
     sources = _sources("csrc/*.cpp") + _sources("csrc/cpu/*.cpp")
     if not _with_cuda():
-        return cpp_extension.CppExtension("fp4op._C", sources, extra_compile_args={"cxx": cxx})
+        return cpp_extension.CppExtension("fp4op._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=link)
     gencode = os.environ.get("FP4OP_CUDA_GENCODE", DEFAULT_GENCODE).split()
     # no --use_fast_math: IEEE division and denormals are part of the numerics; the kernels pin
     # rounding with _rn intrinsics where it matters.
     nvcc = ["-O3", "-lineinfo", "-std=c++17", "--expt-relaxed-constexpr", *gencode]
     sources += _sources("csrc/cuda/*.cpp") + _sources("csrc/cuda/*.cu")
     return cpp_extension.CUDAExtension(
-        "fp4op._C", sources, extra_compile_args={"cxx": cxx + ["-DFP4OP_WITH_CUDA"], "nvcc": nvcc}
+        "fp4op._C",
+        sources,
+        extra_compile_args={"cxx": cxx + ["-DFP4OP_WITH_CUDA"], "nvcc": nvcc},
+        extra_link_args=link,
     )
 
 
