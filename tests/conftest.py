@@ -56,6 +56,21 @@ def dtype_id(dtype):
     return str(dtype).replace("torch.", "")
 
 
+def matrix_params():
+    """The (dtype, vec, ue8m0, layout, scale kind, inversed) matrix shared by the CPU and CUDA tests."""
+    for dtype in DTYPES:
+        for name, vec, ue8m0 in RECIPES:
+            for layout in LAYOUTS:
+                # MXFP4 ignores the global scale, so one scale variant is enough for it
+                scales = (("none", False),) if ue8m0 else [(k, inv) for k in SCALE_KINDS for inv in (False, True)]
+                for kind, inversed in scales:
+                    yield pytest.param(
+                        dtype, vec, ue8m0, layout, kind, inversed,
+                        id=f"{dtype_id(dtype)}-{name}-{layout}-{kind}{'-inv' if inversed else ''}",
+                    )
+
+
+
 def random_input(shape, dtype, device="cpu", generator=None):
     """Values over many binades: each 16-element block gets its own power-of-two magnitude, so that the
     blocks' scales differ, with a few exact zeros. Finite in every input dtype."""

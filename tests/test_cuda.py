@@ -9,11 +9,10 @@ import torch
 
 import fp4op
 from conftest import (
+    matrix_params,
     DTYPES,
     HAS_CUDA,
     LAYOUTS,
-    RECIPES,
-    SCALE_KINDS,
     assert_same_bytes,
     dtype_id,
     make_global_scale,
@@ -47,19 +46,7 @@ def cuda_equals_cpu(x, gs, vec, ue8m0, layout, inversed=False, dequantize=True):
     return got
 
 
-def _matrix_params():
-    for dtype in DTYPES:
-        for name, vec, ue8m0 in RECIPES:
-            for layout in LAYOUTS:
-                scales = (("none", False),) if ue8m0 else [(k, inv) for k in SCALE_KINDS for inv in (False, True)]
-                for kind, inversed in scales:
-                    yield pytest.param(
-                        dtype, vec, ue8m0, layout, kind, inversed,
-                        id=f"{dtype_id(dtype)}-{name}-{layout}-{kind}{'-inv' if inversed else ''}",
-                    )
-
-
-@pytest.mark.parametrize("dtype,vec,ue8m0,layout,kind,inversed", list(_matrix_params()))
+@pytest.mark.parametrize("dtype,vec,ue8m0,layout,kind,inversed", list(matrix_params()))
 def test_matrix_cuda_equals_cpu(dtype, vec, ue8m0, layout, kind, inversed):
     for m in MS:
         for k in KS:

@@ -7,10 +7,9 @@ import pytest
 import torch
 
 from conftest import (
+    matrix_params,
     DTYPES,
     LAYOUTS,
-    RECIPES,
-    SCALE_KINDS,
     assert_same_bytes,
     dtype_id,
     make_global_scale,
@@ -61,20 +60,7 @@ def linear_sf(x, gs, vec, ue8m0, inversed=False):
 
 # ---- the matrix ---------------------------------------------------------------------------------------
 
-def _matrix_params():
-    for dtype in DTYPES:
-        for name, vec, ue8m0 in RECIPES:
-            for layout in LAYOUTS:
-                # MXFP4 ignores the global scale, so one scale variant is enough for it
-                scales = (("none", False),) if ue8m0 else [(k, inv) for k in SCALE_KINDS for inv in (False, True)]
-                for kind, inversed in scales:
-                    yield pytest.param(
-                        dtype, vec, ue8m0, layout, kind, inversed,
-                        id=f"{dtype_id(dtype)}-{name}-{layout}-{kind}{'-inv' if inversed else ''}",
-                    )
-
-
-@pytest.mark.parametrize("dtype,vec,ue8m0,layout,kind,inversed", list(_matrix_params()))
+@pytest.mark.parametrize("dtype,vec,ue8m0,layout,kind,inversed", list(matrix_params()))
 def test_kernel_matches_reference(dtype, vec, ue8m0, layout, kind, inversed):
     for m in MS:
         for k in KS:
