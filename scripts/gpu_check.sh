@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Everything the GPU machine does in one call: build, GPU tests, sanitizers, benchmarks.
 # Usage (on the device machine, from the repo root): bash scripts/gpu_check.sh [stage ...]
-# Stages: build smoke tests sanitize bench quickbench fused demo (default: all but quickbench). Logs and results go to $OUT.
+# Stages: build smoke tests sanitize bench quickbench fused demo ncu fuzzlong (default: build smoke tests sanitize
+# bench fused demo). Logs and results go to $OUT.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/fp4op_out}
@@ -39,6 +40,14 @@ for s in $stages; do
     quickbench) run quickbench $PY benchmarks/bench_quantize.py --suite quick --skip-peers --out-dir "$LOGS" ;;
     fused) run fused $PY scripts/bench_fused.py --out "$LOGS/bench_fused.json" ;;
     demo) run demo timeout 180 $PY examples/demo.py ;;
+    ncu)
+      run ncu timeout 300 ncu --clock-control none -k 'regex:quantize_kernel|fused_kernel' --launch-skip-before-match 0 \
+        --section SpeedOfLight --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis \
+        --section InstructionStats --section Occupancy --section WarpStateStats --print-summary none \
+        $PY scripts/ncu_cases.py ;;
+    fuzzlong)  # issue 6's long profile: CUDA == CPU and CPU == reference on >= 100,000 examples
+      run fuzzlong env FP4OP_HYPOTHESIS_PROFILE=long timeout ${FUZZ_TIMEOUT:-540} $PY -m pytest tests/test_fuzz.py -q \
+        -p no:cacheprovider -k cuda ;;
   esac
 done
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$LOGS/device.txt" 2>&1

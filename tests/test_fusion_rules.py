@@ -155,9 +155,14 @@ def test_every_source_form_fuses(dtype, config, device):
         assert decomposed not in record.after, decomposed
     with torch.no_grad():
         expected = fn(inputs)
-    for got, want in zip(out, expected):
-        assert_fp4_close(got, want, vec, layout)
-        assert_same_outputs(got[2:], want[2:])  # residual sums: bit-exact
+    failures = []
+    for (name, _), got, want in zip(norm_chains + act_chains, out, expected):
+        try:
+            assert_fp4_close(got, want, vec, layout)
+            assert_same_outputs(got[2:], want[2:])  # residual sums: bit-exact
+        except AssertionError as e:
+            failures.append(f"{name}: {e}")
+    assert not failures, "\n".join(failures)
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=requires_cuda)])
