@@ -135,33 +135,48 @@ FP4OP_HD float e4m3_bits_to_float(uint8_t b) {
 
 // ---- narrowing conversions -----------------------------------------------------------------------
 
-// float -> E2M1 code, round to nearest even, satfinite, NaN -> +6 (0x7), sign of zero kept:
+// float -> E2M1, round to nearest even, satfinite, NaN -> +6 (0x7), sign of zero kept:
 // __nv_cvt_float_to_fp4(x, __NV_E2M1, cudaRoundNearest) / cvt.rn.satfinite.e2m1x2.f32.
-// The E2M1 grid has spacing 0.5 below 2 (region k = 0), 1 in [2, 4) (k = 1) and 2 in [4, 8) (k = 2).
-// Scaling |x| by 2^(1-k) (exact) maps the region's spacing to 1, and adding 2^23 makes the float
-// adder round to an integer with ties to even: that integer plus 2k is the code. Past 6 (k >= 2 and
-// a rounded value of 4 or more, or k >= 3), for infinities (step scale 0: inf * 0 is NaN) and for NaN
-// the bit arithmetic gives codes above 7, which saturate to 7.
-FP4OP_HD uint32_t e2m1_code_software(float x) {
+//
+// The magnitude code of a = min(|x|, 6) (NaN -> 6) is RN(g(a)) with the concave map
+// g(a) = min(2a, a + 2, a/2 + 4): on [0, 2] the grid has spacing 0.5 and code = RN(2a); on [2, 4]
+// spacing 1 and code = RN(a) + 2; on [4, 6] spacing 2 and code = RN(a / 2) + 4, ties to the even
+// code in each. RN is monotone, so RN(min(...)) = min(RN(...)), and each RN(piece) is one float op
+// with an exact product: adding 2^23 makes the adder round to an integer. The result is the float
+// 2^23 + code. Float adds and minima only (no integer work per element): on Hopper they issue on the
+// FMA pipes, which have twice the width of the integer ALU. Checked against the previous integer
+// formulation on all 2^32 floats.
+FP4OP_HD float e2m1_magnitude(float x) {
+#if defined(__CUDA_ARCH__)
+  const float a = fminf(fabsf(x), 6.0f);  // minNum: NaN -> 6
+  const float k0 = __fmaf_rn(a, 2.0f, 8388608.0f);
+  const float k2 = __fmaf_rn(a, 0.5f, 8388612.0f);
+  return fminf(fminf(k0, add_rn(a, 8388610.0f)), k2);
+#else
+  float a = fabsf(x);
+  a = a < 6.0f ? a : 6.0f;  // NaN -> 6 (a compare, not libm's fminf: signaling NaNs)
+  const float k0 = add_rn(mul_rn(a, 2.0f), 8388608.0f);
+  const float k1 = add_rn(a, 8388610.0f);
+  // a * 0.5 rounds for subnormal a, where k0 is the minimum anyway
+  const float k2 = add_rn(mul_rn(a, 0.5f), 8388612.0f);
+  const float k01 = k0 < k1 ? k0 : k1;
+  return k01 < k2 ? k01 : k2;
+#endif
+}
+
+// 1 when the E2M1 code of x carries a sign: sign bit set and x not NaN. On the GPU the products fed
+// here carry no NaN sign (arithmetic returns the canonical, positive NaN).
+FP4OP_HD uint32_t e2m1_sign(float x) {
   const uint32_t bits = float_to_bits(x);
-  const uint32_t abs_bits = bits & 0x7FFFFFFFu;
-  uint32_t region = abs_bits & 0x7F800000u;  // 2^floor(log2|x|), at least 1: 2^k
-  region = region < 0x3F800000u ? 0x3F800000u : region;
-  const float step_scale = bits_to_float(0x7F800000u - region);  // 2^(1-k), 0 for inf/NaN
 #if defined(__CUDA_ARCH__)
-  const float rounded = __fmaf_rn(fabsf(x), step_scale, 8388608.0f);  // exact product: = mul, add
+  return bits >> 31;
 #else
-  const float rounded = add_rn(mul_rn(bits_to_float(abs_bits), step_scale), 8388608.0f);
+  return (bits & 0x7FFFFFFFu) > 0x7F800000u ? 0u : bits >> 31;
 #endif
-  // steps (bits(rounded) - bits(2^23)) + 2k, with 2k = (region >> 22) - 254
-  uint32_t code = float_to_bits(rounded) + (region >> 22) - (0x4B000000u + 254u);
-  code = code < 7u ? code : 7u;
-#if defined(__CUDA_ARCH__)
-  // GPU arithmetic returns the canonical, positive NaN: the products fed here carry no NaN sign
-  return code | ((bits >> 28) & 0x8u);
-#else
-  return code | (abs_bits > 0x7F800000u ? 0u : (bits >> 28) & 0x8u);
-#endif
+}
+
+FP4OP_HD uint32_t e2m1_code_software(float x) {
+  return (float_to_bits(e2m1_magnitude(x)) & 7u) | (e2m1_sign(x) << 3);
 }
 
 // Two E2M1 codes packed in one byte: `lo` in bits 0..3, `hi` in bits 4..7.
@@ -174,6 +189,22 @@ FP4OP_HD uint32_t e2m1x2(float lo, float hi) {
   return packed;
 #else
   return e2m1_code_software(lo) | (e2m1_code_software(hi) << 4);
+#endif
+}
+
+// Eight values -> one word of E2M1 codes, value i in bits 4i..4i+3. The software path sums
+// (bits(magnitude) + 8 * sign) * 16^i in wrapping 32-bit arithmetic (multiply-adds, which run on the
+// FMA pipe) and removes the 2^23 exponent bits, sum of 0x4B000000 * 16^i = 0xFB000000 mod 2^32.
+FP4OP_HD uint32_t e2m1x8(const float* v) {
+#if FP4OP_NATIVE_E2M1
+  return e2m1x2(v[0], v[1]) | (e2m1x2(v[2], v[3]) << 8) | (e2m1x2(v[4], v[5]) << 16) | (e2m1x2(v[6], v[7]) << 24);
+#else
+  uint32_t word = 0u - 0xFB000000u;
+  uint32_t weight = 1u;
+  for (int i = 0; i < 8; ++i, weight <<= 4) {
+    word += float_to_bits(e2m1_magnitude(v[i])) * weight + e2m1_sign(v[i]) * (8u * weight);
+  }
+  return word;
 #endif
 }
 

@@ -30,7 +30,7 @@ for s in $stages; do
       run build env FP4OP_CUDA_GENCODE="${FP4OP_CUDA_GENCODE:--gencode=arch=compute_90a,code=sm_90a}" MAX_JOBS=16 \
         $PY -m pip install --no-build-isolation --no-deps -e . ;;
     smoke) run smoke $PY scripts/gpu_smoke.py ;;
-    tests) run tests timeout ${TESTS_TIMEOUT:-360} $PY -m pytest tests -q -p no:cacheprovider ;;
+    tests) run tests timeout ${TESTS_TIMEOUT:-360} $PY -m pytest ${TESTS:-tests} -q -p no:cacheprovider ;;  # TESTS: a subset
     sanitize)
       for tool in memcheck racecheck initcheck; do
         run "sanitize_$tool" timeout 120 compute-sanitizer --tool $tool --error-exitcode 1 $PY scripts/memcheck_cases.py

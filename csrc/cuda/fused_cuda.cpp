@@ -5,6 +5,7 @@
 #include <torch/library.h>
 
 #include "../fused_args.h"
+#include "bindings.h"
 #include "fused_launch.h"
 
 namespace fp4op::cuda {
@@ -13,13 +14,6 @@ namespace {
 using fused::Activation;
 using fused::FusedProblem;
 using fused::RmsWeight;
-
-int num_sms() {
-  int device = 0, count = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&device));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device));
-  return count;
-}
 
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
@@ -43,34 +37,22 @@ at::Tensor kernel_affine(const std::optional<at::Tensor>& p) {
   return copy;
 }
 
-// The launch arguments common to every op: problem shape, quantize arguments and outputs.
-FusedLaunch base_launch(FusedOp op, const FusedProblem& p, int64_t sf_vec_size, bool sf_use_ue8m0,
-                        bool is_global_scale_inversed) {
+// The launch arguments common to every op: the op, the model dtype and the quantize target.
+FusedLaunch base_launch(FusedOp op, const FusedProblem& p, bool sf_use_ue8m0, bool is_global_scale_inversed) {
   FusedLaunch a{};
   a.op = op;
   a.input_dtype = int(p.dtype);
-  a.m = p.shape.m;
-  a.k = p.shape.k;
-  a.sf_vec_size = int(sf_vec_size);
-  a.sf_use_ue8m0 = sf_use_ue8m0;
-  a.global_scale = p.global_scale.defined() ? p.global_scale.data_ptr<float>() : nullptr;
-  a.global_scale_per_row = p.global_scale.defined() && p.global_scale.numel() > 1;
-  a.is_global_scale_inversed = is_global_scale_inversed;
-  a.sf_layout = int(p.shape.layout);
-  a.x_q = p.x_q.data_ptr<uint8_t>();
-  a.sf = p.sf.data_ptr<uint8_t>();
-  a.num_sms = num_sms();
+  a.out = quantize_target(p.shape, sf_use_ue8m0, p.global_scale, is_global_scale_inversed, p.x_q, p.sf);
   return a;
 }
 
 // Launches unless the problem is empty (then only the sf padding needs zeros).
 void run(FusedLaunch& a, const FusedProblem& p) {
-  if (a.m == 0 || a.k == 0) {
+  if (a.out.m == 0 || a.out.k == 0) {
     p.sf.zero_();
     return;
   }
-  const cudaError_t err = launch_fused(a, c10::cuda::getCurrentCUDAStream());
-  TORCH_CHECK(err == cudaSuccess, "fp4op: fused kernel launch failed: ", cudaGetErrorString(err));
+  check_launch(launch_fused(a, c10::cuda::getCurrentCUDAStream()), "fused");
 }
 
 void set_rows(const at::Tensor& t, const void** ptr, int64_t* row_stride, std::vector<at::Tensor>& keep) {
@@ -95,11 +77,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rms_norm_impl(
   if (residual) fused::check_like(*residual, "residual", x, "x");
   fused::check_affine(weight, "weight", x);
   const c10::cuda::CUDAGuard guard(x.device());
-  FusedLaunch a = base_launch(residual ? FusedOp::kAddRmsNorm : FusedOp::kRmsNorm, p, sf_vec_size, sf_use_ue8m0,
-                              is_global_scale_inversed);
+  FusedLaunch a =
+      base_launch(residual ? FusedOp::kAddRmsNorm : FusedOp::kRmsNorm, p, sf_use_ue8m0, is_global_scale_inversed);
   at::Tensor sum;
   std::vector<at::Tensor> keep;
-  if (a.m > 0 && a.k > 0) {
+  if (a.out.m > 0 && a.out.k > 0) {
     set_rows(x, &a.x, &a.x_row_stride, keep);
     if (residual) set_rows(*residual, &a.y, &a.y_row_stride, keep);
   }
@@ -148,9 +130,9 @@ std::tuple<at::Tensor, at::Tensor> layer_norm_quantize_cuda(const at::Tensor& x,
   fused::check_affine(weight, "weight", x);
   fused::check_affine(bias, "bias", x);
   const c10::cuda::CUDAGuard guard(x.device());
-  FusedLaunch a = base_launch(FusedOp::kLayerNorm, p, sf_vec_size, sf_use_ue8m0, is_global_scale_inversed);
+  FusedLaunch a = base_launch(FusedOp::kLayerNorm, p, sf_use_ue8m0, is_global_scale_inversed);
   std::vector<at::Tensor> keep;
-  if (a.m > 0 && a.k > 0) set_rows(x, &a.x, &a.x_row_stride, keep);
+  if (a.out.m > 0 && a.out.k > 0) set_rows(x, &a.x, &a.x_row_stride, keep);
   const at::Tensor w = kernel_affine(weight), b = kernel_affine(bias);
   a.weight = w.defined() ? w.data_ptr() : nullptr;
   a.bias = b.defined() ? b.data_ptr() : nullptr;
@@ -169,10 +151,10 @@ std::tuple<at::Tensor, at::Tensor> activation_impl(const at::Tensor& x, const at
                                         is_sf_8x4_layout);
   if (up) fused::check_like(*up, "up", x, "gate");
   const c10::cuda::CUDAGuard guard(x.device());
-  FusedLaunch a = base_launch(up ? FusedOp::kGatedActivation : FusedOp::kActivation, p, sf_vec_size, sf_use_ue8m0,
+  FusedLaunch a = base_launch(up ? FusedOp::kGatedActivation : FusedOp::kActivation, p, sf_use_ue8m0,
                               is_global_scale_inversed);
   std::vector<at::Tensor> keep;
-  if (a.m > 0 && a.k > 0) {
+  if (a.out.m > 0 && a.out.k > 0) {
     set_rows(x, &a.x, &a.x_row_stride, keep);
     if (up) set_rows(*up, &a.y, &a.y_row_stride, keep);
   }

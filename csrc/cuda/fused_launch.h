@@ -2,9 +2,7 @@
 // by their torch bindings (fused_cuda.cpp). No torch headers here.
 #pragma once
 
-#include <cstdint>
-
-#include <cuda_runtime.h>
+#include "launch.h"
 
 namespace fp4op::cuda {
 
@@ -13,8 +11,6 @@ enum class FusedOp : int { kRmsNorm = 0, kAddRmsNorm = 1, kLayerNorm = 2, kActiv
 struct FusedLaunch {
   FusedOp op;
   int input_dtype;              // fp4op::InputDtype: float16 or bfloat16
-  int64_t m;
-  int64_t k;
   // x (norms, activations) or gate: row r at x + r * x_row_stride elements; 16-byte aligned rows
   const void* x;
   int64_t x_row_stride;
@@ -28,15 +24,7 @@ struct FusedLaunch {
   float weight_offset;
   int rms_weight;               // fp4op::fused::RmsWeight
   int activation;               // fp4op::fused::Activation
-  int sf_vec_size;              // 16 (NVFP4) or 32 (MXFP4)
-  bool sf_use_ue8m0;
-  const float* global_scale;    // 1 or m floats; nullptr for MXFP4
-  bool global_scale_per_row;
-  bool is_global_scale_inversed;
-  int sf_layout;                // fp4op::SfLayout
-  uint8_t* x_q;                 // [m, k/2]
-  uint8_t* sf;                  // sf_rows x sf_cols, padding written by the kernel
-  int num_sms;
+  QuantizeTarget out;
 };
 
 // Runs the fused op on `stream`; returns the launch's error code.

@@ -8,13 +8,11 @@
 
 namespace fp4op::cuda {
 
-struct QuantizeLaunch {
-  const void* input;            // [m, k] contiguous, 16-byte aligned
-  int input_dtype;              // fp4op::InputDtype
+// What every quantizing kernel (plain and fused) writes, and with which recipe.
+struct QuantizeTarget {
   int64_t m;
   int64_t k;
-  int sf_vec_size;              // 16 (NVFP4) or 32 (MXFP4)
-  bool sf_use_ue8m0;
+  bool sf_use_ue8m0;            // MXFP4 (32-element blocks, UE8M0) or NVFP4 (16, E4M3)
   const float* global_scale;    // 1 or m floats; nullptr for MXFP4
   bool global_scale_per_row;
   bool is_global_scale_inversed;
@@ -22,6 +20,12 @@ struct QuantizeLaunch {
   uint8_t* x_q;                 // [m, k/2]
   uint8_t* sf;                  // sf_rows x sf_cols, padding written by the kernel
   int num_sms;
+};
+
+struct QuantizeLaunch {
+  const void* input;            // [m, k] contiguous, 16-byte aligned
+  int input_dtype;              // fp4op::InputDtype
+  QuantizeTarget out;
 };
 
 // Quantizes on `stream`; returns the launch's error code.

@@ -4,13 +4,10 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
-#include "../op_args.h"
-#include "launch.h"
+#include "bindings.h"
 
 namespace fp4op::cuda {
-namespace {
 
-// The multiprocessor count of the current device (the kernels size their grids with it).
 int num_sms() {
   int device = 0, count = 0;
   C10_CUDA_CHECK(cudaGetDevice(&device));
@@ -18,9 +15,27 @@ int num_sms() {
   return count;
 }
 
+QuantizeTarget quantize_target(const QuantizeShape& s, bool sf_use_ue8m0, const at::Tensor& global_scale,
+                               bool is_global_scale_inversed, const at::Tensor& x_q, const at::Tensor& sf) {
+  QuantizeTarget q{};
+  q.m = s.m;
+  q.k = s.k;
+  q.sf_use_ue8m0 = sf_use_ue8m0;
+  q.global_scale = global_scale.defined() ? global_scale.data_ptr<float>() : nullptr;
+  q.global_scale_per_row = global_scale.defined() && global_scale.numel() > 1;
+  q.is_global_scale_inversed = is_global_scale_inversed;
+  q.sf_layout = int(s.layout);
+  q.x_q = x_q.data_ptr<uint8_t>();
+  q.sf = sf.data_ptr<uint8_t>();
+  q.num_sms = num_sms();
+  return q;
+}
+
 void check_launch(cudaError_t err, const char* what) {
   TORCH_CHECK(err == cudaSuccess, "fp4op: ", what, " kernel launch failed: ", cudaGetErrorString(err));
 }
+
+namespace {
 
 // The kernels read 16-byte vectors: a contiguous input at an odd storage offset gets an aligned copy.
 at::Tensor aligned_contiguous(const at::Tensor& t) {
@@ -50,17 +65,7 @@ std::tuple<at::Tensor, at::Tensor> quantize_cuda(const at::Tensor& input,
   QuantizeLaunch a{};
   a.input = x.data_ptr();
   a.input_dtype = int(dtype);
-  a.m = s.m;
-  a.k = s.k;
-  a.sf_vec_size = int(sf_vec_size);
-  a.sf_use_ue8m0 = sf_use_ue8m0;
-  a.global_scale = gs.defined() ? gs.data_ptr<float>() : nullptr;
-  a.global_scale_per_row = gs.defined() && gs.numel() > 1;
-  a.is_global_scale_inversed = is_global_scale_inversed;
-  a.sf_layout = int(s.layout);
-  a.x_q = xq.data_ptr<uint8_t>();
-  a.sf = sf.data_ptr<uint8_t>();
-  a.num_sms = num_sms();
+  a.out = quantize_target(s, sf_use_ue8m0, gs, is_global_scale_inversed, xq, sf);
   check_launch(launch_quantize(a, c10::cuda::getCurrentCUDAStream()), "quantize");
   return {xq, sf};
 }

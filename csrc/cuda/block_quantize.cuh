@@ -1,0 +1,314 @@
+// Device building blocks shared by the plain (quantize.cu) and fused (fused.cu) quantize kernels: the
+// exact widening of the input formats, the quantization of one scale block held by one thread, the
+// scale-factor stores, the zeroing of the swizzled layouts' padding rows, and the elementwise kernel
+// (a thread per scale block) that the plain quantize and the fused activations share.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_fp8.h>
+
+#include <algorithm>
+
+#include "../numerics.h"
+#include "launch.h"
+
+namespace fp4op::cuda {
+
+constexpr int kThreads = 256;
+constexpr unsigned kFullMask = 0xffffffffu;
+
+// The input formats: elements per 16-byte vector and their exact widening to float32.
+template <InputDtype D>
+struct Input;
+
+template <>
+struct Input<InputDtype::kBFloat16> {
+  static constexpr int kPerVector = 8;
+  __device__ __forceinline__ static void widen(const uint4& v, float* f) {
+    const uint32_t w[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      f[2 * i] = __uint_as_float(w[i] << 16);
+      f[2 * i + 1] = __uint_as_float(w[i] & 0xFFFF0000u);
+    }
+  }
+};
+
+template <>
+struct Input<InputDtype::kFloat16> {
+  static constexpr int kPerVector = 8;
+  __device__ __forceinline__ static void widen(const uint4& v, float* f) {
+    const uint32_t w[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      __half2_raw raw;
+      raw.x = uint16_t(w[i] & 0xFFFFu);
+      raw.y = uint16_t(w[i] >> 16);
+      const float2 p = __half22float2(__half2(raw));
+      f[2 * i] = p.x;
+      f[2 * i + 1] = p.y;
+    }
+  }
+};
+
+template <>
+struct Input<InputDtype::kFloat8E4M3> {
+  static constexpr int kPerVector = 16;
+  __device__ __forceinline__ static void widen(const uint4& v, float* f) {
+    const uint32_t w[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+#pragma unroll
+      for (int j = 0; j < 2; ++j) {
+        // e4m3 pairs -> half2 is exact (every E4M3 value is an fp16 value)
+        const __half2_raw h = __nv_cvt_fp8x2_to_halfraw2(__nv_fp8x2_storage_t((w[i] >> (16 * j)) & 0xFFFFu),
+                                                         __NV_E4M3);
+        const float2 p = __half22float2(__half2(h));
+        f[4 * i + 2 * j] = p.x;
+        f[4 * i + 2 * j + 1] = p.y;
+      }
+    }
+  }
+};
+
+// The packed codes of one scale block: 8 bytes (16 elements) or 16 bytes (32 elements).
+template <int VEC>
+struct PackedBlock;
+template <>
+struct PackedBlock<16> {
+  using type = uint2;
+};
+template <>
+struct PackedBlock<32> {
+  using type = uint4;
+};
+
+template <bool UE8M0>
+struct Recipe {
+  static constexpr int kVec = UE8M0 ? 32 : 16;
+};
+
+__device__ __forceinline__ Nvfp4RowScale row_scale_of(const QuantizeTarget& q, int64_t row) {
+  return nvfp4_row_scale(q.global_scale[q.global_scale_per_row ? row : 0], q.is_global_scale_inversed);
+}
+
+// Quantizes one block of VEC values held by this thread: writes its packed codes to `dst` (when
+// has_data) and returns its scale byte (0 without data: the padding value).
+template <int VEC, bool UE8M0>
+__device__ __forceinline__ uint32_t quantize_block(const float (&f)[VEC], bool has_data, Nvfp4RowScale rs,
+                                                   uint8_t* dst) {
+  float amax = fabsf(f[0]);
+#pragma unroll
+  for (int i = 1; i < VEC; ++i) amax = amax_fold(amax, f[i]);
+  const BlockScale s = UE8M0 ? mxfp4_block_scale(amax) : nvfp4_block_scale(amax, rs);
+  if (!has_data) return 0u;
+  typename PackedBlock<VEC>::type packed;
+  uint32_t* words = reinterpret_cast<uint32_t*>(&packed);
+#pragma unroll
+  for (int w = 0; w < VEC / 8; ++w) {
+    float scaled[8];
+#pragma unroll
+    for (int i = 0; i < 8; ++i) scaled[i] = mul_rn(f[8 * w + i], s.out_scale);
+    words[w] = e2m1x8(scaled);
+  }
+  __stcs(reinterpret_cast<typename PackedBlock<VEC>::type*>(dst), packed);
+  return s.sf;
+}
+
+// Stores the scale byte of block column `col` of `row`. Lanes 4j..4j+3 of a warp must hold columns
+// 4q..4q+3 of one row: in the swizzled layouts those four bytes are contiguous and lane 4j writes
+// them as one word (every lane of the warp must call this); `in_sf` says the column exists in the sf
+// tensor (real or padding), `has_data` that it is real.
+template <SfLayout LAYOUT>
+__device__ __forceinline__ void store_sf(uint8_t* sf, int64_t row, int64_t col, int64_t nk, uint32_t sf_byte,
+                                         bool row_ok, bool in_sf, bool has_data) {
+  if constexpr (LAYOUT == SfLayout::kLinear) {
+    if (has_data) sf[sf_offset(row, col, nk, LAYOUT)] = uint8_t(sf_byte);
+  } else {
+    uint32_t word = sf_byte;
+    word |= __shfl_down_sync(kFullMask, sf_byte, 1) << 8;
+    word |= __shfl_down_sync(kFullMask, sf_byte, 2) << 16;
+    word |= __shfl_down_sync(kFullMask, sf_byte, 3) << 24;
+    if ((threadIdx.x & 3) == 0 && row_ok && in_sf) {
+      *reinterpret_cast<uint32_t*>(sf + sf_offset(row, col, nk, LAYOUT)) = word;
+    }
+  }
+}
+
+// Zeroes the padding rows [m, sf_rows) of a swizzled layout, one 4-byte word (4 block columns) a
+// thread; `first` is this thread's index among the `count` threads doing it. 32-bit index math: the
+// launchers check that the padding has fewer than 2^32 words.
+template <SfLayout LAYOUT>
+__device__ void zero_padding_rows(const QuantizeTarget& q, int64_t nk, uint32_t first, uint32_t count) {
+  const uint32_t words_per_row = uint32_t(sf_cols(nk, LAYOUT) / 4);
+  const uint32_t words = uint32_t(sf_rows(q.m, LAYOUT) - q.m) * words_per_row;
+  for (uint32_t i = first; i < words; i += count) {
+    const int64_t row = q.m + i / words_per_row;
+    const int64_t col = int64_t(i % words_per_row) * 4;
+    *reinterpret_cast<uint32_t*>(q.sf + sf_offset(row, col, nk, LAYOUT)) = 0u;
+  }
+}
+
+template <SfLayout LAYOUT>
+int64_t padding_words(const QuantizeTarget& q, int64_t nk) {
+  return (sf_rows(q.m, LAYOUT) - q.m) * (sf_cols(nk, LAYOUT) / 4);
+}
+
+// ---- the elementwise kernel -------------------------------------------------------------------------
+
+// The inputs of an elementwise quantize: up to two row-major streams (x, or gate and up) of the same
+// shape; row r of stream s starts at in[s] + r * row_stride[s] elements, rows are 16-byte aligned.
+struct ElementwiseArgs {
+  const void* in[2];
+  int64_t row_stride[2];
+  int activation;  // fp4op::fused::Activation, for the fused activations
+  QuantizeTarget out;
+};
+
+// A CTA covers rows_per_tile rows x cols_per_tile scale-block columns, one thread per block.
+struct Tiling {
+  int cols_per_tile;
+  int rows_per_tile;
+  int64_t row_tiles;
+  unsigned data_rows_y;  // gridDim.y of the quantizing CTAs; the CTAs above zero the padding rows
+};
+
+// One thread per scale block: VEC elements of each stream read with 16-byte loads (the loads of a
+// warp cover a contiguous span), turned into VEC floats by SRC::produce, quantized and written with
+// one 8- or 16-byte store. Each thread walks row tiles with a stride of data_rows_y and loads the
+// next tile's block before converting the current one, so that memory traffic overlaps arithmetic.
+// SRC: kStreams, kElementBytes, produce(const uint4 (&)[kStreams][kLoads], activation, float (&)[VEC]).
+template <class SRC, int VEC, bool UE8M0, SfLayout LAYOUT>
+__global__ void __launch_bounds__(kThreads) elementwise_kernel(const ElementwiseArgs a, const Tiling t) {
+  constexpr int kStreams = SRC::kStreams;
+  constexpr int kLoads = VEC * SRC::kElementBytes / 16;
+  const QuantizeTarget& q = a.out;
+  const int64_t nk = q.k / VEC;
+  if (blockIdx.y >= t.data_rows_y) {
+    if constexpr (LAYOUT != SfLayout::kLinear) {
+      zero_padding_rows<LAYOUT>(q, nk, ((blockIdx.y - t.data_rows_y) * gridDim.x + blockIdx.x) * kThreads + threadIdx.x,
+                                gridDim.x * (gridDim.y - t.data_rows_y) * kThreads);
+    }
+    return;
+  }
+
+  const int local_row = threadIdx.x / t.cols_per_tile;
+  const int64_t col = int64_t(blockIdx.x) * t.cols_per_tile + threadIdx.x % t.cols_per_tile;
+  const bool col_has_data = local_row < t.rows_per_tile && col < nk;
+  const bool col_in_sf = local_row < t.rows_per_tile && col < sf_cols(nk, LAYOUT);
+  Nvfp4RowScale rs{};
+  if (!UE8M0 && !q.global_scale_per_row) rs = row_scale_of(q, 0);
+
+  // per-iteration pointer steps instead of 64-bit index products in the loop
+  const int64_t row_step = int64_t(t.data_rows_y) * t.rows_per_tile;
+  int64_t row = int64_t(blockIdx.y) * t.rows_per_tile + local_row;
+  const uint4* src[kStreams];
+  int64_t src_step[kStreams];
+#pragma unroll
+  for (int s = 0; s < kStreams; ++s) {
+    src[s] = static_cast<const uint4*>(a.in[s]) + (row * a.row_stride[s] + col * VEC) * SRC::kElementBytes / 16;
+    src_step[s] = row_step * a.row_stride[s] * SRC::kElementBytes / 16;
+  }
+  uint8_t* dst = q.x_q + (row * q.k + col * VEC) / 2;
+  const int64_t dst_step = row_step * q.k / 2;
+
+  uint4 next[kStreams][kLoads];
+  if (col_has_data && row < q.m) {
+#pragma unroll
+    for (int s = 0; s < kStreams; ++s) {
+#pragma unroll
+      for (int i = 0; i < kLoads; ++i) next[s][i] = __ldg(src[s] + i);
+    }
+  }
+  // the trip count depends on blockIdx.y only, so every lane reaches the shuffles of store_sf
+  for (int64_t tile = blockIdx.y; tile < t.row_tiles; tile += t.data_rows_y, row += row_step, dst += dst_step) {
+    const bool row_ok = local_row < t.rows_per_tile && row < q.m;
+    const bool has_data = row_ok && col_has_data;
+    uint4 v[kStreams][kLoads];
+#pragma unroll
+    for (int s = 0; s < kStreams; ++s) {
+#pragma unroll
+      for (int i = 0; i < kLoads; ++i) v[s][i] = next[s][i];
+    }
+    const bool prefetch = col_has_data && row + row_step < q.m;
+#pragma unroll
+    for (int s = 0; s < kStreams; ++s) {
+      src[s] += src_step[s];
+      if (prefetch) {
+#pragma unroll
+        for (int i = 0; i < kLoads; ++i) next[s][i] = __ldg(src[s] + i);
+      }
+    }
+
+    float f[VEC];
+    if (has_data) {
+      SRC::produce(v, a.activation, f);
+    } else {
+#pragma unroll
+      for (int i = 0; i < VEC; ++i) f[i] = 0.0f;
+    }
+    if (!UE8M0 && q.global_scale_per_row && row_ok) rs = row_scale_of(q, row);
+    const uint32_t sf_byte = quantize_block<VEC, UE8M0>(f, has_data, rs, dst);
+    store_sf<LAYOUT>(q.sf, row, col, nk, sf_byte, row_ok, col_in_sf, has_data);
+  }
+}
+
+template <class SRC, int VEC, bool UE8M0, SfLayout LAYOUT>
+cudaError_t launch_elementwise_layout(const ElementwiseArgs& a, cudaStream_t stream) {
+  constexpr int kMaxGridY = 65535;
+  const QuantizeTarget& q = a.out;
+  const int64_t nk = q.k / VEC;
+  const int64_t cols = sf_cols(nk, LAYOUT);
+  Tiling t;
+  int64_t tiles_k;
+  if (cols >= kThreads) {
+    t.cols_per_tile = kThreads;
+    t.rows_per_tile = 1;
+    tiles_k = (cols + kThreads - 1) / kThreads;
+  } else {
+    t.cols_per_tile = int(cols);
+    t.rows_per_tile = kThreads / t.cols_per_tile;
+    tiles_k = 1;
+  }
+  t.row_tiles = (q.m + t.rows_per_tile - 1) / t.rows_per_tile;
+  if (tiles_k > 0x7FFFFFFF) return cudaErrorInvalidValue;
+  const int64_t pad_words = padding_words<LAYOUT>(q, nk);
+  if (pad_words >= (int64_t(1) << 32)) return cudaErrorInvalidValue;
+  // one wave of resident CTAs; each walks row tiles with stride data_rows_y
+  static const int ctas_per_sm = [] {
+    int n = 0;
+    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, elementwise_kernel<SRC, VEC, UE8M0, LAYOUT>, kThreads, 0) !=
+        cudaSuccess) {
+      (void)cudaGetLastError();
+      n = 0;
+    }
+    return std::max(n, 1);
+  }();
+  const int64_t target_y = std::max<int64_t>(1, int64_t(q.num_sms) * ctas_per_sm / tiles_k);
+  const int64_t grid_y = std::min<int64_t>(std::min<int64_t>(t.row_tiles, target_y), kMaxGridY / 2);
+  t.data_rows_y = unsigned(grid_y);
+  const int64_t pad_y = std::min<int64_t>((pad_words + tiles_k * kThreads - 1) / (tiles_k * kThreads), kMaxGridY / 2);
+  const dim3 grid(unsigned(tiles_k), unsigned(grid_y + pad_y));
+  elementwise_kernel<SRC, VEC, UE8M0, LAYOUT><<<grid, kThreads, 0, stream>>>(a, t);
+  return cudaGetLastError();
+}
+
+template <class SRC>
+cudaError_t launch_elementwise(const ElementwiseArgs& a, cudaStream_t stream) {
+  const bool ue8m0 = a.out.sf_use_ue8m0;
+  switch (SfLayout(a.out.sf_layout)) {
+    case SfLayout::kSwizzled128x4:
+      return ue8m0 ? launch_elementwise_layout<SRC, 32, true, SfLayout::kSwizzled128x4>(a, stream)
+                   : launch_elementwise_layout<SRC, 16, false, SfLayout::kSwizzled128x4>(a, stream);
+    case SfLayout::kSwizzled8x4:
+      return ue8m0 ? launch_elementwise_layout<SRC, 32, true, SfLayout::kSwizzled8x4>(a, stream)
+                   : launch_elementwise_layout<SRC, 16, false, SfLayout::kSwizzled8x4>(a, stream);
+    case SfLayout::kLinear:
+      return ue8m0 ? launch_elementwise_layout<SRC, 32, true, SfLayout::kLinear>(a, stream)
+                   : launch_elementwise_layout<SRC, 16, false, SfLayout::kLinear>(a, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+}  // namespace fp4op::cuda
