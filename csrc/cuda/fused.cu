@@ -135,37 +135,28 @@ struct NormRow {
     return reinterpret_cast<uint4*>(static_cast<uint16_t*>(a.sum_out) + row * a.out.k + col * VEC);
   }
 
-  // The raw inputs of a block: x, and the residual for add_rms_norm.
-  static constexpr int kInputs = OP == FusedOp::kAddRmsNorm ? 2 : 1;
-  __device__ __forceinline__ void load_raw(int64_t col, uint4 (&in)[kInputs][kLoads]) const {
+  // The block that is normalized: x, or round(x + residual) for add_rms_norm (also stored to sum_out).
+  __device__ __forceinline__ void load(int64_t col, uint4 (&v)[kLoads]) const {
     const uint4* x = x_block(col);
 #pragma unroll
-    for (int i = 0; i < kLoads; ++i) in[0][i] = __ldg(x + i);
+    for (int i = 0; i < kLoads; ++i) v[i] = __ldg(x + i);
     if constexpr (OP == FusedOp::kAddRmsNorm) {
       const uint4* r = reinterpret_cast<const uint4*>(static_cast<const uint16_t*>(a.y) + row * a.y_row_stride +
                                                       col * VEC);
+      uint4 rv[kLoads];
 #pragma unroll
-      for (int i = 0; i < kLoads; ++i) in[kInputs - 1][i] = __ldg(r + i);
-    }
-  }
-
-  // The block that is normalized: x, or round(x + residual) for add_rms_norm (also stored to sum_out).
-  __device__ __forceinline__ void combine(int64_t col, const uint4 (&in)[kInputs][kLoads], uint4 (&v)[kLoads]) const {
-    if constexpr (OP == FusedOp::kAddRmsNorm) {
+      for (int i = 0; i < kLoads; ++i) rv[i] = __ldg(r + i);
       uint4* out = sum_block(col);
 #pragma unroll
       for (int i = 0; i < kLoads; ++i) {
         float xf[kChunk], rf[kChunk];
-        Input<D>::widen(in[0][i], xf);
-        Input<D>::widen(in[kInputs - 1][i], rf);
+        Input<D>::widen(v[i], xf);
+        Input<D>::widen(rv[i], rf);
 #pragma unroll
         for (int e = 0; e < kChunk; ++e) xf[e] = fused::round_to(add_rn(xf[e], rf[e]), D);
         v[i] = narrow8<D>(xf);
         out[i] = v[i];
       }
-    } else {
-#pragma unroll
-      for (int i = 0; i < kLoads; ++i) v[i] = in[0][i];
     }
   }
 
@@ -242,12 +233,6 @@ __device__ __forceinline__ void store_sf_any(const QuantizeTarget& q, int64_t ro
   }
 }
 
-// Held rows prefetch the next row group's raw inputs when that fits in 8 more 16-byte registers a
-// thread; larger rows (and MXFP4 with 4 blocks a thread) rely on more resident CTAs instead.
-template <FusedOp OP, bool UE8M0, int BPT>
-constexpr bool kPrefetchRows =
-    BPT > 0 && BPT * (Recipe<UE8M0>::kVec / kChunk) * (OP == FusedOp::kAddRmsNorm ? 2 : 1) <= 8;
-
 // BPT > 0: each thread holds up to BPT blocks of its row in registers (loaded once); BPT = 0: any K,
 // the blocks are read from memory in every pass.
 template <FusedOp OP, InputDtype D, bool UE8M0, int BPT>
@@ -282,46 +267,12 @@ __global__ void __launch_bounds__(kThreads) norm_kernel(const FusedLaunch a, con
     }
   };
   Nvfp4RowScale rs{};
-  const int64_t local_row = threadIdx.x / team;
-  // held rows: the raw inputs of this thread's blocks of the next row group are loaded before the
-  // current group is reduced and quantized, so that loads overlap the arithmetic
-  constexpr int kHeld = BPT > 0 ? BPT : 1;
-  constexpr bool kPrefetch = kPrefetchRows<OP, UE8M0, BPT>;
-  uint4 next[kPrefetch ? BPT : 1][Row::kInputs][kLoads];
-  auto prefetch = [&](int64_t group) {
-    if constexpr (kPrefetch) {
-      const int64_t row = group * rows_per_cta + local_row;
-      if (group >= g.row_groups || row >= q.m) return;
-      const Row pr{a, row};
-#pragma unroll
-      for (int p = 0; p < BPT; ++p) {
-        const int64_t col = lane + int64_t(p) * team;
-        if (col < nk) pr.load_raw(col, next[p]);
-      }
-    }
-  };
-  prefetch(blockIdx.x);
   for (int64_t group = blockIdx.x; group < g.row_groups; group += g.row_ctas) {
-    const int64_t row_or_past = group * rows_per_cta + local_row;
+    const int64_t row_or_past = group * rows_per_cta + threadIdx.x / team;
     const bool row_ok = row_or_past < q.m;  // uniform over a warp: teams are whole warps
     const Row r{a, row_ok ? row_or_past : 0};
 
-    uint4 held[kHeld][kLoads];
-    if constexpr (BPT > 0) {
-#pragma unroll
-      for (int p = 0; p < BPT; ++p) {
-        const int64_t col = lane + int64_t(p) * team;
-        if (!row_ok || col >= nk) continue;
-        if constexpr (kPrefetch) {
-          r.combine(col, next[p], held[p]);
-        } else {
-          uint4 in[Row::kInputs][kLoads];
-          r.load_raw(col, in);
-          r.combine(col, in, held[p]);
-        }
-      }
-    }
-    prefetch(group + g.row_ctas);
+    uint4 held[BPT > 0 ? BPT : 1][kLoads];
     // the block of pass p to normalize: held, or read again
     auto block = [&](int p, int64_t col, uint4 (&v)[kLoads]) {
       if constexpr (BPT > 0) {
@@ -336,14 +287,12 @@ __global__ void __launch_bounds__(kThreads) norm_kernel(const FusedLaunch a, con
       const int64_t col = lane + int64_t(p) * team;
       if (!row_ok || col >= nk) return;
       uint4 v[kLoads];
-      if constexpr (BPT > 0) {
-        block(p, col, v);
-      } else {
-        uint4 in[Row::kInputs][kLoads];
-        r.load_raw(col, in);
-        r.combine(col, in, v);
-      }
+      r.load(col, v);
       acc = add_rn(acc, Row::partial(v, 0.0f, !kIsLayerNorm<OP>));
+      if constexpr (BPT > 0) {
+#pragma unroll
+        for (int i = 0; i < kLoads; ++i) held[p][i] = v[i];
+      }
     });
     const float kf = float(q.k);
     const float total = team_sum(acc, team, smem);
@@ -411,9 +360,7 @@ cudaError_t launch_norm_config(const FusedLaunch& a, int64_t nk, int64_t cols, i
     }
     return std::max(n, 1);
   }();
-  // prefetching kernels: one wave of resident CTAs walking row groups; others: more CTAs than fit
-  const int64_t waves = kPrefetchRows<OP, UE8M0, BPT> ? 1 : 8;
-  g.row_ctas = std::min<int64_t>(g.row_groups, int64_t(q.num_sms) * ctas_per_sm * waves);
+  g.row_ctas = std::min<int64_t>(g.row_groups, int64_t(q.num_sms) * ctas_per_sm * 8);
   const int64_t pad_ctas = std::min<int64_t>((pad_words + kThreads - 1) / kThreads, 4096);
   norm_kernel<OP, D, UE8M0, BPT><<<unsigned(g.row_ctas + pad_ctas), kThreads, 0, stream>>>(a, g);
   return cudaGetLastError();
