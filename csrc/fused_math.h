@@ -19,7 +19,10 @@ namespace fp4op::fused {
 // float32 -> bfloat16 -> float32. NaN stays NaN (its payload is irrelevant to quantization).
 FP4OP_HD float round_to_bf16(float x) {
 #if defined(__CUDA_ARCH__)
-  return __bfloat162float(__float2bfloat16_rn(x));
+  // the packing conversion (one F2FP) instead of the scalar one, which issues on the slow conversion
+  // pipe; the same rounding
+  const __nv_bfloat162 pair = __floats2bfloat162_rn(x, x);
+  return __uint_as_float(*reinterpret_cast<const uint32_t*>(&pair) & 0xFFFF0000u);
 #else
   const uint32_t u = float_to_bits(x);
   if ((u & 0x7FFFFFFFu) > 0x7F800000u) return x;
@@ -46,7 +49,7 @@ FP4OP_HD uint16_t float_to_fp16_bits(float x) {
 
 FP4OP_HD float round_to_fp16(float x) {
 #if defined(__CUDA_ARCH__)
-  return __half2float(__float2half_rn(x));
+  return __low2float(__floats2half2_rn(x, x));  // see round_to_bf16
 #else
   return fp16_bits_to_float(float_to_fp16_bits(x));
 #endif

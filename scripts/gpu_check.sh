@@ -41,7 +41,7 @@ for s in $stages; do
     fused) run fused $PY scripts/bench_fused.py --out "$LOGS/bench_fused.json" ;;
     demo) run demo timeout 180 $PY examples/demo.py ;;
     ncu)
-      run ncu timeout 300 ncu --clock-control none -k 'regex:quantize_kernel|fused_kernel' --launch-skip-before-match 0 \
+      run ncu timeout 300 ncu --clock-control none --kernel-name-base mangled -k regex:fp4op --launch-skip-before-match 0 \
         --section SpeedOfLight --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis \
         --section InstructionStats --section Occupancy --section WarpStateStats --print-summary none \
         $PY scripts/ncu_cases.py ;;

@@ -2,7 +2,7 @@
 benchmark's large shape per dtype/recipe, and the fused norm/activation ops. Each runs twice (the
 profile takes the second launch of each kernel, see gpu_check.sh's `ncu` stage).
 
-    ncu --clock-control none -k regex:'quantize_kernel|fused_kernel' python scripts/ncu_cases.py"""
+    ncu --clock-control none --kernel-name-base mangled -k regex:fp4op python scripts/ncu_cases.py"""
 
 import torch
 

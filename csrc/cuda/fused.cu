@@ -189,31 +189,60 @@ struct NormRow {
     return acc;
   }
 
+  // The block's weight and bias (layer norm), zero where absent: [0] weight, [1] bias.
+  static constexpr int kAffine = OP == FusedOp::kLayerNorm ? 2 : 1;
+  __device__ __forceinline__ void load_affine(int64_t col, uint4 (&p)[kAffine][kLoads]) const {
+    const void* src[2] = {a.weight, a.bias};
+#pragma unroll
+    for (int j = 0; j < kAffine; ++j) {
+      const uint4* v = reinterpret_cast<const uint4*>(static_cast<const uint16_t*>(src[j]) + col * VEC);
+#pragma unroll
+      for (int i = 0; i < kLoads; ++i) p[j][i] = src[j] != nullptr ? __ldg(v + i) : make_uint4(0u, 0u, 0u, 0u);
+    }
+  }
+
   // The normalized block, rounded to the model dtype as eager rounds it.
-  __device__ __forceinline__ void normalize(int64_t col, const uint4 (&v)[kLoads], float stat_a, float stat_b,
-                                            float (&f)[VEC]) const {
+  __device__ __forceinline__ void normalize(const uint4 (&v)[kLoads], const uint4 (&affine)[kAffine][kLoads],
+                                            float stat_a, float stat_b, float (&f)[VEC]) const {
+    float w[VEC], b[VEC];
 #pragma unroll
-    for (int i = 0; i < kLoads; ++i) Input<D>::widen(v[i], f + i * kChunk);
-    float w[VEC] = {}, b[VEC] = {};
-    if (a.weight != nullptr) {
-      const uint4* wp = reinterpret_cast<const uint4*>(static_cast<const uint16_t*>(a.weight) + col * VEC);
-#pragma unroll
-      for (int i = 0; i < kLoads; ++i) Input<D>::widen(__ldg(wp + i), w + i * kChunk);
+    for (int i = 0; i < kLoads; ++i) {
+      Input<D>::widen(v[i], f + i * kChunk);
+      Input<D>::widen(affine[0][i], w + i * kChunk);
+      Input<D>::widen(affine[kAffine - 1][i], b + i * kChunk);
     }
+    // one branch per block on the (uniform) affine form, with the element loop specialized to it
     if constexpr (OP == FusedOp::kLayerNorm) {
-      if (a.bias != nullptr) {
-        const uint4* bp = reinterpret_cast<const uint4*>(static_cast<const uint16_t*>(a.bias) + col * VEC);
-#pragma unroll
-        for (int i = 0; i < kLoads; ++i) Input<D>::widen(__ldg(bp + i), b + i * kChunk);
-      }
       const bool has_w = a.weight != nullptr, has_b = a.bias != nullptr;
-#pragma unroll
-      for (int e = 0; e < VEC; ++e) f[e] = fused::layer_norm_element(f[e], stat_a, stat_b, w[e], has_w, b[e], has_b, D);
+      if (has_w && has_b) {
+        layer_norm_block<true, true>(stat_a, stat_b, w, b, f);
+      } else if (has_w) {
+        layer_norm_block<true, false>(stat_a, stat_b, w, b, f);
+      } else if (has_b) {
+        layer_norm_block<false, true>(stat_a, stat_b, w, b, f);
+      } else {
+        layer_norm_block<false, false>(stat_a, stat_b, w, b, f);
+      }
     } else {
-      const RmsWeight form = RmsWeight(a.rms_weight);
-#pragma unroll
-      for (int e = 0; e < VEC; ++e) f[e] = fused::rms_norm_element(f[e], stat_a, w[e], a.weight_offset, form, D);
+      switch (RmsWeight(a.rms_weight)) {
+        case RmsWeight::kNone: rms_norm_block<RmsWeight::kNone>(stat_a, w, f); break;
+        case RmsWeight::kFloat32: rms_norm_block<RmsWeight::kFloat32>(stat_a, w, f); break;
+        default: rms_norm_block<RmsWeight::kInputDtype>(stat_a, w, f); break;
+      }
     }
+  }
+
+  template <bool HAS_W, bool HAS_B>
+  __device__ __forceinline__ static void layer_norm_block(float mean, float rstd, const float (&w)[VEC],
+                                                          const float (&b)[VEC], float (&f)[VEC]) {
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) f[e] = fused::layer_norm_element(f[e], mean, rstd, w[e], HAS_W, b[e], HAS_B, D);
+  }
+
+  template <RmsWeight FORM>
+  __device__ __forceinline__ void rms_norm_block(float rstd, const float (&w)[VEC], float (&f)[VEC]) const {
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) f[e] = fused::rms_norm_element(f[e], rstd, w[e], a.weight_offset, FORM, D);
   }
 };
 
@@ -294,6 +323,7 @@ __global__ void __launch_bounds__(kThreads) norm_kernel(const FusedLaunch a, con
         for (int i = 0; i < kLoads; ++i) held[p][i] = v[i];
       }
     });
+    if (!UE8M0 && row_ok) rs = row_scale_of(q, r.row);
     const float kf = float(q.k);
     const float total = team_sum(acc, team, smem);
     float stat_a, stat_b = 0.0f;  // rms: rstd; layer norm: mean, rstd
@@ -315,7 +345,6 @@ __global__ void __launch_bounds__(kThreads) norm_kernel(const FusedLaunch a, con
       stat_a = fused::torch_rsqrt(add_rn(div_rn(total, kf), a.eps));
     }
 
-    if (!UE8M0 && row_ok) rs = row_scale_of(q, r.row);
     uint8_t* xq_row = q.x_q + r.row * (q.k / 2);
     each_pass([&](int p) {
       const int64_t col = lane + int64_t(p) * team;
@@ -324,7 +353,9 @@ __global__ void __launch_bounds__(kThreads) norm_kernel(const FusedLaunch a, con
       if (has_data) {
         uint4 v[kLoads];
         block(p, col, v);
-        r.normalize(col, v, stat_a, stat_b, f);
+        uint4 affine[Row::kAffine][kLoads];
+        r.load_affine(col, affine);
+        r.normalize(v, affine, stat_a, stat_b, f);
       } else {
 #pragma unroll
         for (int i = 0; i < VEC; ++i) f[i] = 0.0f;
