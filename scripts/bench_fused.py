@@ -32,9 +32,9 @@ EPS = 1e-6
 
 
 def git_commit() -> str:
-    """HEAD of the checkout, or $FP4OP_GIT_COMMIT where the copy has no .git."""
-    if os.environ.get("FP4OP_GIT_COMMIT"):
-        return os.environ["FP4OP_GIT_COMMIT"]
+    """$FP4OP_COMMIT (set by scripts/gpu_check.sh: the GPU machine's copy has no usable .git), else HEAD."""
+    if os.environ.get("FP4OP_COMMIT"):
+        return os.environ["FP4OP_COMMIT"]
     try:
         return subprocess.run(
             ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,

@@ -340,7 +340,8 @@ __global__ void __launch_bounds__(kThreads) norm_kernel(const FusedLaunch a, con
       });
       const float var = div_rn(team_sum(acc2, team, smem), kf);
       stat_a = mean;
-      stat_b = fused::torch_rsqrt(add_rn(fmaxf(var, 0.0f), a.eps));
+      // a NaN variance (a row with inf/NaN) stays NaN, as in torch; fmaxf would drop it
+      stat_b = fused::torch_rsqrt(add_rn(var < 0.0f ? 0.0f : var, a.eps));
     } else {
       stat_a = fused::torch_rsqrt(add_rn(div_rn(total, kf), a.eps));
     }
