@@ -206,6 +206,11 @@ def case_cpu_input_cuda_scale_raw_op(d):
     torch.ops.fp4op.quantize(_x("cpu"), torch.ones(1, device="cuda"))
 
 
+def case_cpu_input_cuda_scale_mxfp4_raw_op(d):
+    # MXFP4 ignores the scale, but a CUDA scale sends a CPU input to the CUDA kernel
+    torch.ops.fp4op.quantize(_x("cpu"), torch.ones(1, device="cuda"), 32, True)
+
+
 def case_cuda_x_q_cpu_sf(d):
     x_q, sf = _q(_x("cuda"))
     torch.ops.fp4op.dequantize(x_q, sf.cpu(), torch.ones(1, device="cuda"))
@@ -251,6 +256,7 @@ CUDA_ONLY = {
     "cuda_input_cpu_scale_api": (case_cuda_input_cpu_scale_api, "ok"),
     "cuda_input_cpu_scale_raw_op": (case_cuda_input_cpu_scale_raw_op, (VE, "global_scale")),
     "cpu_input_cuda_scale_raw_op": (case_cpu_input_cuda_scale_raw_op, (VE, "global_scale")),
+    "cpu_input_cuda_scale_mxfp4_raw_op": (case_cpu_input_cuda_scale_mxfp4_raw_op, (VE, "global_scale")),
     "cuda_x_q_cpu_sf": (case_cuda_x_q_cpu_sf, (VE, "sf")),
 }
 ALL_CASES = {**CASES, **CUDA_ONLY}
