@@ -53,7 +53,13 @@ inline void check_recipe(int64_t sf_vec_size, bool sf_use_ue8m0) {
 // Returns an undefined tensor for MXFP4, which ignores it.
 inline at::Tensor checked_global_scale(const std::optional<at::Tensor>& global_scale, bool sf_use_ue8m0,
                                        int64_t m, const at::Device& device) {
-  if (sf_use_ue8m0) return at::Tensor();
+  if (sf_use_ue8m0) {
+    // Ignored, but a CUDA scale with a CPU input sends the call to the CUDA kernel: reject that one.
+    TORCH_CHECK_VALUE(!(global_scale.has_value() && global_scale->defined()) || global_scale->device() == device ||
+                          global_scale->is_cpu(),
+                      "fp4op: global_scale is on ", global_scale->device(), " but the input is on ", device);
+    return at::Tensor();
+  }
   TORCH_CHECK_VALUE(global_scale.has_value() && global_scale->defined(),
                     "fp4op: global_scale is required for NVFP4 (sf_use_ue8m0=False); "
                     "the usual value is 448 * 6 / amax(input), see fp4op.nvfp4_global_scale");

@@ -30,6 +30,9 @@ def check_input_dtype(input: torch.Tensor, name: str = "input") -> None:
 def check_global_scale(global_scale: torch.Tensor | None, sf_use_ue8m0: bool, m, device: torch.device) -> None:
     """The op's contract on global_scale (the Python API converts dtype and device before this)."""
     if sf_use_ue8m0:
+        # ignored, but a CUDA scale with a CPU input would send the call to the CUDA kernel
+        if global_scale is not None and global_scale.device != device and global_scale.device.type != "cpu":
+            raise ValueError(f"fp4op: global_scale is on {global_scale.device} but the input is on {device}")
         return
     if global_scale is None:
         raise ValueError(

@@ -33,7 +33,8 @@ try:
     )
     settings.register_profile(
         "long",
-        max_examples=100_000,
+        # FP4OP_HYPOTHESIS_EXAMPLES lowers it where a run must fit a time budget (reports say how many ran)
+        max_examples=int(os.environ.get("FP4OP_HYPOTHESIS_EXAMPLES", 100_000)),
         deadline=None,
         print_blob=True,
         suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],

@@ -3,16 +3,20 @@ aimed at the rounding boundaries, the CPU kernel equals fp4op.reference byte for
 kernel equals the CPU kernel when a GPU is present.
 
 Profiles (tests/conftest.py): 'ci' by default (bounded, derandomized); FP4OP_HYPOTHESIS_PROFILE=long
-runs >= 100000 examples."""
+runs >= 100000 examples. The tests named *cuda* check CUDA against CPU only, lean enough for the long
+profile on a GPU (scripts/gpu_check.sh stage fuzzlong runs them with -k cuda)."""
 
 import pytest
 import torch
 
-hypothesis = pytest.importorskip("hypothesis")
-from hypothesis import given, note, strategies as st  # noqa: E402
+import fp4op
 
-from conftest import HAS_CUDA, assert_same_bytes, op_dequantize, op_quantize  # noqa: E402
+hypothesis = pytest.importorskip("hypothesis")
+from hypothesis import given, note, settings, strategies as st  # noqa: E402
+
+from conftest import HAS_CUDA, assert_same_bytes, op_dequantize, op_quantize, requires_cuda  # noqa: E402
 from fp4op import layouts, reference  # noqa: E402
+from test_fused_ops import ACTIVATIONS, NORMS, Tally, act_case, make_input, norm_case, quantize_kwargs  # noqa: E402
 
 E2M1_GRID = [0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0, 3.5, 4.0, 5.0, 6.0]
 E4M3_VALUES = torch.arange(1, 0x7F, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
@@ -28,12 +32,12 @@ MAX_ELEMENTS = 1 << 16  # keeps one example fast; M up to 3000 with short rows, 
 
 
 @st.composite
-def problems(draw):
+def problems(draw, max_elements=MAX_ELEMENTS):
     vec, ue8m0 = draw(RECIPES)
     dtype = draw(DTYPES)
     layout = draw(st.sampled_from(layouts.LAYOUTS))
     m = draw(st.one_of(st.integers(0, 10), st.integers(0, 3000)))
-    max_blocks = max(0, min(64, MAX_ELEMENTS // (max(m, 1) * vec)))
+    max_blocks = max(0, min(64, max_elements // (max(m, 1) * vec)))
     nk = draw(st.integers(0, max_blocks))
     kind = draw(st.sampled_from(ELEMENT_KINDS))
     seed = draw(st.integers(0, 2**31 - 1))
@@ -145,3 +149,93 @@ def test_single_block_any_float32_values(values, recipe, scale):
     want = reference.quantize(x, gs, vec, ue8m0, "linear")
     assert_same_bytes(got[0], want[0], "x_q")
     assert_same_bytes(got[1], want[1], "sf")
+
+
+# ---- CUDA == CPU, lean: no reference, one copy back per example (about 3 ms an example on an H100 host) ----
+
+LEAN_MAX_ELEMENTS = 1 << 14
+
+
+def _bytes(*tensors):
+    """The tensors' bytes in one flat CPU tensor: one device-to-host copy (one sync) for all of them."""
+    return torch.cat([t.reshape(-1).view(torch.uint8) for t in tensors]).cpu()
+
+
+@requires_cuda
+@given(problems(max_elements=LEAN_MAX_ELEMENTS))
+def test_cuda_equals_cpu_quantize(p):
+    note(str(p))
+    x = build_input(p)
+    gs = build_global_scale(p, x)
+    args = (p["vec"], p["ue8m0"], p["layout"], p["inversed"])
+    cpu = op_quantize(x, gs, *args)
+    cuda = op_quantize(x.cuda(), None if gs is None else gs.cuda(), *args)
+    assert cuda[0].shape == cpu[0].shape and cuda[1].shape == cpu[1].shape
+    if not torch.equal(_bytes(*cuda), _bytes(*cpu)):
+        assert_same_bytes(cuda[0], cpu[0], "x_q CUDA vs CPU")
+        assert_same_bytes(cuda[1], cpu[1], "sf CUDA vs CPU")
+
+
+# The fused ops: every norm/activation form of tests/test_fused_ops.py on contiguous, strided (a half of
+# a wider tensor, read in place) and misaligned (copied by the CUDA kernels) rows, K up to 32768.
+FUSED_MAX_ELEMENTS = 1 << 15
+VIEWS = ("contiguous", "half_of_wider", "misaligned")
+
+
+@st.composite
+def fused_problems(draw):
+    name = draw(st.sampled_from(NORMS + ACTIVATIONS))
+    recipe = draw(st.sampled_from(["nvfp4", "mxfp4"]))
+    vec = 16 if recipe == "nvfp4" else 32
+    m = draw(st.one_of(st.integers(0, 8), st.integers(0, 600)))
+    nk = draw(st.integers(0, FUSED_MAX_ELEMENTS // (max(m, 1) * vec)))
+    return dict(name=name, recipe=recipe, dtype=draw(st.sampled_from([torch.bfloat16, torch.float16])),
+                layout=draw(st.sampled_from(layouts.LAYOUTS)), m=m, k=nk * vec, view=draw(st.sampled_from(VIEWS)),
+                eps=draw(st.sampled_from([1e-6, 1e-5])), per_row=draw(st.booleans()), inversed=draw(st.booleans()),
+                zero_rows=draw(st.booleans()), seed=draw(st.integers(0, 2**31 - 1)))
+
+
+def fused_input(p):
+    m, k = p["m"], p["k"]
+    wide = {"contiguous": k, "half_of_wider": 2 * k, "misaligned": k + 1}[p["view"]]
+    x = make_input((m, wide), p["dtype"], seed=p["seed"])[:, wide - k :]
+    if p["zero_rows"]:
+        x[::3] = 0  # padding tokens
+    return x
+
+
+def _to_cuda(args):
+    return [a.cuda() if isinstance(a, torch.Tensor) else a for a in args]
+
+
+@requires_cuda
+def test_cuda_equals_cpu_fused():
+    # every element within one E2M1 step (Tally.add), >= 99.9% of all blocks over the run identical
+    tally = Tally()
+
+    @settings(max_examples=max(150, settings().max_examples // 10))  # a tenth of the long profile: 10,000
+    @given(fused_problems())
+    def run(p):
+        note(str(p))
+        x = fused_input(p)
+        if p["name"] in NORMS:
+            op, args, y, _ = norm_case(p["name"], x, p["eps"], "cpu")
+        else:
+            op, args, y = act_case(p["name"], x, "cpu")
+        gs = fp4op.nvfp4_global_scale(y, per_row=p["per_row"]) if y.numel() else torch.ones(1)
+        if p["inversed"]:
+            gs = 1.0 / gs
+        kw = quantize_kwargs(p["recipe"], p["layout"], gs)
+        kw["is_global_scale_inversed"] = p["inversed"]
+        cpu = op(*args, **kw)
+        cuda = op(*_to_cuda(args), **{**kw, "global_scale": None if kw["global_scale"] is None else gs.cuda()})
+        assert [t.shape for t in cuda] == [t.shape for t in cpu]
+        if torch.equal(_bytes(*cuda), _bytes(*cpu)):
+            tally.blocks += p["m"] * p["k"] // (16 if p["recipe"] == "nvfp4" else 32)
+            return
+        if len(cpu) == 3:
+            assert_same_bytes(cuda[2], cpu[2], "x + residual CUDA vs CPU")
+        tally.add([t.cpu() for t in cuda[:2]], cpu[:2], x.shape, p["recipe"], p["layout"], kw["global_scale"])
+
+    run()
+    tally.check()

@@ -206,6 +206,11 @@ def case_cpu_input_cuda_scale_raw_op(d):
     torch.ops.fp4op.quantize(_x("cpu"), torch.ones(1, device="cuda"))
 
 
+def case_cpu_input_cuda_scale_mxfp4_raw_op(d):
+    # MXFP4 ignores the scale, but a CUDA scale sends a CPU input to the CUDA kernel
+    torch.ops.fp4op.quantize(_x("cpu"), torch.ones(1, device="cuda"), 32, True)
+
+
 def case_cuda_x_q_cpu_sf(d):
     x_q, sf = _q(_x("cuda"))
     torch.ops.fp4op.dequantize(x_q, sf.cpu(), torch.ones(1, device="cuda"))
@@ -251,14 +256,14 @@ CUDA_ONLY = {
     "cuda_input_cpu_scale_api": (case_cuda_input_cpu_scale_api, "ok"),
     "cuda_input_cpu_scale_raw_op": (case_cuda_input_cpu_scale_raw_op, (VE, "global_scale")),
     "cpu_input_cuda_scale_raw_op": (case_cpu_input_cuda_scale_raw_op, (VE, "global_scale")),
+    "cpu_input_cuda_scale_mxfp4_raw_op": (case_cpu_input_cuda_scale_mxfp4_raw_op, (VE, "global_scale")),
     "cuda_x_q_cpu_sf": (case_cuda_x_q_cpu_sf, (VE, "sf")),
 }
 ALL_CASES = {**CASES, **CUDA_ONLY}
 
 
-def run_case(name, device):
-    """In the child: one case's verdict as a dict."""
-    fn, expected = ALL_CASES[name]
+def judge(fn, expected, device):
+    """In the child: the verdict of one case, `fn` run on `device` against `expected`, as a dict."""
     try:
         fn(device)
         if device == "cuda":
@@ -278,14 +283,14 @@ def run_case(name, device):
     return {"ok": True}
 
 
-def run_batch(names, device):
-    """In the parent: run `names` in child processes; {name: verdict}. A case that kills its child is
-    reported as a crash and the remaining cases go on in a new child."""
+def run_batch(script, names, device):
+    """In the parent: run the cases `names` of `script` in child processes; {name: verdict}. A case that
+    kills its child is reported as a crash and the remaining cases go on in a new child."""
     verdicts = {}
     pending = list(names)
     while pending:
         proc = subprocess.run(
-            [sys.executable, os.path.abspath(__file__), device, *pending],
+            [sys.executable, os.path.abspath(script), device, *pending],
             capture_output=True, text=True, timeout=600, cwd=HERE,
         )
         for line in proc.stdout.splitlines():
@@ -302,18 +307,43 @@ def run_batch(names, device):
     return verdicts
 
 
+def verdict_cache(script, names_of):
+    """(verdict(name, device), cache): each device's batch, the cases names_of(device), runs once."""
+    cache = {}
+
+    def verdict(name, device):
+        if device not in cache:
+            cache[device] = run_batch(script, names_of(device), device)
+        return cache[device][name]
+
+    return verdict, cache
+
+
+def child_main(cases):
+    """The child's entry point: `python script DEVICE NAME...` prints one JSON verdict line per case."""
+    device, names = sys.argv[1], sys.argv[2:]
+    for name in names:
+        if name == CRASH:
+            import ctypes
+
+            sys.stdout.flush()
+            ctypes.string_at(0)  # a segfault
+        fn, expected = cases[name]
+        print(json.dumps({"name": name, **judge(fn, expected, device)}), flush=True)
+
+
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-_verdicts = {}
 CRASH = "__crash__"  # a deliberate segfault in the middle of the CPU batch: checks the harness itself
 
 
-def verdict(name, device):
-    if device not in _verdicts:
-        names = list(CASES) + (list(CUDA_ONLY) if device == "cuda" else [])
-        if device == "cpu":
-            names.insert(len(names) // 2, CRASH)
-        _verdicts[device] = run_batch(names, device)
-    return _verdicts[device][name]
+def _names_of(device):
+    names = list(CASES) + (list(CUDA_ONLY) if device == "cuda" else [])
+    if device == "cpu":
+        names.insert(len(names) // 2, CRASH)
+    return names
+
+
+verdict, _verdicts = verdict_cache(__file__, _names_of)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -341,12 +371,4 @@ def test_crash_is_detected():
 
 
 if __name__ == "__main__":
-    device, names = sys.argv[1], sys.argv[2:]
-    for name in names:
-        if name == CRASH:
-            import ctypes
-
-            sys.stdout.flush()
-            ctypes.string_at(0)  # a segfault
-        record = run_case(name, device)
-        print(json.dumps({"name": name, **record}), flush=True)
+    child_main(ALL_CASES)

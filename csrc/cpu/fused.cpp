@@ -5,6 +5,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <vector>
 
 #include "../fused_args.h"
@@ -180,7 +181,8 @@ std::tuple<at::Tensor, at::Tensor> layer_norm_quantize_cpu(const at::Tensor& x, 
                                return mul_rn(d, d);
                              }),
                              kf);
-    const float rstd = fused::torch_rsqrt(add_rn(fmaxf(var, 0.0f), eps_f));
+    // std::max keeps a NaN variance (a row with inf/NaN), as torch's layer norm does; fmaxf would drop it
+    const float rstd = fused::torch_rsqrt(add_rn(std::max(var, 0.0f), eps_f));
     for (int64_t i = 0; i < k; ++i) {
       const float wi = w_bits ? widen(w_bits[i], dtype) : 0.0f;
       const float bi = b_bits ? widen(b_bits[i], dtype) : 0.0f;
