@@ -3,6 +3,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <vector>
+
 #include "../op_args.h"
 #include "quantize_row.h"
 
@@ -51,7 +53,6 @@ std::tuple<at::Tensor, at::Tensor> quantize_cpu(const at::Tensor& input,
   uint8_t* xq_ptr = xq.data_ptr<uint8_t>();
   uint8_t* sf_ptr = sf.data_ptr<uint8_t>();
   const QuantizeParams p{s.k,
-                         int(sf_vec_size),
                          sf_use_ue8m0,
                          s.layout,
                          gs.defined() ? gs.data_ptr<float>() : nullptr,
