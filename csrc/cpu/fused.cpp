@@ -76,9 +76,10 @@ void quantize_rows(FusedProblem& p, const QuantizeParams& qp, RowValues row_valu
   at::parallel_for(0, m, grain, [&](int64_t begin, int64_t end) {
     IeeeDenormalsScope ieee;
     std::vector<float> values(k);
+    BlockScaleCache cache;
     for (int64_t r = begin; r < end; ++r) {
       row_values(r, values.data());
-      quantize_row(values.data(), r, qp, xq + r * (k / 2), sf);
+      quantize_row(values.data(), r, qp, xq + r * (k / 2), sf, cache);
     }
   });
 }

@@ -63,9 +63,10 @@ std::tuple<at::Tensor, at::Tensor> quantize_cpu(const at::Tensor& input,
   at::parallel_for(0, s.m, grain, [&](int64_t begin, int64_t end) {
     IeeeDenormalsScope ieee;
     std::vector<float> row(s.k);
+    BlockScaleCache cache;
     for (int64_t r = begin; r < end; ++r) {
       widen_row(in + r * in_row_bytes, dtype, s.k, row.data());
-      quantize_row(row.data(), r, p, xq_ptr + r * (s.k / 2), sf_ptr);
+      quantize_row(row.data(), r, p, xq_ptr + r * (s.k / 2), sf_ptr, cache);
     }
   });
   return {xq, sf};

@@ -32,12 +32,13 @@ struct Lanes {
 // scale multiply + E2M1 conversion and the packing, flat over the tile.
 template <bool kMx, int W>
 __attribute__((always_inline)) inline void quantize_row_tiles(const float* v, int64_t row, const QuantizeParams& p,
-                                                              uint8_t* xq_row, uint8_t* sf) {
+                                                              uint8_t* xq_row, uint8_t* sf, BlockScaleCache& cache) {
   using F = typename Lanes<W>::F;
   using U = typename Lanes<W>::U;
   constexpr int kVec = kMx ? 32 : 16;
   constexpr int kTileBlocks = kTileElements / kVec;
   const Nvfp4RowScale rs = row_scale(p, row);
+  const bool memoize = !kMx && !p.global_scale_per_row;  // the cache holds one row scale's block scales
   const int64_t nk = p.k / kVec;
   const int64_t sf_row = sf_row_offset(row, nk, p.layout);
   for (int64_t b0 = 0; b0 < nk; b0 += kTileBlocks) {
@@ -64,7 +65,9 @@ __attribute__((always_inline)) inline void quantize_row_tiles(const float* v, in
     }
     alignas(32) float scale[kTileElements];
     for (int b = 0; b < nb; ++b) {
-      const BlockScale s = kMx ? mxfp4_block_scale(amax[b]) : nvfp4_block_scale(amax[b], rs);
+      const BlockScale s = kMx      ? mxfp4_block_scale(amax[b])
+                           : memoize ? cache.get(amax[b], rs)
+                                     : nvfp4_block_scale(amax[b], rs);
       sf[sf_row + sf_col_offset(b0 + b, p.layout)] = s.sf;
       for (int i = 0; i < kVec; ++i) scale[b * kVec + i] = s.out_scale;
     }
@@ -76,27 +79,28 @@ __attribute__((always_inline)) inline void quantize_row_tiles(const float* v, in
   }
 }
 
-void quantize_row_baseline(const float* v, int64_t row, const QuantizeParams& p, uint8_t* xq_row, uint8_t* sf) {
+void quantize_row_baseline(const float* v, int64_t row, const QuantizeParams& p, uint8_t* xq_row, uint8_t* sf,
+                           BlockScaleCache& cache) {
   if (p.sf_use_ue8m0) {
-    quantize_row_tiles<true, 4>(v, row, p, xq_row, sf);
+    quantize_row_tiles<true, 4>(v, row, p, xq_row, sf, cache);
   } else {
-    quantize_row_tiles<false, 4>(v, row, p, xq_row, sf);
+    quantize_row_tiles<false, 4>(v, row, p, xq_row, sf, cache);
   }
 }
 
 #if FP4OP_CPU_AVX2
 __attribute__((target("avx2"))) void quantize_row_avx2(const float* v, int64_t row, const QuantizeParams& p,
-                                                       uint8_t* xq_row, uint8_t* sf) {
+                                                       uint8_t* xq_row, uint8_t* sf, BlockScaleCache& cache) {
   if (p.sf_use_ue8m0) {
-    quantize_row_tiles<true, 8>(v, row, p, xq_row, sf);
+    quantize_row_tiles<true, 8>(v, row, p, xq_row, sf, cache);
   } else {
-    quantize_row_tiles<false, 8>(v, row, p, xq_row, sf);
+    quantize_row_tiles<false, 8>(v, row, p, xq_row, sf, cache);
   }
 }
 #endif
 
 struct RowKernel {
-  void (*fn)(const float*, int64_t, const QuantizeParams&, uint8_t*, uint8_t*);
+  void (*fn)(const float*, int64_t, const QuantizeParams&, uint8_t*, uint8_t*, BlockScaleCache&);
   const char* isa;
 };
 
@@ -118,8 +122,9 @@ const RowKernel& row_kernel() {
 
 }  // namespace
 
-void quantize_row(const float* v, int64_t row, const QuantizeParams& p, uint8_t* xq_row, uint8_t* sf) {
-  row_kernel().fn(v, row, p, xq_row, sf);
+void quantize_row(const float* v, int64_t row, const QuantizeParams& p, uint8_t* xq_row, uint8_t* sf,
+                  BlockScaleCache& cache) {
+  row_kernel().fn(v, row, p, xq_row, sf, cache);
 }
 
 const char* quantize_row_isa() { return row_kernel().isa; }

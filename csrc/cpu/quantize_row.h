@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cstdint>
+#include <cstring>
 
 #if defined(__SSE__) || defined(__x86_64__)
 #include <xmmintrin.h>
@@ -40,9 +41,35 @@ inline Nvfp4RowScale row_scale(const QuantizeParams& p, int64_t row) {
   return nvfp4_row_scale(p.global_scale[p.global_scale_per_row ? row : 0], p.is_global_scale_inversed);
 }
 
+// nvfp4_block_scale memoized on the bits of the block maximum (direct-mapped), for rows that share one
+// global scale: values of a model dtype give the blocks of a tensor few distinct maxima, and computed
+// each time the (scalar) scale took as long as the rest of an NVFP4 block. One per kernel chunk.
+class BlockScaleCache {
+ public:
+  // 0xFFFFFFFF, a negative NaN, is never a block maximum (the maxima are absolute values)
+  BlockScaleCache() { std::memset(keys_, 0xFF, sizeof(keys_)); }
+
+  BlockScale get(float amax, const Nvfp4RowScale& rs) {
+    const uint32_t bits = float_to_bits(amax);
+    const uint32_t i = (bits * 0x9E3779B1u) >> (32 - kBits);  // multiplicative hash: uses the high bits
+    if (keys_[i] != bits) {
+      keys_[i] = bits;
+      scales_[i] = nvfp4_block_scale(amax, rs);
+    }
+    return scales_[i];
+  }
+
+ private:
+  static constexpr int kBits = 10;
+  uint32_t keys_[1 << kBits];
+  BlockScale scales_[1 << kBits];
+};
+
 // Quantizes row `row` given as K float values: K/2 packed bytes to `xq_row`, one scale a block to
-// its layout offset in `sf` (quantize_row.cpp). Call it inside an IeeeDenormalsScope.
-void quantize_row(const float* v, int64_t row, const QuantizeParams& p, uint8_t* xq_row, uint8_t* sf);
+// its layout offset in `sf` (quantize_row.cpp). Call it inside an IeeeDenormalsScope, with a cache used
+// only for the rows of one call.
+void quantize_row(const float* v, int64_t row, const QuantizeParams& p, uint8_t* xq_row, uint8_t* sf,
+                  BlockScaleCache& cache);
 
 // The instruction set quantize_row runs with: "avx2" or "baseline".
 const char* quantize_row_isa();
