@@ -153,7 +153,8 @@ def markdown(results) -> str:
     env = results["environment"]
     out = ["# fp4op CPU quantize vs torchao eager", ""]
     out.append(f"- CPU: {env['cpu']}; torch {env['torch']}, torchao {env['torchao']}, python {env['python']}")
-    out.append(f"- fp4op {env['fp4op']['version']} at commit {env['git_commit']}")
+    out.append(f"- fp4op {env['fp4op']['version']} at commit {env['git_commit']}; CPU row kernel: "
+               f"{env['fp4op'].get('cpu_isa')} build")
     out.append(f"- method: {results['method']['timer']}; {results['method']['statistic']}; >= "
                f"{results['method']['min_iters']} pairs, ~{results['method']['target_s_per_case']} s a case; "
                f"bf16 input, 128x4 scales; torchao: {results['method']['torchao']}")

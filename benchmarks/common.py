@@ -98,6 +98,7 @@ def fp4op_build_info() -> dict:
         "extension": os.path.basename(so_path) if so_path else None,
         "cuda_kernels": torch._C._dispatch_has_kernel_for_dispatch_key("fp4op::quantize", "CUDA"),
         "cpu_kernels": torch._C._dispatch_has_kernel_for_dispatch_key("fp4op::quantize", "CPU"),
+        "cpu_isa": getattr(_C, "cpu_isa", None),
         "FP4OP_CUDA_GENCODE": os.environ.get("FP4OP_CUDA_GENCODE"),
     }
 

@@ -3,10 +3,18 @@
 #include <Python.h>
 #include <torch/library.h>
 
-// Importing fp4op._C loads this library, which registers the ops with the dispatcher.
+#include "cpu/quantize_row.h"
+
+// Importing fp4op._C loads this library, which registers the ops with the dispatcher. Its attribute
+// cpu_isa names the build of the CPU row kernel that runs ("avx2" or "baseline").
 extern "C" PyObject* PyInit__C(void) {
   static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
-  return PyModule_Create(&module);
+  PyObject* m = PyModule_Create(&module);
+  if (m != nullptr && PyModule_AddStringConstant(m, "cpu_isa", fp4op::cpu::quantize_row_isa()) < 0) {
+    Py_DECREF(m);
+    return nullptr;
+  }
+  return m;
 }
 
 TORCH_LIBRARY(fp4op, m) {

@@ -316,6 +316,15 @@ def test_special_global_scales(value, scale_kind, inversed):
     both(x, gs, 16, False, "128x4", inversed)
 
 
+def test_equal_rows_under_per_row_scales():
+    # the CPU kernel memoizes NVFP4 block scales over the rows of a call that share one global scale;
+    # equal rows (equal block maxima) under different row scales must each get their own
+    x = random_input((1, 1024), torch.bfloat16).repeat(64, 1)
+    gs = make_global_scale(x, "per_row") * torch.linspace(0.5, 2.0, 64)
+    _, sf = both(x, gs, 16, False, "linear")
+    assert len({tuple(row) for row in sf.tolist()}) > 1
+
+
 def test_zero_global_scale_hand_computed():
     # S = 0: sf_f = 0 -> byte 0; out_scale = fminf(1 / (0 * inf), FLT_MAX) = FLT_MAX: codes saturate
     x = torch.tensor([[1.0, -2.0, 0.0, -0.0] * 4], dtype=torch.float16)

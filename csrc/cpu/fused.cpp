@@ -55,10 +55,8 @@ float lane_sum(int64_t k, Term term) {
   return acc[0];
 }
 
-QuantizeParams quantize_params(const FusedProblem& p, int64_t sf_vec_size, bool sf_use_ue8m0,
-                               bool is_global_scale_inversed) {
+QuantizeParams quantize_params(const FusedProblem& p, bool sf_use_ue8m0, bool is_global_scale_inversed) {
   return QuantizeParams{p.shape.k,
-                        int(sf_vec_size),
                         sf_use_ue8m0,
                         p.shape.layout,
                         p.global_scale.defined() ? p.global_scale.data_ptr<float>() : nullptr,
@@ -79,9 +77,10 @@ void quantize_rows(FusedProblem& p, const QuantizeParams& qp, RowValues row_valu
   at::parallel_for(0, m, grain, [&](int64_t begin, int64_t end) {
     IeeeDenormalsScope ieee;
     std::vector<float> values(k);
+    BlockScaleCache cache;
     for (int64_t r = begin; r < end; ++r) {
       row_values(r, values.data());
-      quantize_row(values.data(), r, qp, xq + r * (k / 2), sf);
+      quantize_row(values.data(), r, qp, xq + r * (k / 2), sf, cache);
     }
   });
 }
@@ -133,7 +132,7 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_quantize_cpu(const at::Tensor& x, co
   FusedProblem p = fused::prepare_fused(x, "x", global_scale, sf_vec_size, sf_use_ue8m0, is_sf_swizzled_layout,
                                         is_sf_8x4_layout);
   fused::check_affine(weight, "weight", x);
-  const QuantizeParams qp = quantize_params(p, sf_vec_size, sf_use_ue8m0, is_global_scale_inversed);
+  const QuantizeParams qp = quantize_params(p, sf_use_ue8m0, is_global_scale_inversed);
   rms_norm_rows(p, qp, x, std::nullopt, nullptr, weight, eps, weight_offset, weight_in_input_dtype);
   return {p.x_q, p.sf};
 }
@@ -148,7 +147,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> add_rms_norm_quantize_cpu(
   fused::check_like(residual, "residual", x, "x");
   fused::check_affine(weight, "weight", x);
   at::Tensor sum = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
-  const QuantizeParams qp = quantize_params(p, sf_vec_size, sf_use_ue8m0, is_global_scale_inversed);
+  const QuantizeParams qp = quantize_params(p, sf_use_ue8m0, is_global_scale_inversed);
   rms_norm_rows(p, qp, x, residual, &sum, weight, eps, weight_offset, weight_in_input_dtype);
   return {p.x_q, p.sf, sum};
 }
@@ -171,7 +170,7 @@ std::tuple<at::Tensor, at::Tensor> layer_norm_quantize_cpu(const at::Tensor& x, 
   const InputDtype dtype = p.dtype;
   const int64_t k = p.shape.k;
   const float eps_f = float(eps), kf = float(k);
-  const QuantizeParams qp = quantize_params(p, sf_vec_size, sf_use_ue8m0, is_global_scale_inversed);
+  const QuantizeParams qp = quantize_params(p, sf_use_ue8m0, is_global_scale_inversed);
   quantize_rows(p, qp, [&](int64_t r, float* v) {
     widen_row(row_ptr(xr, r), dtype, k, v);
     // biased variance, two passes (torch uses Welford; both are exact up to reduction order)
@@ -202,7 +201,7 @@ std::tuple<at::Tensor, at::Tensor> activation_quantize(const at::Tensor& x, Acti
   const Rows xr = fused::rows_of(x);
   const InputDtype dtype = p.dtype;
   const int64_t k = p.shape.k;
-  const QuantizeParams qp = quantize_params(p, sf_vec_size, sf_use_ue8m0, is_global_scale_inversed);
+  const QuantizeParams qp = quantize_params(p, sf_use_ue8m0, is_global_scale_inversed);
   quantize_rows(p, qp, [&](int64_t r, float* v) {
     const uint16_t* in = row_ptr(xr, r);
     for (int64_t i = 0; i < k; ++i) v[i] = fused::activation_element(widen(in[i], dtype), act, dtype);
@@ -221,7 +220,7 @@ std::tuple<at::Tensor, at::Tensor> gated_quantize(const at::Tensor& gate, const 
   const Rows ur = fused::rows_of(up);
   const InputDtype dtype = p.dtype;
   const int64_t k = p.shape.k;
-  const QuantizeParams qp = quantize_params(p, sf_vec_size, sf_use_ue8m0, is_global_scale_inversed);
+  const QuantizeParams qp = quantize_params(p, sf_use_ue8m0, is_global_scale_inversed);
   quantize_rows(p, qp, [&](int64_t r, float* v) {
     const uint16_t* g = row_ptr(gr, r);
     const uint16_t* u = row_ptr(ur, r);

@@ -3,6 +3,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <vector>
+
 #include "../op_args.h"
 #include "quantize_row.h"
 
@@ -51,7 +53,6 @@ std::tuple<at::Tensor, at::Tensor> quantize_cpu(const at::Tensor& input,
   uint8_t* xq_ptr = xq.data_ptr<uint8_t>();
   uint8_t* sf_ptr = sf.data_ptr<uint8_t>();
   const QuantizeParams p{s.k,
-                         int(sf_vec_size),
                          sf_use_ue8m0,
                          s.layout,
                          gs.defined() ? gs.data_ptr<float>() : nullptr,
@@ -62,9 +63,10 @@ std::tuple<at::Tensor, at::Tensor> quantize_cpu(const at::Tensor& input,
   at::parallel_for(0, s.m, grain, [&](int64_t begin, int64_t end) {
     IeeeDenormalsScope ieee;
     std::vector<float> row(s.k);
+    BlockScaleCache cache;
     for (int64_t r = begin; r < end; ++r) {
       widen_row(in + r * in_row_bytes, dtype, s.k, row.data());
-      quantize_row(row.data(), r, p, xq_ptr + r * (s.k / 2), sf_ptr);
+      quantize_row(row.data(), r, p, xq_ptr + r * (s.k / 2), sf_ptr, cache);
     }
   });
   return {xq, sf};

@@ -3,7 +3,7 @@
 #pragma once
 
 #include <cstdint>
-#include <vector>
+#include <cstring>
 
 #if defined(__SSE__) || defined(__x86_64__)
 #include <xmmintrin.h>
@@ -29,8 +29,7 @@ class IeeeDenormalsScope {
 // What a quantize call needs besides the values: recipe, layout and the row's scale.
 struct QuantizeParams {
   int64_t k;
-  int sf_vec_size;
-  bool sf_use_ue8m0;
+  bool sf_use_ue8m0;  // MXFP4 (blocks of 32, UE8M0 scales), else NVFP4 (16, E4M3)
   SfLayout layout;
   const float* global_scale;  // nullptr for MXFP4
   bool global_scale_per_row;
@@ -42,34 +41,37 @@ inline Nvfp4RowScale row_scale(const QuantizeParams& p, int64_t row) {
   return nvfp4_row_scale(p.global_scale[p.global_scale_per_row ? row : 0], p.is_global_scale_inversed);
 }
 
-// Quantizes row `row` given as K float values: K/2 packed bytes to `xq_row`, K/sf_vec_size scales to
-// their layout offsets in `sf`.
-inline void quantize_row(const float* v, int64_t row, const QuantizeParams& p, uint8_t* xq_row, uint8_t* sf) {
-  const Nvfp4RowScale rs = row_scale(p, row);
-  const int64_t nk = p.k / p.sf_vec_size;
-  const int vec = p.sf_vec_size;
-  for (int64_t b = 0; b < nk; ++b) {
-    const float* blk = v + b * vec;
-    // NaN-ignoring maximum (a NaN never compares greater) over four independent chains; a block of
-    // NaNs keeps the -1 start and gets the NaN amax that amax_fold gives it
-    float lane[4] = {-1.0f, -1.0f, -1.0f, -1.0f};
-    for (int i = 0; i < vec; i += 4) {
-      for (int j = 0; j < 4; ++j) {
-        const float a = fabsf(blk[i + j]);
-        lane[j] = a > lane[j] ? a : lane[j];
-      }
+// nvfp4_block_scale memoized on the bits of the block maximum (direct-mapped), for rows that share one
+// global scale: values of a model dtype give the blocks of a tensor few distinct maxima, and computed
+// each time the (scalar) scale took as long as the rest of an NVFP4 block. One per kernel chunk.
+class BlockScaleCache {
+ public:
+  // 0xFFFFFFFF, a negative NaN, is never a block maximum (the maxima are absolute values)
+  BlockScaleCache() { std::memset(keys_, 0xFF, sizeof(keys_)); }
+
+  BlockScale get(float amax, const Nvfp4RowScale& rs) {
+    const uint32_t bits = float_to_bits(amax);
+    const uint32_t i = (bits * 0x9E3779B1u) >> (32 - kBits);  // multiplicative hash: uses the high bits
+    if (keys_[i] != bits) {
+      keys_[i] = bits;
+      scales_[i] = nvfp4_block_scale(amax, rs);
     }
-    float amax = lane[0];
-    for (int j = 1; j < 4; ++j) amax = lane[j] > amax ? lane[j] : amax;
-    if (amax < 0.0f) amax = fabsf(blk[0]);
-    const BlockScale s = p.sf_use_ue8m0 ? mxfp4_block_scale(amax) : nvfp4_block_scale(amax, rs);
-    // scale and convert in a flat loop the compiler vectorizes, then pack pairs of codes
-    uint32_t codes[32];
-    for (int i = 0; i < vec; ++i) codes[i] = e2m1_code_software(mul_rn(blk[i], s.out_scale));
-    uint8_t* out = xq_row + b * (vec / 2);
-    for (int i = 0; i < vec / 2; ++i) out[i] = uint8_t(codes[2 * i] | (codes[2 * i + 1] << 4));
-    sf[sf_offset(row, b, nk, p.layout)] = s.sf;
+    return scales_[i];
   }
-}
+
+ private:
+  static constexpr int kBits = 10;
+  uint32_t keys_[1 << kBits];
+  BlockScale scales_[1 << kBits];
+};
+
+// Quantizes row `row` given as K float values: K/2 packed bytes to `xq_row`, one scale a block to
+// its layout offset in `sf` (quantize_row.cpp). Call it inside an IeeeDenormalsScope, with a cache used
+// only for the rows of one call.
+void quantize_row(const float* v, int64_t row, const QuantizeParams& p, uint8_t* xq_row, uint8_t* sf,
+                  BlockScaleCache& cache);
+
+// The instruction set quantize_row runs with: "avx2" or "baseline".
+const char* quantize_row_isa();
 
 }  // namespace fp4op::cpu
