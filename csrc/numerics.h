@@ -271,8 +271,14 @@ FP4OP_HD BlockScale nvfp4_block_scale(float amax, Nvfp4RowScale row) {
   if (amax == 0.0f) return BlockScale{0, 0.0f};
   const uint8_t sf = float_to_e4m3(mul_rn(amax, row.s_rcp6));
   const float sf_dec = e4m3_bits_to_float(sf);
-  // fminf returns FLT_MAX when the quotient is NaN (IEEE minNum)
-  return BlockScale{sf, fminf(rcp_rn(mul_rn(sf_dec, row.inv_s)), FLT_MAX)};
+  const float q = rcp_rn(mul_rn(sf_dec, row.inv_s));
+  // fminf(q, FLT_MAX): FLT_MAX when q is NaN or inf (IEEE minNum); on the host a compare, since libm's
+  // fminf is a call that keeps the CPU loops from vectorizing
+#if defined(__CUDA_ARCH__)
+  return BlockScale{sf, fminf(q, FLT_MAX)};
+#else
+  return BlockScale{sf, q < FLT_MAX ? q : FLT_MAX};
+#endif
 }
 
 FP4OP_HD BlockScale mxfp4_block_scale(float amax) {
