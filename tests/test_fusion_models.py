@@ -298,3 +298,80 @@ def test_graph_breaks_keep_fusion_and_results():
     counts = fusion.match_counts()
     assert any(k.startswith("rms_norm_quantize") and v for k, v in counts.items()), counts
     assert any(k.startswith(("silu_quantize", "gelu_quantize")) and v for k, v in counts.items()), counts
+
+
+class NormBranchQuantize(nn.Module):
+    """A data-dependent branch between a norm and the quantize of its output: the norm ends the first
+    graph and its quantize starts the next one, so that chain cannot fuse; the activation chain after
+    the break can."""
+
+    def __init__(self, norm):
+        super().__init__()
+        self.norm = norm
+
+    def forward(self, x, gs):
+        h = self.norm(x)
+        if x.sum() > 0:  # control flow on a tensor value: a graph break
+            h = h * 0.5
+        return fp4op.fp4_quantize(h, gs), fp4op.fp4_quantize(F.silu(h), gs)
+
+
+@pytest.mark.parametrize("norm", ["rms_norm", "layer_norm"])
+def test_branch_between_norm_and_quantize(norm):
+    model = _randomize(NormBranchQuantize(nn.RMSNorm(D, eps=1e-6) if norm == "rms_norm" else nn.LayerNorm(D)))
+    model = model.to(torch.bfloat16)
+    gs = torch.tensor([300.0])
+    x = torch.randn(8, D, dtype=torch.bfloat16)
+    fusion.reset()
+    with fresh_compile_config(), torch.no_grad():
+        compiled = torch.compile(model, options=fusion.compile_options())
+        for sample in (x.abs(), -x.abs()):  # both sides of the branch
+            got, want = compiled(sample, gs), model(sample, gs)
+            for g, w in zip(got, want):
+                assert_fp4_close(g, w)
+    # three graphs: the norm and the condition, then one resumed graph per side of the branch; the norm
+    # chain is cut, the silu chain fuses in each resumed graph
+    assert len(fusion.fusion_pass().records) == 3
+    assert {k: v for k, v in fusion.match_counts().items() if v} == {"silu_quantize[silu]": 2}
+
+
+class BrokenMLPBlock(nn.Module):
+    """A norm + gated MLP block with a print or an explicit graph break between the gate/up projection
+    and the activation."""
+
+    def __init__(self, brk, norm, act):
+        super().__init__()
+        self.brk, self.act = brk, act
+        self.norm = LlamaRMSNorm(D, eps=1e-5) if norm == "hf_rms_norm" else nn.LayerNorm(D)
+        self.gate_up_proj = nn.Linear(D, 2 * H, bias=False)
+        self.down_proj = nn.Linear(H, D, bias=False)
+
+    def forward(self, x):
+        gate, up = self.gate_up_proj(self.norm(x)).chunk(2, dim=-1)
+        if self.brk == "print":
+            print("fp4op test: a print in the middle of a block", tuple(x.shape))
+        else:
+            torch._dynamo.graph_break()
+        act = F.silu(gate) if self.act == "silu" else F.gelu(gate, approximate="tanh")
+        return x + self.down_proj(act * up)
+
+
+@pytest.mark.parametrize(
+    "brk,norm,act,expected",
+    [
+        ("graph_break", "hf_rms_norm", "silu", {"rms_norm_quantize[hf]": 1, "silu_and_mul_quantize[silu]": 1}),
+        ("print", "layer_norm", "gelu_tanh",
+         {"layer_norm_quantize[weight,bias]": 1, "gelu_and_mul_quantize[gelu_tanh]": 1}),
+    ],
+)
+def test_graph_break_inside_block(brk, norm, act, expected):
+    model, reference = _fp4_model(lambda: BrokenMLPBlock(brk, norm, act))
+    x = torch.randn(3, 8, D, dtype=torch.bfloat16)
+    fusion.reset()
+    with fresh_compile_config(), torch.no_grad():
+        out = torch.compile(model, options=fusion.compile_options())(x)
+        eager, full = model(x), reference(x)
+    assert len(fusion.fusion_pass().records) == 2  # one graph before the break, one after
+    assert {k: v for k, v in fusion.match_counts().items() if v} == expected
+    torch.testing.assert_close(out, eager, rtol=0.05, atol=0.05)
+    assert ((eager.float() - full.float()).norm() / full.float().norm()).item() < 0.25
