@@ -284,9 +284,9 @@ class BranchyBlock(nn.Module):
         return q_norm, torch.ops.fp4op.quantize(y, gs, 16, False, True, False, False)
 
 
-def test_graph_breaks_keep_fusion_and_results():
-    model = BranchyBlock().to(torch.bfloat16)
-    gs = torch.tensor([500.0])
+def _compile_both_branches(model, gs):
+    """Compiles `model` (branching on the sign of its input's sum) with the fusion, runs both sides of the
+    branch and checks them against eager under the fused acceptance rule."""
     x = torch.randn(8, D, dtype=torch.bfloat16)
     fusion.reset()
     with fresh_compile_config(), torch.no_grad():
@@ -295,6 +295,11 @@ def test_graph_breaks_keep_fusion_and_results():
             got, want = compiled(sample, gs), model(sample, gs)
             for g, w in zip(got, want):
                 assert_fp4_close(g, w)
+
+
+def test_graph_breaks_keep_fusion_and_results():
+    model = BranchyBlock().to(torch.bfloat16)
+    _compile_both_branches(model, torch.tensor([500.0]))
     counts = fusion.match_counts()
     assert any(k.startswith("rms_norm_quantize") and v for k, v in counts.items()), counts
     assert any(k.startswith(("silu_quantize", "gelu_quantize")) and v for k, v in counts.items()), counts
@@ -320,15 +325,7 @@ class NormBranchQuantize(nn.Module):
 def test_branch_between_norm_and_quantize(norm):
     model = _randomize(NormBranchQuantize(nn.RMSNorm(D, eps=1e-6) if norm == "rms_norm" else nn.LayerNorm(D)))
     model = model.to(torch.bfloat16)
-    gs = torch.tensor([300.0])
-    x = torch.randn(8, D, dtype=torch.bfloat16)
-    fusion.reset()
-    with fresh_compile_config(), torch.no_grad():
-        compiled = torch.compile(model, options=fusion.compile_options())
-        for sample in (x.abs(), -x.abs()):  # both sides of the branch
-            got, want = compiled(sample, gs), model(sample, gs)
-            for g, w in zip(got, want):
-                assert_fp4_close(g, w)
+    _compile_both_branches(model, torch.tensor([300.0]))
     # three graphs: the norm and the condition, then one resumed graph per side of the branch; the norm
     # chain is cut, the silu chain fuses in each resumed graph
     assert len(fusion.fusion_pass().records) == 3

@@ -16,6 +16,9 @@ int num_sms();
 QuantizeTarget quantize_target(const QuantizeShape& s, bool sf_use_ue8m0, const at::Tensor& global_scale,
                                bool is_global_scale_inversed, const at::Tensor& x_q, const at::Tensor& sf);
 
+// The kernels read 16-byte vectors: `t` contiguous, copied when its storage offset leaves it unaligned.
+at::Tensor aligned_contiguous(const at::Tensor& t);
+
 // Raises with the launch's error, if any.
 void check_launch(cudaError_t err, const char* what);
 

@@ -150,9 +150,25 @@ __device__ void zero_padding_rows(const QuantizeTarget& q, int64_t nk, uint32_t 
   }
 }
 
-template <SfLayout LAYOUT>
-int64_t padding_words(const QuantizeTarget& q, int64_t nk) {
-  return (sf_rows(q.m, LAYOUT) - q.m) * (sf_cols(nk, LAYOUT) / 4);
+// The 4-byte words of the padding rows that zero_padding_rows writes; -1 where there are 2^32 or more
+// (its 32-bit index math), which the launchers refuse.
+inline int64_t padding_words(const QuantizeTarget& q, int64_t nk, SfLayout layout) {
+  const int64_t words = (sf_rows(q.m, layout) - q.m) * (sf_cols(nk, layout) / 4);
+  return words < (int64_t(1) << 32) ? words : -1;
+}
+
+// Resident CTAs of `KERNEL` (kThreads threads each) a multiprocessor, at least 1; queried once.
+template <auto KERNEL>
+int resident_ctas_per_sm() {
+  static const int n = [] {
+    int count = 0;
+    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&count, KERNEL, kThreads, 0) != cudaSuccess) {
+      (void)cudaGetLastError();
+      count = 0;
+    }
+    return std::max(count, 1);
+  }();
+  return n;
 }
 
 // ---- the elementwise kernel -------------------------------------------------------------------------
@@ -273,18 +289,10 @@ cudaError_t launch_elementwise_layout(const ElementwiseArgs& a, cudaStream_t str
   }
   t.row_tiles = (q.m + t.rows_per_tile - 1) / t.rows_per_tile;
   if (tiles_k > 0x7FFFFFFF) return cudaErrorInvalidValue;
-  const int64_t pad_words = padding_words<LAYOUT>(q, nk);
-  if (pad_words >= (int64_t(1) << 32)) return cudaErrorInvalidValue;
+  const int64_t pad_words = padding_words(q, nk, LAYOUT);
+  if (pad_words < 0) return cudaErrorInvalidValue;
   // one wave of resident CTAs; each walks row tiles with stride data_rows_y
-  static const int ctas_per_sm = [] {
-    int n = 0;
-    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, elementwise_kernel<SRC, VEC, UE8M0, LAYOUT>, kThreads, 0) !=
-        cudaSuccess) {
-      (void)cudaGetLastError();
-      n = 0;
-    }
-    return std::max(n, 1);
-  }();
+  const int ctas_per_sm = resident_ctas_per_sm<elementwise_kernel<SRC, VEC, UE8M0, LAYOUT>>();
   const int64_t target_y = std::max<int64_t>(1, int64_t(q.num_sms) * ctas_per_sm / tiles_k);
   const int64_t grid_y = std::min<int64_t>(std::min<int64_t>(t.row_tiles, target_y), kMaxGridY / 2);
   t.data_rows_y = unsigned(grid_y);

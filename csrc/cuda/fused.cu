@@ -376,22 +376,13 @@ int team_for(int64_t cols) {
 }
 
 template <FusedOp OP, InputDtype D, bool UE8M0, int BPT>
-cudaError_t launch_norm_config(const FusedLaunch& a, int64_t nk, int64_t cols, int64_t pad_words,
-                               cudaStream_t stream) {
+cudaError_t launch_norm_config(const FusedLaunch& a, int64_t cols, int64_t pad_words, cudaStream_t stream) {
   const QuantizeTarget& q = a.out;
   NormGeometry g{};
   g.team = BPT > 0 ? team_for<BPT>(cols) : kThreads;
   const int rows_per_cta = kThreads / g.team;
   g.row_groups = (q.m + rows_per_cta - 1) / rows_per_cta;
-  static const int ctas_per_sm = [] {
-    int n = 0;
-    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, norm_kernel<OP, D, UE8M0, BPT>, kThreads, 0) !=
-        cudaSuccess) {
-      (void)cudaGetLastError();
-      n = 0;
-    }
-    return std::max(n, 1);
-  }();
+  const int ctas_per_sm = resident_ctas_per_sm<norm_kernel<OP, D, UE8M0, BPT>>();
   g.row_ctas = std::min<int64_t>(g.row_groups, int64_t(q.num_sms) * ctas_per_sm * 8);
   const int64_t pad_ctas = std::min<int64_t>((pad_words + kThreads - 1) / kThreads, 4096);
   norm_kernel<OP, D, UE8M0, BPT><<<unsigned(g.row_ctas + pad_ctas), kThreads, 0, stream>>>(a, g);
@@ -403,12 +394,12 @@ cudaError_t launch_norm_recipe(const FusedLaunch& a, cudaStream_t stream) {
   const SfLayout layout = SfLayout(a.out.sf_layout);
   const int64_t nk = a.out.k / Recipe<UE8M0>::kVec;
   const int64_t cols = sf_cols(nk, layout);
-  const int64_t pad_words = (sf_rows(a.out.m, layout) - a.out.m) * (cols / 4);
-  if (pad_words >= (int64_t(1) << 32)) return cudaErrorInvalidValue;
-  if (cols <= kThreads) return launch_norm_config<OP, D, UE8M0, 1>(a, nk, cols, pad_words, stream);
-  if (cols <= 2 * kThreads) return launch_norm_config<OP, D, UE8M0, 2>(a, nk, cols, pad_words, stream);
-  if (cols <= 4 * kThreads) return launch_norm_config<OP, D, UE8M0, 4>(a, nk, cols, pad_words, stream);
-  return launch_norm_config<OP, D, UE8M0, 0>(a, nk, cols, pad_words, stream);
+  const int64_t pad_words = padding_words(a.out, nk, layout);
+  if (pad_words < 0) return cudaErrorInvalidValue;
+  if (cols <= kThreads) return launch_norm_config<OP, D, UE8M0, 1>(a, cols, pad_words, stream);
+  if (cols <= 2 * kThreads) return launch_norm_config<OP, D, UE8M0, 2>(a, cols, pad_words, stream);
+  if (cols <= 4 * kThreads) return launch_norm_config<OP, D, UE8M0, 4>(a, cols, pad_words, stream);
+  return launch_norm_config<OP, D, UE8M0, 0>(a, cols, pad_words, stream);
 }
 
 template <FusedOp OP, InputDtype D>

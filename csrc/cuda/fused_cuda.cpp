@@ -29,12 +29,7 @@ fused::Rows kernel_rows(const at::Tensor& t) {
 
 // A [K] weight/bias, contiguous and 16-byte aligned (or undefined).
 at::Tensor kernel_affine(const std::optional<at::Tensor>& p) {
-  if (!fused::has(p)) return at::Tensor();
-  at::Tensor c = p->contiguous();
-  if (aligned16(c.data_ptr())) return c;
-  at::Tensor copy = at::empty_like(c, at::MemoryFormat::Contiguous);
-  copy.copy_(c);
-  return copy;
+  return fused::has(p) ? aligned_contiguous(*p) : at::Tensor();
 }
 
 // The launch arguments common to every op: the op, the model dtype and the quantize target.

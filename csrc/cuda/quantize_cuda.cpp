@@ -35,9 +35,6 @@ void check_launch(cudaError_t err, const char* what) {
   TORCH_CHECK(err == cudaSuccess, "fp4op: ", what, " kernel launch failed: ", cudaGetErrorString(err));
 }
 
-namespace {
-
-// The kernels read 16-byte vectors: a contiguous input at an odd storage offset gets an aligned copy.
 at::Tensor aligned_contiguous(const at::Tensor& t) {
   at::Tensor c = t.contiguous();
   if (reinterpret_cast<uintptr_t>(c.data_ptr()) % 16 == 0) return c;
@@ -45,6 +42,8 @@ at::Tensor aligned_contiguous(const at::Tensor& t) {
   copy.copy_(c);
   return copy;
 }
+
+namespace {
 
 std::tuple<at::Tensor, at::Tensor> quantize_cuda(const at::Tensor& input,
                                                  const std::optional<at::Tensor>& global_scale,
