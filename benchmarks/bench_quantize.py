@@ -505,8 +505,13 @@ class Bench:
                     base = {"section": "graph", "impl": "fp4op", "m": m, "k": k, "dtype": dtype, "recipe": recipe,
                             "layout": layout, **common.byte_counts(m, k, dtype, recipe, layout)}
                     swizzled, is_8x4 = layout != "linear", layout == "8x4"
-                    if not self._graph_row(base, lambda: torch.ops.fp4op.quantize(x, g, vec, ue8m0, swizzled, is_8x4, False)):
-                        return
+                    # default: Programmatic Dependent Launch (sm_90+); without it too, for bf16, to show its share
+                    variants = [("fp4op", None)] + ([("fp4op (no PDL)", False)] if dtype == PEER_DTYPE else [])
+                    for impl, pdl in variants:
+                        row = dict(base, impl=impl)
+                        flags = (vec, ue8m0, swizzled, is_8x4, False) + (() if pdl is None else (pdl,))
+                        if not self._graph_row(row, lambda: torch.ops.fp4op.quantize(x, g, *flags)):
+                            return
         if self.peers is None:
             return
         # the peers last: a capture that fails inside compiled code could leave the stream unusable

@@ -21,7 +21,7 @@ TORCH_LIBRARY(fp4op, m) {
   m.def(
       "quantize(Tensor input, Tensor? global_scale, int sf_vec_size=16, bool sf_use_ue8m0=False, "
       "bool is_sf_swizzled_layout=True, bool is_sf_8x4_layout=False, "
-      "bool is_global_scale_inversed=False) -> (Tensor, Tensor)");
+      "bool is_global_scale_inversed=False, bool? enable_pdl=None) -> (Tensor, Tensor)");
   m.def(
       "dequantize(Tensor x_q, Tensor sf, Tensor? global_scale, int sf_vec_size=16, bool sf_use_ue8m0=False, "
       "bool is_sf_swizzled_layout=True, bool is_sf_8x4_layout=False, bool is_global_scale_inversed=False, "

@@ -45,8 +45,11 @@ def fp4_quantize(
     mode, SPEC.md): returns ``(x_q, sf)`` with ``x_q`` uint8 ``[..., K/2]`` (two E2M1 codes a byte,
     view it as ``torch.float4_e2m1fn_x2`` if you like) and ``sf`` the 2-D uint8 scale factors in the
     requested layout. Works on CPU and CUDA tensors. A column-major 2-D input is quantized along its
-    contiguous dimension and both outputs come back transposed. `enable_pdl` is accepted and does not
-    change results.
+    contiguous dimension and both outputs come back transposed.
+
+    `enable_pdl`: launch the CUDA kernel with Programmatic Dependent Launch, so that its launch overlaps
+    the end of the previous kernel on the stream (it waits for that kernel's results before reading
+    memory). None: on wherever the GPU has it (sm_90+). Never changes results; ignored on the CPU.
     """
     if sf_vec_size not in (16, 32):
         raise NotImplementedError(f"fp4op: sf_vec_size must be 16 (NVFP4) or 32 (MXFP4), got {sf_vec_size}")
@@ -71,9 +74,10 @@ def fp4_quantize(
     column_major = _is_column_major(input)
     x = input.t() if column_major else input
     gs = _prepare_global_scale(global_scale, sf_use_ue8m0, input.device)
-    x_q, sf = torch.ops.fp4op.quantize(
-        x, gs, sf_vec_size, sf_use_ue8m0, is_sf_swizzled_layout, is_sf_8x4_layout, is_global_scale_inversed
-    )
+    flags = (sf_vec_size, sf_use_ue8m0, is_sf_swizzled_layout, is_sf_8x4_layout, is_global_scale_inversed)
+    # enable_pdl only when given: graphs then hold the plain call that the fusion rules match
+    pdl = () if enable_pdl is None else (bool(enable_pdl),)
+    x_q, sf = torch.ops.fp4op.quantize(x, gs, *flags, *pdl)
     if column_major:
         return x_q.t(), sf.t()
     return x_q, sf

@@ -80,6 +80,7 @@ def _quantize_fake(
     is_sf_swizzled_layout=True,
     is_sf_8x4_layout=False,
     is_global_scale_inversed=False,
+    enable_pdl=None,
 ):
     check_recipe(sf_vec_size, sf_use_ue8m0)
     check_input_dtype(input)

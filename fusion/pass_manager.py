@@ -88,19 +88,33 @@ class QuantizeArgs:
         return f"{recipe}/{layout}/{gs}"
 
 
+# the last quantize argument, enable_pdl, is a launch option (results never depend on it): the fused
+# kernels choose it themselves, so the rules match without it and it goes back on the quantizes that stay
+_PDL_ARG = "enable_pdl"
+_PDL_META = "fp4op_enable_pdl"
+
+
 def _quantize_arg_values(node: torch.fx.Node) -> list:
-    """All arguments of a quantize node after `input`, positional, defaults filled in."""
-    values = list(node.args[1:])
+    """The arguments of a quantize node after `input` up to enable_pdl, positional, defaults filled in."""
+    values = list(node.args[1 : 1 + len(_QUANTIZE_ARGS)])
     for name, default in _QUANTIZE_ARGS[len(values):]:
         values.append(node.kwargs.get(name, default))
     return values
 
 
+def _enable_pdl_of(node: torch.fx.Node):
+    return node.args[1 + len(_QUANTIZE_ARGS)] if len(node.args) > 1 + len(_QUANTIZE_ARGS) else node.kwargs.get(_PDL_ARG)
+
+
 def canonicalize_quantize(graph: torch.fx.Graph) -> list[torch.fx.Node]:
     """Rewrite every fp4op.quantize node into the form make_fx records (positional arguments, trailing
-    defaults dropped), which is what the traced patterns contain; returns the quantize nodes."""
+    defaults dropped), which is what the traced patterns contain, with enable_pdl set aside in the node's
+    meta (see restore_launch_options); returns the quantize nodes."""
     nodes = list(graph.find_nodes(op="call_function", target=QUANTIZE))
     for node in nodes:
+        pdl = _enable_pdl_of(node)
+        if pdl is not None:
+            node.meta[_PDL_META] = pdl
         values = _quantize_arg_values(node)
         while len(values) > 1 and values[-1] == _QUANTIZE_ARGS[len(values) - 1][1] and type(values[-1]) is type(
             _QUANTIZE_ARGS[len(values) - 1][1]
@@ -109,6 +123,15 @@ def canonicalize_quantize(graph: torch.fx.Graph) -> list[torch.fx.Node]:
         node.args = (node.args[0], *values)
         node.kwargs = {}
     return nodes
+
+
+def restore_launch_options(graph: torch.fx.Graph) -> None:
+    """Give the quantize nodes left after the rewrites the enable_pdl that canonicalize_quantize set aside."""
+    for node in graph.find_nodes(op="call_function", target=QUANTIZE):
+        if _PDL_META in node.meta:
+            # every argument positional: Inductor's lowering of the op wants no gap before a keyword
+            node.args = (node.args[0], *_quantize_arg_values(node), node.meta[_PDL_META])
+            node.kwargs = {}
 
 
 def merge_duplicate_quantizes(graph: torch.fx.Graph, quantizes: list[torch.fx.Node]) -> list[torch.fx.Node]:
@@ -360,6 +383,7 @@ class FusionPass(CustomGraphPass):
             if matches:
                 graph.eliminate_dead_code()
                 log.info("fp4op.fusion: %d fusions: %s", sum(matches.values()), dict(matches))
+            restore_launch_options(graph)
         self.records.append(GraphRecord(before, op_counts(graph), matches))
 
     def uuid(self) -> bytes:

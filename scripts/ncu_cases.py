@@ -16,6 +16,10 @@ cases = []
 for dtype in (torch.bfloat16, torch.float16, torch.float8_e4m3fn):
     x = torch.randn(M, K, device="cuda").to(dtype)
     cases.append((f"quantize nvfp4 {dtype}", lambda x=x: ops.quantize(x, gs, 16, False, True, False, False)))
+# decode-size inputs: how long the kernel itself runs where launch latency dominates
+for m, k in ((1, 4096), (16, 16384)):
+    xs = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    cases.append((f"quantize nvfp4 bf16 {m}x{k}", lambda x=xs: ops.quantize(x, gs, 16, False, True, False, False)))
 xb = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
 cases.append(("quantize mxfp4 bf16", lambda: ops.quantize(xb, None, 32, True, True, False, False)))
 w = torch.randn(K, device="cuda", dtype=torch.bfloat16)

@@ -151,6 +151,46 @@ def test_cuda_graph_capture_and_replay(vec, ue8m0, layout):
         assert_same_bytes(graph_sf, want[1], f"sf after replay {step}")
 
 
+def _dependent_chain(x, gs, rounds, enable_pdl):
+    """Kernels that each read what the previous one wrote: quantize (PDL as asked), dequantize (PDL
+    where the GPU has it), the fused RMSNorm + quantize; returns every intermediate."""
+    outs = []
+    for _ in range(rounds):
+        x_q, sf = fp4op.fp4_quantize(x, gs, enable_pdl=enable_pdl)
+        x = fp4op.dequantize(x_q, sf, gs, output_dtype=torch.bfloat16)
+        n_q, n_sf = torch.ops.fp4op.rms_norm_quantize(x, None, 1e-6, global_scale=gs)
+        outs += [x_q, sf, x, n_q, n_sf]
+        x = x + fp4op.dequantize(n_q, n_sf, gs, output_dtype=torch.bfloat16)
+    return outs
+
+
+@pytest.mark.parametrize("enable_pdl", [None, True, False])
+@pytest.mark.parametrize("in_graph", [False, True], ids=["eager", "graph"])
+def test_pdl_dependent_kernels(enable_pdl, in_graph):
+    """With Programmatic Dependent Launch a kernel starts before the previous one ends: each must still
+    see the previous kernel's complete output (griddepcontrol.wait before any memory access). Big enough
+    inputs that a missing wait would read stale data; the CPU runs the same chain."""
+    x = random_input((2048, 4096), torch.bfloat16)
+    gs = torch.tensor([448.0 * 6.0 / 4.0])
+    want = _dependent_chain(x, gs, 4, enable_pdl)
+    static_x, static_gs = x.cuda(), gs.cuda()
+    if in_graph:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            _dependent_chain(static_x, static_gs, 4, enable_pdl)  # warm-up outside the capture
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            got = _dependent_chain(static_x, static_gs, 4, enable_pdl)
+        graph.replay()
+    else:
+        got = _dependent_chain(static_x, static_gs, 4, enable_pdl)
+    torch.cuda.synchronize()
+    for i, (g, w) in enumerate(zip(got, want)):
+        assert_same_bytes(g.cpu(), w, f"output {i} of the chain")
+
+
 def test_cuda_graph_capture_dequantize():
     x = random_input((129, 256), torch.bfloat16).cuda()
     gs = make_global_scale(x, "scalar")

@@ -231,6 +231,38 @@ def test_identical_quantizes_merge_then_fuse():
     assert torch.equal(a, b) and torch.equal(sa, sb)
 
 
+@pytest.mark.parametrize("enable_pdl", [True, False])
+def test_enable_pdl_given_explicitly(enable_pdl):
+    """fp4_quantize(..., enable_pdl=...) (vLLM passes it) still fuses after a norm; a quantize that does
+    not fuse keeps its enable_pdl."""
+
+    def block(x, w, gs):
+        h = F.rms_norm(x, (D,), w, 1e-6)
+        fused = fp4op.fp4_quantize(h, gs, enable_pdl=enable_pdl)
+        plain = fp4op.fp4_quantize(x * 2, gs, enable_pdl=enable_pdl)
+        return (*fused, *plain)
+
+    args = (torch.randn(8, D, dtype=torch.bfloat16), torch.randn(D, dtype=torch.bfloat16), torch.tensor([50.0]))
+    out, record = compile_fused(block, *args)
+    assert fp4_ops(record.before) == {"fp4op.quantize.default": 2}
+    assert fp4_ops(record.after) == {"fp4op.rms_norm_quantize.default": 1, "fp4op.quantize.default": 1}
+    assert sum(record.matches.values()) == 1
+    for a, e in zip(out, block(*args)):
+        assert torch.equal(a, e)
+
+
+def test_restore_launch_options_keeps_enable_pdl():
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    def plain(x, gs):
+        return torch.ops.fp4op.quantize(x, gs, 16, False, True, False, False, False)
+
+    gm = make_fx(plain, tracing_mode="fake")(torch.randn(8, D, dtype=torch.bfloat16), torch.tensor([50.0]))
+    fusion.FusionPass()(gm.graph)
+    (node,) = gm.graph.find_nodes(op="call_function", target=torch.ops.fp4op.quantize.default)
+    assert node.args[1:] == (node.args[1], 16, False, True, False, False, False) and not node.kwargs
+
+
 def test_module_reload_keeps_one_fusion_pass():
     """After reloading fp4op.fusion, composing with a pass object of the old module replaces it."""
     import importlib

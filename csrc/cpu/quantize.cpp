@@ -38,7 +38,8 @@ std::tuple<at::Tensor, at::Tensor> quantize_cpu(const at::Tensor& input,
                                                 const std::optional<at::Tensor>& global_scale,
                                                 int64_t sf_vec_size, bool sf_use_ue8m0,
                                                 bool is_sf_swizzled_layout, bool is_sf_8x4_layout,
-                                                bool is_global_scale_inversed) {
+                                                bool is_global_scale_inversed,
+                                                std::optional<bool> /*enable_pdl: a CUDA launch option*/) {
   check_recipe(sf_vec_size, sf_use_ue8m0);
   const InputDtype dtype = input_dtype_of(input, "input");
   const QuantizeShape s = check_quantize_shape(input, sf_vec_size, is_sf_swizzled_layout, is_sf_8x4_layout);

@@ -9,6 +9,7 @@
 #include <cuda_fp8.h>
 
 #include <algorithm>
+#include <utility>
 
 #include "../numerics.h"
 #include "launch.h"
@@ -17,6 +18,36 @@ namespace fp4op::cuda {
 
 constexpr int kThreads = 256;
 constexpr unsigned kFullMask = 0xffffffffu;
+
+// ---- Programmatic Dependent Launch (see LaunchStream) ----------------------------------------------
+
+// The first statement of every kernel: waits until the previous kernel on the stream has completed and
+// its writes are visible (a no-op when the kernel was launched without PDL), then lets the next kernel
+// start launching. Nothing before it may read or write global memory: that includes this kernel's
+// outputs, which the previous kernel may still be reading if the allocator reused their memory.
+__device__ __forceinline__ void wait_for_previous_kernel() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+  asm volatile("griddepcontrol.launch_dependents;" :::);
+#endif
+}
+
+// kernel<<<grid, kThreads, 0, stream>>>(args...), with the PDL attribute when stream.pdl.
+template <class... Params, class... Args>
+cudaError_t launch_kernel(void (*kernel)(Params...), dim3 grid, const LaunchStream& stream, Args&&... args) {
+  cudaLaunchAttribute attribute{};
+  attribute.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attribute.val.programmaticStreamSerializationAllowed = stream.pdl ? 1 : 0;
+  cudaLaunchConfig_t config{};
+  config.gridDim = grid;
+  config.blockDim = dim3(kThreads);
+  config.dynamicSmemBytes = 0;
+  config.stream = stream.stream;
+  config.attrs = &attribute;
+  config.numAttrs = 1;
+  const cudaError_t err = cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...);
+  return err != cudaSuccess ? err : cudaGetLastError();
+}
 
 // The input formats: elements per 16-byte vector and their exact widening to float32.
 template <InputDtype D>
@@ -199,6 +230,7 @@ template <class SRC, int VEC, bool UE8M0, SfLayout LAYOUT>
 __global__ void __launch_bounds__(kThreads) elementwise_kernel(const ElementwiseArgs a, const Tiling t) {
   constexpr int kStreams = SRC::kStreams;
   constexpr int kLoads = VEC * SRC::kElementBytes / 16;
+  wait_for_previous_kernel();
   const QuantizeTarget& q = a.out;
   const int64_t nk = q.k / VEC;
   if (blockIdx.y >= t.data_rows_y) {
@@ -271,7 +303,7 @@ __global__ void __launch_bounds__(kThreads) elementwise_kernel(const Elementwise
 }
 
 template <class SRC, int VEC, bool UE8M0, SfLayout LAYOUT>
-cudaError_t launch_elementwise_layout(const ElementwiseArgs& a, cudaStream_t stream) {
+cudaError_t launch_elementwise_layout(const ElementwiseArgs& a, const LaunchStream& stream) {
   constexpr int kMaxGridY = 65535;
   const QuantizeTarget& q = a.out;
   const int64_t nk = q.k / VEC;
@@ -298,12 +330,11 @@ cudaError_t launch_elementwise_layout(const ElementwiseArgs& a, cudaStream_t str
   t.data_rows_y = unsigned(grid_y);
   const int64_t pad_y = std::min<int64_t>((pad_words + tiles_k * kThreads - 1) / (tiles_k * kThreads), kMaxGridY / 2);
   const dim3 grid(unsigned(tiles_k), unsigned(grid_y + pad_y));
-  elementwise_kernel<SRC, VEC, UE8M0, LAYOUT><<<grid, kThreads, 0, stream>>>(a, t);
-  return cudaGetLastError();
+  return launch_kernel(elementwise_kernel<SRC, VEC, UE8M0, LAYOUT>, grid, stream, a, t);
 }
 
 template <class SRC>
-cudaError_t launch_elementwise(const ElementwiseArgs& a, cudaStream_t stream) {
+cudaError_t launch_elementwise(const ElementwiseArgs& a, const LaunchStream& stream) {
   const bool ue8m0 = a.out.sf_use_ue8m0;
   switch (SfLayout(a.out.sf_layout)) {
     case SfLayout::kSwizzled128x4:

@@ -69,7 +69,7 @@ struct GatedSource {
 };
 
 template <InputDtype D>
-cudaError_t launch_activation(const FusedLaunch& a, cudaStream_t stream) {
+cudaError_t launch_activation(const FusedLaunch& a, const LaunchStream& stream) {
   ElementwiseArgs e{};
   e.in[0] = a.x;
   e.row_stride[0] = a.x_row_stride;
@@ -269,6 +269,7 @@ __global__ void __launch_bounds__(kThreads) norm_kernel(const FusedLaunch a, con
   constexpr int VEC = Recipe<UE8M0>::kVec;
   using Row = NormRow<OP, D, VEC>;
   constexpr int kLoads = Row::kLoads;
+  wait_for_previous_kernel();
   const QuantizeTarget& q = a.out;
   const SfLayout layout = SfLayout(q.sf_layout);
   const int64_t nk = q.k / VEC;
@@ -376,7 +377,7 @@ int team_for(int64_t cols) {
 }
 
 template <FusedOp OP, InputDtype D, bool UE8M0, int BPT>
-cudaError_t launch_norm_config(const FusedLaunch& a, int64_t cols, int64_t pad_words, cudaStream_t stream) {
+cudaError_t launch_norm_config(const FusedLaunch& a, int64_t cols, int64_t pad_words, const LaunchStream& stream) {
   const QuantizeTarget& q = a.out;
   NormGeometry g{};
   g.team = BPT > 0 ? team_for<BPT>(cols) : kThreads;
@@ -385,12 +386,11 @@ cudaError_t launch_norm_config(const FusedLaunch& a, int64_t cols, int64_t pad_w
   const int ctas_per_sm = resident_ctas_per_sm<norm_kernel<OP, D, UE8M0, BPT>>();
   g.row_ctas = std::min<int64_t>(g.row_groups, int64_t(q.num_sms) * ctas_per_sm * 8);
   const int64_t pad_ctas = std::min<int64_t>((pad_words + kThreads - 1) / kThreads, 4096);
-  norm_kernel<OP, D, UE8M0, BPT><<<unsigned(g.row_ctas + pad_ctas), kThreads, 0, stream>>>(a, g);
-  return cudaGetLastError();
+  return launch_kernel(norm_kernel<OP, D, UE8M0, BPT>, dim3(unsigned(g.row_ctas + pad_ctas)), stream, a, g);
 }
 
 template <FusedOp OP, InputDtype D, bool UE8M0>
-cudaError_t launch_norm_recipe(const FusedLaunch& a, cudaStream_t stream) {
+cudaError_t launch_norm_recipe(const FusedLaunch& a, const LaunchStream& stream) {
   const SfLayout layout = SfLayout(a.out.sf_layout);
   const int64_t nk = a.out.k / Recipe<UE8M0>::kVec;
   const int64_t cols = sf_cols(nk, layout);
@@ -403,12 +403,12 @@ cudaError_t launch_norm_recipe(const FusedLaunch& a, cudaStream_t stream) {
 }
 
 template <FusedOp OP, InputDtype D>
-cudaError_t launch_norm(const FusedLaunch& a, cudaStream_t stream) {
+cudaError_t launch_norm(const FusedLaunch& a, const LaunchStream& stream) {
   return a.out.sf_use_ue8m0 ? launch_norm_recipe<OP, D, true>(a, stream) : launch_norm_recipe<OP, D, false>(a, stream);
 }
 
 template <InputDtype D>
-cudaError_t launch_typed(const FusedLaunch& a, cudaStream_t stream) {
+cudaError_t launch_typed(const FusedLaunch& a, const LaunchStream& stream) {
   switch (a.op) {
     case FusedOp::kRmsNorm: return launch_norm<FusedOp::kRmsNorm, D>(a, stream);
     case FusedOp::kAddRmsNorm: return launch_norm<FusedOp::kAddRmsNorm, D>(a, stream);
@@ -421,7 +421,7 @@ cudaError_t launch_typed(const FusedLaunch& a, cudaStream_t stream) {
 
 }  // namespace
 
-cudaError_t launch_fused(const FusedLaunch& a, cudaStream_t stream) {
+cudaError_t launch_fused(const FusedLaunch& a, const LaunchStream& stream) {
   switch (InputDtype(a.input_dtype)) {
     case InputDtype::kBFloat16: return launch_typed<InputDtype::kBFloat16>(a, stream);
     case InputDtype::kFloat16: return launch_typed<InputDtype::kFloat16>(a, stream);

@@ -47,7 +47,7 @@ void run(FusedLaunch& a, const FusedProblem& p) {
     p.sf.zero_();
     return;
   }
-  check_launch(launch_fused(a, c10::cuda::getCurrentCUDAStream()), "fused");
+  check_launch(launch_fused(a, launch_stream()), "fused");
 }
 
 void set_rows(const at::Tensor& t, const void** ptr, int64_t* row_stride, std::vector<at::Tensor>& keep) {

@@ -28,6 +28,6 @@ struct FusedLaunch {
 };
 
 // Runs the fused op on `stream`; returns the launch's error code.
-cudaError_t launch_fused(const FusedLaunch& args, cudaStream_t stream);
+cudaError_t launch_fused(const FusedLaunch& args, const LaunchStream& stream);
 
 }  // namespace fp4op::cuda

@@ -8,6 +8,15 @@
 
 namespace fp4op::cuda {
 
+// Where a kernel is launched: the stream, and whether it uses Programmatic Dependent Launch (sm_90+).
+// With pdl the kernel may start while the previous kernel on the stream is still running (its launch
+// latency hides behind that kernel's tail); its threads wait for that kernel to complete
+// (griddepcontrol.wait) before they touch global memory, so the results are the same.
+struct LaunchStream {
+  cudaStream_t stream;
+  bool pdl;
+};
+
 // What every quantizing kernel (plain and fused) writes, and with which recipe.
 struct QuantizeTarget {
   int64_t m;
@@ -29,7 +38,7 @@ struct QuantizeLaunch {
 };
 
 // Quantizes on `stream`; returns the launch's error code.
-cudaError_t launch_quantize(const QuantizeLaunch& args, cudaStream_t stream);
+cudaError_t launch_quantize(const QuantizeLaunch& args, const LaunchStream& stream);
 
 struct DequantizeLaunch {
   const uint8_t* x_q;           // [m, k/2]
@@ -47,6 +56,6 @@ struct DequantizeLaunch {
   int num_sms;
 };
 
-cudaError_t launch_dequantize(const DequantizeLaunch& args, cudaStream_t stream);
+cudaError_t launch_dequantize(const DequantizeLaunch& args, const LaunchStream& stream);
 
 }  // namespace fp4op::cuda

@@ -22,7 +22,7 @@ struct PlainSource {
 };
 
 template <InputDtype D>
-cudaError_t launch_quantize_typed(const QuantizeLaunch& a, cudaStream_t stream) {
+cudaError_t launch_quantize_typed(const QuantizeLaunch& a, const LaunchStream& stream) {
   ElementwiseArgs e{};
   e.in[0] = a.input;
   e.row_stride[0] = a.out.k;
@@ -48,6 +48,7 @@ __device__ __forceinline__ __half from_float<__half>(float v) {
 // One thread per x_q byte (two outputs); dequantization is not on a hot path.
 template <typename Out>
 __global__ void dequantize_kernel(const DequantizeLaunch a) {
+  wait_for_previous_kernel();
   const int64_t bytes_per_row = a.k / 2;
   const int64_t total = a.m * bytes_per_row;
   const int64_t nk = a.k / a.sf_vec_size;
@@ -70,16 +71,15 @@ __global__ void dequantize_kernel(const DequantizeLaunch a) {
 }
 
 template <typename Out>
-cudaError_t launch_dequantize_typed(const DequantizeLaunch& a, cudaStream_t stream) {
+cudaError_t launch_dequantize_typed(const DequantizeLaunch& a, const LaunchStream& stream) {
   const int64_t total = a.m * (a.k / 2);
   const int64_t blocks = std::min<int64_t>((total + kThreads - 1) / kThreads, int64_t(a.num_sms) * 32);
-  dequantize_kernel<Out><<<unsigned(std::max<int64_t>(blocks, 1)), kThreads, 0, stream>>>(a);
-  return cudaGetLastError();
+  return launch_kernel(dequantize_kernel<Out>, dim3(unsigned(std::max<int64_t>(blocks, 1))), stream, a);
 }
 
 }  // namespace
 
-cudaError_t launch_quantize(const QuantizeLaunch& a, cudaStream_t stream) {
+cudaError_t launch_quantize(const QuantizeLaunch& a, const LaunchStream& stream) {
   switch (InputDtype(a.input_dtype)) {
     case InputDtype::kFloat16: return launch_quantize_typed<InputDtype::kFloat16>(a, stream);
     case InputDtype::kBFloat16: return launch_quantize_typed<InputDtype::kBFloat16>(a, stream);
@@ -88,7 +88,7 @@ cudaError_t launch_quantize(const QuantizeLaunch& a, cudaStream_t stream) {
   return cudaErrorInvalidValue;
 }
 
-cudaError_t launch_dequantize(const DequantizeLaunch& a, cudaStream_t stream) {
+cudaError_t launch_dequantize(const DequantizeLaunch& a, const LaunchStream& stream) {
   switch (a.output_dtype) {
     case 0: return launch_dequantize_typed<float>(a, stream);
     case 1: return launch_dequantize_typed<__nv_bfloat16>(a, stream);

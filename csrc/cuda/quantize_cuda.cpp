@@ -4,15 +4,42 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <vector>
+
 #include "bindings.h"
 
 namespace fp4op::cuda {
 
-int num_sms() {
-  int device = 0, count = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&device));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device));
-  return count;
+namespace {
+
+struct DeviceInfo {
+  int num_sms;
+  bool has_pdl;  // sm_90+
+};
+
+// Queried once per process (attribute queries, no context creation), not on every call.
+const DeviceInfo& current_device_info() {
+  static const std::vector<DeviceInfo> devices = [] {
+    int count = 0;
+    C10_CUDA_CHECK(cudaGetDeviceCount(&count));
+    std::vector<DeviceInfo> infos(size_t(count), DeviceInfo{0, false});
+    for (int d = 0; d < count; ++d) {
+      int major = 0;
+      C10_CUDA_CHECK(cudaDeviceGetAttribute(&infos[d].num_sms, cudaDevAttrMultiProcessorCount, d));
+      C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, d));
+      infos[d].has_pdl = major >= 9;
+    }
+    return infos;
+  }();
+  return devices.at(size_t(c10::cuda::current_device()));
+}
+
+}  // namespace
+
+int num_sms() { return current_device_info().num_sms; }
+
+LaunchStream launch_stream(std::optional<bool> enable_pdl) {
+  return {c10::cuda::getCurrentCUDAStream(), current_device_info().has_pdl && enable_pdl.value_or(true)};
 }
 
 QuantizeTarget quantize_target(const QuantizeShape& s, bool sf_use_ue8m0, const at::Tensor& global_scale,
@@ -49,7 +76,7 @@ std::tuple<at::Tensor, at::Tensor> quantize_cuda(const at::Tensor& input,
                                                  const std::optional<at::Tensor>& global_scale,
                                                  int64_t sf_vec_size, bool sf_use_ue8m0,
                                                  bool is_sf_swizzled_layout, bool is_sf_8x4_layout,
-                                                 bool is_global_scale_inversed) {
+                                                 bool is_global_scale_inversed, std::optional<bool> enable_pdl) {
   check_recipe(sf_vec_size, sf_use_ue8m0);
   const InputDtype dtype = input_dtype_of(input, "input");
   const QuantizeShape s = check_quantize_shape(input, sf_vec_size, is_sf_swizzled_layout, is_sf_8x4_layout);
@@ -65,7 +92,7 @@ std::tuple<at::Tensor, at::Tensor> quantize_cuda(const at::Tensor& input,
   a.input = x.data_ptr();
   a.input_dtype = int(dtype);
   a.out = quantize_target(s, sf_use_ue8m0, gs, is_global_scale_inversed, xq, sf);
-  check_launch(launch_quantize(a, c10::cuda::getCurrentCUDAStream()), "quantize");
+  check_launch(launch_quantize(a, launch_stream(enable_pdl)), "quantize");
   return {xq, sf};
 }
 
@@ -95,7 +122,7 @@ at::Tensor dequantize_cuda(const at::Tensor& x_q, const at::Tensor& sf,
   a.out = out.data_ptr();
   a.output_dtype = d.output_dtype == at::kFloat ? 0 : d.output_dtype == at::kBFloat16 ? 1 : 2;
   a.num_sms = num_sms();
-  check_launch(launch_dequantize(a, c10::cuda::getCurrentCUDAStream()), "dequantize");
+  check_launch(launch_dequantize(a, launch_stream()), "dequantize");
   return out;
 }
 
