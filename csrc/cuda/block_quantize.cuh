@@ -124,16 +124,24 @@ __device__ __forceinline__ Nvfp4RowScale row_scale_of(const QuantizeTarget& q, i
   return nvfp4_row_scale(q.global_scale[q.global_scale_per_row ? row : 0], q.is_global_scale_inversed);
 }
 
-// Quantizes one block of VEC values held by this thread: writes its packed codes to `dst` (when
-// has_data) and returns its scale byte (0 without data: the padding value).
+// Quantizes one block of VEC values held by this thread: writes its packed codes to `dst` and
+// returns its scale byte.
 template <int VEC, bool UE8M0>
-__device__ __forceinline__ uint32_t quantize_block(const float (&f)[VEC], bool has_data, Nvfp4RowScale rs,
-                                                   uint8_t* dst) {
-  float amax = fabsf(f[0]);
+__device__ __forceinline__ uint32_t quantize_block(const float (&f)[VEC], Nvfp4RowScale rs, uint8_t* dst) {
+  // amax_fold as a tree (log2(VEC) dependent steps, not VEC - 1): maxNum is associative, NaN only
+  // when every value is NaN either way
+  float m[VEC / 2];
 #pragma unroll
-  for (int i = 1; i < VEC; ++i) amax = amax_fold(amax, f[i]);
+  for (int i = 0; i < VEC / 2; ++i) m[i] = amax_fold(fabsf(f[2 * i]), f[2 * i + 1]);
+#pragma unroll
+  for (int i = 0; i < VEC / 4; ++i) m[i] = fmaxf(m[i], m[i + VEC / 4]);
+#pragma unroll
+  for (int i = 0; i < VEC / 8; ++i) m[i] = fmaxf(m[i], m[i + VEC / 8]);
+#pragma unroll
+  for (int i = 0; i < VEC / 16; ++i) m[i] = fmaxf(m[i], m[i + VEC / 16]);
+  if constexpr (VEC == 32) m[0] = fmaxf(m[0], m[1]);
+  const float amax = m[0];
   const BlockScale s = UE8M0 ? mxfp4_block_scale(amax) : nvfp4_block_scale(amax, rs);
-  if (!has_data) return 0u;
   typename PackedBlock<VEC>::type packed;
   uint32_t* words = reinterpret_cast<uint32_t*>(&packed);
 #pragma unroll
@@ -289,15 +297,13 @@ __global__ void __launch_bounds__(kThreads) elementwise_kernel(const Elementwise
       }
     }
 
-    float f[VEC];
+    uint32_t sf_byte = 0u;  // the padding value
     if (has_data) {
+      if (!UE8M0 && q.global_scale_per_row) rs = row_scale_of(q, row);
+      float f[VEC];
       SRC::produce(v, a.activation, f);
-    } else {
-#pragma unroll
-      for (int i = 0; i < VEC; ++i) f[i] = 0.0f;
+      sf_byte = quantize_block<VEC, UE8M0>(f, rs, dst);
     }
-    if (!UE8M0 && q.global_scale_per_row && row_ok) rs = row_scale_of(q, row);
-    const uint32_t sf_byte = quantize_block<VEC, UE8M0>(f, has_data, rs, dst);
     store_sf<LAYOUT>(q.sf, row, col, nk, sf_byte, row_ok, col_in_sf, has_data);
   }
 }

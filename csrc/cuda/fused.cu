@@ -351,18 +351,16 @@ __global__ void __launch_bounds__(kThreads) norm_kernel(const FusedLaunch a, con
     each_pass([&](int p) {
       const int64_t col = lane + int64_t(p) * team;
       const bool has_data = row_ok && col < nk;
-      float f[VEC];
+      uint32_t sf_byte = 0u;  // the padding value
       if (has_data) {
         uint4 v[kLoads];
         block(p, col, v);
         uint4 affine[Row::kAffine][kLoads];
         r.load_affine(col, affine);
+        float f[VEC];
         r.normalize(v, affine, stat_a, stat_b, f);
-      } else {
-#pragma unroll
-        for (int i = 0; i < VEC; ++i) f[i] = 0.0f;
+        sf_byte = quantize_block<VEC, UE8M0>(f, rs, xq_row + col * (VEC / 2));
       }
-      const uint32_t sf_byte = quantize_block<VEC, UE8M0>(f, has_data, rs, xq_row + col * (VEC / 2));
       store_sf_any(q, r.row, col, nk, sf_byte, row_ok, col < cols, has_data);
     });
   }
