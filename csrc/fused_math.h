@@ -103,7 +103,9 @@ FP4OP_HD float rms_norm_element(float x, float r, float w, float offset, RmsWeig
   }
 }
 
-// F.layer_norm: w * ((x - mean) * rstd) + b in float32, one rounding.
+// F.layer_norm as torch's CUDA kernels compute it: w * ((x - mean) * rstd) + b in float32, one
+// rounding (a weight-only or bias-only layer norm leaves the missing term out). The CPU form differs:
+// layer_norm_element_cpu.
 FP4OP_HD float layer_norm_element(float x, float mean, float rstd, float w, bool has_w, float b, bool has_b,
                                   InputDtype dtype) {
   const float normed = mul_rn(add_rn(x, -mean), rstd);
@@ -114,6 +116,18 @@ FP4OP_HD float layer_norm_element(float x, float mean, float rstd, float w, bool
     y = has_w ? mul_rn(normed, w) : has_b ? add_rn(normed, b) : normed;
   }
   return round_to(y, dtype);
+}
+
+// F.layer_norm as torch's CPU kernel computes it (layer_norm_kernel_mixed_type in
+// aten/src/ATen/native/cpu/layer_norm_kernel.cpp, the same in torch 2.11 and 2.14):
+// (x * rstd + (-rstd * mean)) * w + b, with w = 1 and b = 0 standing in for a missing weight or bias
+// (so a weight-only -0 comes out +0). GCC contracts both multiply-adds of that kernel into FMAs in
+// torch's AVX2/AVX512 builds (`contracted`); its x86 DEFAULT build has no FMA and rounds every step.
+inline float layer_norm_element_cpu(float x, float mean, float rstd, float w, float b, bool contracted,
+                                    InputDtype dtype) {
+  const float shift = -mul_rn(rstd, mean);
+  if (contracted) return round_to(fmaf(fmaf(x, rstd, shift), w, b), dtype);
+  return round_to(add_rn(mul_rn(add_rn(mul_rn(x, rstd), shift), w), b), dtype);
 }
 
 // ---- activations (float32 opmath, torch's operation order) ----------------------------------------
