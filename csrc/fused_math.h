@@ -103,7 +103,9 @@ FP4OP_HD float rms_norm_element(float x, float r, float w, float offset, RmsWeig
   }
 }
 
-// F.layer_norm: w * ((x - mean) * rstd) + b in float32, one rounding.
+// F.layer_norm as torch's CUDA kernels compute it: w * ((x - mean) * rstd) + b in float32, one
+// rounding (a weight-only or bias-only layer norm leaves the missing term out). The CPU form differs:
+// layer_norm_element_cpu.
 FP4OP_HD float layer_norm_element(float x, float mean, float rstd, float w, bool has_w, float b, bool has_b,
                                   InputDtype dtype) {
   const float normed = mul_rn(add_rn(x, -mean), rstd);
@@ -114,6 +116,18 @@ FP4OP_HD float layer_norm_element(float x, float mean, float rstd, float w, bool
     y = has_w ? mul_rn(normed, w) : has_b ? add_rn(normed, b) : normed;
   }
   return round_to(y, dtype);
+}
+
+// F.layer_norm as torch's CPU kernel computes it (layer_norm_kernel_mixed_type in
+// aten/src/ATen/native/cpu/layer_norm_kernel.cpp, the same in torch 2.11 and 2.14):
+// (x * rstd + (-rstd * mean)) * w + b, with w = 1 and b = 0 standing in for a missing weight or bias
+// (so a weight-only -0 comes out +0). GCC contracts both multiply-adds of that kernel into FMAs in
+// torch's AVX2/AVX512 builds (`contracted`); its x86 DEFAULT build has no FMA and rounds every step.
+inline float layer_norm_element_cpu(float x, float mean, float rstd, float w, float b, bool contracted,
+                                    InputDtype dtype) {
+  const float shift = -mul_rn(rstd, mean);
+  if (contracted) return round_to(fmaf(fmaf(x, rstd, shift), w, b), dtype);
+  return round_to(add_rn(mul_rn(add_rn(mul_rn(x, rstd), shift), w), b), dtype);
 }
 
 // ---- activations (float32 opmath, torch's operation order) ----------------------------------------
@@ -152,6 +166,43 @@ FP4OP_HD float activation_element(float x, Activation act, InputDtype dtype) {
 // F.silu(gate) * up in the model dtype: round(round(act(gate)) * up).
 FP4OP_HD float gated_element(float gate, float up, Activation act, InputDtype dtype) {
   return round_to(mul_rn(activation_element(gate, act, dtype), up), dtype);
+}
+
+// erf and tanh as torch's vectorized CPU kernels compute them: Vectorized<float>::erf / ::tanh of its
+// AVX2/AVX512 builds (aten/src/ATen/cpu/vec/vec256/vec256_float.h, vec512/vec512_float.h; the same in
+// torch 2.11 and 2.14). Its x86 DEFAULT build calls std::erf / std::tanh instead.
+// erf: Abramowitz & Stegun 7.1.26, sign(x) * (1 - t * r(t) * exp(-x^2)) with t = 1 / (1 + p|x|), in FMAs.
+inline float torch_cpu_vectorized_erf(float x) {
+  const float t = div_rn(1.0f, fmaf(0.3275911f, fabsf(x), 1.0f));
+  float r = fmaf(1.061405429f, t, -1.453152027f);
+  r = fmaf(r, t, 1.421413741f);
+  r = fmaf(r, t, -0.284496736f);
+  r = fmaf(r, t, 0.254829592f);
+  const float tail = mul_rn(-expf(-mul_rn(x, x)), t);
+  return copysignf(fmaf(tail, r, 1.0f), x);
+}
+
+// tanh: SLEEF's tanhf (u10), exactly +-1 beyond |x| > 8.664339742 (where std::tanh still gives
+// 1 - 2^-24), within an ulp of std::tanh elsewhere.
+inline float torch_cpu_vectorized_tanh(float x) { return fabsf(x) > 8.664339742f ? copysignf(1.0f, x) : tanhf(x); }
+
+// activation_element as torch's CPU kernels compute it; `vectorized`: they run from torch's AVX2/AVX512
+// builds (the erf and tanh above). Checked against F.gelu of every float16 and bfloat16 value on AVX2:
+// all equal but one float16 value of the tanh form (a last-bit difference of SLEEF's tanh). torch's
+// scalar remainder loops (the last elements of a chunk that does not fill a vector) use std::erf /
+// std::tanh: those elements may differ in the last bit too.
+inline float activation_element_cpu(float x, Activation act, bool vectorized, InputDtype dtype) {
+  if (act == Activation::kSilu || !vectorized) return activation_element(x, act, dtype);
+  if (act == Activation::kGeluErf) {
+    return round_to(mul_rn(mul_rn(x, 0.5f), add_rn(1.0f, torch_cpu_vectorized_erf(mul_rn(x, kGeluErfAlpha)))), dtype);
+  }
+  const float cube = mul_rn(mul_rn(x, x), x);
+  const float inner = mul_rn(kGeluTanhBeta, torch_mul_add(kGeluTanhKappa, cube, x));
+  return round_to(mul_rn(mul_rn(0.5f, x), add_rn(1.0f, torch_cpu_vectorized_tanh(inner))), dtype);
+}
+
+inline float gated_element_cpu(float gate, float up, Activation act, bool vectorized, InputDtype dtype) {
+  return round_to(mul_rn(activation_element_cpu(gate, act, vectorized, dtype), up), dtype);
 }
 
 }  // namespace fp4op::fused

@@ -3,6 +3,7 @@
 // rounded to the model dtype as eager PyTorch rounds) and quantized with quantize_row, the same code
 // as fp4op::quantize.
 #include <ATen/Parallel.h>
+#include <ATen/Version.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -152,6 +153,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> add_rms_norm_quantize_cpu(
   return {p.x_q, p.sf, sum};
 }
 
+// Whether torch's CPU kernels, as dispatched here, are its vectorized builds (AVX2/AVX512 on x86:
+// FMA-contracted multiply-adds, fused::layer_norm_element_cpu; a polynomial erf,
+// fused::torch_cpu_vectorized_erf) rather than x86's DEFAULT build, which ATEN_CPU_CAPABILITY=default or
+// a CPU without AVX2 selects.
+bool torch_cpu_kernels_vectorized() {
+#if defined(__x86_64__) || defined(_M_X64)
+  static const bool vectorized = at::get_cpu_capability() != "DEFAULT";
+  return vectorized;
+#else
+  return true;
+#endif
+}
+
 std::tuple<at::Tensor, at::Tensor> layer_norm_quantize_cpu(const at::Tensor& x, const std::optional<at::Tensor>& weight,
                                                            const std::optional<at::Tensor>& bias, double eps,
                                                            const std::optional<at::Tensor>& global_scale,
@@ -170,6 +184,7 @@ std::tuple<at::Tensor, at::Tensor> layer_norm_quantize_cpu(const at::Tensor& x, 
   const InputDtype dtype = p.dtype;
   const int64_t k = p.shape.k;
   const float eps_f = float(eps), kf = float(k);
+  const bool contracted = torch_cpu_kernels_vectorized();
   const QuantizeParams qp = quantize_params(p, sf_use_ue8m0, is_global_scale_inversed);
   quantize_rows(p, qp, [&](int64_t r, float* v) {
     widen_row(row_ptr(xr, r), dtype, k, v);
@@ -183,9 +198,9 @@ std::tuple<at::Tensor, at::Tensor> layer_norm_quantize_cpu(const at::Tensor& x, 
     // std::max keeps a NaN variance (a row with inf/NaN), as torch's layer norm does; fmaxf would drop it
     const float rstd = fused::torch_rsqrt(add_rn(std::max(var, 0.0f), eps_f));
     for (int64_t i = 0; i < k; ++i) {
-      const float wi = w_bits ? widen(w_bits[i], dtype) : 0.0f;
+      const float wi = w_bits ? widen(w_bits[i], dtype) : 1.0f;
       const float bi = b_bits ? widen(b_bits[i], dtype) : 0.0f;
-      v[i] = fused::layer_norm_element(v[i], mean, rstd, wi, w_bits != nullptr, bi, b_bits != nullptr, dtype);
+      v[i] = fused::layer_norm_element_cpu(v[i], mean, rstd, wi, bi, contracted, dtype);
     }
   });
   return {p.x_q, p.sf};
@@ -201,10 +216,11 @@ std::tuple<at::Tensor, at::Tensor> activation_quantize(const at::Tensor& x, Acti
   const Rows xr = fused::rows_of(x);
   const InputDtype dtype = p.dtype;
   const int64_t k = p.shape.k;
+  const bool vectorized = torch_cpu_kernels_vectorized();
   const QuantizeParams qp = quantize_params(p, sf_use_ue8m0, is_global_scale_inversed);
   quantize_rows(p, qp, [&](int64_t r, float* v) {
     const uint16_t* in = row_ptr(xr, r);
-    for (int64_t i = 0; i < k; ++i) v[i] = fused::activation_element(widen(in[i], dtype), act, dtype);
+    for (int64_t i = 0; i < k; ++i) v[i] = fused::activation_element_cpu(widen(in[i], dtype), act, vectorized, dtype);
   });
   return {p.x_q, p.sf};
 }
@@ -220,11 +236,14 @@ std::tuple<at::Tensor, at::Tensor> gated_quantize(const at::Tensor& gate, const 
   const Rows ur = fused::rows_of(up);
   const InputDtype dtype = p.dtype;
   const int64_t k = p.shape.k;
+  const bool vectorized = torch_cpu_kernels_vectorized();
   const QuantizeParams qp = quantize_params(p, sf_use_ue8m0, is_global_scale_inversed);
   quantize_rows(p, qp, [&](int64_t r, float* v) {
     const uint16_t* g = row_ptr(gr, r);
     const uint16_t* u = row_ptr(ur, r);
-    for (int64_t i = 0; i < k; ++i) v[i] = fused::gated_element(widen(g[i], dtype), widen(u[i], dtype), act, dtype);
+    for (int64_t i = 0; i < k; ++i) {
+      v[i] = fused::gated_element_cpu(widen(g[i], dtype), widen(u[i], dtype), act, vectorized, dtype);
+    }
   });
   return {p.x_q, p.sf};
 }
