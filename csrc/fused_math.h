@@ -59,9 +59,9 @@ FP4OP_HD float round_to(float x, InputDtype dtype) {
   return dtype == InputDtype::kBFloat16 ? round_to_bf16(x) : round_to_fp16(x);
 }
 
-// a * b + c as torch's kernels compute it where the compiler contracts it: torch's CUDA kernels are
-// built with FMA contraction (nvcc's default), its CPU kernels round the product (this build does not
-// contract: -ffp-contract=off).
+// a * b + c where torch's CUDA kernels compute it with FMA contraction (nvcc's default). On the host
+// the product is rounded: this build does not contract (-ffp-contract=off), and the CPU forms that
+// torch's vectorized builds contract are spelled out with explicit FMAs (layer_norm_element_cpu).
 FP4OP_HD float torch_mul_add(float a, float b, float c) {
 #if defined(__CUDA_ARCH__)
   return __fmaf_rn(a, b, c);

@@ -14,12 +14,16 @@ math is csrc/fused_math.h):
   ``weight_offset=0``, Hugging Face Gemma for ``weight_offset=1``); ``weight_in_input_dtype=True``:
   ``round(round(weight_offset + w) * round(x * r))`` (Hugging Face Llama). ``weight_offset`` only
   applies with a weight. ``add_rms_norm_quantize`` normalizes ``round(x + residual)``.
-* ``layer_norm_quantize``: F.layer_norm, ``round(w * ((x - mean) * rstd) + b)``, biased variance.
+* ``layer_norm_quantize``: F.layer_norm with biased variance, in the form of the device's torch
+  kernel: CUDA ``round(w * ((x - mean) * rstd) + b)``; CPU ``round((x * rstd + (-rstd * mean)) * w + b)``
+  with ``w = 1`` / ``b = 0`` where absent (both multiply-adds fused in torch's AVX2/AVX512 builds,
+  rounded per step in its DEFAULT build).
 * ``silu_quantize`` / ``gelu_quantize``: ``round(act(x))``; ``*_and_mul_quantize``:
   ``round(round(act(gate)) * up)`` (eager ``F.silu(gate) * up``), torch's silu/gelu formulas.
 
 As in eager PyTorch, the CUDA kernels use ``rsqrtf`` and FMA where torch's CUDA kernels do, the CPU
-kernels an IEEE ``1 / sqrt``; only reduction order differs from eager.
+kernels an IEEE ``1 / sqrt`` and, for GELU, the erf/tanh of torch's vectorized CPU build that runs
+(``at::get_cpu_capability()``); only reduction order differs from eager.
 """
 
 from __future__ import annotations
