@@ -182,11 +182,9 @@ template <SfLayout LAYOUT>
 __device__ void zero_padding_rows(const QuantizeTarget& q, int64_t nk, uint32_t first, uint32_t count) {
   const uint32_t words_per_row = uint32_t(sf_cols(nk, LAYOUT) / 4);
   const uint32_t words = uint32_t(sf_rows(q.m, LAYOUT) - q.m) * words_per_row;
-  // a 64-bit counter: i + count may pass 2^32 on the last step
-  for (uint64_t i = first; i < words; i += count) {
-    const uint32_t word = uint32_t(i);  // < words: 32-bit divisions
-    const int64_t row = q.m + word / words_per_row;
-    const int64_t col = int64_t(word % words_per_row) * 4;
+  for (uint32_t i = first; i < words; i += count) {
+    const int64_t row = q.m + i / words_per_row;
+    const int64_t col = int64_t(i % words_per_row) * 4;
     *reinterpret_cast<uint32_t*>(q.sf + sf_offset(row, col, nk, LAYOUT)) = 0u;
   }
 }
@@ -196,16 +194,6 @@ __device__ void zero_padding_rows(const QuantizeTarget& q, int64_t nk, uint32_t 
 inline int64_t padding_words(const QuantizeTarget& q, int64_t nk, SfLayout layout) {
   const int64_t words = (sf_rows(q.m, layout) - q.m) * (sf_cols(nk, layout) / 4);
   return words < (int64_t(1) << 32) ? words : -1;
-}
-
-// Padding words a zeroing thread writes: a few CTAs do it, so that a small-M launch (up to 127
-// padding rows a 128x4 layout) does not add up to a hundred CTAs to schedule and retire.
-constexpr int64_t kPaddingWordsPerThread = 16;
-
-// CTAs of kThreads threads that zero `pad_words` words, in `columns` CTAs a grid row.
-inline int64_t padding_cta_rows(int64_t pad_words, int64_t columns) {
-  const int64_t per_row = columns * kThreads * kPaddingWordsPerThread;
-  return (pad_words + per_row - 1) / per_row;
 }
 
 // Resident CTAs of `KERNEL` (kThreads threads each) a multiprocessor, at least 1; queried once.
@@ -346,7 +334,7 @@ cudaError_t launch_elementwise_layout(const ElementwiseArgs& a, const LaunchStre
   const int64_t target_y = std::max<int64_t>(1, int64_t(q.num_sms) * ctas_per_sm / tiles_k);
   const int64_t grid_y = std::min<int64_t>(std::min<int64_t>(t.row_tiles, target_y), kMaxGridY / 2);
   t.data_rows_y = unsigned(grid_y);
-  const int64_t pad_y = std::min<int64_t>(padding_cta_rows(pad_words, tiles_k), kMaxGridY / 2);
+  const int64_t pad_y = std::min<int64_t>((pad_words + tiles_k * kThreads - 1) / (tiles_k * kThreads), kMaxGridY / 2);
   const dim3 grid(unsigned(tiles_k), unsigned(grid_y + pad_y));
   return launch_kernel(elementwise_kernel<SRC, VEC, UE8M0, LAYOUT>, grid, stream, a, t);
 }

@@ -383,7 +383,7 @@ cudaError_t launch_norm_config(const FusedLaunch& a, int64_t cols, int64_t pad_w
   g.row_groups = (q.m + rows_per_cta - 1) / rows_per_cta;
   const int ctas_per_sm = resident_ctas_per_sm<norm_kernel<OP, D, UE8M0, BPT>>();
   g.row_ctas = std::min<int64_t>(g.row_groups, int64_t(q.num_sms) * ctas_per_sm * 8);
-  const int64_t pad_ctas = std::min<int64_t>(padding_cta_rows(pad_words, 1), 4096);
+  const int64_t pad_ctas = std::min<int64_t>((pad_words + kThreads - 1) / kThreads, 4096);
   return launch_kernel(norm_kernel<OP, D, UE8M0, BPT>, dim3(unsigned(g.row_ctas + pad_ctas)), stream, a, g);
 }
 
