@@ -155,7 +155,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> add_rms_norm_quantize_cpu(
 
 // Whether torch's CPU kernels, as dispatched here, are its vectorized builds (AVX2/AVX512 on x86:
 // FMA-contracted multiply-adds, fused::layer_norm_element_cpu; a polynomial erf,
-// fused::torch_cpu_vectorized_erf) rather than x86's DEFAULT build, which ATEN_CPU_CAPABILITY=default or
+// fused::TorchCpuVectorizedErfTanh) rather than x86's DEFAULT build, which ATEN_CPU_CAPABILITY=default or
 // a CPU without AVX2 selects.
 bool torch_cpu_kernels_vectorized() {
 #if defined(__x86_64__) || defined(_M_X64)
@@ -220,7 +220,11 @@ std::tuple<at::Tensor, at::Tensor> activation_quantize(const at::Tensor& x, Acti
   const QuantizeParams qp = quantize_params(p, sf_use_ue8m0, is_global_scale_inversed);
   quantize_rows(p, qp, [&](int64_t r, float* v) {
     const uint16_t* in = row_ptr(xr, r);
-    for (int64_t i = 0; i < k; ++i) v[i] = fused::activation_element_cpu(widen(in[i], dtype), act, vectorized, dtype);
+    for (int64_t i = 0; i < k; ++i) {
+      const float x = widen(in[i], dtype);
+      v[i] = vectorized ? fused::activation_element<fused::TorchCpuVectorizedErfTanh>(x, act, dtype)
+                        : fused::activation_element(x, act, dtype);
+    }
   });
   return {p.x_q, p.sf};
 }
@@ -242,7 +246,9 @@ std::tuple<at::Tensor, at::Tensor> gated_quantize(const at::Tensor& gate, const 
     const uint16_t* g = row_ptr(gr, r);
     const uint16_t* u = row_ptr(ur, r);
     for (int64_t i = 0; i < k; ++i) {
-      v[i] = fused::gated_element_cpu(widen(g[i], dtype), widen(u[i], dtype), act, vectorized, dtype);
+      const float gi = widen(g[i], dtype), ui = widen(u[i], dtype);
+      v[i] = vectorized ? fused::gated_element<fused::TorchCpuVectorizedErfTanh>(gi, ui, act, dtype)
+                        : fused::gated_element(gi, ui, act, dtype);
     }
   });
   return {p.x_q, p.sf};
