@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Everything the GPU machine does in one call: build, GPU tests, sanitizers, benchmarks.
 # Usage (on the device machine, from the repo root): bash scripts/gpu_check.sh [stage ...]
-# Stages: build smoke tests sanitize bench quickbench fused demo ncu fuzzlong (default: build smoke tests sanitize
+# Stages: build smoke tests sanitize bench quickbench fused demo ncu lab fuzzlong (default: build smoke tests sanitize
 # bench fused demo). Logs and results go to $OUT.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -45,6 +45,20 @@ for s in $stages; do
         --section SpeedOfLight --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis \
         --section InstructionStats --section Occupancy --section WarpStateStats --print-summary none \
         $PY scripts/ncu_cases.py ;;
+    lab)  # scripts/kernel_lab.cu; LAB_REF=DIR: also the lab built against the kernels of another commit, DIR
+          # inside the working tree so that it travels, e.g. mkdir .lab_ref && git archive REF csrc | tar -x -C
+          # .lab_ref && mkdir .lab_ref/scripts && cp scripts/kernel_lab.cu .lab_ref/scripts/
+      for dir in . ${LAB_REF:-}; do
+        name=$([ "$dir" = . ] && echo lab || echo lab_ref)
+        run "${name}_build" $CUDA_HOME/bin/nvcc -O3 -std=c++17 -gencode=arch=compute_90a,code=sm_90a \
+          -DLAB_SETTINGS="\"$dir\"" -o /tmp/kernel_$name "$dir/scripts/kernel_lab.cu"
+        TAIL=100 run "$name" /tmp/kernel_$name ${LAB_ARGS:-}
+      done
+      if [ -n "${LAB_EXTRA:-}" ]; then  # nvcc flags of a variant of the working tree
+        run lab_x_build $CUDA_HOME/bin/nvcc -O3 -std=c++17 -gencode=arch=compute_90a,code=sm_90a $LAB_EXTRA \
+          -DLAB_SETTINGS="\"$LAB_EXTRA\"" -o /tmp/kernel_lab_x scripts/kernel_lab.cu
+        TAIL=100 run lab_x /tmp/kernel_lab_x ${LAB_ARGS:-}
+      fi ;;
     fuzzlong)  # issue 6's long profile on the GPU: CUDA == CPU, 100,000 quantize and 10,000 fused examples
       run fuzzlong env FP4OP_HYPOTHESIS_PROFILE=long timeout ${FUZZ_TIMEOUT:-540} $PY -m pytest tests/test_fuzz.py -q \
         -p no:cacheprovider -k cuda ;;

@@ -17,7 +17,8 @@ for dtype, (vec, ue8m0), layout, (m, k), per_row, inv in itertools.product(
     [torch.float16, torch.bfloat16, torch.float8_e4m3fn],
     [(16, False), (32, True)],
     layouts.LAYOUTS,
-    [(1, 32), (7, 64), (128, 4096), (129, 96), (300, 2048), (1000, 160), (3, 16384), (77, 8192)],
+    # (7001, 896): more row tiles than CTAs, an odd CTA count per column tile before rounding
+    [(1, 32), (7, 64), (128, 4096), (129, 96), (300, 2048), (1000, 160), (3, 16384), (77, 8192), (7001, 896)],
     [False, True],
     [False, True],
 ):

@@ -14,6 +14,7 @@
 #include "../numerics.h"
 #include "launch.h"
 
+
 namespace fp4op::cuda {
 
 constexpr int kThreads = 256;
@@ -175,25 +176,51 @@ __device__ __forceinline__ void store_sf(uint8_t* sf, int64_t row, int64_t col, 
   }
 }
 
-// Zeroes the padding rows [m, sf_rows) of a swizzled layout, one 4-byte word (4 block columns) a
-// thread; `first` is this thread's index among the `count` threads doing it. 32-bit index math: the
-// launchers check that the padding has fewer than 2^32 words.
+// Zeroes the padding rows [m, sf_rows) of a swizzled layout, one padding item a thread (see
+// padding_items); `first` is this thread's index among the `count` threads doing it. 32-bit index
+// math: the launchers check that there are fewer than 2^32 items.
+//  - 128x4: the padding rows are the last rows of the last 128-row group; an item is a 16-byte line
+//    of a 512-byte tile (row j = r % 32 of rows j, j + 32, j + 64, j + 96 at 4 block columns), zeroed
+//    with one store where all four rows are padding (j >= m % 128), else word by word for the padding
+//    rows among them. A small M has most of its sf bytes here (M = 1: 127 of 128 rows).
+//  - 8x4: at most 7 padding rows; an item is a 4-byte word (4 block columns of a row).
 template <SfLayout LAYOUT>
 __device__ void zero_padding_rows(const QuantizeTarget& q, int64_t nk, uint32_t first, uint32_t count) {
-  const uint32_t words_per_row = uint32_t(sf_cols(nk, LAYOUT) / 4);
-  const uint32_t words = uint32_t(sf_rows(q.m, LAYOUT) - q.m) * words_per_row;
-  for (uint32_t i = first; i < words; i += count) {
-    const int64_t row = q.m + i / words_per_row;
-    const int64_t col = int64_t(i % words_per_row) * 4;
-    *reinterpret_cast<uint32_t*>(q.sf + sf_offset(row, col, nk, LAYOUT)) = 0u;
+  const uint32_t col_groups = uint32_t(sf_cols(nk, LAYOUT) / 4);
+  if constexpr (LAYOUT == SfLayout::kSwizzled128x4) {
+    const uint32_t rows_in_group = uint32_t(q.m % 128);
+    if (rows_in_group == 0) return;
+    const int64_t group_row = q.m - rows_in_group;
+    for (uint32_t i = first; i < 32 * col_groups; i += count) {
+      const uint32_t j = i % 32;  // consecutive threads: consecutive lines of a tile
+      uint8_t* line = q.sf + sf_offset(group_row + j, int64_t(i / 32) * 4, nk, LAYOUT);
+      if (j >= rows_in_group) {
+        *reinterpret_cast<uint4*>(line) = make_uint4(0u, 0u, 0u, 0u);
+      } else {
+#pragma unroll
+        for (uint32_t g = 1; g < 4; ++g) {
+          if (j + 32 * g >= rows_in_group) reinterpret_cast<uint32_t*>(line)[g] = 0u;
+        }
+      }
+    }
+  } else {
+    const uint32_t words = uint32_t(sf_rows(q.m, LAYOUT) - q.m) * col_groups;
+    for (uint32_t i = first; i < words; i += count) {
+      const int64_t row = q.m + i / col_groups;
+      const int64_t col = int64_t(i % col_groups) * 4;
+      *reinterpret_cast<uint32_t*>(q.sf + sf_offset(row, col, nk, LAYOUT)) = 0u;
+    }
   }
 }
 
-// The 4-byte words of the padding rows that zero_padding_rows writes; -1 where there are 2^32 or more
-// (its 32-bit index math), which the launchers refuse.
-inline int64_t padding_words(const QuantizeTarget& q, int64_t nk, SfLayout layout) {
-  const int64_t words = (sf_rows(q.m, layout) - q.m) * (sf_cols(nk, layout) / 4);
-  return words < (int64_t(1) << 32) ? words : -1;
+// The items of zero_padding_rows (threads that zero the padding rows); -1 where there are 2^32 or
+// more (its 32-bit index math), which the launchers refuse.
+inline int64_t padding_items(const QuantizeTarget& q, int64_t nk, SfLayout layout) {
+  const int64_t col_groups = sf_cols(nk, layout) / 4;
+  int64_t items = 0;
+  if (layout == SfLayout::kSwizzled128x4) items = q.m % 128 != 0 ? 32 * col_groups : 0;
+  if (layout == SfLayout::kSwizzled8x4) items = (sf_rows(q.m, layout) - q.m) * col_groups;
+  return items < (int64_t(1) << 32) ? items : -1;
 }
 
 // Resident CTAs of `KERNEL` (kThreads threads each) a multiprocessor, at least 1; queried once.
@@ -222,17 +249,43 @@ struct ElementwiseArgs {
 };
 
 // A CTA covers rows_per_tile rows x cols_per_tile scale-block columns, one thread per block.
+// Row-major tiles hold consecutive rows, a warp 32 columns of a row: its 8 scale words land in 8
+// sectors of a swizzled layout, which costs 3-5 points of copy bandwidth on the H100. Sector tiles
+// (swizzled layouts, large M) hold 4 columns x 64 rows, warp w 8 rows chosen so that its 8 scale
+// words fill one 32-byte sector: in the 8x4 layout 8 consecutive rows; in the 128x4 layout (16 bytes
+// a row r % 32 of a 128-row group, holding rows r, r + 32, r + 64, r + 96) rows 2w, 2w + 1 of each
+// 32-row quarter, with the two halves of the group (r % 32 < 16, >= 16) in consecutive tiles.
+// (8 rows x 32 columns, the warps side by side, was not faster on the H100.)
+// Sector tiles from this many rows up; below, a row-major tile of up to 256 columns keeps the few
+// rows in few CTAs.
+constexpr int64_t kSectorTileMinRows = 128;
+
 struct Tiling {
   int cols_per_tile;
   int rows_per_tile;
+  bool sector_tiles;
   int64_t row_tiles;
-  unsigned data_rows_y;  // gridDim.y of the quantizing CTAs; the CTAs above zero the padding rows
+  unsigned data_rows_y;  // gridDim.y of the quantizing CTAs (even with 128x4 sector tiles, unless each
+                         // CTA has one tile); the CTAs above zero the padding rows
 };
 
+// The row of `local_row` (threadIdx.x / cols_per_tile) in row tile `tile`. Advancing `tile` by
+// data_rows_y advances the row by data_rows_y * rows_per_tile.
+template <SfLayout LAYOUT>
+__device__ __forceinline__ int64_t tile_row(const Tiling& t, int64_t tile, int local_row) {
+  if (LAYOUT == SfLayout::kSwizzled128x4 && t.sector_tiles) {
+    const int warp = local_row >> 3, lane_row = local_row & 7;
+    return (tile >> 1) * 128 + (tile & 1) * 16 + 2 * warp + (lane_row & 1) + 32 * (lane_row >> 1);
+  }
+  return tile * t.rows_per_tile + local_row;
+}
+
 // One thread per scale block: VEC elements of each stream read with 16-byte loads (the loads of a
-// warp cover a contiguous span), turned into VEC floats by SRC::produce, quantized and written with
-// one 8- or 16-byte store. Each thread walks row tiles with a stride of data_rows_y and loads the
+// warp cover whole 32-byte sectors), turned into VEC floats by SRC::produce, quantized and written
+// with one 8- or 16-byte store. Each thread walks row tiles with a stride of data_rows_y and loads the
 // next tile's block before converting the current one, so that memory traffic overlaps arithmetic.
+// (A shared-memory ring filled by cp.async a few tiles ahead was measured: 58% of copy bandwidth
+// against 84%, its fills stall on the MIO queue. Loading two tiles ahead in registers was no faster.)
 // SRC: kStreams, kElementBytes, produce(const uint4 (&)[kStreams][kLoads], activation, float (&)[VEC]).
 template <class SRC, int VEC, bool UE8M0, SfLayout LAYOUT>
 __global__ void __launch_bounds__(kThreads) elementwise_kernel(const ElementwiseArgs a, const Tiling t) {
@@ -253,12 +306,10 @@ __global__ void __launch_bounds__(kThreads) elementwise_kernel(const Elementwise
   const int64_t col = int64_t(blockIdx.x) * t.cols_per_tile + threadIdx.x % t.cols_per_tile;
   const bool col_has_data = local_row < t.rows_per_tile && col < nk;
   const bool col_in_sf = local_row < t.rows_per_tile && col < sf_cols(nk, LAYOUT);
-  Nvfp4RowScale rs{};
-  if (!UE8M0 && !q.global_scale_per_row) rs = row_scale_of(q, 0);
 
   // per-iteration pointer steps instead of 64-bit index products in the loop
   const int64_t row_step = int64_t(t.data_rows_y) * t.rows_per_tile;
-  int64_t row = int64_t(blockIdx.y) * t.rows_per_tile + local_row;
+  int64_t row = tile_row<LAYOUT>(t, blockIdx.y, local_row);
   const uint4* src[kStreams];
   int64_t src_step[kStreams];
 #pragma unroll
@@ -266,17 +317,27 @@ __global__ void __launch_bounds__(kThreads) elementwise_kernel(const Elementwise
     src[s] = static_cast<const uint4*>(a.in[s]) + (row * a.row_stride[s] + col * VEC) * SRC::kElementBytes / 16;
     src_step[s] = row_step * a.row_stride[s] * SRC::kElementBytes / 16;
   }
+  // Loads this thread's block of the next row tile (nothing past the last row) into `next`.
+  uint4 next[kStreams][kLoads];
+  int64_t next_row = row;
+  auto load_next = [&] {
+    if (col_has_data && next_row < q.m) {
+#pragma unroll
+      for (int s = 0; s < kStreams; ++s) {
+#pragma unroll
+        for (int i = 0; i < kLoads; ++i) next[s][i] = __ldg(src[s] + i);
+      }
+    }
+#pragma unroll
+    for (int s = 0; s < kStreams; ++s) src[s] += src_step[s];
+    next_row += row_step;
+  };
+  load_next();
+  // after the first loads, so that a single-tile (small M) launch does not wait for the scale first
+  Nvfp4RowScale rs{};
+  if (!UE8M0 && !q.global_scale_per_row) rs = row_scale_of(q, 0);
   uint8_t* dst = q.x_q + (row * q.k + col * VEC) / 2;
   const int64_t dst_step = row_step * q.k / 2;
-
-  uint4 next[kStreams][kLoads];
-  if (col_has_data && row < q.m) {
-#pragma unroll
-    for (int s = 0; s < kStreams; ++s) {
-#pragma unroll
-      for (int i = 0; i < kLoads; ++i) next[s][i] = __ldg(src[s] + i);
-    }
-  }
   // the trip count depends on blockIdx.y only, so every lane reaches the shuffles of store_sf
   for (int64_t tile = blockIdx.y; tile < t.row_tiles; tile += t.data_rows_y, row += row_step, dst += dst_step) {
     const bool row_ok = local_row < t.rows_per_tile && row < q.m;
@@ -287,16 +348,7 @@ __global__ void __launch_bounds__(kThreads) elementwise_kernel(const Elementwise
 #pragma unroll
       for (int i = 0; i < kLoads; ++i) v[s][i] = next[s][i];
     }
-    const bool prefetch = col_has_data && row + row_step < q.m;
-#pragma unroll
-    for (int s = 0; s < kStreams; ++s) {
-      src[s] += src_step[s];
-      if (prefetch) {
-#pragma unroll
-        for (int i = 0; i < kLoads; ++i) next[s][i] = __ldg(src[s] + i);
-      }
-    }
-
+    load_next();
     uint32_t sf_byte = 0u;  // the padding value
     if (has_data) {
       if (!UE8M0 && q.global_scale_per_row) rs = row_scale_of(q, row);
@@ -316,25 +368,40 @@ cudaError_t launch_elementwise_layout(const ElementwiseArgs& a, const LaunchStre
   const int64_t cols = sf_cols(nk, LAYOUT);
   Tiling t;
   int64_t tiles_k;
-  if (cols >= kThreads) {
-    t.cols_per_tile = kThreads;
-    t.rows_per_tile = 1;
-    tiles_k = (cols + kThreads - 1) / kThreads;
+  // a warp of a sector tile reads 4 blocks a row of each stream: at least 32 bytes a block (a 128-byte
+  // line; fp8 NVFP4's 64 bytes read slower than the scale stores gain)
+  t.sector_tiles = LAYOUT != SfLayout::kLinear && q.m >= kSectorTileMinRows && VEC * SRC::kElementBytes >= 32;
+  if (t.sector_tiles) {
+    t.cols_per_tile = 4;
+    t.rows_per_tile = kThreads / 4;
+    tiles_k = cols / 4;
+    // 128x4: a 128-row group is two tiles (sf_rows is a multiple of 128)
+    t.row_tiles = LAYOUT == SfLayout::kSwizzled128x4 ? sf_rows(q.m, LAYOUT) / t.rows_per_tile
+                                                     : (q.m + t.rows_per_tile - 1) / t.rows_per_tile;
   } else {
-    t.cols_per_tile = int(cols);
-    t.rows_per_tile = kThreads / t.cols_per_tile;
-    tiles_k = 1;
+    if (cols >= kThreads) {
+      t.cols_per_tile = kThreads;
+      t.rows_per_tile = 1;
+      tiles_k = (cols + kThreads - 1) / kThreads;
+    } else {
+      t.cols_per_tile = int(cols);
+      t.rows_per_tile = kThreads / t.cols_per_tile;
+      tiles_k = 1;
+    }
+    t.row_tiles = (q.m + t.rows_per_tile - 1) / t.rows_per_tile;
   }
-  t.row_tiles = (q.m + t.rows_per_tile - 1) / t.rows_per_tile;
   if (tiles_k > 0x7FFFFFFF) return cudaErrorInvalidValue;
-  const int64_t pad_words = padding_words(q, nk, LAYOUT);
-  if (pad_words < 0) return cudaErrorInvalidValue;
+  const int64_t pad_items = padding_items(q, nk, LAYOUT);
+  if (pad_items < 0) return cudaErrorInvalidValue;
   // one wave of resident CTAs; each walks row tiles with stride data_rows_y
   const int ctas_per_sm = resident_ctas_per_sm<elementwise_kernel<SRC, VEC, UE8M0, LAYOUT>>();
   const int64_t target_y = std::max<int64_t>(1, int64_t(q.num_sms) * ctas_per_sm / tiles_k);
-  const int64_t grid_y = std::min<int64_t>(std::min<int64_t>(t.row_tiles, target_y), kMaxGridY / 2);
+  int64_t grid_y = std::min<int64_t>(std::min<int64_t>(t.row_tiles, target_y), kMaxGridY / 2);
+  if (LAYOUT == SfLayout::kSwizzled128x4 && t.sector_tiles && grid_y < t.row_tiles) {
+    grid_y = std::max<int64_t>(2, grid_y & ~int64_t(1));  // see tile_row
+  }
   t.data_rows_y = unsigned(grid_y);
-  const int64_t pad_y = std::min<int64_t>((pad_words + tiles_k * kThreads - 1) / (tiles_k * kThreads), kMaxGridY / 2);
+  const int64_t pad_y = std::min<int64_t>((pad_items + tiles_k * kThreads - 1) / (tiles_k * kThreads), kMaxGridY / 2);
   const dim3 grid(unsigned(tiles_k), unsigned(grid_y + pad_y));
   return launch_kernel(elementwise_kernel<SRC, VEC, UE8M0, LAYOUT>, grid, stream, a, t);
 }

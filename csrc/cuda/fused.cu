@@ -375,7 +375,7 @@ int team_for(int64_t cols) {
 }
 
 template <FusedOp OP, InputDtype D, bool UE8M0, int BPT>
-cudaError_t launch_norm_config(const FusedLaunch& a, int64_t cols, int64_t pad_words, const LaunchStream& stream) {
+cudaError_t launch_norm_config(const FusedLaunch& a, int64_t cols, int64_t pad_items, const LaunchStream& stream) {
   const QuantizeTarget& q = a.out;
   NormGeometry g{};
   g.team = BPT > 0 ? team_for<BPT>(cols) : kThreads;
@@ -383,7 +383,7 @@ cudaError_t launch_norm_config(const FusedLaunch& a, int64_t cols, int64_t pad_w
   g.row_groups = (q.m + rows_per_cta - 1) / rows_per_cta;
   const int ctas_per_sm = resident_ctas_per_sm<norm_kernel<OP, D, UE8M0, BPT>>();
   g.row_ctas = std::min<int64_t>(g.row_groups, int64_t(q.num_sms) * ctas_per_sm * 8);
-  const int64_t pad_ctas = std::min<int64_t>((pad_words + kThreads - 1) / kThreads, 4096);
+  const int64_t pad_ctas = std::min<int64_t>((pad_items + kThreads - 1) / kThreads, 4096);
   return launch_kernel(norm_kernel<OP, D, UE8M0, BPT>, dim3(unsigned(g.row_ctas + pad_ctas)), stream, a, g);
 }
 
@@ -392,12 +392,12 @@ cudaError_t launch_norm_recipe(const FusedLaunch& a, const LaunchStream& stream)
   const SfLayout layout = SfLayout(a.out.sf_layout);
   const int64_t nk = a.out.k / Recipe<UE8M0>::kVec;
   const int64_t cols = sf_cols(nk, layout);
-  const int64_t pad_words = padding_words(a.out, nk, layout);
-  if (pad_words < 0) return cudaErrorInvalidValue;
-  if (cols <= kThreads) return launch_norm_config<OP, D, UE8M0, 1>(a, cols, pad_words, stream);
-  if (cols <= 2 * kThreads) return launch_norm_config<OP, D, UE8M0, 2>(a, cols, pad_words, stream);
-  if (cols <= 4 * kThreads) return launch_norm_config<OP, D, UE8M0, 4>(a, cols, pad_words, stream);
-  return launch_norm_config<OP, D, UE8M0, 0>(a, cols, pad_words, stream);
+  const int64_t pad_items = padding_items(a.out, nk, layout);
+  if (pad_items < 0) return cudaErrorInvalidValue;
+  if (cols <= kThreads) return launch_norm_config<OP, D, UE8M0, 1>(a, cols, pad_items, stream);
+  if (cols <= 2 * kThreads) return launch_norm_config<OP, D, UE8M0, 2>(a, cols, pad_items, stream);
+  if (cols <= 4 * kThreads) return launch_norm_config<OP, D, UE8M0, 4>(a, cols, pad_items, stream);
+  return launch_norm_config<OP, D, UE8M0, 0>(a, cols, pad_items, stream);
 }
 
 template <FusedOp OP, InputDtype D>

@@ -1,0 +1,272 @@
+// Kernel lab: times the quantize launcher of csrc/cuda (plain CUDA, no torch) against a device copy of
+// the same bytes, and under CUDA-graph replay against an empty kernel, in one process that builds in
+// seconds. Build settings of the kernels (e.g. -DFP4OP_RING_BYTES=N) are compared by building the lab
+// once per setting (scripts/gpu_check.sh, stage `lab`); every build prints a checksum of each case's
+// outputs, which must not change with the setting.
+//
+//   nvcc -O3 -std=c++17 -gencode=arch=compute_90a,code=sm_90a -o /tmp/kernel_lab scripts/kernel_lab.cu
+//   /tmp/kernel_lab [--quick] [--no-pdl]
+#include <algorithm>
+#include <cstdio>
+#include <cstring>
+#include <vector>
+
+#include "../csrc/cuda/quantize.cu"
+
+#ifndef LAB_SETTINGS
+#define LAB_SETTINGS "default"
+#endif
+
+using fp4op::InputDtype;
+using fp4op::SfLayout;
+
+#define CHECK(x)                                                                                  \
+  do {                                                                                            \
+    cudaError_t e_ = (x);                                                                         \
+    if (e_ != cudaSuccess) {                                                                      \
+      std::fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #x, cudaGetErrorString(e_));     \
+      std::exit(1);                                                                               \
+    }                                                                                             \
+  } while (0)
+
+namespace {
+
+// Deterministic test data: normal-range values of a few magnitudes, as 16-bit or 8-bit patterns.
+__global__ void fill_kernel(uint8_t* p, int64_t bytes, int element_bytes) {
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < bytes / element_bytes;
+       i += int64_t(gridDim.x) * blockDim.x) {
+    uint32_t h = uint32_t(i) * 2654435761u ^ uint32_t(i >> 32) * 40503u;
+    h ^= h >> 15;
+    h *= 2246822519u;
+    h ^= h >> 13;
+    if (element_bytes == 2) {  // bf16 / fp16 with exponents near 1.0
+      reinterpret_cast<uint16_t*>(p)[i] = uint16_t((h & 0x807Fu) | ((0x3C00u + ((h >> 8) & 0x07u) * 0x80u)));
+    } else {  // e4m3, no NaN
+      uint8_t b = uint8_t(h);
+      if ((b & 0x7F) == 0x7F) b ^= 1;
+      p[i] = b;
+    }
+  }
+}
+
+__global__ void empty_like_add_kernel(float* x) {
+  if (threadIdx.x == 0) x[0] += 1.0f;
+}
+
+__global__ void flush_kernel(uint4* p, int64_t n, uint32_t v) {
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
+    p[i] = make_uint4(v, v, v, v);
+}
+
+uint64_t fnv(const std::vector<uint8_t>& b, uint64_t h = 1469598103934665603ull) {
+  for (uint8_t c : b) h = (h ^ c) * 1099511628211ull;
+  return h;
+}
+
+struct Case {
+  InputDtype dtype;
+  bool mxfp4;
+  SfLayout layout;
+  int64_t m, k;
+};
+
+const char* dtype_name(InputDtype d) {
+  return d == InputDtype::kBFloat16 ? "bf16" : d == InputDtype::kFloat16 ? "fp16" : "fp8";
+}
+const char* layout_name(SfLayout l) {
+  return l == SfLayout::kSwizzled128x4 ? "128x4" : l == SfLayout::kSwizzled8x4 ? "8x4" : "linear";
+}
+
+struct Buffers {
+  void* input = nullptr;
+  uint8_t* x_q = nullptr;
+  uint8_t* sf = nullptr;
+  float* gs = nullptr;
+  int64_t in_bytes = 0, xq_bytes = 0, sf_bytes = 0;
+};
+
+Buffers make_buffers(const Case& c) {
+  Buffers b;
+  const int eb = c.dtype == InputDtype::kFloat8E4M3 ? 1 : 2;
+  const int vec = c.mxfp4 ? 32 : 16;
+  b.in_bytes = c.m * c.k * eb;
+  b.xq_bytes = c.m * c.k / 2;
+  b.sf_bytes = fp4op::sf_rows(c.m, c.layout) * fp4op::sf_cols(c.k / vec, c.layout);
+  CHECK(cudaMalloc(&b.input, b.in_bytes));
+  CHECK(cudaMalloc(&b.x_q, b.xq_bytes));
+  CHECK(cudaMalloc(&b.sf, b.sf_bytes));
+  CHECK(cudaMalloc(&b.gs, sizeof(float)));
+  const float gs = 448.0f * 6.0f / 17.0f;
+  CHECK(cudaMemcpy(b.gs, &gs, sizeof(float), cudaMemcpyHostToDevice));
+  fill_kernel<<<1024, 256>>>(static_cast<uint8_t*>(b.input), b.in_bytes, eb);
+  CHECK(cudaGetLastError());
+  CHECK(cudaDeviceSynchronize());  // the kernels run on a non-blocking stream
+  return b;
+}
+
+void free_buffers(Buffers& b) {
+  cudaFree(b.input);
+  cudaFree(b.x_q);
+  cudaFree(b.sf);
+  cudaFree(b.gs);
+}
+
+fp4op::cuda::QuantizeLaunch launch_args(const Case& c, const Buffers& b, int num_sms) {
+  fp4op::cuda::QuantizeLaunch a{};
+  a.input = b.input;
+  a.input_dtype = int(c.dtype);
+  a.out.m = c.m;
+  a.out.k = c.k;
+  a.out.sf_use_ue8m0 = c.mxfp4;
+  a.out.global_scale = c.mxfp4 ? nullptr : b.gs;
+  a.out.global_scale_per_row = false;
+  a.out.is_global_scale_inversed = false;
+  a.out.sf_layout = int(c.layout);
+  a.out.x_q = b.x_q;
+  a.out.sf = b.sf;
+  a.out.num_sms = num_sms;
+  return a;
+}
+
+float median(std::vector<float> v) {
+  std::sort(v.begin(), v.end());
+  return v[v.size() / 2];
+}
+
+// Time per call (us) of `calls` launches of `fn` captured in one graph, median of `replays`.
+template <class F>
+float time_graph(F&& fn, cudaStream_t s, int calls, int replays) {
+  cudaGraph_t g;
+  cudaGraphExec_t ge;
+  CHECK(cudaStreamBeginCapture(s, cudaStreamCaptureModeThreadLocal));
+  for (int i = 0; i < calls; ++i) fn();
+  CHECK(cudaStreamEndCapture(s, &g));
+  CHECK(cudaGraphInstantiate(&ge, g, 0));
+  CHECK(cudaGraphLaunch(ge, s));
+  CHECK(cudaStreamSynchronize(s));
+  cudaEvent_t e0, e1;
+  CHECK(cudaEventCreate(&e0));
+  CHECK(cudaEventCreate(&e1));
+  std::vector<float> t;
+  for (int r = 0; r < replays; ++r) {
+    CHECK(cudaEventRecord(e0, s));
+    CHECK(cudaGraphLaunch(ge, s));
+    CHECK(cudaEventRecord(e1, s));
+    CHECK(cudaEventSynchronize(e1));
+    float ms;
+    CHECK(cudaEventElapsedTime(&ms, e0, e1));
+    t.push_back(ms * 1000.0f / calls);
+  }
+  cudaGraphExecDestroy(ge);
+  cudaGraphDestroy(g);
+  return median(t);
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  bool quick = false, pdl = true;
+  for (int i = 1; i < argc; ++i) {
+    quick |= std::strcmp(argv[i], "--quick") == 0;
+    pdl &= std::strcmp(argv[i], "--no-pdl") != 0;
+  }
+  cudaDeviceProp prop;
+  CHECK(cudaGetDeviceProperties(&prop, 0));
+  std::printf("device %s, %d SMs, build settings: %s\n", prop.name, prop.multiProcessorCount, LAB_SETTINGS);
+  const int64_t flush_bytes = int64_t(256) << 20;
+  uint4* flush;
+  CHECK(cudaMalloc(&flush, flush_bytes));
+  uint8_t *copy_src, *copy_dst;
+  const int64_t copy_max = int64_t(512) << 20;
+  CHECK(cudaMalloc(&copy_src, copy_max));
+  CHECK(cudaMalloc(&copy_dst, copy_max));
+  cudaStream_t stream;
+  CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+
+  std::vector<Case> cases;
+  const std::vector<std::pair<int64_t, int64_t>> big =
+      quick ? std::vector<std::pair<int64_t, int64_t>>{{8192, 4096}, {8192, 16384}}
+            : std::vector<std::pair<int64_t, int64_t>>{{8192, 4096}, {8192, 8192}, {8192, 16384}, {32768, 4096}};
+  for (auto [m, k] : big) {
+    for (InputDtype d : {InputDtype::kBFloat16, InputDtype::kFloat8E4M3}) {
+      for (bool mx : {false, true}) {
+        for (SfLayout l : {SfLayout::kSwizzled128x4, SfLayout::kLinear}) cases.push_back({d, mx, l, m, k});
+      }
+    }
+    cases.push_back({InputDtype::kFloat16, false, SfLayout::kSwizzled128x4, m, k});
+  }
+  std::printf("\n%-5s %-6s %-7s %6s %6s %9s %9s %7s %s\n", "dtype", "recipe", "layout", "M", "K", "fp4op us",
+              "copy us", "%copy", "checksum");
+  for (const Case& c : cases) {
+    Buffers b = make_buffers(c);
+    const auto a = launch_args(c, b, prop.multiProcessorCount);
+    const fp4op::cuda::LaunchStream ls{stream, pdl};
+    auto run = [&] { CHECK(fp4op::cuda::launch_quantize(a, ls)); };
+    const int64_t eff = b.in_bytes + b.xq_bytes + b.sf_bytes;
+    auto copy = [&] { CHECK(cudaMemcpyAsync(copy_dst, copy_src, eff / 2, cudaMemcpyDeviceToDevice, stream)); };
+    CHECK(cudaMemset(b.x_q, 0xAB, b.xq_bytes));
+    CHECK(cudaMemset(b.sf, 0xCD, b.sf_bytes));
+    CHECK(cudaDeviceSynchronize());
+    run();
+    CHECK(cudaStreamSynchronize(stream));
+    std::vector<uint8_t> hx(b.xq_bytes), hs(b.sf_bytes);
+    CHECK(cudaMemcpy(hx.data(), b.x_q, b.xq_bytes, cudaMemcpyDeviceToHost));
+    CHECK(cudaMemcpy(hs.data(), b.sf, b.sf_bytes, cudaMemcpyDeviceToHost));
+    const uint64_t sum = fnv(hs, fnv(hx));
+    // median of 50 runs, each after an L2 flush
+    cudaEvent_t e0, e1;
+    CHECK(cudaEventCreate(&e0));
+    CHECK(cudaEventCreate(&e1));
+    auto timed = [&](auto&& f) {
+      std::vector<float> t;
+      for (int i = 0; i < 53; ++i) {
+        flush_kernel<<<1024, 256, 0, stream>>>(flush, flush_bytes / 16, uint32_t(i));
+        CHECK(cudaEventRecord(e0, stream));
+        f();
+        CHECK(cudaEventRecord(e1, stream));
+        CHECK(cudaEventSynchronize(e1));
+        float ms;
+        CHECK(cudaEventElapsedTime(&ms, e0, e1));
+        if (i >= 3) t.push_back(ms * 1000.0f);
+      }
+      return median(t);
+    };
+    const float t_q = timed(run);
+    const float t_c = timed(copy);
+    std::printf("%-5s %-6s %-7s %6ld %6ld %9.1f %9.1f %6.1f%% %016llx\n", dtype_name(c.dtype), c.mxfp4 ? "mxfp4" : "nvfp4",
+                layout_name(c.layout), long(c.m), long(c.k), t_q, t_c, 100.0f * t_c / t_q, (unsigned long long)sum);
+    cudaEventDestroy(e0);
+    cudaEventDestroy(e1);
+    free_buffers(b);
+  }
+
+  // small M under graph replay
+  float* tiny;
+  CHECK(cudaMalloc(&tiny, sizeof(float)));
+  const float t_empty = time_graph([&] { empty_like_add_kernel<<<1, 128, 0, stream>>>(tiny); }, stream, 50, 20);
+  std::printf("\ngraph replay, 50 calls: empty kernel %.2f us per call\n", t_empty);
+  std::printf("%-5s %-6s %-7s %6s %6s %9s %7s %s\n", "dtype", "recipe", "layout", "M", "K", "us/call", "x empty",
+              "checksum");
+  for (int64_t m : {1, 16}) {
+    for (int64_t k : {4096, 16384}) {
+      for (bool mx : {false, true}) {
+        for (SfLayout l : {SfLayout::kSwizzled128x4, SfLayout::kSwizzled8x4, SfLayout::kLinear}) {
+          const Case c{InputDtype::kBFloat16, mx, l, m, k};
+          Buffers b = make_buffers(c);
+          const auto a = launch_args(c, b, prop.multiProcessorCount);
+          const fp4op::cuda::LaunchStream ls{stream, pdl};
+          CHECK(cudaMemset(b.sf, 0xCD, b.sf_bytes));
+          CHECK(cudaDeviceSynchronize());
+          const float t = time_graph([&] { CHECK(fp4op::cuda::launch_quantize(a, ls)); }, stream, 50, 20);
+          std::vector<uint8_t> hx(b.xq_bytes), hs(b.sf_bytes);
+          CHECK(cudaMemcpy(hx.data(), b.x_q, b.xq_bytes, cudaMemcpyDeviceToHost));
+          CHECK(cudaMemcpy(hs.data(), b.sf, b.sf_bytes, cudaMemcpyDeviceToHost));
+          std::printf("%-5s %-6s %-7s %6ld %6ld %9.2f %7.2f %016llx\n", dtype_name(c.dtype), mx ? "mxfp4" : "nvfp4",
+                      layout_name(l), long(m), long(k), t, t / t_empty, (unsigned long long)fnv(hs, fnv(hx)));
+          free_buffers(b);
+        }
+      }
+    }
+  }
+  return 0;
+}
