@@ -142,61 +142,31 @@ constexpr float kGeluTanhKappa = float(0.044715);
 
 enum class GeluApprox : int { kNone = 0, kTanh = 1 };
 
-// erf and tanh from the C library / CUDA math: torch's CUDA kernels and its x86 DEFAULT CPU build.
-struct LibmErfTanh {
-  FP4OP_HD static float erf(float x) { return erff(x); }
-  FP4OP_HD static float tanh(float x) { return tanhf(x); }
-};
-
 // F.gelu(approximate="none"): x * 0.5 * (1 + erf(x * M_SQRT1_2));
-// approximate="tanh": 0.5 * x * (1 + tanh(beta * (x + kappa * x^3))). M: where erf and tanh come from.
-template <class M = LibmErfTanh>
+// approximate="tanh": 0.5 * x * (1 + tanh(beta * (x + kappa * x^3))), with erf and tanh from CUDA's
+// math library as torch's CUDA kernels compute them (the CPU ops call torch's kernel instead).
 FP4OP_HD float gelu_f32(float x, GeluApprox approx) {
   if (approx == GeluApprox::kNone) {
-    return mul_rn(mul_rn(x, 0.5f), add_rn(1.0f, M::erf(mul_rn(x, kGeluErfAlpha))));
+    return mul_rn(mul_rn(x, 0.5f), add_rn(1.0f, erff(mul_rn(x, kGeluErfAlpha))));
   }
   const float cube = mul_rn(mul_rn(x, x), x);
   const float inner = mul_rn(kGeluTanhBeta, torch_mul_add(kGeluTanhKappa, cube, x));
-  return mul_rn(mul_rn(0.5f, x), add_rn(1.0f, M::tanh(inner)));
+  return mul_rn(mul_rn(0.5f, x), add_rn(1.0f, tanhf(inner)));
 }
 
 enum class Activation : int { kSilu = 0, kGeluErf = 1, kGeluTanh = 2 };
 
 // act(x) rounded to the model dtype: F.silu(x) / F.gelu(x) of a float16/bfloat16 tensor.
-template <class M = LibmErfTanh>
 FP4OP_HD float activation_element(float x, Activation act, InputDtype dtype) {
   const float y = act == Activation::kSilu      ? silu_f32(x)
-                  : act == Activation::kGeluErf ? gelu_f32<M>(x, GeluApprox::kNone)
-                                                : gelu_f32<M>(x, GeluApprox::kTanh);
+                  : act == Activation::kGeluErf ? gelu_f32(x, GeluApprox::kNone)
+                                                : gelu_f32(x, GeluApprox::kTanh);
   return round_to(y, dtype);
 }
 
 // F.silu(gate) * up in the model dtype: round(round(act(gate)) * up).
-template <class M = LibmErfTanh>
 FP4OP_HD float gated_element(float gate, float up, Activation act, InputDtype dtype) {
-  return round_to(mul_rn(activation_element<M>(gate, act, dtype), up), dtype);
+  return round_to(mul_rn(activation_element(gate, act, dtype), up), dtype);
 }
-
-// erf and tanh as torch's vectorized CPU kernels compute them: Vectorized<float>::erf / ::tanh of its
-// AVX2 build (aten/src/ATen/cpu/vec/vec256/vec256_float.h; the same in torch 2.11 and 2.14), checked
-// against F.gelu of every float16 and bfloat16 value on AVX2: all equal but one float16 value of the
-// tanh form (a last-bit difference of SLEEF's tanh). torch's scalar remainder loops (the last elements
-// of a chunk that does not fill a vector) use std::erf / std::tanh: those elements may differ in the
-// last bit too. torch's AVX512 build differs again (GELU(+inf) is NaN there; scripts/probe_cpu_gelu.py).
-struct TorchCpuVectorizedErfTanh {
-  // Abramowitz & Stegun 7.1.26, sign(x) * (1 - t * r(t) * exp(-x^2)) with t = 1 / (1 + p|x|), in FMAs.
-  static float erf(float x) {
-    const float t = div_rn(1.0f, fmaf(0.3275911f, fabsf(x), 1.0f));
-    float r = fmaf(1.061405429f, t, -1.453152027f);
-    r = fmaf(r, t, 1.421413741f);
-    r = fmaf(r, t, -0.284496736f);
-    r = fmaf(r, t, 0.254829592f);
-    const float tail = mul_rn(-expf(-mul_rn(x, x)), t);
-    return copysignf(fmaf(tail, r, 1.0f), x);
-  }
-  // SLEEF's tanhf (u10): exactly +-1 beyond |x| > 8.664339742 (where std::tanh still gives 1 - 2^-24),
-  // within an ulp of std::tanh elsewhere.
-  static float tanh(float x) { return fabsf(x) > 8.664339742f ? copysignf(1.0f, x) : tanhf(x); }
-};
 
 }  // namespace fp4op::fused

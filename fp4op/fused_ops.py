@@ -19,11 +19,13 @@ math is csrc/fused_math.h):
   with ``w = 1`` / ``b = 0`` where absent (both multiply-adds fused in torch's AVX2/AVX512 builds,
   rounded per step in its DEFAULT build).
 * ``silu_quantize`` / ``gelu_quantize``: ``round(act(x))``; ``*_and_mul_quantize``:
-  ``round(round(act(gate)) * up)`` (eager ``F.silu(gate) * up``), torch's silu/gelu formulas.
+  ``round(round(act(gate)) * up)`` (eager ``F.silu(gate) * up``). On CUDA with torch's silu/gelu
+  formulas (CUDA's ``expf``/``erff``/``tanhf``); on CPU ``act`` is torch's own kernel (``at::silu`` /
+  ``at::gelu`` of the view passed in): its vectorized builds (AVX2, AVX512) and their scalar tails
+  compute exp/erf/tanh differently, and calling it is the only way to match every one bit for bit.
 
 As in eager PyTorch, the CUDA kernels use ``rsqrtf`` and FMA where torch's CUDA kernels do, the CPU
-kernels an IEEE ``1 / sqrt`` and, for GELU, the erf/tanh of torch's vectorized CPU build that runs
-(``at::get_cpu_capability()``); only reduction order differs from eager.
+kernels an IEEE ``1 / sqrt``; only reduction order differs from eager.
 """
 
 from __future__ import annotations

@@ -2,9 +2,10 @@
 order shows: LayerNorm rows whose mean is large next to their spread (torch's CPU kernel computes
 x * rstd + (-rstd * mean), FMA-contracted in its AVX2/AVX512 builds, not (x - mean) * rstd), zero
 weights (torch's CPU kernel adds a zero bias when there is none, so a weight-only -0 comes out +0),
-GELU of every float16/bfloat16 value (torch's vectorized erf and tanh are not std::erf / std::tanh) and
-activations of non-finite gates. The same kernels run in torch 2.11 and 2.14; the DEFAULT (no AVX) build
-of torch's kernels is checked in a child process."""
+GELU of every float16/bfloat16 value (torch's vectorized erf and tanh are not std::erf / std::tanh, and
+differ between its AVX2 and AVX512 builds: the CPU ops call torch's activation kernel) and activations
+of non-finite gates. The same kernels run in torch 2.11 and 2.14; the DEFAULT (no AVX) build of torch's
+kernels is checked in a child process."""
 
 import os
 import platform
@@ -124,3 +125,24 @@ def test_gelu_of_every_value_like_torch_cpu(dtype, approximate):
     got = OPS.gelu_and_mul_quantize(gate, up, approximate, **kw)
     want = OPS.quantize(F.gelu(gate, approximate=approximate) * up, **kw)
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+@pytest.mark.parametrize("approximate", ("none", "tanh"))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_activations_of_views_with_tails_like_torch_cpu(dtype, approximate):
+    """gate and up as the halves of one tensor, 272 columns (torch's vectorized loop leaves a scalar
+    tail in each row), and a rank-3 input: bit for bit the eager composition on the same views."""
+    g = torch.Generator().manual_seed(5)
+    h = 272
+    x = (torch.randn(2, 9, 2 * h, generator=g) * 3).to(dtype)
+    gate, up = x.chunk(2, dim=-1)
+    kw = quantize_kwargs("nvfp4", layouts.SWIZZLED_128x4, torch.tensor([3.0]))
+    cases = (
+        (OPS.gelu_and_mul_quantize(gate, up, approximate, **kw), F.gelu(gate, approximate=approximate) * up),
+        (OPS.gelu_quantize(gate, approximate, **kw), F.gelu(gate, approximate=approximate)),
+        (OPS.silu_and_mul_quantize(gate, up, **kw), F.silu(gate) * up),
+        (OPS.silu_quantize(up, **kw), F.silu(up)),
+    )
+    for got, y in cases:
+        want = OPS.quantize(y.reshape(-1, h), **kw)
+        assert torch.equal(got[0].reshape(want[0].shape), want[0]) and torch.equal(got[1], want[1])

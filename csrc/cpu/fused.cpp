@@ -1,7 +1,7 @@
 // CPU kernels of the fused "norm/activation + FP4 quantize" ops: rows in parallel (at::parallel_for);
-// each row is widened to float32, normalized/activated with the shared element math (fused_math.h,
-// rounded to the model dtype as eager PyTorch rounds) and quantized with quantize_row, the same code
-// as fp4op::quantize.
+// each row is widened to float32, normalized with the shared element math (fused_math.h, rounded to
+// the model dtype as eager PyTorch rounds; the activations come from torch's own kernels, see
+// eager_activation) and quantized with quantize_row, the same code as fp4op::quantize.
 #include <ATen/Parallel.h>
 #include <ATen/Version.h>
 #include <torch/library.h>
@@ -154,9 +154,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> add_rms_norm_quantize_cpu(
 }
 
 // Whether torch's CPU kernels, as dispatched here, are its vectorized builds (AVX2/AVX512 on x86:
-// FMA-contracted multiply-adds, fused::layer_norm_element_cpu; a polynomial erf,
-// fused::TorchCpuVectorizedErfTanh) rather than x86's DEFAULT build, which ATEN_CPU_CAPABILITY=default or
-// a CPU without AVX2 selects.
+// FMA-contracted multiply-adds, fused::layer_norm_element_cpu) rather than x86's DEFAULT build, which
+// ATEN_CPU_CAPABILITY=default or a CPU without AVX2 selects.
 bool torch_cpu_kernels_vectorized() {
 #if defined(__x86_64__) || defined(_M_X64)
   static const bool vectorized = at::get_cpu_capability() != "DEFAULT";
@@ -206,6 +205,21 @@ std::tuple<at::Tensor, at::Tensor> layer_norm_quantize_cpu(const at::Tensor& x, 
   return {p.x_q, p.sf};
 }
 
+// F.silu(x) / F.gelu(x) computed by torch's own CPU kernel, on the tensor (the same view) the model
+// passes: the same bits as the eager model on every CPU build, which no copy of the formulas can
+// promise (AVX2 and AVX512 builds vectorize erf, tanh and exp with different polynomials, their scalar
+// tails use the C library, and the DEFAULT build rounds every step). The quantize then reads the
+// activation back from memory: on CPU the fusion saves the graph's other kernels, not this pass.
+at::Tensor eager_activation(const at::Tensor& x, Activation act) {
+  at::NoGradGuard no_grad;  // a temporary: no autograd graph for it
+  switch (act) {
+    case Activation::kSilu: return at::silu(x);
+    case Activation::kGeluErf: return at::gelu(x, "none");
+    case Activation::kGeluTanh: return at::gelu(x, "tanh");
+  }
+  TORCH_CHECK(false, "unknown activation");
+}
+
 std::tuple<at::Tensor, at::Tensor> activation_quantize(const at::Tensor& x, Activation act,
                                                        const std::optional<at::Tensor>& global_scale,
                                                        int64_t sf_vec_size, bool sf_use_ue8m0,
@@ -213,22 +227,16 @@ std::tuple<at::Tensor, at::Tensor> activation_quantize(const at::Tensor& x, Acti
                                                        bool is_global_scale_inversed) {
   FusedProblem p = fused::prepare_fused(x, "x", global_scale, sf_vec_size, sf_use_ue8m0, is_sf_swizzled_layout,
                                         is_sf_8x4_layout);
-  const Rows xr = fused::rows_of(x);
+  const Rows yr = fused::rows_of(eager_activation(x, act));
   const InputDtype dtype = p.dtype;
   const int64_t k = p.shape.k;
-  const bool vectorized = torch_cpu_kernels_vectorized();
   const QuantizeParams qp = quantize_params(p, sf_use_ue8m0, is_global_scale_inversed);
-  quantize_rows(p, qp, [&](int64_t r, float* v) {
-    const uint16_t* in = row_ptr(xr, r);
-    for (int64_t i = 0; i < k; ++i) {
-      const float x = widen(in[i], dtype);
-      v[i] = vectorized ? fused::activation_element<fused::TorchCpuVectorizedErfTanh>(x, act, dtype)
-                        : fused::activation_element(x, act, dtype);
-    }
-  });
+  quantize_rows(p, qp, [&](int64_t r, float* v) { widen_row(row_ptr(yr, r), dtype, k, v); });
   return {p.x_q, p.sf};
 }
 
+// act(gate) * up as the eager model computes it: act by torch's kernel (eager_activation), the
+// product in float32 rounded to the model dtype (exact in either order, as torch's mul is).
 std::tuple<at::Tensor, at::Tensor> gated_quantize(const at::Tensor& gate, const at::Tensor& up, Activation act,
                                                   const std::optional<at::Tensor>& global_scale, int64_t sf_vec_size,
                                                   bool sf_use_ue8m0, bool is_sf_swizzled_layout,
@@ -236,20 +244,15 @@ std::tuple<at::Tensor, at::Tensor> gated_quantize(const at::Tensor& gate, const 
   FusedProblem p = fused::prepare_fused(gate, "gate", global_scale, sf_vec_size, sf_use_ue8m0,
                                         is_sf_swizzled_layout, is_sf_8x4_layout);
   fused::check_like(up, "up", gate, "gate");
-  const Rows gr = fused::rows_of(gate);
+  const Rows ar = fused::rows_of(eager_activation(gate, act));
   const Rows ur = fused::rows_of(up);
   const InputDtype dtype = p.dtype;
   const int64_t k = p.shape.k;
-  const bool vectorized = torch_cpu_kernels_vectorized();
   const QuantizeParams qp = quantize_params(p, sf_use_ue8m0, is_global_scale_inversed);
   quantize_rows(p, qp, [&](int64_t r, float* v) {
-    const uint16_t* g = row_ptr(gr, r);
+    const uint16_t* a = row_ptr(ar, r);
     const uint16_t* u = row_ptr(ur, r);
-    for (int64_t i = 0; i < k; ++i) {
-      const float gi = widen(g[i], dtype), ui = widen(u[i], dtype);
-      v[i] = vectorized ? fused::gated_element<fused::TorchCpuVectorizedErfTanh>(gi, ui, act, dtype)
-                        : fused::gated_element(gi, ui, act, dtype);
-    }
+    for (int64_t i = 0; i < k; ++i) v[i] = fused::round_to(mul_rn(widen(a[i], dtype), widen(u[i], dtype)), dtype);
   });
   return {p.x_q, p.sf};
 }
