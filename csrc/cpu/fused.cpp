@@ -24,16 +24,12 @@ using fused::Rows;
 constexpr int64_t kElementsPerTask = 1 << 15;
 
 float widen(uint16_t bits, InputDtype dtype) {
-  return dtype == InputDtype::kBFloat16 ? bf16_bits_to_float(bits) : fp16_bits_to_float(bits);
+  return dtype == InputDtype::kBFloat16 ? bf16_bits_to_float(bits) : fp16_bits_to_float_select(bits);
 }
 
 // The bits of a float that already holds a value of the model dtype.
 uint16_t narrow_exact(float v, InputDtype dtype) {
   return dtype == InputDtype::kBFloat16 ? uint16_t(float_to_bits(v) >> 16) : fused::float_to_fp16_bits(v);
-}
-
-void widen_row(const uint16_t* src, InputDtype dtype, int64_t k, float* dst) {
-  for (int64_t i = 0; i < k; ++i) dst[i] = widen(src[i], dtype);
 }
 
 const uint16_t* row_ptr(const Rows& rows, int64_t r) {

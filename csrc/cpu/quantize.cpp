@@ -14,26 +14,6 @@ namespace {
 // At least this many elements per parallel task, so that small inputs stay on one thread.
 constexpr int64_t kElementsPerTask = 1 << 15;
 
-void widen_row(const void* src, InputDtype dtype, int64_t k, float* dst) {
-  switch (dtype) {
-    case InputDtype::kFloat16: {
-      const uint16_t* h = static_cast<const uint16_t*>(src);
-      for (int64_t i = 0; i < k; ++i) dst[i] = fp16_bits_to_float(h[i]);
-      break;
-    }
-    case InputDtype::kBFloat16: {
-      const uint16_t* b = static_cast<const uint16_t*>(src);
-      for (int64_t i = 0; i < k; ++i) dst[i] = bf16_bits_to_float(b[i]);
-      break;
-    }
-    case InputDtype::kFloat8E4M3: {
-      const uint8_t* e = static_cast<const uint8_t*>(src);
-      for (int64_t i = 0; i < k; ++i) dst[i] = e4m3_bits_to_float(e[i]);
-      break;
-    }
-  }
-}
-
 std::tuple<at::Tensor, at::Tensor> quantize_cpu(const at::Tensor& input,
                                                 const std::optional<at::Tensor>& global_scale,
                                                 int64_t sf_vec_size, bool sf_use_ue8m0,
