@@ -53,28 +53,74 @@ std::tuple<at::Tensor, at::Tensor> quantize_cpu(const at::Tensor& input,
   return {xq, sf};
 }
 
+// The two E2M1 values of every x_q byte (low nibble first), for decoding by lookup.
+const float (&e2m1_pairs())[256][2] {
+  static const struct Table {
+    float v[256][2];
+    Table() {
+      for (uint32_t b = 0; b < 256; ++b) {
+        v[b][0] = e2m1_to_float(b & 0xFu);
+        v[b][1] = e2m1_to_float(b >> 4);
+      }
+    }
+  } table;
+  return table.v;
+}
+
+// A row of float32 values converted to the output dtype as static_cast<Out> converts them.
+template <typename Out>
+void narrow_row(const float* v, int64_t k, Out* out) {
+  for (int64_t i = 0; i < k; ++i) out[i] = static_cast<Out>(v[i]);
+}
+
+// c10::BFloat16's rounding (to nearest even; every NaN to 0x7FC0) without branches, so that the loop
+// vectorizes.
+template <>
+void narrow_row<c10::BFloat16>(const float* v, int64_t k, c10::BFloat16* out) {
+  uint16_t* bits = reinterpret_cast<uint16_t*>(out);
+  for (int64_t i = 0; i < k; ++i) {
+    const uint32_t u = float_to_bits(v[i]);
+    const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+    const uint32_t is_nan = 0u - uint32_t((u & 0x7FFFFFFFu) > 0x7F800000u);
+    bits[i] = uint16_t((rounded & ~is_nan) | (0x7FC0u & is_nan));
+  }
+}
+
 template <typename Out>
 void dequantize_rows(const uint8_t* xq, const uint8_t* sf, const float* gs, bool gs_per_row, bool inversed,
                      int64_t m, int64_t k, int vec, bool ue8m0, SfLayout layout, Out* out) {
   const int64_t nk = k / vec;
   const int64_t grain = std::max<int64_t>(1, kElementsPerTask / k);
+  const float(&pairs)[256][2] = e2m1_pairs();
   at::parallel_for(0, m, grain, [&](int64_t begin, int64_t end) {
     IeeeDenormalsScope ieee;
+    std::vector<float> row(k);
+    // with one scale for every row, the factor of each scale byte once (NVFP4's is a division)
+    float factors[256];
+    const bool shared_factors = ue8m0 || !gs_per_row;
+    auto row_scale = [&](int64_t r) {
+      if (ue8m0) return 1.0f;
+      const float g = gs[gs_per_row ? r : 0];
+      return inversed ? div_rn(1.0f, g) : g;
+    };
+    if (shared_factors) {
+      const float s = row_scale(0);
+      for (int b = 0; b < 256; ++b) factors[b] = dequant_block_factor(uint8_t(b), ue8m0, s);
+    }
     for (int64_t r = begin; r < end; ++r) {
-      float s = 1.0f;
-      if (!ue8m0) {
-        const float g = gs[gs_per_row ? r : 0];
-        s = inversed ? div_rn(1.0f, g) : g;
-      }
+      const float s = shared_factors ? 0.0f : row_scale(r);
+      const uint8_t* q = xq + r * (k / 2);
       for (int64_t b = 0; b < nk; ++b) {
-        const float factor = dequant_block_factor(sf[sf_offset(r, b, nk, layout)], ue8m0, s);
-        const uint8_t* q = xq + r * (k / 2) + b * (vec / 2);
-        Out* o = out + r * k + b * vec;
+        const uint8_t sf_byte = sf[sf_offset(r, b, nk, layout)];
+        const float factor = shared_factors ? factors[sf_byte] : dequant_block_factor(sf_byte, ue8m0, s);
+        float* v = row.data() + b * vec;
         for (int i = 0; i < vec / 2; ++i) {
-          o[2 * i] = static_cast<Out>(mul_rn(e2m1_to_float(q[i] & 0xFu), factor));
-          o[2 * i + 1] = static_cast<Out>(mul_rn(e2m1_to_float(q[i] >> 4), factor));
+          const float(&pair)[2] = pairs[q[b * (vec / 2) + i]];
+          v[2 * i] = mul_rn(pair[0], factor);
+          v[2 * i + 1] = mul_rn(pair[1], factor);
         }
       }
+      narrow_row(row.data(), k, out + r * k);
     }
   });
 }
