@@ -118,6 +118,9 @@ def main() -> int:
         for name, fused, model, inputs, nbytes in cases(m, k, torch.bfloat16, gs):
             if wanted and name not in wanted:
                 continue
+            # fresh Dynamo caches: with_op / with_reference are one code object for every case, and past
+            # its cache size limit Dynamo would run them eagerly instead of compiling
+            torch._dynamo.reset()
             unfused, inductor = compiled_pair(model, gs)
             copy_src = torch.empty(nbytes // 2, dtype=torch.uint8, device="cuda")
             copy_dst = torch.empty_like(copy_src)
