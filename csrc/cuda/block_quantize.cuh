@@ -250,12 +250,14 @@ struct ElementwiseArgs {
 
 // A CTA covers rows_per_tile rows x cols_per_tile scale-block columns, one thread per block.
 // Row-major tiles hold consecutive rows, a warp 32 columns of a row: its 8 scale words land in 8
-// sectors of a swizzled layout, which costs 3-5 points of copy bandwidth on the H100. Sector tiles
+// sectors of a swizzled layout, which cost 4-8 points of copy bandwidth on the H100. Sector tiles
 // (swizzled layouts, large M) hold 4 columns x 64 rows, warp w 8 rows chosen so that its 8 scale
 // words fill one 32-byte sector: in the 8x4 layout 8 consecutive rows; in the 128x4 layout (16 bytes
 // a row r % 32 of a 128-row group, holding rows r, r + 32, r + 64, r + 96) rows 2w, 2w + 1 of each
 // 32-row quarter, with the two halves of the group (r % 32 < 16, >= 16) in consecutive tiles.
-// (8 rows x 32 columns, the warps side by side, was not faster on the H100.)
+// (8 rows x 32 columns, the warps side by side, was measured only in a build with inflated register
+// counts, where it beat this shape for bf16 MXFP4: to measure again.)
+
 // Sector tiles from this many rows up; below, a row-major tile of up to 256 columns keeps the few
 // rows in few CTAs.
 constexpr int64_t kSectorTileMinRows = 128;
