@@ -146,6 +146,16 @@ FP4OP_HD float e4m3_bits_to_float(uint8_t b) {
 // 2^23 + code. Float adds and minima only (no integer work per element): on Hopper they issue on the
 // FMA pipes, which have twice the width of the integer ALU. Checked against the previous integer
 // formulation on all 2^32 floats.
+#if !defined(__CUDA_ARCH__)
+// a < b ? a : b as a bit select of an unconditional compare: GCC does not if-convert a float
+// ternary under -ftrapping-math (its default), which kept the CPU row kernel's code loop scalar
+// (3-4x slower); the select vectorizes.
+inline float less_or_second(float a, float b) {
+  const uint32_t take_a = 0u - uint32_t(a < b);
+  return bits_to_float((float_to_bits(a) & take_a) | (float_to_bits(b) & ~take_a));
+}
+#endif
+
 FP4OP_HD float e2m1_magnitude(float x) {
 #if defined(__CUDA_ARCH__)
   const float a = fminf(fabsf(x), 6.0f);  // minNum: NaN -> 6
@@ -153,14 +163,12 @@ FP4OP_HD float e2m1_magnitude(float x) {
   const float k2 = __fmaf_rn(a, 0.5f, 8388612.0f);
   return fminf(fminf(k0, add_rn(a, 8388610.0f)), k2);
 #else
-  float a = fabsf(x);
-  a = a < 6.0f ? a : 6.0f;  // NaN -> 6 (a compare, not libm's fminf: signaling NaNs)
+  const float a = less_or_second(fabsf(x), 6.0f);  // NaN -> 6 (a compare, not libm's fminf)
   const float k0 = add_rn(mul_rn(a, 2.0f), 8388608.0f);
   const float k1 = add_rn(a, 8388610.0f);
   // a * 0.5 rounds for subnormal a, where k0 is the minimum anyway
   const float k2 = add_rn(mul_rn(a, 0.5f), 8388612.0f);
-  const float k01 = k0 < k1 ? k0 : k1;
-  return k01 < k2 ? k01 : k2;
+  return less_or_second(less_or_second(k0, k1), k2);
 #endif
 }
 

