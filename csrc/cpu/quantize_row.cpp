@@ -9,6 +9,7 @@
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #define FP4OP_CPU_AVX2 1
+#include <immintrin.h>
 #else
 #define FP4OP_CPU_AVX2 0
 #endif
@@ -79,6 +80,12 @@ __attribute__((always_inline)) inline void quantize_row_tiles(const float* v, in
   }
 }
 
+__attribute__((always_inline)) inline void widen_fp16_loop(const uint16_t* src, int64_t k, float* dst) {
+  for (int64_t i = 0; i < k; ++i) dst[i] = fp16_bits_to_float_select(src[i]);  // vectorized
+}
+
+void widen_fp16_baseline(const uint16_t* src, int64_t k, float* dst) { widen_fp16_loop(src, k, dst); }
+
 void quantize_row_baseline(const float* v, int64_t row, const QuantizeParams& p, uint8_t* xq_row, uint8_t* sf,
                            BlockScaleCache& cache) {
   if (p.sf_use_ue8m0) {
@@ -89,6 +96,16 @@ void quantize_row_baseline(const float* v, int64_t row, const QuantizeParams& p,
 }
 
 #if FP4OP_CPU_AVX2
+// F16C's conversion is exact like fp16_bits_to_float_select; it only quiets signaling NaNs, whose
+// payload no quantized byte depends on.
+__attribute__((target("avx2,f16c"))) void widen_fp16_f16c(const uint16_t* src, int64_t k, float* dst) {
+  int64_t i = 0;
+  for (; i + 8 <= k; i += 8) {
+    _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i))));
+  }
+  for (; i < k; ++i) dst[i] = fp16_bits_to_float_select(src[i]);
+}
+
 __attribute__((target("avx2"))) void quantize_row_avx2(const float* v, int64_t row, const QuantizeParams& p,
                                                        uint8_t* xq_row, uint8_t* sf, BlockScaleCache& cache) {
   if (p.sf_use_ue8m0) {
@@ -101,6 +118,7 @@ __attribute__((target("avx2"))) void quantize_row_avx2(const float* v, int64_t r
 
 struct RowKernel {
   void (*fn)(const float*, int64_t, const QuantizeParams&, uint8_t*, uint8_t*, BlockScaleCache&);
+  void (*widen_fp16)(const uint16_t*, int64_t, float*);
   const char* isa;
 };
 
@@ -109,10 +127,10 @@ RowKernel pick_row_kernel() {
 #if FP4OP_CPU_AVX2
   const char* baseline = std::getenv("FP4OP_CPU_BASELINE");
   if (__builtin_cpu_supports("avx2") && !(baseline && std::strcmp(baseline, "1") == 0)) {
-    return {quantize_row_avx2, "avx2"};
+    return {quantize_row_avx2, __builtin_cpu_supports("f16c") ? widen_fp16_f16c : widen_fp16_baseline, "avx2"};
   }
 #endif
-  return {quantize_row_baseline, "baseline"};
+  return {quantize_row_baseline, widen_fp16_baseline, "baseline"};
 }
 
 const RowKernel& row_kernel() {
@@ -126,6 +144,8 @@ void quantize_row(const float* v, int64_t row, const QuantizeParams& p, uint8_t*
                   BlockScaleCache& cache) {
   row_kernel().fn(v, row, p, xq_row, sf, cache);
 }
+
+void widen_fp16_row(const uint16_t* src, int64_t k, float* dst) { row_kernel().widen_fp16(src, k, dst); }
 
 const char* quantize_row_isa() { return row_kernel().isa; }
 

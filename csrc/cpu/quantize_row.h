@@ -55,14 +55,14 @@ inline const float* e4m3_values() {
   return table.v;
 }
 
+// A row of float16 values widened to float32 (fp16_bits_to_float_select), in the build of the row
+// kernel (quantize_row.cpp: AVX2 where the CPU has it).
+void widen_fp16_row(const uint16_t* src, int64_t k, float* dst);
+
 // A row of the input dtype widened to float32 (exact), in loops the compiler vectorizes.
 inline void widen_row(const void* src, InputDtype dtype, int64_t k, float* dst) {
   switch (dtype) {
-    case InputDtype::kFloat16: {
-      const uint16_t* h = static_cast<const uint16_t*>(src);
-      for (int64_t i = 0; i < k; ++i) dst[i] = fp16_bits_to_float_select(h[i]);  // vectorized
-      break;
-    }
+    case InputDtype::kFloat16: widen_fp16_row(static_cast<const uint16_t*>(src), k, dst); break;
     case InputDtype::kBFloat16: {
       const uint16_t* b = static_cast<const uint16_t*>(src);
       for (int64_t i = 0; i < k; ++i) dst[i] = bf16_bits_to_float(b[i]);  // vectorized
