@@ -24,34 +24,36 @@ FP4OP_HD float round_to_bf16(float x) {
   const __nv_bfloat162 pair = __floats2bfloat162_rn(x, x);
   return __uint_as_float(*reinterpret_cast<const uint32_t*>(&pair) & 0xFFFF0000u);
 #else
+  // selects by mask (no control flow: the CPU loops that call this vectorize)
   const uint32_t u = float_to_bits(x);
-  if ((u & 0x7FFFFFFFu) > 0x7F800000u) return x;
-  const uint32_t rounded = u + 0x7FFFu + ((u >> 16) & 1u);
-  return bits_to_float(rounded & 0xFFFF0000u);
+  const uint32_t is_nan = 0u - uint32_t((u & 0x7FFFFFFFu) > 0x7F800000u);
+  const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) & 0xFFFF0000u;
+  return bits_to_float((u & is_nan) | (rounded & ~is_nan));
 #endif
 }
 
-// float32 -> float16 bits, round to nearest even, overflow to +-inf, NaN -> quiet NaN.
+// float32 -> float16 bits, round to nearest even, overflow to +-inf, NaN -> quiet NaN. Every case is
+// computed and one selected by masks (no control flow: the CPU loops that call this vectorize).
 FP4OP_HD uint16_t float_to_fp16_bits(float x) {
   const uint32_t u = float_to_bits(x);
   const uint32_t sign = (u >> 16) & 0x8000u;
   const uint32_t a = u & 0x7FFFFFFFu;
-  if (a > 0x7F800000u) return uint16_t(sign | 0x7E00u);
-  if (a >= 0x477FF000u) return uint16_t(sign | 0x7C00u);  // >= 65520 rounds to inf
-  if (a < 0x38800000u) {
-    // below 2^-14: a float16 subnormal, a multiple of 2^-24; adding 0.5 (ulp 2^-24) rounds RNE
-    const uint32_t code = float_to_bits(add_rn(bits_to_float(a), 0.5f)) - 0x3F000000u;
-    return uint16_t(sign | code);
-  }
-  const uint32_t rounded = a + 0xFFFu + ((a >> 13) & 1u);
-  return uint16_t(sign | ((rounded - (112u << 23)) >> 13));  // rebias 127 -> 15
+  // below 2^-14: a float16 subnormal, a multiple of 2^-24; adding 0.5 (ulp 2^-24) rounds RNE
+  const uint32_t subnormal = float_to_bits(add_rn(bits_to_float(a), 0.5f)) - 0x3F000000u;
+  const uint32_t normal = (a + 0xFFFu + ((a >> 13) & 1u) - (112u << 23)) >> 13;  // rebias 127 -> 15
+  const uint32_t is_nan = 0u - uint32_t(a > 0x7F800000u);
+  const uint32_t is_inf = ~is_nan & (0u - uint32_t(a >= 0x477FF000u));  // >= 65520 rounds to inf
+  const uint32_t is_subnormal = 0u - uint32_t(a < 0x38800000u);
+  const uint32_t finite = (subnormal & is_subnormal) | (normal & ~is_subnormal);
+  const uint32_t code = (0x7E00u & is_nan) | (0x7C00u & is_inf) | (finite & ~(is_nan | is_inf));
+  return uint16_t(sign | (code & 0xFFFFu));
 }
 
 FP4OP_HD float round_to_fp16(float x) {
 #if defined(__CUDA_ARCH__)
   return __low2float(__floats2half2_rn(x, x));  // see round_to_bf16
 #else
-  return fp16_bits_to_float(float_to_fp16_bits(x));
+  return fp16_bits_to_float_select(float_to_fp16_bits(x));
 #endif
 }
 

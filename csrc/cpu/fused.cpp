@@ -7,6 +7,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <type_traits>
 #include <vector>
 
 #include "../fused_args.h"
@@ -22,6 +23,17 @@ using fused::Rows;
 
 // At least this many elements per parallel task, so that small inputs stay on one thread.
 constexpr int64_t kElementsPerTask = 1 << 15;
+
+// Calls f(std::integral_constant<InputDtype, D>{}) with the model dtype D as a compile-time constant:
+// element loops written in it have no dtype branches, and GCC vectorizes them.
+template <typename F>
+void with_model_dtype(InputDtype dtype, F&& f) {
+  if (dtype == InputDtype::kBFloat16) {
+    f(std::integral_constant<InputDtype, InputDtype::kBFloat16>{});
+  } else {
+    f(std::integral_constant<InputDtype, InputDtype::kFloat16>{});
+  }
+}
 
 float widen(uint16_t bits, InputDtype dtype) {
   return dtype == InputDtype::kBFloat16 ? bf16_bits_to_float(bits) : fp16_bits_to_float_select(bits);
@@ -103,20 +115,38 @@ void rms_norm_rows(FusedProblem& p, const QuantizeParams& qp, const at::Tensor& 
   const float eps_f = float(eps), offset = float(weight_offset);
   quantize_rows(p, qp, [&](int64_t r, float* v) {
     widen_row(row_ptr(xr, r), dtype, k, v);
-    if (residual) {
-      // x + residual in the model dtype: the next residual stream, and what is normalized
-      const uint16_t* res = row_ptr(rr, r);
-      for (int64_t i = 0; i < k; ++i) {
-        v[i] = fused::round_to(add_rn(v[i], widen(res[i], dtype)), dtype);
-        sum_bits[r * k + i] = narrow_exact(v[i], dtype);
+    with_model_dtype(dtype, [&](auto model_dtype) {
+      constexpr InputDtype D = decltype(model_dtype)::value;
+      if (residual) {
+        // x + residual in the model dtype: the next residual stream, and what is normalized
+        const uint16_t* res = row_ptr(rr, r);
+        uint16_t* sum_row = sum_bits + r * k;
+        for (int64_t i = 0; i < k; ++i) {  // vectorized
+          v[i] = fused::round_to(add_rn(v[i], widen(res[i], D)), D);
+          sum_row[i] = narrow_exact(v[i], D);
+        }
       }
-    }
-    const float mean_sq = div_rn(lane_sum(k, [&](int64_t i) { return mul_rn(v[i], v[i]); }), float(k));
-    const float rs = fused::torch_rsqrt(add_rn(mean_sq, eps_f));
-    for (int64_t i = 0; i < k; ++i) {
-      const float wi = w_bits ? widen(w_bits[i], dtype) : 0.0f;
-      v[i] = fused::rms_norm_element(v[i], rs, wi, offset, form, dtype);
-    }
+      const float mean_sq = div_rn(lane_sum(k, [&](int64_t i) { return mul_rn(v[i], v[i]); }), float(k));
+      const float rs = fused::torch_rsqrt(add_rn(mean_sq, eps_f));
+      // one loop a weight form (a branch-free body)
+      switch (form) {
+        case RmsWeight::kNone:
+          for (int64_t i = 0; i < k; ++i) {  // vectorized
+            v[i] = fused::rms_norm_element(v[i], rs, 0.0f, offset, RmsWeight::kNone, D);
+          }
+          break;
+        case RmsWeight::kFloat32:
+          for (int64_t i = 0; i < k; ++i) {  // vectorized
+            v[i] = fused::rms_norm_element(v[i], rs, widen(w_bits[i], D), offset, RmsWeight::kFloat32, D);
+          }
+          break;
+        case RmsWeight::kInputDtype:
+          for (int64_t i = 0; i < k; ++i) {  // vectorized
+            v[i] = fused::rms_norm_element(v[i], rs, widen(w_bits[i], D), offset, RmsWeight::kInputDtype, D);
+          }
+          break;
+      }
+    });
   });
 }
 
@@ -248,7 +278,12 @@ std::tuple<at::Tensor, at::Tensor> gated_quantize(const at::Tensor& gate, const 
   quantize_rows(p, qp, [&](int64_t r, float* v) {
     const uint16_t* a = row_ptr(ar, r);
     const uint16_t* u = row_ptr(ur, r);
-    for (int64_t i = 0; i < k; ++i) v[i] = fused::round_to(mul_rn(widen(a[i], dtype), widen(u[i], dtype)), dtype);
+    with_model_dtype(dtype, [&](auto model_dtype) {
+      constexpr InputDtype D = decltype(model_dtype)::value;
+      for (int64_t i = 0; i < k; ++i) {  // vectorized
+        v[i] = fused::round_to(mul_rn(widen(a[i], D), widen(u[i], D)), D);
+      }
+    });
   });
   return {p.x_q, p.sf};
 }

@@ -26,24 +26,6 @@ class IeeeDenormalsScope {
 #endif
 };
 
-// A float16 value widened to float32 without branches, so that a loop of it vectorizes: the value of
-// numerics.h's fp16_bits_to_float for every input (NaN payloads included). Normal values move their
-// exponent and mantissa into place and scale by 2^-112 (exact); subnormals build 0.5 + m * 2^-24 in
-// float32 and subtract 0.5 (exact); infinities and NaNs keep their bits.
-inline float fp16_bits_to_float_select(uint16_t h) {
-  const uint32_t rest = uint32_t(h & 0x7FFFu);
-  const float normal = bits_to_float((rest << 13) + (224u << 23)) * 0x1p-112f;
-  const float subnormal = bits_to_float(rest | (126u << 23)) - 0.5f;
-  const uint32_t special = (rest & 0x3FFu) << 13 | 0x7F800000u;
-  // selects as masks (no control flow for the vectorizer)
-  const uint32_t exponent = rest & 0x7C00u;
-  const uint32_t is_subnormal = 0u - uint32_t(exponent == 0);
-  const uint32_t is_special = 0u - uint32_t(exponent == 0x7C00u);
-  const uint32_t magnitude = (float_to_bits(subnormal) & is_subnormal) | (special & is_special) |
-                             (float_to_bits(normal) & ~(is_subnormal | is_special));
-  return bits_to_float((uint32_t(h & 0x8000u) << 16) | magnitude);
-}
-
 // Every E4M3 byte's float32 value (e4m3_bits_to_float), for widening by lookup.
 inline const float* e4m3_values() {
   static const struct Table {
