@@ -53,7 +53,7 @@ FP4OP_HD float round_to_fp16(float x) {
 #if defined(__CUDA_ARCH__)
   return __low2float(__floats2half2_rn(x, x));  // see round_to_bf16
 #else
-  return fp16_bits_to_float_select(float_to_fp16_bits(x));
+  return fp16_bits_to_float(float_to_fp16_bits(x));
 #endif
 }
 

@@ -96,28 +96,13 @@ FP4OP_HD float rcp_rn(float x) {
 
 FP4OP_HD float bf16_bits_to_float(uint16_t b) { return bits_to_float(uint32_t(b) << 16); }
 
+// Exact, without branches (so that a CPU loop of it vectorizes): normal values move their exponent
+// and mantissa into place and scale by 2^-112 (exact); subnormals build 0.5 + m * 2^-24 in float32 and
+// subtract 0.5 (exact); infinities and NaNs keep their bits (NaN payloads included).
 FP4OP_HD float fp16_bits_to_float(uint16_t h) {
-  const uint32_t sign = uint32_t(h & 0x8000u) << 16;
-  const uint32_t exp = (h >> 10) & 0x1Fu;
-  const uint32_t mant = h & 0x3FFu;
-  if (exp == 0) {
-    // zero or subnormal: mant * 2^-24 is exact in float32
-    const float mag = mul_rn(float(mant), 5.9604644775390625e-08f);
-    return bits_to_float(float_to_bits(mag) | sign);
-  }
-  if (exp == 0x1Fu) return bits_to_float(sign | 0x7F800000u | (mant << 13));
-  return bits_to_float(sign | ((exp + 112u) << 23) | (mant << 13));
-}
-
-#if !defined(__CUDA_ARCH__)
-// A float16 value widened to float32 without branches, so that a loop of it vectorizes: the value of
-// numerics.h's fp16_bits_to_float for every input (NaN payloads included). Normal values move their
-// exponent and mantissa into place and scale by 2^-112 (exact); subnormals build 0.5 + m * 2^-24 in
-// float32 and subtract 0.5 (exact); infinities and NaNs keep their bits.
-inline float fp16_bits_to_float_select(uint16_t h) {
   const uint32_t rest = uint32_t(h & 0x7FFFu);
-  const float normal = bits_to_float((rest << 13) + (224u << 23)) * 0x1p-112f;
-  const float subnormal = bits_to_float(rest | (126u << 23)) - 0.5f;
+  const float normal = mul_rn(bits_to_float((rest << 13) + (224u << 23)), 0x1p-112f);
+  const float subnormal = add_rn(bits_to_float(rest | (126u << 23)), -0.5f);
   const uint32_t special = (rest & 0x3FFu) << 13 | 0x7F800000u;
   // selects as masks (no control flow for the vectorizer)
   const uint32_t exponent = rest & 0x7C00u;
@@ -127,8 +112,6 @@ inline float fp16_bits_to_float_select(uint16_t h) {
                              (float_to_bits(normal) & ~(is_subnormal | is_special));
   return bits_to_float((uint32_t(h & 0x8000u) << 16) | magnitude);
 }
-#endif
-
 
 // E4M3 conversions run in hardware on sm_89 and later (cvt ... e4m3x2), with the rounding and
 // saturation of the software paths below, which the other targets and the host use.

@@ -95,6 +95,20 @@ def non_finite_gate(dtype):
     return gate.to(dtype)
 
 
+def assert_activations_like_eager(gate, up, approximate, kw):
+    """Every fused activation op on (gate, up) == fp4op.quantize of the eager composition, bit for bit."""
+    cases = (
+        (OPS.gelu_and_mul_quantize(gate, up, approximate, **kw), F.gelu(gate, approximate=approximate) * up),
+        (OPS.gelu_quantize(gate, approximate, **kw), F.gelu(gate, approximate=approximate)),
+        (OPS.silu_and_mul_quantize(gate, up, **kw), F.silu(gate) * up),
+        (OPS.silu_quantize(gate, **kw), F.silu(gate)),
+        (OPS.silu_quantize(up, **kw), F.silu(up)),
+    )
+    for got, y in cases:
+        want = OPS.quantize(y.reshape(-1, y.shape[-1]), **kw)
+        assert torch.equal(got[0].reshape(want[0].shape), want[0]) and torch.equal(got[1], want[1])
+
+
 @pytest.mark.parametrize("approximate", ("none", "tanh"))
 @pytest.mark.parametrize("recipe", list(RECIPES))
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -102,15 +116,7 @@ def test_activations_of_non_finite_like_torch_cpu(dtype, recipe, approximate):
     gate = non_finite_gate(dtype)
     up = torch.full_like(gate, 1.5)
     kw = quantize_kwargs(recipe, layouts.SWIZZLED_128x4, torch.tensor([2.0]))
-    cases = (
-        (OPS.gelu_and_mul_quantize(gate, up, approximate, **kw), F.gelu(gate, approximate=approximate) * up),
-        (OPS.gelu_quantize(gate, approximate, **kw), F.gelu(gate, approximate=approximate)),
-        (OPS.silu_and_mul_quantize(gate, up, **kw), F.silu(gate) * up),
-        (OPS.silu_quantize(gate, **kw), F.silu(gate)),
-    )
-    for got, y in cases:
-        want = OPS.quantize(y, **kw)
-        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert_activations_like_eager(gate, up, approximate, kw)
 
 
 @pytest.mark.parametrize("approximate", ("none", "tanh"))
@@ -133,16 +139,7 @@ def test_activations_of_views_with_tails_like_torch_cpu(dtype, approximate):
     """gate and up as the halves of one tensor, 272 columns (torch's vectorized loop leaves a scalar
     tail in each row), and a rank-3 input: bit for bit the eager composition on the same views."""
     g = torch.Generator().manual_seed(5)
-    h = 272
-    x = (torch.randn(2, 9, 2 * h, generator=g) * 3).to(dtype)
+    x = (torch.randn(2, 9, 2 * 272, generator=g) * 3).to(dtype)
     gate, up = x.chunk(2, dim=-1)
     kw = quantize_kwargs("nvfp4", layouts.SWIZZLED_128x4, torch.tensor([3.0]))
-    cases = (
-        (OPS.gelu_and_mul_quantize(gate, up, approximate, **kw), F.gelu(gate, approximate=approximate) * up),
-        (OPS.gelu_quantize(gate, approximate, **kw), F.gelu(gate, approximate=approximate)),
-        (OPS.silu_and_mul_quantize(gate, up, **kw), F.silu(gate) * up),
-        (OPS.silu_quantize(up, **kw), F.silu(up)),
-    )
-    for got, y in cases:
-        want = OPS.quantize(y.reshape(-1, h), **kw)
-        assert torch.equal(got[0].reshape(want[0].shape), want[0]) and torch.equal(got[1], want[1])
+    assert_activations_like_eager(gate, up, approximate, kw)

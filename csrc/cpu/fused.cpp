@@ -36,7 +36,7 @@ void with_model_dtype(InputDtype dtype, F&& f) {
 }
 
 float widen(uint16_t bits, InputDtype dtype) {
-  return dtype == InputDtype::kBFloat16 ? bf16_bits_to_float(bits) : fp16_bits_to_float_select(bits);
+  return dtype == InputDtype::kBFloat16 ? bf16_bits_to_float(bits) : fp16_bits_to_float(bits);
 }
 
 // The bits of a float that already holds a value of the model dtype.
@@ -128,23 +128,18 @@ void rms_norm_rows(FusedProblem& p, const QuantizeParams& qp, const at::Tensor& 
       }
       const float mean_sq = div_rn(lane_sum(k, [&](int64_t i) { return mul_rn(v[i], v[i]); }), float(k));
       const float rs = fused::torch_rsqrt(add_rn(mean_sq, eps_f));
-      // one loop a weight form (a branch-free body)
+      // one loop a weight form, the form a compile-time constant (a branch-free body)
+      auto normalize = [&](auto weight_form) {
+        constexpr RmsWeight F = decltype(weight_form)::value;
+        for (int64_t i = 0; i < k; ++i) {  // vectorized
+          const float wi = F == RmsWeight::kNone ? 0.0f : widen(w_bits[i], D);
+          v[i] = fused::rms_norm_element(v[i], rs, wi, offset, F, D);
+        }
+      };
       switch (form) {
-        case RmsWeight::kNone:
-          for (int64_t i = 0; i < k; ++i) {  // vectorized
-            v[i] = fused::rms_norm_element(v[i], rs, 0.0f, offset, RmsWeight::kNone, D);
-          }
-          break;
-        case RmsWeight::kFloat32:
-          for (int64_t i = 0; i < k; ++i) {  // vectorized
-            v[i] = fused::rms_norm_element(v[i], rs, widen(w_bits[i], D), offset, RmsWeight::kFloat32, D);
-          }
-          break;
-        case RmsWeight::kInputDtype:
-          for (int64_t i = 0; i < k; ++i) {  // vectorized
-            v[i] = fused::rms_norm_element(v[i], rs, widen(w_bits[i], D), offset, RmsWeight::kInputDtype, D);
-          }
-          break;
+        case RmsWeight::kNone: normalize(std::integral_constant<RmsWeight, RmsWeight::kNone>{}); break;
+        case RmsWeight::kFloat32: normalize(std::integral_constant<RmsWeight, RmsWeight::kFloat32>{}); break;
+        case RmsWeight::kInputDtype: normalize(std::integral_constant<RmsWeight, RmsWeight::kInputDtype>{}); break;
       }
     });
   });

@@ -81,7 +81,7 @@ __attribute__((always_inline)) inline void quantize_row_tiles(const float* v, in
 }
 
 __attribute__((always_inline)) inline void widen_fp16_loop(const uint16_t* src, int64_t k, float* dst) {
-  for (int64_t i = 0; i < k; ++i) dst[i] = fp16_bits_to_float_select(src[i]);  // vectorized
+  for (int64_t i = 0; i < k; ++i) dst[i] = fp16_bits_to_float(src[i]);  // vectorized
 }
 
 void widen_fp16_baseline(const uint16_t* src, int64_t k, float* dst) { widen_fp16_loop(src, k, dst); }
@@ -96,14 +96,14 @@ void quantize_row_baseline(const float* v, int64_t row, const QuantizeParams& p,
 }
 
 #if FP4OP_CPU_AVX2
-// F16C's conversion is exact like fp16_bits_to_float_select; it only quiets signaling NaNs, whose
+// F16C's conversion is exact like fp16_bits_to_float; it only quiets signaling NaNs, whose
 // payload no quantized byte depends on.
 __attribute__((target("avx2,f16c"))) void widen_fp16_f16c(const uint16_t* src, int64_t k, float* dst) {
   int64_t i = 0;
   for (; i + 8 <= k; i += 8) {
     _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i))));
   }
-  for (; i < k; ++i) dst[i] = fp16_bits_to_float_select(src[i]);
+  for (; i < k; ++i) dst[i] = fp16_bits_to_float(src[i]);
 }
 
 __attribute__((target("avx2"))) void quantize_row_avx2(const float* v, int64_t row, const QuantizeParams& p,

@@ -37,7 +37,7 @@ inline const float* e4m3_values() {
   return table.v;
 }
 
-// A row of float16 values widened to float32 (fp16_bits_to_float_select), in the build of the row
+// A row of float16 values widened to float32 (fp16_bits_to_float), in the build of the row
 // kernel (quantize_row.cpp: AVX2 where the CPU has it).
 void widen_fp16_row(const uint16_t* src, int64_t k, float* dst);
 

@@ -14,7 +14,6 @@
 #include "../numerics.h"
 #include "launch.h"
 
-
 namespace fp4op::cuda {
 
 constexpr int kThreads = 256;
