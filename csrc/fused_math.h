@@ -95,11 +95,14 @@ enum class RmsWeight : int {
 // `x`: the input element, `r`: rsqrt(mean(x^2) + eps), `w`: the weight element (0 for kNone).
 FP4OP_HD float rms_norm_element(float x, float r, float w, float offset, RmsWeight form, InputDtype dtype) {
   const float normed = mul_rn(x, r);
+  // without an offset the module multiplies by the weight itself: 0 + w would turn a -0 weight into +0
+  // and flip the sign of the zero it produces (E2M1 code 8 vs 0)
+  const float scale = offset == 0.0f ? w : add_rn(offset, w);
   switch (form) {
     case RmsWeight::kNone: return round_to(normed, dtype);
-    case RmsWeight::kFloat32: return round_to(mul_rn(normed, add_rn(offset, w)), dtype);
+    case RmsWeight::kFloat32: return round_to(mul_rn(normed, scale), dtype);
     default: {
-      const float w_dtype = round_to(add_rn(offset, w), dtype);  // offset + weight in the input dtype
+      const float w_dtype = round_to(scale, dtype);  // offset + weight in the input dtype
       return round_to(mul_rn(w_dtype, round_to(normed, dtype)), dtype);
     }
   }

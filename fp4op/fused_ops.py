@@ -13,7 +13,7 @@ math is csrc/fused_math.h):
   ``weight_in_input_dtype=False``: ``round(x * r * (weight_offset + w))`` (F.rms_norm for
   ``weight_offset=0``, Hugging Face Gemma for ``weight_offset=1``); ``weight_in_input_dtype=True``:
   ``round(round(weight_offset + w) * round(x * r))`` (Hugging Face Llama). ``weight_offset`` only
-  applies with a weight. ``add_rms_norm_quantize`` normalizes ``round(x + residual)``.
+  applies with a weight; ``weight_offset=0`` uses ``w`` itself (a -0 weight stays -0). ``add_rms_norm_quantize`` normalizes ``round(x + residual)``.
 * ``layer_norm_quantize``: F.layer_norm with biased variance, in the form of the device's torch
   kernel: CUDA ``round(w * ((x - mean) * rstd) + b)``; CPU ``round((x * rstd + (-rstd * mean)) * w + b)``
   with ``w = 1`` / ``b = 0`` where absent (both multiply-adds fused in torch's AVX2/AVX512 builds,

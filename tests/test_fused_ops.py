@@ -72,7 +72,8 @@ def eager_rms_norm(x, weight, eps, weight_offset=0.0, weight_in_input_dtype=Fals
     xf = x.float()
     normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     if weight_in_input_dtype:  # Hugging Face Llama: product in the model dtype
-        return (weight + weight_offset) * normed.to(x.dtype)
+        w = weight if weight_offset == 0.0 else weight + weight_offset  # (0 + w turns -0 into +0)
+        return w * normed.to(x.dtype)
     return (normed * (weight_offset + weight.float())).to(x.dtype)  # Hugging Face Gemma
 
 
@@ -292,6 +293,39 @@ def test_gate_up_halves_of_one_tensor(op):
     got = fused(gate, up, **kw)
     want = fused(gate.contiguous(), up.contiguous(), **kw)
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=requires_cuda)])
+@pytest.mark.parametrize("name", ["rms_norm", "rms_norm_llama", "add_rms_norm", "add_rms_norm_llama", "layer_norm"])
+def test_zero_weights_keep_the_sign_of_their_zeros(name, device):
+    # the elements a zero weight produces are +-0 whatever the reduction order: their codes (0 or 8)
+    # must be eager's exactly; a -0 weight must not become +0 on the way (weight_offset 0 included)
+    m, k, eps, dtype = 4, 256, 1e-6, torch.bfloat16
+    x = make_input((m, k), dtype, device, seed=3)
+    weight = make_affine(k, dtype, device)
+    weight[0::5] = -0.0
+    weight[1::5] = 0.0
+    in_dtype = name.endswith("llama")
+    if name == "layer_norm":  # weight only
+        op, args, y = OPS.layer_norm_quantize, (x, weight, None, eps), eager_layer_norm(x, weight, None, eps)
+    elif name.startswith("add"):
+        residual = make_input((m, k), dtype, device, seed=4)
+        op, args = OPS.add_rms_norm_quantize, (x, residual, weight, eps, 0.0, in_dtype)
+        y = eager_rms_norm(x + residual, weight, eps, 0.0, in_dtype)
+    else:
+        op, args = OPS.rms_norm_quantize, (x, weight, eps, 0.0, in_dtype)
+        y = eager_rms_norm(x, weight, eps, 0.0, in_dtype)
+    zero = (weight == 0).cpu()
+    assert (y.cpu()[:, zero] == 0).all()
+    # (torch's CPU layer norm adds a zero bias that turns them all into +0)
+    assert y.cpu()[:, zero].signbit().any() or (name, device) == ("layer_norm", "cpu")
+    got, want, _ = run_fused(op, args, y, "nvfp4", "linear")
+
+    def codes(x_q):
+        x_q = x_q.cpu().view(torch.uint8)
+        return torch.stack([x_q & 0xF, x_q >> 4], -1).reshape(m, k)[:, zero]
+
+    assert torch.equal(codes(got[0]), codes(want[0]))
 
 
 def test_non_contiguous_inputs():
