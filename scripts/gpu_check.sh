@@ -47,18 +47,26 @@ for s in $stages; do
         $PY scripts/ncu_cases.py ;;
     lab)  # scripts/kernel_lab.cu; LAB_REF=DIR: also the lab built against the kernels of another commit, DIR
           # inside the working tree so that it travels, e.g. mkdir .lab_ref && git archive REF csrc | tar -x -C
-          # .lab_ref && mkdir .lab_ref/scripts && cp scripts/kernel_lab.cu .lab_ref/scripts/
+          # .lab_ref && mkdir .lab_ref/scripts && cp scripts/kernel_lab.cu .lab_ref/scripts/;
+          # LAB_EXTRA="flags|flags...": variants of the working tree built with those nvcc flags.
+          # The builds run in parallel (nvcc takes a minute), then the labs one after another.
+      labs=()
       for dir in . ${LAB_REF:-}; do
         name=$([ "$dir" = . ] && echo lab || echo lab_ref)
-        run "${name}_build" $CUDA_HOME/bin/nvcc -O3 -std=c++17 -gencode=arch=compute_90a,code=sm_90a \
-          -DLAB_SETTINGS="\"$dir\"" -o /tmp/kernel_$name "$dir/scripts/kernel_lab.cu"
-        TAIL=100 run "$name" /tmp/kernel_$name ${LAB_ARGS:-}
+        (cd "$dir" && $CUDA_HOME/bin/nvcc -O3 -std=c++17 -gencode=arch=compute_90a,code=sm_90a \
+          -DLAB_SETTINGS="\"$dir\"" -o /tmp/kernel_$name scripts/kernel_lab.cu > "$LOGS/${name}_build.log" 2>&1) &
+        labs+=("$name")
       done
-      if [ -n "${LAB_EXTRA:-}" ]; then  # nvcc flags of a variant of the working tree
-        run lab_x_build $CUDA_HOME/bin/nvcc -O3 -std=c++17 -gencode=arch=compute_90a,code=sm_90a $LAB_EXTRA \
-          -DLAB_SETTINGS="\"$LAB_EXTRA\"" -o /tmp/kernel_lab_x scripts/kernel_lab.cu
-        TAIL=100 run lab_x /tmp/kernel_lab_x ${LAB_ARGS:-}
-      fi ;;
+      i=0
+      IFS='|' read -ra variants <<< "${LAB_EXTRA:-}"
+      for flags in "${variants[@]}"; do
+        i=$((i + 1))
+        $CUDA_HOME/bin/nvcc -O3 -std=c++17 -gencode=arch=compute_90a,code=sm_90a $flags \
+          -DLAB_SETTINGS="\"$flags\"" -o /tmp/kernel_lab_x$i scripts/kernel_lab.cu > "$LOGS/lab_x${i}_build.log" 2>&1 &
+        labs+=("lab_x$i")
+      done
+      wait
+      for name in "${labs[@]}"; do TAIL=100 run "$name" /tmp/kernel_$name ${LAB_ARGS:-}; done ;;
     fuzzlong)  # issue 6's long profile on the GPU: CUDA == CPU, 100,000 quantize and 10,000 fused examples
       run fuzzlong env FP4OP_HYPOTHESIS_PROFILE=long timeout ${FUZZ_TIMEOUT:-540} $PY -m pytest tests/test_fuzz.py -q \
         -p no:cacheprovider -k cuda ;;

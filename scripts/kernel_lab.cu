@@ -1,16 +1,17 @@
-// Kernel lab: times the quantize launcher of csrc/cuda (plain CUDA, no torch) against a device copy of
-// the same bytes, and under CUDA-graph replay against an empty kernel, in one process that builds in
-// seconds. Build settings of the kernels (e.g. -DFP4OP_RING_BYTES=N) are compared by building the lab
+// Kernel lab: times the quantize and fused launchers of csrc/cuda (plain CUDA, no torch) against a
+// device copy of the same bytes, and small-M quantize under CUDA-graph replay against an empty kernel,
+// in one process that builds in seconds. Build settings of the kernels (e.g. -DFP4OP_RING_BYTES=N) are compared by building the lab
 // once per setting (scripts/gpu_check.sh, stage `lab`); every build prints a checksum of each case's
 // outputs, which must not change with the setting.
 //
 //   nvcc -O3 -std=c++17 -gencode=arch=compute_90a,code=sm_90a -o /tmp/kernel_lab scripts/kernel_lab.cu
-//   /tmp/kernel_lab [--quick] [--no-pdl]
+//   /tmp/kernel_lab [--quick] [--no-pdl] [--fused-only]
 #include <algorithm>
 #include <cstdio>
 #include <cstring>
 #include <vector>
 
+#include "../csrc/cuda/fused.cu"
 #include "../csrc/cuda/quantize.cu"
 
 #ifndef LAB_SETTINGS
@@ -50,6 +51,12 @@ __global__ void fill_kernel(uint8_t* p, int64_t bytes, int element_bytes) {
 }
 
 __global__ void empty_like_add_kernel(float* x) {
+  if (threadIdx.x == 0) x[0] += 1.0f;
+}
+
+// The same launched as the fp4op kernels are (kThreads threads, PDL when on): the floor of a call.
+__global__ void empty_like_fp4op_kernel(float* x) {
+  fp4op::cuda::wait_for_previous_kernel();
   if (threadIdx.x == 0) x[0] += 1.0f;
 }
 
@@ -164,11 +171,106 @@ float time_graph(F&& fn, cudaStream_t s, int calls, int replays) {
 
 }  // namespace
 
+// Median time (us) of 50 runs of `fn` on `s`, each after an L2 flush.
+template <class F>
+float time_flushed(F&& fn, cudaStream_t s, uint4* flush, int64_t flush_bytes) {
+  cudaEvent_t e0, e1;
+  CHECK(cudaEventCreate(&e0));
+  CHECK(cudaEventCreate(&e1));
+  std::vector<float> t;
+  for (int i = 0; i < 53; ++i) {
+    flush_kernel<<<1024, 256, 0, s>>>(flush, flush_bytes / 16, uint32_t(i));
+    CHECK(cudaEventRecord(e0, s));
+    fn();
+    CHECK(cudaEventRecord(e1, s));
+    CHECK(cudaEventSynchronize(e1));
+    float ms;
+    CHECK(cudaEventElapsedTime(&ms, e0, e1));
+    if (i >= 3) t.push_back(ms * 1000.0f);
+  }
+  cudaEventDestroy(e0);
+  cudaEventDestroy(e1);
+  return median(t);
+}
+
+uint64_t device_fnv(const void* p, int64_t bytes, uint64_t h = 1469598103934665603ull) {
+  std::vector<uint8_t> host(bytes);
+  CHECK(cudaMemcpy(host.data(), p, bytes, cudaMemcpyDeviceToHost));
+  return fnv(host, h);
+}
+
+// The fused ops (bf16 input, 128x4 scales) against a copy of the bytes each reads and writes.
+void fused_section(const cudaDeviceProp& prop, cudaStream_t stream, bool pdl, uint4* flush, int64_t flush_bytes,
+                   uint8_t* copy_src, uint8_t* copy_dst) {
+  using fp4op::cuda::FusedOp;
+  struct Op {
+    const char* name;
+    FusedOp op;
+    int streams;  // [m, k] inputs read
+    bool sum_out, weight, bias;
+  };
+  const Op ops[] = {{"rms_norm", FusedOp::kRmsNorm, 1, false, true, false},
+                    {"add_rms_norm", FusedOp::kAddRmsNorm, 2, true, true, false},
+                    {"layer_norm", FusedOp::kLayerNorm, 1, false, true, true},
+                    {"silu_and_mul", FusedOp::kGatedActivation, 2, false, false, false}};
+  std::printf("\nfused ops, bf16, 128x4 scales\n%-13s %-6s %6s %6s %9s %9s %7s %s\n", "op", "recipe", "M", "K",
+              "fused us", "copy us", "%copy", "checksum");
+  for (auto [m, k] : {std::pair<int64_t, int64_t>{8192, 4096}, {8192, 8192}, {8192, 16384}}) {
+    for (bool mx : {false, true}) {
+      for (const Op& o : ops) {
+        const Case c{InputDtype::kBFloat16, mx, SfLayout::kSwizzled128x4, m, k};
+        Buffers b = make_buffers(c);  // input: x (or gate)
+        void *y = nullptr, *sum = nullptr, *w = nullptr;
+        CHECK(cudaMalloc(&y, b.in_bytes));
+        CHECK(cudaMalloc(&w, 4 * k));
+        fill_kernel<<<1024, 256>>>(static_cast<uint8_t*>(y), b.in_bytes, 2);
+        fill_kernel<<<64, 256>>>(static_cast<uint8_t*>(w), 4 * k, 2);  // weight, then bias
+        if (o.sum_out) CHECK(cudaMalloc(&sum, b.in_bytes));
+        CHECK(cudaDeviceSynchronize());
+        fp4op::cuda::FusedLaunch f{};
+        f.op = o.op;
+        f.input_dtype = int(InputDtype::kBFloat16);
+        f.x = b.input;
+        f.x_row_stride = k;
+        f.y = y;
+        f.y_row_stride = k;
+        f.weight = o.weight ? w : nullptr;
+        f.bias = o.bias ? static_cast<uint8_t*>(w) + 2 * k : nullptr;
+        f.sum_out = sum;
+        f.eps = 1e-6f;
+        f.rms_weight = int(fp4op::fused::RmsWeight::kFloat32);
+        f.activation = int(fp4op::fused::Activation::kSilu);
+        f.out = launch_args(c, b, prop.multiProcessorCount).out;
+        const fp4op::cuda::LaunchStream ls{stream, pdl};
+        auto run = [&] { CHECK(fp4op::cuda::launch_fused(f, ls)); };
+        const int64_t eff = b.in_bytes * (o.streams + (o.sum_out ? 1 : 0)) + b.xq_bytes + b.sf_bytes;
+        auto copy = [&] { CHECK(cudaMemcpyAsync(copy_dst, copy_src, eff / 2, cudaMemcpyDeviceToDevice, stream)); };
+        CHECK(cudaMemset(b.x_q, 0xAB, b.xq_bytes));
+        CHECK(cudaMemset(b.sf, 0xCD, b.sf_bytes));
+        CHECK(cudaDeviceSynchronize());  // the memsets run on the legacy stream, the op on `stream`
+        run();
+        CHECK(cudaStreamSynchronize(stream));
+        uint64_t sum_hash = device_fnv(b.sf, b.sf_bytes, device_fnv(b.x_q, b.xq_bytes));
+        if (o.sum_out) sum_hash = device_fnv(sum, b.in_bytes, sum_hash);
+        const float t_f = time_flushed(run, stream, flush, flush_bytes);
+        const float t_c = time_flushed(copy, stream, flush, flush_bytes);
+        std::printf("%-13s %-6s %6ld %6ld %9.1f %9.1f %6.1f%% %016llx\n", o.name, mx ? "mxfp4" : "nvfp4", long(m),
+                    long(k), t_f, t_c, 100.0f * t_c / t_f, (unsigned long long)sum_hash);
+        cudaFree(y);
+        cudaFree(w);
+        cudaFree(sum);
+        free_buffers(b);
+      }
+    }
+  }
+}
+
 int main(int argc, char** argv) {
-  bool quick = false, pdl = true;
+  bool quick = false, pdl = true, fused_only = false;
   for (int i = 1; i < argc; ++i) {
     quick |= std::strcmp(argv[i], "--quick") == 0;
     pdl &= std::strcmp(argv[i], "--no-pdl") != 0;
+    fused_only |= std::strcmp(argv[i], "--fused-only") == 0;
   }
   cudaDeviceProp prop;
   CHECK(cudaGetDeviceProperties(&prop, 0));
@@ -182,10 +284,12 @@ int main(int argc, char** argv) {
   CHECK(cudaMalloc(&copy_dst, copy_max));
   cudaStream_t stream;
   CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+  fused_section(prop, stream, pdl, flush, flush_bytes, copy_src, copy_dst);
+  if (fused_only) return 0;
 
   std::vector<Case> cases;
   const std::vector<std::pair<int64_t, int64_t>> big =
-      quick ? std::vector<std::pair<int64_t, int64_t>>{{8192, 4096}, {8192, 16384}}
+      quick ? std::vector<std::pair<int64_t, int64_t>>{{128, 8192}, {1024, 2048}, {8192, 4096}, {8192, 16384}}
             : std::vector<std::pair<int64_t, int64_t>>{{8192, 4096}, {8192, 8192}, {8192, 16384}, {32768, 4096}};
   for (auto [m, k] : big) {
     for (InputDtype d : {InputDtype::kBFloat16, InputDtype::kFloat8E4M3}) {
@@ -213,30 +317,10 @@ int main(int argc, char** argv) {
     CHECK(cudaMemcpy(hx.data(), b.x_q, b.xq_bytes, cudaMemcpyDeviceToHost));
     CHECK(cudaMemcpy(hs.data(), b.sf, b.sf_bytes, cudaMemcpyDeviceToHost));
     const uint64_t sum = fnv(hs, fnv(hx));
-    // median of 50 runs, each after an L2 flush
-    cudaEvent_t e0, e1;
-    CHECK(cudaEventCreate(&e0));
-    CHECK(cudaEventCreate(&e1));
-    auto timed = [&](auto&& f) {
-      std::vector<float> t;
-      for (int i = 0; i < 53; ++i) {
-        flush_kernel<<<1024, 256, 0, stream>>>(flush, flush_bytes / 16, uint32_t(i));
-        CHECK(cudaEventRecord(e0, stream));
-        f();
-        CHECK(cudaEventRecord(e1, stream));
-        CHECK(cudaEventSynchronize(e1));
-        float ms;
-        CHECK(cudaEventElapsedTime(&ms, e0, e1));
-        if (i >= 3) t.push_back(ms * 1000.0f);
-      }
-      return median(t);
-    };
-    const float t_q = timed(run);
-    const float t_c = timed(copy);
+    const float t_q = time_flushed(run, stream, flush, flush_bytes);
+    const float t_c = time_flushed(copy, stream, flush, flush_bytes);
     std::printf("%-5s %-6s %-7s %6ld %6ld %9.1f %9.1f %6.1f%% %016llx\n", dtype_name(c.dtype), c.mxfp4 ? "mxfp4" : "nvfp4",
                 layout_name(c.layout), long(c.m), long(c.k), t_q, t_c, 100.0f * t_c / t_q, (unsigned long long)sum);
-    cudaEventDestroy(e0);
-    cudaEventDestroy(e1);
     free_buffers(b);
   }
 
@@ -244,7 +328,11 @@ int main(int argc, char** argv) {
   float* tiny;
   CHECK(cudaMalloc(&tiny, sizeof(float)));
   const float t_empty = time_graph([&] { empty_like_add_kernel<<<1, 128, 0, stream>>>(tiny); }, stream, 50, 20);
-  std::printf("\ngraph replay, 50 calls: empty kernel %.2f us per call\n", t_empty);
+  const fp4op::cuda::LaunchStream empty_ls{stream, pdl};
+  const float t_empty_fp4op = time_graph(
+      [&] { CHECK(fp4op::cuda::launch_kernel(empty_like_fp4op_kernel, dim3(1), empty_ls, tiny)); }, stream, 50, 20);
+  std::printf("\ngraph replay, 50 calls: empty kernel %.2f us per call; launched like fp4op's kernels %.2f us\n",
+              t_empty, t_empty_fp4op);
   std::printf("%-5s %-6s %-7s %6s %6s %9s %7s %s\n", "dtype", "recipe", "layout", "M", "K", "us/call", "x empty",
               "checksum");
   for (int64_t m : {1, 16}) {

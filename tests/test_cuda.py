@@ -65,6 +65,20 @@ def test_matrix_cuda_equals_cpu(dtype, vec, ue8m0, layout, kind, inversed):
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("vec,ue8m0", RECIPE_PARAMS)
 @pytest.mark.parametrize("layout", LAYOUTS)
+def test_elementwise_kernel_cuda_equals_cpu(dtype, vec, ue8m0, layout):
+    # The matrix above is small enough for the split kernel (at most 2048 16-byte loads an SM, see
+    # block_quantize.cuh); these rows are more than that for every dtype/recipe at K = 512, so they take
+    # the prefetching elementwise kernel (and sector tiles for the swizzled layouts), M % 128 != 0
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    m = sms * 2048 // 32 + 101
+    x = random_input((m, 512), dtype)
+    gs = None if ue8m0 else make_global_scale(x, "per_row")
+    cuda_equals_cpu(x, gs, vec, ue8m0, layout, dequantize=False)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("vec,ue8m0", RECIPE_PARAMS)
+@pytest.mark.parametrize("layout", LAYOUTS)
 def test_special_values_cuda_equals_cpu(dtype, vec, ue8m0, layout):
     specials = torch.tensor([0.0, -0.0, float("inf"), float("-inf"), float("nan"), 1e-7, -3e-8, 2.0**-133, 448.0,
                              0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 6.0, 65504.0])

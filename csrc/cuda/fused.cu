@@ -1,7 +1,7 @@
 // CUDA kernels of the fused "norm/activation + FP4 quantize" ops (plain CUDA; see fused_launch.h).
 //
-// Activations (plain and gated) are elementwise: they run the quantize kernel of block_quantize.cuh (a
-// thread per scale block, prefetched row tiles) with a source that applies the activation.
+// Activations (plain and gated) are elementwise: they run the quantize kernels of block_quantize.cuh
+// (elementwise or split) with a source that applies the activation.
 //
 // Norms need a row statistic before the first block of a row can be quantized. A row is owned by a team
 // of T threads (a multiple of 32, so teams are whole warps), thread t of the team owning the block

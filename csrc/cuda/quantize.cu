@@ -1,9 +1,8 @@
 // CUDA kernels of fp4op::quantize and fp4op::dequantize (plain CUDA; see launch.h).
 //
-// Quantize: the elementwise kernel of block_quantize.cuh (a thread per scale block) with the input
-// widened as it is. Threads past the last real block column write the zero padding columns of the
-// swizzled sf layouts and the CTAs past the quantizing ones zero the padding rows: one launch writes
-// every output byte.
+// Quantize: the elementwise or split kernel of block_quantize.cuh with the input widened as it is.
+// Threads past the last real block column write the zero padding columns of the swizzled sf layouts
+// and the CTAs past the quantizing ones zero the padding rows: one launch writes every output byte.
 #include "block_quantize.cuh"
 
 namespace fp4op::cuda {
