@@ -32,7 +32,7 @@ for s in $stages; do
     smoke) run smoke $PY scripts/gpu_smoke.py ;;
     tests) run tests timeout ${TESTS_TIMEOUT:-360} $PY -m pytest ${TESTS:-tests} -q -p no:cacheprovider ;;  # TESTS: a subset
     sanitize)
-      for tool in memcheck racecheck initcheck; do
+      for tool in ${SANITIZE_TOOLS:-memcheck racecheck initcheck}; do
         run "sanitize_$tool" timeout 120 compute-sanitizer --tool $tool --error-exitcode 1 $PY scripts/memcheck_cases.py
         run "sanitize_fused_$tool" timeout 120 compute-sanitizer --tool $tool --error-exitcode 1 $PY scripts/memcheck_fused_cases.py
       done ;;

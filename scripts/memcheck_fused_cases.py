@@ -3,7 +3,7 @@
     compute-sanitizer --tool memcheck --error-exitcode 1 python scripts/memcheck_fused_cases.py
 
 Every fused op, both recipes, every layout, odd M (1 included), rows held in registers (K = 2048, 6144,
-16384), a row re-read from memory (K = 20480) and gate/up as the two halves of one tensor. Each result is
+16384), a row re-read from memory (K = 20480), the activations' two kernels and gate/up as the two halves of one tensor. Each result is
 compared with the CPU kernel under the fused ops' acceptance (>= 99.9% of bytes identical, reduction
 order only); exits 1 on a failure, 2 without a GPU."""
 
@@ -45,7 +45,8 @@ def main():
     for op in OPS:
         for vec, ue8m0 in ((16, False), (32, True)):
             for layout in layouts.LAYOUTS:
-                for m, k in ((1, 2048), (7, 128), (129, 64 * 3), (3, 6144), (2, 16384), (2, 20480)):
+                # (4500, 512): the activations take the elementwise kernel, the rest the split kernel
+                for m, k in ((1, 2048), (7, 128), (129, 64 * 3), (3, 6144), (2, 16384), (2, 20480), (4500, 512)):
                     kk = 2 * k if op.endswith("_and_mul") else k
                     x = torch.randn(m, kk, generator=g).to(torch.bfloat16)
                     w = torch.randn(k, generator=g).to(torch.bfloat16)
