@@ -279,7 +279,7 @@ int main(int argc, char** argv) {
   uint4* flush;
   CHECK(cudaMalloc(&flush, flush_bytes));
   uint8_t *copy_src, *copy_dst;
-  const int64_t copy_max = int64_t(512) << 20;
+  const int64_t copy_max = int64_t(1) << 30;
   CHECK(cudaMalloc(&copy_src, copy_max));
   CHECK(cudaMalloc(&copy_dst, copy_max));
   cudaStream_t stream;
@@ -290,11 +290,14 @@ int main(int argc, char** argv) {
   std::vector<Case> cases;
   const std::vector<std::pair<int64_t, int64_t>> big =
       quick ? std::vector<std::pair<int64_t, int64_t>>{{128, 8192}, {1024, 2048}, {8192, 4096}, {8192, 16384}}
-            : std::vector<std::pair<int64_t, int64_t>>{{8192, 4096}, {8192, 8192}, {8192, 16384}, {32768, 4096}};
+            : std::vector<std::pair<int64_t, int64_t>>{{8192, 4096}, {8192, 8192}, {8192, 16384}, {32768, 4096},
+                                                       {32768, 16384}};
   for (auto [m, k] : big) {
     for (InputDtype d : {InputDtype::kBFloat16, InputDtype::kFloat8E4M3}) {
       for (bool mx : {false, true}) {
-        for (SfLayout l : {SfLayout::kSwizzled128x4, SfLayout::kLinear}) cases.push_back({d, mx, l, m, k});
+        for (SfLayout l : {SfLayout::kSwizzled128x4, SfLayout::kSwizzled8x4, SfLayout::kLinear}) {
+          cases.push_back({d, mx, l, m, k});
+        }
       }
     }
     cases.push_back({InputDtype::kFloat16, false, SfLayout::kSwizzled128x4, m, k});

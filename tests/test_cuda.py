@@ -331,6 +331,15 @@ def test_large_8192x16384_bf16(vec, ue8m0, layout):
 
 
 @pytest.mark.large
+def test_large_sf_fp8_nvfp4_128x4():
+    # 16384 x 16384 e4m3: a 16 MiB sf tensor, from which fp8 NVFP4 128x4 takes sector tiles
+    g = torch.Generator(device="cuda").manual_seed(3)
+    x = torch.randn(16384, 16384, device="cuda", generator=g).clamp(-448, 448).to(torch.float8_e4m3fn)
+    gs = make_global_scale(x, "per_row")
+    cuda_equals_cpu(x, gs, 16, False, "128x4", dequantize=False)
+
+
+@pytest.mark.large
 def test_more_than_2_pow_31_elements():
     # [2^31 / 8192 + 1, 8192] bf16: 2^31 + 8192 elements (4.3 GB); compare sampled rows, the last ones
     # included, against the CPU kernel on those rows, and the last rows' scales in every layout

@@ -290,6 +290,8 @@ struct ElementwiseArgs {
 // Sector tiles from this many rows up; below, a row-major tile of up to 256 columns keeps the few
 // rows in few CTAs.
 constexpr int64_t kSectorTileMinRows = 128;
+// The sf bytes from which fp8 NVFP4 128x4 takes sector tiles too (see launch_elementwise_layout).
+constexpr int64_t kSectorTileMinSfBytes = int64_t(16) << 20;
 
 struct Tiling {
   int cols_per_tile;
@@ -497,9 +499,13 @@ cudaError_t launch_elementwise_layout(const ElementwiseArgs& a, const LaunchStre
   }
   Tiling t;
   int64_t tiles_k;
-  // a warp of a sector tile reads 4 blocks a row of each stream: at least 32 bytes a block (a 128-byte
-  // line; fp8 NVFP4's 64 bytes read slower than the scale stores gain)
-  t.sector_tiles = LAYOUT != SfLayout::kLinear && q.m >= kSectorTileMinRows && VEC * SRC::kElementBytes >= 32;
+  // A warp of a sector tile reads 4 blocks a row of each stream: at least 32 bytes a block (a 128-byte
+  // line). fp8 NVFP4's 16-byte blocks (64 bytes a row) read slower than the scale stores gain, except in
+  // the 128x4 layout once its sf tensor is large (H100, kernel lab: 58% -> 68% of copy at 32768x16384,
+  // sf 32 MiB; 72% -> 67-70% at 8 MiB, and the 8x4 layout loses at every size).
+  const bool wide_blocks = VEC * SRC::kElementBytes >= 32;
+  const bool large_128x4_sf = LAYOUT == SfLayout::kSwizzled128x4 && sf_rows(q.m, LAYOUT) * cols >= kSectorTileMinSfBytes;
+  t.sector_tiles = LAYOUT != SfLayout::kLinear && q.m >= kSectorTileMinRows && (wide_blocks || large_128x4_sf);
   if (t.sector_tiles) {
     t.cols_per_tile = 4;
     t.rows_per_tile = kThreads / 4;
