@@ -185,21 +185,22 @@ __device__ __forceinline__ uint32_t quantize_block(const float (&f)[VEC], Nvfp4R
   return s.sf;
 }
 
-// Stores the scale byte of block column `col` of `row`. Lanes 4j..4j+3 of a warp must hold columns
-// 4q..4q+3 of one row: in the swizzled layouts those four bytes are contiguous and lane 4j writes
-// them as one word (every lane of the warp must call this); `in_sf` says the column exists in the sf
-// tensor (real or padding), `has_data` that it is real.
-template <SfLayout LAYOUT>
+// Stores the scale byte of block column `col` of `row`, held by the LANES adjacent lanes of the block
+// (threadIdx.x % LANES == 0 first). The 4 * LANES lanes from a multiple of 4 * LANES must hold columns
+// 4q..4q+3 of one row: in the swizzled layouts those four bytes are contiguous and the group's first
+// lane writes them as one word (every lane of the warp must call this); `in_sf` says the column exists
+// in the sf tensor (real or padding), `has_data` that it is real.
+template <SfLayout LAYOUT, int LANES = 1>
 __device__ __forceinline__ void store_sf(uint8_t* sf, int64_t row, int64_t col, int64_t nk, uint32_t sf_byte,
                                          bool row_ok, bool in_sf, bool has_data) {
   if constexpr (LAYOUT == SfLayout::kLinear) {
-    if (has_data) sf[sf_offset(row, col, nk, LAYOUT)] = uint8_t(sf_byte);
+    if (has_data && threadIdx.x % LANES == 0) sf[sf_offset(row, col, nk, LAYOUT)] = uint8_t(sf_byte);
   } else {
     uint32_t word = sf_byte;
-    word |= __shfl_down_sync(kFullMask, sf_byte, 1) << 8;
-    word |= __shfl_down_sync(kFullMask, sf_byte, 2) << 16;
-    word |= __shfl_down_sync(kFullMask, sf_byte, 3) << 24;
-    if ((threadIdx.x & 3) == 0 && row_ok && in_sf) {
+    word |= __shfl_down_sync(kFullMask, sf_byte, LANES) << 8;
+    word |= __shfl_down_sync(kFullMask, sf_byte, 2 * LANES) << 16;
+    word |= __shfl_down_sync(kFullMask, sf_byte, 3 * LANES) << 24;
+    if (threadIdx.x % (4 * LANES) == 0 && row_ok && in_sf) {
       *reinterpret_cast<uint32_t*>(sf + sf_offset(row, col, nk, LAYOUT)) = word;
     }
   }
@@ -465,16 +466,8 @@ __global__ void __launch_bounds__(kSplitThreads) split_kernel(const ElementwiseA
            packed);
     sf_byte = s.sf;
   }
-  if constexpr (LAYOUT == SfLayout::kLinear) {
-    if (has_data && part == 0) q.sf[sf_offset(row, col, nk, LAYOUT)] = uint8_t(sf_byte);
-  } else {
-    // the lanes of columns 4j..4j+3 of a row are 4 * kLanes adjacent lanes (cols % 4 == 0)
-    uint32_t word = sf_byte;
-    word |= __shfl_down_sync(kFullMask, sf_byte, kLanes) << 8;
-    word |= __shfl_down_sync(kFullMask, sf_byte, 2 * kLanes) << 16;
-    word |= __shfl_down_sync(kFullMask, sf_byte, 3 * kLanes) << 24;
-    if (t % (4 * kLanes) == 0 && row_ok) *reinterpret_cast<uint32_t*>(q.sf + sf_offset(row, col, nk, LAYOUT)) = word;
-  }
+  // a row's cols * kLanes threads start at a multiple of 4 * kLanes (cols % 4 == 0), as do the CTAs
+  store_sf<LAYOUT, kLanes>(q.sf, row, col, nk, sf_byte, row_ok, true, has_data);
 }
 
 template <class SRC, int VEC, bool UE8M0, SfLayout LAYOUT>
