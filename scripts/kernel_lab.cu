@@ -199,6 +199,9 @@ uint64_t device_fnv(const void* p, int64_t bytes, uint64_t h = 14695981039346656
   return fnv(host, h);
 }
 
+// The checksum of a case's outputs: x_q, then sf.
+uint64_t outputs_fnv(const Buffers& b) { return device_fnv(b.sf, b.sf_bytes, device_fnv(b.x_q, b.xq_bytes)); }
+
 // The fused ops (bf16 input, 128x4 scales) against a copy of the bytes each reads and writes.
 void fused_section(const cudaDeviceProp& prop, cudaStream_t stream, bool pdl, uint4* flush, int64_t flush_bytes,
                    uint8_t* copy_src, uint8_t* copy_dst) {
@@ -250,7 +253,7 @@ void fused_section(const cudaDeviceProp& prop, cudaStream_t stream, bool pdl, ui
         CHECK(cudaDeviceSynchronize());  // the memsets run on the legacy stream, the op on `stream`
         run();
         CHECK(cudaStreamSynchronize(stream));
-        uint64_t sum_hash = device_fnv(b.sf, b.sf_bytes, device_fnv(b.x_q, b.xq_bytes));
+        uint64_t sum_hash = outputs_fnv(b);
         if (o.sum_out) sum_hash = device_fnv(sum, b.in_bytes, sum_hash);
         const float t_f = time_flushed(run, stream, flush, flush_bytes);
         const float t_c = time_flushed(copy, stream, flush, flush_bytes);
@@ -316,10 +319,7 @@ int main(int argc, char** argv) {
     CHECK(cudaDeviceSynchronize());
     run();
     CHECK(cudaStreamSynchronize(stream));
-    std::vector<uint8_t> hx(b.xq_bytes), hs(b.sf_bytes);
-    CHECK(cudaMemcpy(hx.data(), b.x_q, b.xq_bytes, cudaMemcpyDeviceToHost));
-    CHECK(cudaMemcpy(hs.data(), b.sf, b.sf_bytes, cudaMemcpyDeviceToHost));
-    const uint64_t sum = fnv(hs, fnv(hx));
+    const uint64_t sum = outputs_fnv(b);
     const float t_q = time_flushed(run, stream, flush, flush_bytes);
     const float t_c = time_flushed(copy, stream, flush, flush_bytes);
     std::printf("%-5s %-6s %-7s %6ld %6ld %9.1f %9.1f %6.1f%% %016llx\n", dtype_name(c.dtype), c.mxfp4 ? "mxfp4" : "nvfp4",
@@ -349,11 +349,8 @@ int main(int argc, char** argv) {
           CHECK(cudaMemset(b.sf, 0xCD, b.sf_bytes));
           CHECK(cudaDeviceSynchronize());
           const float t = time_graph([&] { CHECK(fp4op::cuda::launch_quantize(a, ls)); }, stream, 50, 20);
-          std::vector<uint8_t> hx(b.xq_bytes), hs(b.sf_bytes);
-          CHECK(cudaMemcpy(hx.data(), b.x_q, b.xq_bytes, cudaMemcpyDeviceToHost));
-          CHECK(cudaMemcpy(hs.data(), b.sf, b.sf_bytes, cudaMemcpyDeviceToHost));
           std::printf("%-5s %-6s %-7s %6ld %6ld %9.2f %7.2f %016llx\n", dtype_name(c.dtype), mx ? "mxfp4" : "nvfp4",
-                      layout_name(l), long(m), long(k), t, t / t_empty, (unsigned long long)fnv(hs, fnv(hx)));
+                      layout_name(l), long(m), long(k), t, t / t_empty, (unsigned long long)outputs_fnv(b));
           free_buffers(b);
         }
       }
