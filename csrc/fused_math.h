@@ -91,36 +91,31 @@ enum class RmsWeight : int {
   kInputDtype = 2,   // y = round(x * r) * round(offset + w), product in the input dtype (HF Llama)
 };
 
-// One RMSNorm output element before its final rounding is applied by `rms_norm_element`.
-// `x`: the input element, `r`: rsqrt(mean(x^2) + eps), `w`: the weight element (0 for kNone).
+// `offset + w`, the factor of an RMSNorm weight form. Without an offset the module multiplies by the
+// weight itself: 0 + w would turn a -0 weight into +0 and flip the sign of the zero it produces (E2M1
+// code 8 vs 0).
+FP4OP_HD float rms_weight_scale(float w, float offset) { return offset == 0.0f ? w : add_rn(offset, w); }
+
+// One RMSNorm output element in the model dtype. `x`: the input element, `r`: rsqrt(mean(x^2) + eps),
+// `w`: the weight element in the model dtype (0 for kNone). The GPU kernels compute whole blocks with
+// rms_norm_elements, the same steps with the roundings paired.
 FP4OP_HD float rms_norm_element(float x, float r, float w, float offset, RmsWeight form, InputDtype dtype) {
   const float normed = mul_rn(x, r);
-  // without an offset the module multiplies by the weight itself: 0 + w would turn a -0 weight into +0
-  // and flip the sign of the zero it produces (E2M1 code 8 vs 0)
-  const float scale = offset == 0.0f ? w : add_rn(offset, w);
+  const float scale = rms_weight_scale(w, offset);
   switch (form) {
     case RmsWeight::kNone: return round_to(normed, dtype);
     case RmsWeight::kFloat32: return round_to(mul_rn(normed, scale), dtype);
-    default: {
-      const float w_dtype = round_to(scale, dtype);  // offset + weight in the input dtype
-      return round_to(mul_rn(w_dtype, round_to(normed, dtype)), dtype);
-    }
+    default: return round_to(mul_rn(round_to(scale, dtype), round_to(normed, dtype)), dtype);
   }
 }
 
-// F.layer_norm as torch's CUDA kernels compute it: w * ((x - mean) * rstd) + b in float32, one
-// rounding (a weight-only or bias-only layer norm leaves the missing term out). The CPU form differs:
-// layer_norm_element_cpu.
-FP4OP_HD float layer_norm_element(float x, float mean, float rstd, float w, bool has_w, float b, bool has_b,
-                                  InputDtype dtype) {
+// F.layer_norm as torch's CUDA kernels compute it before the rounding to the model dtype:
+// w * ((x - mean) * rstd) + b in float32 (a weight-only or bias-only layer norm leaves the missing term
+// out). The CPU form differs: layer_norm_element_cpu.
+FP4OP_HD float layer_norm_unrounded(float x, float mean, float rstd, float w, bool has_w, float b, bool has_b) {
   const float normed = mul_rn(add_rn(x, -mean), rstd);
-  float y;
-  if (has_w && has_b) {
-    y = torch_mul_add(w, normed, b);
-  } else {
-    y = has_w ? mul_rn(normed, w) : has_b ? add_rn(normed, b) : normed;
-  }
-  return round_to(y, dtype);
+  if (has_w && has_b) return torch_mul_add(w, normed, b);
+  return has_w ? mul_rn(normed, w) : has_b ? add_rn(normed, b) : normed;
 }
 
 // F.layer_norm as torch's CPU kernel computes it (layer_norm_kernel_mixed_type in
@@ -161,17 +156,102 @@ FP4OP_HD float gelu_f32(float x, GeluApprox approx) {
 
 enum class Activation : int { kSilu = 0, kGeluErf = 1, kGeluTanh = 2 };
 
-// act(x) rounded to the model dtype: F.silu(x) / F.gelu(x) of a float16/bfloat16 tensor.
-FP4OP_HD float activation_element(float x, Activation act, InputDtype dtype) {
-  const float y = act == Activation::kSilu      ? silu_f32(x)
-                  : act == Activation::kGeluErf ? gelu_f32(x, GeluApprox::kNone)
-                                                : gelu_f32(x, GeluApprox::kTanh);
-  return round_to(y, dtype);
+// act(x) in float32, before the rounding to the model dtype: F.silu / F.gelu of a float16/bfloat16
+// tensor rounds this once.
+FP4OP_HD float activation_unrounded(float x, Activation act) {
+  return act == Activation::kSilu      ? silu_f32(x)
+         : act == Activation::kGeluErf ? gelu_f32(x, GeluApprox::kNone)
+                                       : gelu_f32(x, GeluApprox::kTanh);
 }
 
-// F.silu(gate) * up in the model dtype: round(round(act(gate)) * up).
-FP4OP_HD float gated_element(float gate, float up, Activation act, InputDtype dtype) {
-  return round_to(mul_rn(activation_element(gate, act, dtype), up), dtype);
+#if defined(__CUDACC__)
+// ---- whole blocks on the GPU ----------------------------------------------------------------------
+// The GPU kernels compute a scale block's elements two at a time, so that the roundings to the model
+// dtype pair up: one packing conversion (F2FP) rounds two values, where round_to spends one on each.
+// (Pairs, not whole blocks, step by step: a block-wide array of weights lived in registers across the
+// steps and cost the BPT = 4 RMSNorm kernel a CTA an SM.)
+
+// round_to of both values.
+__device__ __forceinline__ void round_pair(float& lo, float& hi, InputDtype dtype) {
+  if (dtype == InputDtype::kBFloat16) {
+    const __nv_bfloat162 pair = __floats2bfloat162_rn(lo, hi);  // lo in the low half
+    const uint32_t bits = *reinterpret_cast<const uint32_t*>(&pair);
+    lo = __uint_as_float(bits << 16);
+    hi = __uint_as_float(bits & 0xFFFF0000u);
+  } else {
+    const float2 pair = __half22float2(__floats2half2_rn(lo, hi));
+    lo = pair.x;
+    hi = pair.y;
+  }
 }
+
+// rms_norm_element of each of `x` (replaced by the outputs). The kernels pass a literal 0 offset where
+// the module has none, which takes the offset test out of the element loop.
+template <int N>
+__device__ __forceinline__ void rms_norm_elements(float (&x)[N], float r, const float (&w)[N], float offset,
+                                                  RmsWeight form, InputDtype dtype) {
+  static_assert(N % 2 == 0, "pairs");
+#pragma unroll
+  for (int e = 0; e < N; e += 2) {
+    float lo = mul_rn(x[e], r), hi = mul_rn(x[e + 1], r);
+    float scale_lo = rms_weight_scale(w[e], offset), scale_hi = rms_weight_scale(w[e + 1], offset);
+    if (form == RmsWeight::kFloat32) {
+      lo = mul_rn(lo, scale_lo);
+      hi = mul_rn(hi, scale_hi);
+    } else if (form == RmsWeight::kInputDtype) {
+      round_pair(lo, hi, dtype);
+      if (offset != 0.0f) round_pair(scale_lo, scale_hi, dtype);  // w alone is in the model dtype already
+      lo = mul_rn(scale_lo, lo);
+      hi = mul_rn(scale_hi, hi);
+    }
+    round_pair(lo, hi, dtype);
+    x[e] = lo;
+    x[e + 1] = hi;
+  }
+}
+
+// F.layer_norm (layer_norm_unrounded, rounded) of each of `x` (replaced by the outputs).
+template <int N>
+__device__ __forceinline__ void layer_norm_elements(float (&x)[N], float mean, float rstd, const float (&w)[N],
+                                                    bool has_w, const float (&b)[N], bool has_b, InputDtype dtype) {
+  static_assert(N % 2 == 0, "pairs");
+#pragma unroll
+  for (int e = 0; e < N; e += 2) {
+    x[e] = layer_norm_unrounded(x[e], mean, rstd, w[e], has_w, b[e], has_b);
+    x[e + 1] = layer_norm_unrounded(x[e + 1], mean, rstd, w[e + 1], has_w, b[e + 1], has_b);
+    round_pair(x[e], x[e + 1], dtype);
+  }
+}
+
+// act(x) in the model dtype for each of `x` (replaced by the outputs).
+template <int N>
+__device__ __forceinline__ void activation_elements(float (&x)[N], Activation act, InputDtype dtype) {
+  static_assert(N % 2 == 0, "pairs");
+#pragma unroll
+  for (int e = 0; e < N; e += 2) {
+    x[e] = activation_unrounded(x[e], act);
+    x[e + 1] = activation_unrounded(x[e + 1], act);
+    round_pair(x[e], x[e + 1], dtype);
+  }
+}
+
+// F.silu(gate) * up (or GELU) in the model dtype, round(round(act(gate)) * up), for each of `gate`
+// (replaced by the outputs).
+template <int N>
+__device__ __forceinline__ void gated_elements(float (&gate)[N], const float (&up)[N], Activation act,
+                                               InputDtype dtype) {
+  static_assert(N % 2 == 0, "pairs");
+#pragma unroll
+  for (int e = 0; e < N; e += 2) {
+    float lo = activation_unrounded(gate[e], act), hi = activation_unrounded(gate[e + 1], act);
+    round_pair(lo, hi, dtype);
+    lo = mul_rn(lo, up[e]);
+    hi = mul_rn(hi, up[e + 1]);
+    round_pair(lo, hi, dtype);
+    gate[e] = lo;
+    gate[e + 1] = hi;
+  }
+}
+#endif  // __CUDACC__
 
 }  // namespace fp4op::fused

@@ -38,8 +38,7 @@ struct ActivationSource {
   }
   template <int V>
   __device__ __forceinline__ static void apply(float (&f)[V], Activation act) {
-#pragma unroll
-    for (int i = 0; i < V; ++i) f[i] = fused::activation_element(f[i], act, D);
+    fused::activation_elements(f, act, D);
   }
 };
 
@@ -63,8 +62,7 @@ struct GatedSource {
   }
   template <int V>
   __device__ __forceinline__ static void apply(float (&f)[V], const float (&up)[V], Activation act) {
-#pragma unroll
-    for (int i = 0; i < V; ++i) f[i] = fused::gated_element(f[i], up[i], act, D);
+    fused::gated_elements(f, up, act, D);
   }
 };
 
@@ -153,7 +151,11 @@ struct NormRow {
         Input<D>::widen(v[i], xf);
         Input<D>::widen(rv[i], rf);
 #pragma unroll
-        for (int e = 0; e < kChunk; ++e) xf[e] = fused::round_to(add_rn(xf[e], rf[e]), D);
+        for (int e = 0; e < kChunk; e += 2) {
+          xf[e] = add_rn(xf[e], rf[e]);
+          xf[e + 1] = add_rn(xf[e + 1], rf[e + 1]);
+          fused::round_pair(xf[e], xf[e + 1], D);
+        }
         v[i] = narrow8<D>(xf);
         out[i] = v[i];
       }
@@ -173,7 +175,9 @@ struct NormRow {
     }
   }
 
-  // The block's share of the row statistic: sum of squares (RMS), sum of (x - center)^2 or sum (LN).
+  // The block's share of the row statistic: sum of squares (RMS), sum (LN), or sum of (x - center)^2
+  // (LN, CENTERED).
+  template <bool CENTERED>
   __device__ __forceinline__ static float partial(const uint4 (&v)[kLoads], float center, bool squares) {
     float acc = 0.0f;
 #pragma unroll
@@ -182,7 +186,7 @@ struct NormRow {
       Input<D>::widen(v[i], f);
 #pragma unroll
       for (int e = 0; e < kChunk; ++e) {
-        const float d = add_rn(f[e], -center);
+        const float d = CENTERED ? add_rn(f[e], -center) : f[e];  // x - 0 is x: no instruction
         acc = squares ? __fmaf_rn(d, d, acc) : add_rn(acc, d);
       }
     }
@@ -235,14 +239,17 @@ struct NormRow {
   template <bool HAS_W, bool HAS_B>
   __device__ __forceinline__ static void layer_norm_block(float mean, float rstd, const float (&w)[VEC],
                                                           const float (&b)[VEC], float (&f)[VEC]) {
-#pragma unroll
-    for (int e = 0; e < VEC; ++e) f[e] = fused::layer_norm_element(f[e], mean, rstd, w[e], HAS_W, b[e], HAS_B, D);
+    fused::layer_norm_elements(f, mean, rstd, w, HAS_W, b, HAS_B, D);
   }
 
   template <RmsWeight FORM>
   __device__ __forceinline__ void rms_norm_block(float rstd, const float (&w)[VEC], float (&f)[VEC]) const {
-#pragma unroll
-    for (int e = 0; e < VEC; ++e) f[e] = fused::rms_norm_element(f[e], rstd, w[e], a.weight_offset, FORM, D);
+    // a literal 0 takes the offset test out of the element loop (one branch a block)
+    if (a.weight_offset == 0.0f) {
+      fused::rms_norm_elements(f, rstd, w, 0.0f, FORM, D);
+    } else {
+      fused::rms_norm_elements(f, rstd, w, a.weight_offset, FORM, D);
+    }
   }
 };
 
@@ -318,7 +325,7 @@ __global__ void __launch_bounds__(kThreads) norm_kernel(const FusedLaunch a, con
       if (!row_ok || col >= nk) return;
       uint4 v[kLoads];
       r.load(col, v);
-      acc = add_rn(acc, Row::partial(v, 0.0f, !kIsLayerNorm<OP>));
+      acc = add_rn(acc, Row::template partial<false>(v, 0.0f, !kIsLayerNorm<OP>));
       if constexpr (BPT > 0) {
 #pragma unroll
         for (int i = 0; i < kLoads; ++i) held[p][i] = v[i];
@@ -337,7 +344,7 @@ __global__ void __launch_bounds__(kThreads) norm_kernel(const FusedLaunch a, con
         if (!row_ok || col >= nk) return;
         uint4 v[kLoads];
         block(p, col, v);
-        acc2 = add_rn(acc2, Row::partial(v, mean, true));
+        acc2 = add_rn(acc2, Row::template partial<true>(v, mean, true));
       });
       const float var = div_rn(team_sum(acc2, team, smem), kf);
       stat_a = mean;
