@@ -3,6 +3,8 @@ helpers around it."""
 
 from __future__ import annotations
 
+import operator
+
 import torch
 
 from . import layouts, ops
@@ -24,8 +26,29 @@ def _prepare_global_scale(global_scale, sf_use_ue8m0: bool, device: torch.device
         raise ValueError(f"fp4op: global_scale must be a torch.Tensor, got {type(global_scale).__name__}")
     if not global_scale.dtype.is_floating_point:
         raise ValueError(f"fp4op: global_scale must have a floating dtype, got {global_scale.dtype}")
+    if global_scale.device != device:
+        raise ValueError(f"fp4op: global_scale must be on the input's device ({device}), got {global_scale.device}")
     # convert, never reinterpret (a bf16 scale read as fp32 gives all-zero scales)
-    return global_scale.to(device=device, dtype=torch.float32)
+    return global_scale.to(dtype=torch.float32)
+
+
+def _check_sf_vec_size(sf_vec_size) -> int:
+    """sf_vec_size as an int; anything but the integer 16 or 32 is NotImplementedError (SPEC.md)."""
+    try:
+        size = operator.index(sf_vec_size)  # ints and numpy integers, not floats or bools
+    except TypeError:
+        size = None
+    if size not in (16, 32) or isinstance(sf_vec_size, bool):
+        raise NotImplementedError(f"fp4op: sf_vec_size must be 16 (NVFP4) or 32 (MXFP4), got {sf_vec_size!r}")
+    return size
+
+
+def _check_flag(name: str, value) -> bool:
+    """A boolean argument: Python/numpy booleans and the integers 0 and 1."""
+    if isinstance(value, (bool, int)) or (type(value).__module__ == "numpy" and type(value).__name__ in ("bool", "bool_")):
+        if value in (0, 1):
+            return bool(value)
+    raise ValueError(f"fp4op: {name} must be a bool, got {value!r}")
 
 
 def fp4_quantize(
@@ -51,8 +74,16 @@ def fp4_quantize(
     the end of the previous kernel on the stream (it waits for that kernel's results before reading
     memory). None: on wherever the GPU has it (sm_90+). Never changes results; ignored on the CPU.
     """
-    if sf_vec_size not in (16, 32):
-        raise NotImplementedError(f"fp4op: sf_vec_size must be 16 (NVFP4) or 32 (MXFP4), got {sf_vec_size}")
+    sf_vec_size = _check_sf_vec_size(sf_vec_size)
+    sf_use_ue8m0, is_sf_swizzled_layout, is_sf_8x4_layout, is_global_scale_inversed = (
+        _check_flag(name, value)
+        for name, value in (
+            ("sf_use_ue8m0", sf_use_ue8m0),
+            ("is_sf_swizzled_layout", is_sf_swizzled_layout),
+            ("is_sf_8x4_layout", is_sf_8x4_layout),
+            ("is_global_scale_inversed", is_global_scale_inversed),
+        )
+    )
     if backend not in _BACKENDS:
         raise ValueError(f"fp4op: unknown backend {backend!r}; must be 'cuda' or 'cute-dsl'")
     if not isinstance(input, torch.Tensor):

@@ -1,6 +1,7 @@
 """fp4op.fp4_quantize as a drop-in for flashinfer.quantization.fp4_quantize (SPEC.md), the helpers of
 fp4op.api, and the error contract of the API and of the raw ops."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -106,12 +107,45 @@ def test_global_scale_dtype_converted_not_reinterpreted(gs_dtype):
     assert (sf != 0).any(), "a reinterpreted bf16 scale gives all-zero scales"
 
 
-@requires_cuda
-def test_global_scale_on_cpu_moved_to_input_device():
-    x = random_input((32, 64), torch.bfloat16, device="cuda")
-    gs = make_global_scale(x, "per_row", device="cpu")
-    got = fp4op.fp4_quantize(x, gs)
-    want = fp4op.fp4_quantize(x, gs.cuda())
+@pytest.mark.parametrize(
+    "x_device,gs_device",
+    [("cpu", "meta"), pytest.param("cuda", "cpu", marks=requires_cuda), pytest.param("cpu", "cuda", marks=requires_cuda)],
+)
+def test_global_scale_on_another_device_is_value_error(x_device, gs_device):
+    # SPEC.md: a device mismatch is a ValueError naming the argument (never a silent copy)
+    x = random_input((32, 64), torch.bfloat16, device=x_device)
+    gs = torch.ones(1, device=gs_device)
+    with pytest.raises(ValueError, match="global_scale"):
+        fp4op.fp4_quantize(x, gs)
+    with pytest.raises(ValueError, match="global_scale"):
+        fp4op.dequantize(*fp4op.fp4_quantize(x, torch.ones(1, device=x_device)), gs)
+
+
+@pytest.mark.parametrize("size", [16.0, "16", True, None, 24])
+def test_sf_vec_size_not_an_integer_16_or_32_is_not_implemented(size):
+    with pytest.raises(NotImplementedError, match="sf_vec_size"):
+        fp4op.fp4_quantize(random_input((4, 32), torch.bfloat16), torch.ones(1), sf_vec_size=size)
+
+
+def test_sf_vec_size_numpy_integer_accepted():
+    x = random_input((4, 32), torch.bfloat16)
+    got = fp4op.fp4_quantize(x, torch.ones(1), sf_vec_size=np.int64(16))
+    want = fp4op.fp4_quantize(x, torch.ones(1))
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+@pytest.mark.parametrize("flag", ["sf_use_ue8m0", "is_sf_swizzled_layout", "is_sf_8x4_layout", "is_global_scale_inversed"])
+@pytest.mark.parametrize("value", ["no", 2, 0.5, None])
+def test_flag_not_a_bool_is_value_error(flag, value):
+    with pytest.raises(ValueError, match=flag):
+        fp4op.fp4_quantize(random_input((4, 32), torch.bfloat16), torch.ones(1), **{flag: value})
+
+
+@pytest.mark.parametrize("value", [np.False_, 0, 1, np.True_])
+def test_flag_numpy_bool_and_int_accepted(value):
+    x = random_input((4, 32), torch.bfloat16)
+    got = fp4op.fp4_quantize(x, torch.ones(1), is_sf_swizzled_layout=value)
+    want = fp4op.fp4_quantize(x, torch.ones(1), is_sf_swizzled_layout=bool(value))
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
 
