@@ -129,7 +129,7 @@ def test_non_contiguous_cuda(vec, ue8m0):
 
 def test_column_major_api_cuda():
     storage = random_input((64, 96), torch.bfloat16)
-    got = fp4op.fp4_quantize(storage.cuda().t(), torch.ones(1))
+    got = fp4op.fp4_quantize(storage.cuda().t(), torch.ones(1, device="cuda"))
     want = fp4op.fp4_quantize(storage.t(), torch.ones(1))
     assert_same_bytes(got[0], want[0], "x_q")
     assert_same_bytes(got[1], want[1], "sf")

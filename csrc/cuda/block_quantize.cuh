@@ -157,15 +157,47 @@ __device__ __forceinline__ float amax_of(const float (&f)[N]) {
   return fmaxf(m[0], m[1]);
 }
 
-// The E2M1 codes of f[i] * out_scale, N / 8 words.
-template <int N>
+// e2m1x8 of f[i] * s where s is a power of two, 0 or 1 (the MXFP4 scales), on half2 arithmetic: two
+// values an instruction where e2m1_magnitude takes one. Each a = RN(f * s) has at most 11 significant
+// bits (fp16 input; bf16 8, e4m3 4), so float16 holds it exactly wherever its code can be non-zero
+// (|a| >= 2^-14; below, the float16 rounding stays far below 0.25: code 0, sign kept); above 65504 it
+// becomes inf and, like any a > 6, clamps to 6; NaN stays NaN (the positive canonical one) and maps
+// to 6. e2m1_magnitude's pieces then run in float16 with 2^10 in place of 2^23: 1024 + code.
+__device__ __forceinline__ uint32_t e2m1x8_pow2_scaled(const float* f, float s) {
+  const __half2 six = __float2half2_rn(6.0f), two = __float2half2_rn(2.0f), half = __float2half2_rn(0.5f);
+  const __half2 c1024 = __float2half2_rn(1024.0f), c1026 = __float2half2_rn(1026.0f),
+                c1028 = __float2half2_rn(1028.0f);
+  uint32_t codes[4], signs[4];  // pair p: values 2p (low half), 2p + 1 (high half)
+#pragma unroll
+  for (int p = 0; p < 4; ++p) {
+    const __half2 h = __floats2half2_rn(mul_rn(f[2 * p], s), mul_rn(f[2 * p + 1], s));
+    const __half2 a = __hmin2(__habs2(h), six);  // minNum: NaN -> 6
+    const __half2 k = __hmin2(__hmin2(__hfma2(a, two, c1024), __hadd2(a, c1026)), __hfma2(a, half, c1028));
+    codes[p] = *reinterpret_cast<const uint32_t*>(&k);  // bytes 0 and 2: the codes
+    signs[p] = *reinterpret_cast<const uint32_t*>(&h);  // bytes 1 and 3: the signs in bit 7
+  }
+  // [codes of values 0, 2, 1, 3] and [4, 6, 5, 7], then the even and the odd ones; the same for signs
+  const uint32_t c01 = __byte_perm(codes[0], codes[1], 0x6240), c23 = __byte_perm(codes[2], codes[3], 0x6240);
+  const uint32_t s01 = __byte_perm(signs[0], signs[1], 0x7351), s23 = __byte_perm(signs[2], signs[3], 0x7351);
+  const uint32_t even_codes = __byte_perm(c01, c23, 0x5410), odd_codes = __byte_perm(c01, c23, 0x7632);
+  const uint32_t even_signs = __byte_perm(s01, s23, 0x5410), odd_signs = __byte_perm(s01, s23, 0x7632);
+  return (even_codes + (odd_codes << 4)) | ((even_signs >> 4) & 0x08080808u) | (odd_signs & 0x80808080u);
+}
+
+// The E2M1 codes of f[i] * out_scale, N / 8 words; POW2: out_scale is an MXFP4 scale (see
+// e2m1x8_pow2_scaled).
+template <int N, bool POW2>
 __device__ __forceinline__ void e2m1_words(const float (&f)[N], float out_scale, uint32_t* words) {
 #pragma unroll
   for (int w = 0; w < N / 8; ++w) {
-    float scaled[8];
+    if constexpr (POW2 && !FP4OP_NATIVE_E2M1) {
+      words[w] = e2m1x8_pow2_scaled(f + 8 * w, out_scale);
+    } else {
+      float scaled[8];
 #pragma unroll
-    for (int i = 0; i < 8; ++i) scaled[i] = mul_rn(f[8 * w + i], out_scale);
-    words[w] = e2m1x8(scaled);
+      for (int i = 0; i < 8; ++i) scaled[i] = mul_rn(f[8 * w + i], out_scale);
+      words[w] = e2m1x8(scaled);
+    }
   }
 }
 
@@ -180,7 +212,7 @@ template <int VEC, bool UE8M0>
 __device__ __forceinline__ uint32_t quantize_block(const float (&f)[VEC], Nvfp4RowScale rs, uint8_t* dst) {
   const BlockScale s = block_scale<UE8M0>(amax_of(f), rs);
   typename PackedBlock<VEC>::type packed;
-  e2m1_words(f, s.out_scale, reinterpret_cast<uint32_t*>(&packed));
+  e2m1_words<VEC, UE8M0>(f, s.out_scale, reinterpret_cast<uint32_t*>(&packed));
   __stcs(reinterpret_cast<typename PackedBlock<VEC>::type*>(dst), packed);
   return s.sf;
 }
@@ -461,7 +493,7 @@ __global__ void __launch_bounds__(kSplitThreads) split_kernel(const ElementwiseA
   if (has_data) {
     const BlockScale s = block_scale<UE8M0>(amax, rs);
     typename PackedBlock<kPer>::type packed;
-    e2m1_words(f, s.out_scale, reinterpret_cast<uint32_t*>(&packed));
+    e2m1_words<kPer, UE8M0>(f, s.out_scale, reinterpret_cast<uint32_t*>(&packed));
     __stcs(reinterpret_cast<typename PackedBlock<kPer>::type*>(q.x_q + (row * q.k + col * VEC + part * kPer) / 2),
            packed);
     sf_byte = s.sf;
