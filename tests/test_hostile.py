@@ -194,8 +194,12 @@ def case_dequantize_zero_dim_x_q(d):
 
 # GPU only: tensors on different devices
 def case_cuda_input_cpu_scale_api(d):
-    x = _x("cuda")
-    _same(_q(x, torch.tensor([2.0])), _q(x, torch.tensor([2.0], device="cuda")))
+    # SPEC.md: a device mismatch is a ValueError naming the argument, in the API as in the op
+    _q(_x("cuda"), torch.tensor([2.0]))
+
+
+def case_cpu_input_cuda_scale_api(d):
+    _q(_x("cpu"), torch.tensor([2.0], device="cuda"))
 
 
 def case_cuda_input_cpu_scale_raw_op(d):
@@ -253,7 +257,8 @@ CASES = {
     "dequantize_zero_dim_x_q": (case_dequantize_zero_dim_x_q, (VE, "x_q")),
 }
 CUDA_ONLY = {
-    "cuda_input_cpu_scale_api": (case_cuda_input_cpu_scale_api, "ok"),
+    "cuda_input_cpu_scale_api": (case_cuda_input_cpu_scale_api, (VE, "global_scale")),
+    "cpu_input_cuda_scale_api": (case_cpu_input_cuda_scale_api, (VE, "global_scale")),
     "cuda_input_cpu_scale_raw_op": (case_cuda_input_cpu_scale_raw_op, (VE, "global_scale")),
     "cpu_input_cuda_scale_raw_op": (case_cpu_input_cuda_scale_raw_op, (VE, "global_scale")),
     "cpu_input_cuda_scale_mxfp4_raw_op": (case_cpu_input_cuda_scale_mxfp4_raw_op, (VE, "global_scale")),
