@@ -17,7 +17,8 @@ the ops of the last compiled graph before and after the pass.
 Rules (fusion/rms_norm.py, layer_norm.py, activation.py), each followed by ``fp4op.quantize`` (called
 directly, through ``fp4op.fp4_quantize`` or ``fp4op.nn.FP4Linear``):
 
-* RMSNorm (F.rms_norm / nn.RMSNorm, Hugging Face Llama, Gemma ``1 + weight``), with or without weight,
+* RMSNorm (F.rms_norm / nn.RMSNorm, Hugging Face Llama, Gemma ``1 + weight``, T5LayerNorm, the
+  reference Llama ``norm(x.float()).type_as(x) * weight``), with or without weight,
   any eps, optionally after a residual add whose sum is reused -> ``fp4op.rms_norm_quantize`` /
   ``fp4op.add_rms_norm_quantize``;
 * LayerNorm (F.layer_norm / nn.LayerNorm) with weight and bias, weight only, or neither ->
@@ -35,6 +36,12 @@ A chain is left alone when an intermediate has another user (e.g. the norm outpu
 FP4Linear's dynamic activation scale; its default calibrated static scale keeps the chain fusable),
 when the norm runs over more than the last dim, when the quantized tensor is not the norm/activation
 output, or when the dtypes are not the fused kernels' (fp16/bf16 activations, weights of the same dtype).
+
+Keyword arguments: Inductor's matcher ignores a node's keyword arguments its pattern lacks; a match with
+one that changes the result (``torch.add(x, r, alpha=0.5)``) is left alone. Under ``dynamic=True`` Dynamo
+passes a module's float attribute used in tensor arithmetic (the eps of the Hugging Face RMSNorm forms)
+as a graph input: those norms are not fused (``torch._dynamo.config.specialize_float = True`` keeps eps a
+constant, and they fuse).
 
 Caching: the pass has a stable uuid, so Inductor's FX graph cache stays correct; on a cache hit the
 pass does not run (the cached code is already fused) and the counters do not move. Disable the caches

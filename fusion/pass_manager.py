@@ -199,6 +199,62 @@ def same_shape(a: torch.Tensor, b: torch.Tensor | Sequence) -> bool:
     return len(sa) == len(sb) and all(statically_known_true(x == y) for x, y in zip(sa, sb))
 
 
+def constant_scalars(match: pm.Match, argnames: Sequence[str], scalars: Sequence[str]) -> bool:
+    """No scalar parameter (eps) of the match is bound to a graph value. Under ``dynamic=True`` Dynamo
+    passes a module's float attribute used in tensor arithmetic (``variance + self.variance_epsilon`` in
+    Hugging Face's RMSNorm modules) as a 0-d tensor graph input; the fused ops take eps as a float, so such
+    a match cannot be rewritten (the value is only known at run time). `argnames`: the pattern's
+    parameters in order. torch 2.14 binds the scalars by name (match.kwargs); torch 2.11 binds them after
+    this check, so there a graph value shows as an input of the matched nodes that no parameter holds."""
+    unbound = False
+    for name in scalars:
+        if name in match.kwargs:
+            value = match.kwargs[name]
+        elif argnames.index(name) < len(match.args):
+            value = match.args[argnames.index(name)]
+        else:
+            unbound = True
+            continue
+        if isinstance(value, (torch.fx.Node, torch.Tensor)):
+            return False
+    if unbound:
+        bound = [v for v in (*match.args, *match.kwargs.values()) if isinstance(v, torch.fx.Node)]
+        matched = set(match.nodes)
+        for node in match.nodes:
+            if any(a not in matched and a not in bound for a in node.all_input_nodes):
+                return False
+    return True
+
+
+_NO_DEFAULT = object()
+
+
+def _schema_default(target: Any, name: str) -> Any:
+    schema = getattr(target, "_schema", None)
+    for argument in schema.arguments if schema is not None else ():
+        if argument.name == name:
+            return argument.default_value if argument.has_default_value() else _NO_DEFAULT
+    return _NO_DEFAULT
+
+
+def unmatched_keywords(match: pm.Match) -> list[tuple[torch.fx.Node, str]]:
+    """Keyword arguments of matched nodes that the pattern does not have, where they differ from the op's
+    default. Inductor's matcher drops a node's keyword arguments that its pattern node lacks, so e.g.
+    ``torch.add(x, r, alpha=0.5)`` would match the pattern's ``x + r``."""
+    found = []
+    for pattern, node in match.ctx.pattern_to_node.items():
+        if not isinstance(pattern, pm._TargetArgsExpr) or not isinstance(node, torch.fx.Node):
+            continue
+        for name, value in node.kwargs.items():
+            if name in pattern.kwargs:
+                continue
+            default = _schema_default(node.target, name)
+            same = value == default and isinstance(value, bool) == isinstance(default, bool)
+            if default is _NO_DEFAULT or not same:
+                found.append((node, name))
+    return found
+
+
 def make_function(names: Sequence[str], body: Callable[..., Any]) -> Callable[..., Any]:
     """A function of positional parameters `names` that calls body(**named arguments):
     register_replacement reads the parameter names from the signature."""
@@ -276,6 +332,13 @@ class FusionPattern:
         replace.__name__ = f"{type(self).__name__}_replacement"
 
         def extra_check(match: pm.Match) -> bool:
+            if not constant_scalars(match, names, list(self.scalars)):
+                log.debug("fp4op.fusion: %s not applied: a scalar parameter is not a constant", self.name)
+                return False
+            extra = unmatched_keywords(match)
+            if extra:
+                log.debug("fp4op.fusion: %s not applied: keyword arguments %s", self.name, [n for _, n in extra])
+                return False
             if not self.check(match):
                 return False
             pass_.note_match(self.name)

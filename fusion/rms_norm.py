@@ -5,7 +5,11 @@ Source forms (each with and without a weight, any eps):
 * ``"torch"``: ``F.rms_norm`` / ``nn.RMSNorm`` (weight applied in float32, one rounding);
 * ``"hf"``: the Hugging Face LlamaRMSNorm form ``weight * (x.float() * rsqrt(var + eps)).to(dtype)``
   (the weight multiplies in the model dtype);
-* ``"gemma"``: the Gemma form ``(x.float() * rsqrt(var + eps) * (1.0 + weight.float())).type_as(x)``.
+* ``"gemma"``: the Gemma form ``(x.float() * rsqrt(var + eps) * (1.0 + weight.float())).type_as(x)``;
+* ``"meta"``: the reference Llama/Mistral code (and torchtune) form ``norm(x.float()).type_as(x) * weight``
+  (the "hf" form with the weight on the right);
+* ``"t5"``: the Hugging Face T5LayerNorm form ``weight * (x * rsqrt(var(x.float()) + eps)).to(weight.dtype)``
+  (the bf16/fp16 x times the float32 rsqrt, the same roundings as "hf").
 
 With `residual`, the norm's input is ``x + residual`` and that sum is also an output (the next
 residual), which fp4op.add_rms_norm_quantize returns.
@@ -21,17 +25,24 @@ from .pass_manager import FusionPattern, QuantizeArgs, same_model_dtype, same_sh
 
 # float32-exact placeholder for eps (F.rms_norm's decomposition rounds eps to float32 on CPU)
 EPS_PLACEHOLDER = 2.0**-17
-FORMS = ("torch", "hf", "gemma")
+FORMS = ("torch", "hf", "gemma", "meta", "t5")
+# forms that exist only with a weight (without one, "gemma" and "meta" are the "hf" form)
+WEIGHT_ONLY_FORMS = ("gemma", "meta", "t5")
 
 
 def rms_norm_forms(x: torch.Tensor, weight: torch.Tensor | None, eps: float, form: str) -> torch.Tensor:
     """The RMSNorm of `x` written in one of the source `FORMS`."""
     if form == "torch":
         return F.rms_norm(x, (x.shape[-1],), weight, eps)
+    if form == "t5":
+        h = x * torch.rsqrt(x.to(torch.float32).pow(2).mean(-1, keepdim=True) + eps)
+        return weight * h.to(weight.dtype)
     h = x.to(torch.float32)
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
     if form == "hf":
         return h.to(x.dtype) if weight is None else weight * h.to(x.dtype)
+    if form == "meta":
+        return h.type_as(x) * weight
     if weight is not None:
         h = h * (1.0 + weight.float())
     return h.type_as(x)
@@ -43,8 +54,8 @@ class RMSNormQuantize(FusionPattern):
     def __init__(self, form: str, with_weight: bool, residual: bool):
         if form not in FORMS:
             raise ValueError(f"fp4op.fusion: unknown RMSNorm form {form!r}")
-        if form == "gemma" and not with_weight:
-            raise ValueError("fp4op.fusion: the Gemma form without weight is the 'hf' form")
+        if form in WEIGHT_ONLY_FORMS and not with_weight:
+            raise ValueError(f"fp4op.fusion: the {form!r} RMSNorm form needs the weight (without one: the 'hf' form)")
         self.form = form
         self.with_weight = with_weight
         self.residual = residual
@@ -67,7 +78,7 @@ class RMSNormQuantize(FusionPattern):
 
     def replacement(self, q: QuantizeArgs, x, eps, weight=None, residual=None, global_scale=None):
         offset = 1.0 if self.form == "gemma" else 0.0
-        in_dtype = self.form == "hf" and self.with_weight
+        in_dtype = self.form in ("hf", "meta", "t5") and self.with_weight
         if self.residual:
             return torch.ops.fp4op.add_rms_norm_quantize(x, residual, weight, eps, offset, in_dtype, *q.tail(global_scale))
         return torch.ops.fp4op.rms_norm_quantize(x, weight, eps, offset, in_dtype, *q.tail(global_scale))
@@ -93,5 +104,5 @@ def rules() -> list[FusionPattern]:
         for residual in (True, False)
         for form in FORMS
         for with_weight in (True, False)
-        if not (form == "gemma" and not with_weight)
+        if with_weight or form not in WEIGHT_ONLY_FORMS
     ]
