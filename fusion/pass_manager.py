@@ -208,10 +208,11 @@ def constant_scalars(match: pm.Match, argnames: Sequence[str], scalars: Sequence
     this check, so there a graph value shows as an input of the matched nodes that no parameter holds."""
     unbound = False
     for name in scalars:
+        position = argnames.index(name)
         if name in match.kwargs:
             value = match.kwargs[name]
-        elif argnames.index(name) < len(match.args):
-            value = match.args[argnames.index(name)]
+        elif position < len(match.args):
+            value = match.args[position]
         else:
             unbound = True
             continue

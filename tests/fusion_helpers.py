@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 
 import torch
+import torch.nn as nn
 
 import fp4op.fusion as fusion
 from fp4op import layouts, reference
@@ -71,3 +72,19 @@ def assert_same_outputs(actual, expected):
         if a.dtype == torch.uint8:
             continue  # FP4 pairs are compared with assert_fp4_close
         assert torch.equal(a, e)
+
+
+class LlamaRMSNorm(nn.Module):
+    """transformers LlamaRMSNorm (also Mistral, Qwen2, Qwen3 incl. q_norm/k_norm, Phi-3)."""
+
+    def __init__(self, hidden_size, eps=1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.variance_epsilon = eps
+
+    def forward(self, hidden_states):
+        input_dtype = hidden_states.dtype
+        hidden_states = hidden_states.to(torch.float32)
+        variance = hidden_states.pow(2).mean(-1, keepdim=True)
+        hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
+        return self.weight * hidden_states.to(input_dtype)

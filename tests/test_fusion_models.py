@@ -13,25 +13,9 @@ import fp4op
 import fp4op.fusion as fusion
 import fp4op.nn as fnn
 from conftest import requires_cuda
-from fusion_helpers import assert_fp4_close, compile_fused, fp4_ops, fresh_compile_config
+from fusion_helpers import LlamaRMSNorm, assert_fp4_close, compile_fused, fp4_ops, fresh_compile_config
 
 D, H = 64, 128
-
-
-class LlamaRMSNorm(nn.Module):
-    """As in Hugging Face transformers."""
-
-    def __init__(self, hidden_size, eps=1e-6):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(hidden_size))
-        self.variance_epsilon = eps
-
-    def forward(self, hidden_states):
-        input_dtype = hidden_states.dtype
-        hidden_states = hidden_states.to(torch.float32)
-        variance = hidden_states.pow(2).mean(-1, keepdim=True)
-        hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
-        return self.weight * hidden_states.to(input_dtype)
 
 
 class LlamaMLP(nn.Module):

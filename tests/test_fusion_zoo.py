@@ -25,28 +25,12 @@ from torch.torch_version import TorchVersion
 
 import fp4op.fusion as fusion
 import fp4op.nn as fnn
-from fusion_helpers import assert_fp4_close, fp4_ops, fresh_compile_config
+from fusion_helpers import LlamaRMSNorm, assert_fp4_close, fp4_ops, fresh_compile_config
 
 D, H, HEADS = 128, 256, 4  # hidden, intermediate, heads (head_dim 32)
 TOKENS = (4, 32)  # (batch, seq): 128 rows, 1024 NVFP4 blocks a tap of width D
 
 # ---- norms ---------------------------------------------------------------------------------------------
-
-
-class LlamaRMSNorm(nn.Module):
-    """transformers LlamaRMSNorm (also Mistral, Qwen2, Qwen3 incl. q_norm/k_norm, Phi-3)."""
-
-    def __init__(self, hidden_size, eps=1e-6):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(hidden_size))
-        self.variance_epsilon = eps
-
-    def forward(self, hidden_states):
-        input_dtype = hidden_states.dtype
-        hidden_states = hidden_states.to(torch.float32)
-        variance = hidden_states.pow(2).mean(-1, keepdim=True)
-        hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
-        return self.weight * hidden_states.to(input_dtype)
 
 
 class GemmaRMSNorm(nn.Module):
