@@ -43,6 +43,19 @@ inline void check_affine(const std::optional<at::Tensor>& p, const char* name, c
                     x.device());
 }
 
+// The eps of the *_eps_tensor RMSNorm ops: one floating-point element, on the CPU or on x's
+// device. Its value is its float32 rounding, as in `mean(x^2) + eps` with a float32 mean.
+inline void check_eps_tensor(const at::Tensor& eps, const at::Tensor& x) {
+  TORCH_CHECK_VALUE(eps.numel() == 1, "fp4op: eps must have one element, got shape ", shape(eps.sizes()));
+  TORCH_CHECK_VALUE(at::isFloatingType(eps.scalar_type()), "fp4op: eps must be a floating-point tensor, got ",
+                    eps.scalar_type());
+  TORCH_CHECK_VALUE(eps.device().is_cpu() || eps.device() == x.device(), "fp4op: eps is on ", eps.device(),
+                    " but x is on ", x.device(), " (eps must be on the CPU or on x's device)");
+}
+
+// The value of a checked eps tensor on the CPU (its float32 rounding is taken where it is used).
+inline double cpu_eps_value(const at::Tensor& eps) { return eps.item<double>(); }
+
 inline bool has(const std::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
 
 inline GeluApprox gelu_approx_of(std::string_view approximate) {

@@ -14,6 +14,10 @@ math is csrc/fused_math.h):
   ``weight_offset=0``, Hugging Face Gemma for ``weight_offset=1``); ``weight_in_input_dtype=True``:
   ``round(round(weight_offset + w) * round(x * r))`` (Hugging Face Llama). ``weight_offset`` only
   applies with a weight; ``weight_offset=0`` uses ``w`` itself (a -0 weight stays -0). ``add_rms_norm_quantize`` normalizes ``round(x + residual)``.
+* ``rms_norm_quantize_eps_tensor`` / ``add_rms_norm_quantize_eps_tensor``: the same with eps a
+  one-element floating-point tensor (on the CPU, or on x's device where the kernel reads it), used as
+  its float32 rounding: ``torch.compile(dynamic=True)`` passes a module's float eps attribute as a 0-d
+  tensor graph input.
 * ``layer_norm_quantize``: F.layer_norm with biased variance, in the form of the device's torch
   kernel: CUDA ``round(w * ((x - mean) * rstd) + b)``; CPU ``round((x * rstd + (-rstd * mean)) * w + b)``
   with ``w = 1`` / ``b = 0`` where absent (both multiply-adds fused in torch's AVX2/AVX512 builds,
@@ -40,6 +44,8 @@ _MODEL_DTYPES = (torch.float16, torch.bfloat16)
 FUSED_OPS = (
     "rms_norm_quantize",
     "add_rms_norm_quantize",
+    "rms_norm_quantize_eps_tensor",
+    "add_rms_norm_quantize_eps_tensor",
     "layer_norm_quantize",
     "silu_and_mul_quantize",
     "gelu_and_mul_quantize",
@@ -75,6 +81,15 @@ def _check_affine(p: torch.Tensor | None, name: str, x: torch.Tensor) -> None:
         raise ValueError(f"fp4op: {name} must have the dtype of x ({x.dtype}), got {p.dtype}")
     if p.device != x.device:
         raise ValueError(f"fp4op: {name} is on {p.device} but x is on {x.device}")
+
+
+def _check_eps_tensor(eps: torch.Tensor, x: torch.Tensor) -> None:
+    if eps.numel() != 1:
+        raise ValueError(f"fp4op: eps must have one element, got shape {list(eps.shape)}")
+    if not eps.dtype.is_floating_point:
+        raise ValueError(f"fp4op: eps must be a floating-point tensor, got {eps.dtype}")
+    if eps.device.type != "cpu" and eps.device != x.device:
+        raise ValueError(f"fp4op: eps is on {eps.device} but x is on {x.device} (eps must be on the CPU or on x's device)")
 
 
 def _check_approximate(approximate: str) -> None:
@@ -135,6 +150,22 @@ def _add_rms_norm_quantize_fake(
     _check_like(residual, "residual", x, "x")
     _check_affine(weight, "weight", x)
     return x_q, sf, torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+# The *_eps_tensor ops take eps as a one-element tensor on the CPU or on x's device (Dynamo passes a
+# module's float eps as a 0-d tensor under dynamic=True); its value is its float32 rounding.
+
+
+@torch.library.register_fake("fp4op::rms_norm_quantize_eps_tensor")
+def _rms_norm_quantize_eps_tensor_fake(x, weight, eps, *args, **kwargs):
+    _check_eps_tensor(eps, x)
+    return _rms_norm_quantize_fake(x, weight, 0.0, *args, **kwargs)
+
+
+@torch.library.register_fake("fp4op::add_rms_norm_quantize_eps_tensor")
+def _add_rms_norm_quantize_eps_tensor_fake(x, residual, weight, eps, *args, **kwargs):
+    _check_eps_tensor(eps, x)
+    return _add_rms_norm_quantize_fake(x, residual, weight, 0.0, *args, **kwargs)
 
 
 @torch.library.register_fake("fp4op::layer_norm_quantize")

@@ -378,6 +378,9 @@ def op_cases(device):
         (OPS.rms_norm_quantize, (x2, None, 1e-5), mx),
         (OPS.add_rms_norm_quantize, (x, x.flip(0), w, 1e-6), eightx4),
         (OPS.add_rms_norm_quantize, (x2, x2 * 2, None, 1e-6, 0.0, True), mx),
+        # eps as a tensor: a 0-d float64 CPU scalar (what Dynamo passes) and one float32 element on x's device
+        (OPS.rms_norm_quantize_eps_tensor, (x, w, torch.tensor(1e-6, dtype=torch.float64)), nv),
+        (OPS.add_rms_norm_quantize_eps_tensor, (x2, x2 * 2, None, torch.tensor([1e-5], device=device)), mx),
         (OPS.layer_norm_quantize, (x, w, b, 1e-5), nv),
         (OPS.layer_norm_quantize, (x2, None, None, 1e-5), mx),
         (OPS.silu_and_mul_quantize, (x, x.flip(1)), nv),
@@ -450,6 +453,8 @@ def _bad_calls():
         ("global_scale size", ValueError, "global_scale must have 1 element", lambda: OPS.silu_quantize(x, torch.ones(3))),
         ("sf_vec_size", NotImplementedError, "sf_vec_size", lambda: OPS.silu_quantize(x, gs, 8)),
         ("recipe", ValueError, "sf_use_ue8m0", lambda: OPS.silu_quantize(x, gs, 16, True)),
+        ("eps shape", ValueError, "eps must have one element", lambda: OPS.rms_norm_quantize_eps_tensor(x, w, torch.ones(2), global_scale=gs)),
+        ("eps dtype", ValueError, "eps must be a floating-point", lambda: OPS.add_rms_norm_quantize_eps_tensor(x, x, w, torch.tensor(1), global_scale=gs)),
     ]
 
 
@@ -462,6 +467,37 @@ def test_errors(case):
     with FakeTensorMode(allow_non_fake_inputs=True):
         with pytest.raises(exc, match=message):
             call()
+
+
+EPS_TENSOR_CASES = [
+    (torch.float64, ()),  # what Dynamo passes for a module's float eps under dynamic=True
+    (torch.float32, ()),
+    (torch.float32, (1,)),
+    (torch.bfloat16, ()),
+]
+
+
+def check_eps_tensor_overloads(device, eps_device):
+    """The *_eps_tensor ops equal the float-eps ones with eps = the tensor's float32 value, bit for bit."""
+    x = make_input((7, 96), torch.bfloat16, device)
+    r = make_input((7, 96), torch.bfloat16, device, seed=5)
+    w = make_affine(96, torch.bfloat16, device)
+    gs = torch.tensor([30.0], device=device)
+    for dtype, shape in EPS_TENSOR_CASES:
+        # 1e-1 is not a float32 value (the float32 rounding is what the ops use); 1e-6 is typical
+        for value in (1e-1, 1e-6):
+            eps = torch.full(shape, value, dtype=dtype, device=eps_device)
+            eps_f = float(eps.to(torch.float32).item())
+            want = OPS.rms_norm_quantize(x, w, eps_f, 0.0, True, gs)
+            got = OPS.rms_norm_quantize_eps_tensor(x, w, eps, 0.0, True, gs)
+            assert all(torch.equal(a, b) for a, b in zip(got, want)), (dtype, shape, value)
+            want = OPS.add_rms_norm_quantize(x, r, None, eps_f, global_scale=gs)
+            got = OPS.add_rms_norm_quantize_eps_tensor(x, r, None, eps, global_scale=gs)
+            assert all(torch.equal(a, b) for a, b in zip(got, want)), (dtype, shape, value)
+
+
+def test_eps_tensor_overloads():
+    check_eps_tensor_overloads("cpu", "cpu")
 
 
 def test_not_differentiable():
@@ -519,6 +555,12 @@ def test_cuda_matches_cpu(name, shape):
                 assert torch.equal(cpu[2], cuda[2])
             tally.add(cuda[:2], cpu[:2], shape, recipe, layout, gs)
         tally.check()
+
+
+@requires_cuda
+@pytest.mark.parametrize("eps_device", ["cpu", "cuda"])
+def test_eps_tensor_overloads_cuda(eps_device):
+    check_eps_tensor_overloads("cuda", eps_device)
 
 
 @requires_cuda

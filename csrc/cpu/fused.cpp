@@ -174,6 +174,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> add_rms_norm_quantize_cpu(
   return {p.x_q, p.sf, sum};
 }
 
+std::tuple<at::Tensor, at::Tensor> rms_norm_quantize_eps_tensor_cpu(
+    const at::Tensor& x, const std::optional<at::Tensor>& weight, const at::Tensor& eps, double weight_offset,
+    bool weight_in_input_dtype, const std::optional<at::Tensor>& global_scale, int64_t sf_vec_size,
+    bool sf_use_ue8m0, bool is_sf_swizzled_layout, bool is_sf_8x4_layout, bool is_global_scale_inversed) {
+  fused::check_eps_tensor(eps, x);
+  return rms_norm_quantize_cpu(x, weight, fused::cpu_eps_value(eps), weight_offset, weight_in_input_dtype,
+                               global_scale, sf_vec_size, sf_use_ue8m0, is_sf_swizzled_layout, is_sf_8x4_layout,
+                               is_global_scale_inversed);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> add_rms_norm_quantize_eps_tensor_cpu(
+    const at::Tensor& x, const at::Tensor& residual, const std::optional<at::Tensor>& weight, const at::Tensor& eps,
+    double weight_offset, bool weight_in_input_dtype, const std::optional<at::Tensor>& global_scale,
+    int64_t sf_vec_size, bool sf_use_ue8m0, bool is_sf_swizzled_layout, bool is_sf_8x4_layout,
+    bool is_global_scale_inversed) {
+  fused::check_eps_tensor(eps, x);
+  return add_rms_norm_quantize_cpu(x, residual, weight, fused::cpu_eps_value(eps), weight_offset,
+                                   weight_in_input_dtype, global_scale, sf_vec_size, sf_use_ue8m0,
+                                   is_sf_swizzled_layout, is_sf_8x4_layout, is_global_scale_inversed);
+}
+
 // Whether torch's CPU kernels, as dispatched here, are its vectorized builds (AVX2/AVX512 on x86:
 // FMA-contracted multiply-adds, fused::layer_norm_element_cpu) rather than x86's DEFAULT build, which
 // ATEN_CPU_CAPABILITY=default or a CPU without AVX2 selects.
@@ -329,6 +350,8 @@ std::tuple<at::Tensor, at::Tensor> gelu_quantize_cpu(const at::Tensor& x, c10::s
 TORCH_LIBRARY_IMPL(fp4op, CPU, m) {
   m.impl("rms_norm_quantize", &rms_norm_quantize_cpu);
   m.impl("add_rms_norm_quantize", &add_rms_norm_quantize_cpu);
+  m.impl("rms_norm_quantize_eps_tensor", &rms_norm_quantize_eps_tensor_cpu);
+  m.impl("add_rms_norm_quantize_eps_tensor", &add_rms_norm_quantize_eps_tensor_cpu);
   m.impl("layer_norm_quantize", &layer_norm_quantize_cpu);
   m.impl("silu_and_mul_quantize", &silu_and_mul_quantize_cpu);
   m.impl("gelu_and_mul_quantize", &gelu_and_mul_quantize_cpu);

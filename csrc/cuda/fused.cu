@@ -290,6 +290,7 @@ __global__ void __launch_bounds__(kThreads) norm_kernel(const FusedLaunch a, con
   }
 
   __shared__ float smem[kThreads / 32];
+  const float eps = a.eps_device != nullptr ? *a.eps_device : a.eps;
   const int team = g.team;
   const int lane = threadIdx.x % team;
   const int rows_per_cta = kThreads / team;
@@ -349,9 +350,9 @@ __global__ void __launch_bounds__(kThreads) norm_kernel(const FusedLaunch a, con
       const float var = div_rn(team_sum(acc2, team, smem), kf);
       stat_a = mean;
       // a NaN variance (a row with inf/NaN) stays NaN, as in torch; fmaxf would drop it
-      stat_b = fused::torch_rsqrt(add_rn(var < 0.0f ? 0.0f : var, a.eps));
+      stat_b = fused::torch_rsqrt(add_rn(var < 0.0f ? 0.0f : var, eps));
     } else {
-      stat_a = fused::torch_rsqrt(add_rn(div_rn(total, kf), a.eps));
+      stat_a = fused::torch_rsqrt(add_rn(div_rn(total, kf), eps));
     }
 
     uint8_t* xq_row = q.x_q + r.row * (q.k / 2);

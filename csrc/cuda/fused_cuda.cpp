@@ -62,9 +62,22 @@ RmsWeight rms_weight_form(const std::optional<at::Tensor>& weight, bool weight_i
   return weight_in_input_dtype ? RmsWeight::kInputDtype : RmsWeight::kFloat32;
 }
 
+// eps as the ops take it: a float, or a one-element tensor (the *_eps_tensor ops), which is read
+// on the host where it is on the CPU and by the kernel where it is on x's device.
+struct Eps {
+  double value = 0.0;
+  at::Tensor device;  // float32, on x's device; or undefined
+};
+
+Eps eps_of(const at::Tensor& eps, const at::Tensor& x) {
+  fused::check_eps_tensor(eps, x);
+  if (eps.device().is_cpu()) return {fused::cpu_eps_value(eps), at::Tensor()};
+  return {0.0, eps.reshape({1}).to(at::kFloat).contiguous()};
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> rms_norm_impl(
     const at::Tensor& x, const std::optional<at::Tensor>& residual, const std::optional<at::Tensor>& weight,
-    double eps, double weight_offset, bool weight_in_input_dtype, const std::optional<at::Tensor>& global_scale,
+    const Eps& eps, double weight_offset, bool weight_in_input_dtype, const std::optional<at::Tensor>& global_scale,
     int64_t sf_vec_size, bool sf_use_ue8m0, bool is_sf_swizzled_layout, bool is_sf_8x4_layout,
     bool is_global_scale_inversed) {
   FusedProblem p = fused::prepare_fused(x, "x", global_scale, sf_vec_size, sf_use_ue8m0, is_sf_swizzled_layout,
@@ -86,7 +99,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rms_norm_impl(
   }
   const at::Tensor w = kernel_affine(weight);
   a.weight = w.defined() ? w.data_ptr() : nullptr;
-  a.eps = float(eps);
+  a.eps = float(eps.value);
+  a.eps_device = eps.device.defined() ? eps.device.data_ptr<float>() : nullptr;
   a.weight_offset = float(weight_offset);
   a.rms_weight = int(rms_weight_form(weight, weight_in_input_dtype));
   run(a, p);
@@ -99,9 +113,19 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_quantize_cuda(const at::Tensor& x, c
                                                           int64_t sf_vec_size, bool sf_use_ue8m0,
                                                           bool is_sf_swizzled_layout, bool is_sf_8x4_layout,
                                                           bool is_global_scale_inversed) {
-  auto [xq, sf, unused] = rms_norm_impl(x, std::nullopt, weight, eps, weight_offset, weight_in_input_dtype,
+  auto [xq, sf, unused] = rms_norm_impl(x, std::nullopt, weight, Eps{eps}, weight_offset, weight_in_input_dtype,
                                         global_scale, sf_vec_size, sf_use_ue8m0, is_sf_swizzled_layout,
                                         is_sf_8x4_layout, is_global_scale_inversed);
+  return {xq, sf};
+}
+
+std::tuple<at::Tensor, at::Tensor> rms_norm_quantize_eps_tensor_cuda(
+    const at::Tensor& x, const std::optional<at::Tensor>& weight, const at::Tensor& eps, double weight_offset,
+    bool weight_in_input_dtype, const std::optional<at::Tensor>& global_scale, int64_t sf_vec_size,
+    bool sf_use_ue8m0, bool is_sf_swizzled_layout, bool is_sf_8x4_layout, bool is_global_scale_inversed) {
+  auto [xq, sf, unused] = rms_norm_impl(x, std::nullopt, weight, eps_of(eps, x), weight_offset,
+                                        weight_in_input_dtype, global_scale, sf_vec_size, sf_use_ue8m0,
+                                        is_sf_swizzled_layout, is_sf_8x4_layout, is_global_scale_inversed);
   return {xq, sf};
 }
 
@@ -110,8 +134,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> add_rms_norm_quantize_cuda(
     double weight_offset, bool weight_in_input_dtype, const std::optional<at::Tensor>& global_scale,
     int64_t sf_vec_size, bool sf_use_ue8m0, bool is_sf_swizzled_layout, bool is_sf_8x4_layout,
     bool is_global_scale_inversed) {
-  return rms_norm_impl(x, residual, weight, eps, weight_offset, weight_in_input_dtype, global_scale, sf_vec_size,
-                       sf_use_ue8m0, is_sf_swizzled_layout, is_sf_8x4_layout, is_global_scale_inversed);
+  return rms_norm_impl(x, residual, weight, Eps{eps}, weight_offset, weight_in_input_dtype, global_scale,
+                       sf_vec_size, sf_use_ue8m0, is_sf_swizzled_layout, is_sf_8x4_layout, is_global_scale_inversed);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> add_rms_norm_quantize_eps_tensor_cuda(
+    const at::Tensor& x, const at::Tensor& residual, const std::optional<at::Tensor>& weight, const at::Tensor& eps,
+    double weight_offset, bool weight_in_input_dtype, const std::optional<at::Tensor>& global_scale,
+    int64_t sf_vec_size, bool sf_use_ue8m0, bool is_sf_swizzled_layout, bool is_sf_8x4_layout,
+    bool is_global_scale_inversed) {
+  return rms_norm_impl(x, residual, weight, eps_of(eps, x), weight_offset, weight_in_input_dtype, global_scale,
+                       sf_vec_size, sf_use_ue8m0, is_sf_swizzled_layout, is_sf_8x4_layout, is_global_scale_inversed);
 }
 
 std::tuple<at::Tensor, at::Tensor> layer_norm_quantize_cuda(const at::Tensor& x, const std::optional<at::Tensor>& weight,
@@ -206,6 +239,8 @@ std::tuple<at::Tensor, at::Tensor> gelu_quantize_cuda(const at::Tensor& x, c10::
 TORCH_LIBRARY_IMPL(fp4op, CUDA, m) {
   m.impl("rms_norm_quantize", &rms_norm_quantize_cuda);
   m.impl("add_rms_norm_quantize", &add_rms_norm_quantize_cuda);
+  m.impl("rms_norm_quantize_eps_tensor", &rms_norm_quantize_eps_tensor_cuda);
+  m.impl("add_rms_norm_quantize_eps_tensor", &add_rms_norm_quantize_eps_tensor_cuda);
   m.impl("layer_norm_quantize", &layer_norm_quantize_cuda);
   m.impl("silu_and_mul_quantize", &silu_and_mul_quantize_cuda);
   m.impl("gelu_and_mul_quantize", &gelu_and_mul_quantize_cuda);

@@ -21,6 +21,7 @@ struct FusedLaunch {
   const void* bias;             // [k] or nullptr (layer norm), 16-byte aligned
   void* sum_out;                // add_rms_norm: x + residual, [m, k] contiguous
   float eps;
+  const float* eps_device;      // RMSNorm: eps read on the device instead (a float32 tensor), or nullptr
   float weight_offset;
   int rms_weight;               // fp4op::fused::RmsWeight
   int activation;               // fp4op::fused::Activation
