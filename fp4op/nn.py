@@ -271,7 +271,9 @@ def calibrate(model: nn.Module, tie_siblings: bool = True) -> Iterator[None]:
 
     With `tie_siblings`, layers that read the very same input tensor in every call (q/k/v projections
     of one norm output, gate/up projections) get one shared scale tensor: their quantizes of that input
-    are then identical, Inductor's fusion pass merges them into one, and the norm before them fuses.
+    are then identical and Inductor's fusion pass merges them into one, which fuses with the norm before
+    it (one fused op for all of them). Untied (or loaded from a checkpoint: separate tensors), the norm
+    still fuses, as one fused op per layer, each recomputing the norm.
     """
     layers = [m for m in model.modules() if isinstance(m, FP4Linear) and m.input_global_scale is not None]
     for layer in layers:

@@ -30,7 +30,9 @@ directly, through ``fp4op.fp4_quantize`` or ``fp4op.nn.FP4Linear``):
 Inference graphs: compile under ``torch.no_grad()`` / ``torch.inference_mode()`` (a training graph keeps
 the norm output for the backward, a second user). Quantize calls with identical arguments (one norm
 output read by q/k/v or gate/up layers with one shared scale, see ``fp4op.nn.calibrate``) are merged
-first, so such a norm still fuses.
+first, so such a norm still fuses. A norm/activation output read only by quantizes that differ (separate
+scale tensors, e.g. loaded from a checkpoint, or other recipes) gets a private copy per quantize, and each
+fuses (one fused op per quantize; copies that do not fuse are folded back, ``FusionPass.copy_counts``).
 
 A chain is left alone when an intermediate has another user (e.g. the norm output also feeds an amax:
 FP4Linear's dynamic activation scale; its default calibrated static scale keeps the chain fusable),
@@ -40,8 +42,7 @@ output, or when the dtypes are not the fused kernels' (fp16/bf16 activations, we
 Keyword arguments: Inductor's matcher ignores a node's keyword arguments its pattern lacks; a match with
 one that changes the result (``torch.add(x, r, alpha=0.5)``) is left alone. Under ``dynamic=True`` Dynamo
 passes a module's float attribute used in tensor arithmetic (the eps of the Hugging Face RMSNorm forms)
-as a graph input: those norms are not fused (``torch._dynamo.config.specialize_float = True`` keeps eps a
-constant, and they fuse).
+as a 0-d tensor graph input: the RMSNorm rules then call the fused ops' ``*_eps_tensor`` variants.
 
 Caching: the pass has a stable uuid, so Inductor's FX graph cache stays correct; on a cache hit the
 pass does not run (the cached code is already fused) and the counters do not move. Disable the caches

@@ -14,6 +14,10 @@ How it works:
 * Scalars the rules capture (eps) are pattern parameters through `scalar_workaround`, so any value
   matches. The placeholder values are float32-exact (F.rms_norm's decomposition rounds eps to float32 on
   CPU; an exact placeholder survives that rounding and is recognized).
+* A producer output read by several quantizes that cannot be merged (different global-scale tensors or
+  flags) gets a private copy of its norm/activation per quantize before the rules run
+  (`share_producers_by_copy`), so each quantize fuses with its own copy; copies that did not fuse are
+  folded back into their originals afterwards (`undo_unfused_copies`).
 * Matches are counted per rule (`FusionPass.counts`, `fp4op.fusion.match_counts()`) and logged on the
   "fp4op.fusion" logger; the ops of each graph before and after the pass are kept (`FusionPass.records`).
 * The pass is a CustomGraphPass with a uuid hashed from these sources, so Inductor's FX graph cache keys
@@ -165,6 +169,123 @@ def _move_getitems(source: torch.fx.Node, target: torch.fx.Node) -> None:
                 by_index[index] = user
 
 
+# The ops a private producer copy may hold (see share_producers_by_copy): cheap, pure elementwise and
+# reduction ops, the pieces of the norm and activation decompositions in post-grad graphs. Never a
+# matmul, a placeholder, a get_attr or a view (none of the rules needs one inside the copy).
+_COPYABLE_OPS = frozenset(
+    [torch.ops.prims.convert_element_type]
+    + [
+        getattr(torch.ops.aten, name)
+        for name in (
+            "pow", "mean", "sum", "var_mean", "add", "sub", "mul", "div", "rsqrt", "sqrt", "neg", "reciprocal",
+            "square",
+            # activation pieces (a gated activation read by several quantizes)
+            "silu", "gelu", "sigmoid", "exp", "tanh", "erf",
+        )
+    ]
+)
+# a private copy larger than this is not made (the norm decompositions have about a dozen nodes)
+_MAX_COPY_NODES = 48
+
+
+def _copyable(node: torch.fx.Node) -> bool:
+    if node.op != "call_function":
+        return False
+    if node.target is operator.getitem:  # an output of a copyable multi-output op (var_mean)
+        return isinstance(node.args[0], torch.fx.Node) and _copyable(node.args[0])
+    packet = getattr(node.target, "overloadpacket", None)
+    return packet in _COPYABLE_OPS and not node.is_impure()
+
+
+def private_producer_cone(node: torch.fx.Node) -> set[torch.fx.Node]:
+    """`node` and the nodes that feed only it (transitively: every user of each is in the cone), walking
+    back through copyable ops. Empty if `node` itself is not copyable or the cone is too large. A node with
+    a user outside the cone (a residual sum the next residual add also reads, an input read elsewhere)
+    stays outside: the copies share it."""
+    if not _copyable(node):
+        return set()
+    cone = {node}
+    grown = True
+    while grown:  # to a fixed point: a source read by two members joins once both are in
+        grown = False
+        for member in list(cone):
+            for source in member.all_input_nodes:
+                if source not in cone and _copyable(source) and all(user in cone for user in source.users):
+                    cone.add(source)
+                    grown = True
+        if len(cone) > _MAX_COPY_NODES:
+            return set()
+    return cone
+
+
+@dataclasses.dataclass
+class ProducerCopies:
+    """What share_producers_by_copy did: `copies` maps each copied node to its original; `outputs` holds the
+    copy of the shared output made for each quantize beyond the first."""
+
+    copies: dict[torch.fx.Node, torch.fx.Node] = dataclasses.field(default_factory=dict)
+    outputs: list[torch.fx.Node] = dataclasses.field(default_factory=list)
+
+
+def share_producers_by_copy(graph: torch.fx.Graph) -> ProducerCopies:
+    """Give each quantize of a shared producer output its own copy of that producer, so that each can fuse.
+
+    A norm output read by several quantizes that merge_duplicate_quantizes could not merge (q/k/v
+    projections with separate static global scales, e.g. loaded from a checkpoint, or different recipes)
+    has several users, and Inductor's matcher refuses a match whose intermediate has other users. For each
+    node whose users are two or more quantizes (as input) and nothing else, every quantize beyond the first
+    gets a private copy of the node's `private_producer_cone` (placed next to the originals), so the rules
+    can match each quantize with its own norm: one fused op per quantize, each recomputing the norm from
+    its input (fewer bytes than the norm's output written once and read by every quantize). Inputs of the
+    cone (the norm input, a residual sum that is also the next residual, weights) stay shared; for an
+    add + RMSNorm the first match takes the sum, the others read the sum the fused op returns.
+    Copies that do not end up fused are undone by `undo_unfused_copies`."""
+    result = ProducerCopies()
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    groups = []
+    for node in graph.nodes:
+        users = list(node.users)
+        if len(users) < 2 or not all(u.target is QUANTIZE and u.args[0] is node for u in users):
+            continue
+        if any(node in u.args[1:] or node in u.kwargs.values() for u in users):
+            continue
+        cone = private_producer_cone(node)
+        if cone:
+            groups.append((node, sorted(users, key=order.__getitem__), sorted(cone, key=order.__getitem__)))
+    # the cones of different outputs are disjoint (a cone holds no quantize), so copying one leaves the
+    # others as they were computed
+    for output, readers, cone in groups:
+        for quantize in readers[1:]:
+            env: dict[torch.fx.Node, torch.fx.Node] = {}
+            for original in cone:
+                # next to the original: after its inputs and after the copies of the cone members it reads
+                with graph.inserting_after(original):
+                    copy = graph.node_copy(original, lambda n: env.get(n, n))
+                env[original] = copy
+                result.copies[copy] = original
+            quantize.replace_input_with(output, env[output])
+            result.outputs.append(env[output])
+    return result
+
+
+def undo_unfused_copies(graph: torch.fx.Graph, copies: ProducerCopies) -> tuple[int, int]:
+    """After the rules ran: every copied node still in the graph whose original is too (its match failed,
+    or it was not part of the matched pattern) is replaced by its original, so a failed match never leaves
+    duplicated computation. Returns (copies of a shared output that fused, copies undone)."""
+    alive = set(graph.nodes)  # before the undo: an undone copy still counts as alive below
+    fused = sum(1 for output in copies.outputs if output not in alive)
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    remaining = sorted((c for c in copies.copies if c in alive), key=order.__getitem__, reverse=True)
+    for copy in remaining:
+        original = copies.copies[copy]
+        if original not in alive:
+            continue  # the original was fused away: this copy is the only one left
+        copy.replace_all_uses_with(original)
+        graph.erase_node(copy)
+    undone = sum(1 for output in copies.outputs if output in alive and copies.copies[output] in alive)
+    return fused, undone
+
+
 def quantize_args_of(node: torch.fx.Node) -> QuantizeArgs | None:
     """The QuantizeArgs of a quantize node, or None if an argument is not a constant."""
     gs, *flags = _quantize_arg_values(node)
@@ -199,14 +320,45 @@ def same_shape(a: torch.Tensor, b: torch.Tensor | Sequence) -> bool:
     return len(sa) == len(sb) and all(statically_known_true(x == y) for x, y in zip(sa, sb))
 
 
-def constant_scalars(match: pm.Match, argnames: Sequence[str], scalars: Sequence[str]) -> bool:
-    """No scalar parameter (eps) of the match is bound to a graph value. Under ``dynamic=True`` Dynamo
-    passes a module's float attribute used in tensor arithmetic (``variance + self.variance_epsilon`` in
-    Hugging Face's RMSNorm modules) as a 0-d tensor graph input; the fused ops take eps as a float, so such
-    a match cannot be rewritten (the value is only known at run time). `argnames`: the pattern's
-    parameters in order. torch 2.14 binds the scalars by name (match.kwargs); torch 2.11 binds them after
-    this check, so there a graph value shows as an input of the matched nodes that no parameter holds."""
-    unbound = False
+def scalar_tensor(value: Any) -> bool:
+    """`value` is a graph node whose value is a floating-point tensor that acts as a scalar in float32
+    arithmetic: 0-d (it does not take part in type promotion), or one float32 element."""
+    meta = value.meta.get("val") if isinstance(value, torch.fx.Node) else None
+    return (
+        isinstance(meta, torch.Tensor)
+        and meta.dtype.is_floating_point
+        and (meta.dim() == 0 or (meta.dtype == torch.float32 and meta.numel() == 1))
+    )
+
+
+def hoist_scalar_conversions(graph: torch.fx.Graph) -> None:
+    """Move the dtype conversions of 0-d graph inputs (Dynamo's tensor form of a module's float eps,
+    converted to float32 right where it is used) up to the graph inputs. A replacement is inserted where
+    the matched nodes start, which can be before such a conversion (e.g. a residual add precedes the
+    norm's `+ eps`); hoisted, every scalar a replacement takes is defined before it."""
+    placeholders = list(graph.find_nodes(op="placeholder"))
+    if not placeholders:
+        return
+    anchor = placeholders[-1]
+    for node in list(graph.find_nodes(op="call_function", target=torch.ops.prims.convert_element_type.default)):
+        source = node.args[0]
+        if isinstance(source, torch.fx.Node) and source.op == "placeholder" and scalar_tensor(node):
+            anchor.append(node)
+            anchor = node
+
+
+def constant_scalars(
+    match: pm.Match, argnames: Sequence[str], scalars: Sequence[str], tensor_ok: Sequence[str] = ()
+) -> bool:
+    """No scalar parameter (eps) of the match is bound to a graph value, except those in `tensor_ok`,
+    which may be bound to a scalar tensor (see scalar_tensor). Under ``dynamic=True`` Dynamo passes a
+    module's float attribute used in tensor arithmetic (``variance + self.variance_epsilon`` in Hugging
+    Face's RMSNorm modules) as a 0-d tensor graph input; a rule whose fused op has a Tensor-eps variant
+    takes it, the others cannot be rewritten (the value is only known at run time). `argnames`: the
+    pattern's parameters in order. torch 2.14 binds the scalars by name (match.kwargs); torch 2.11 binds
+    them after this check, so there a graph value shows as an input of the matched nodes that no
+    parameter holds."""
+    unbound = []
     for name in scalars:
         position = argnames.index(name)
         if name in match.kwargs:
@@ -214,16 +366,17 @@ def constant_scalars(match: pm.Match, argnames: Sequence[str], scalars: Sequence
         elif position < len(match.args):
             value = match.args[position]
         else:
-            unbound = True
+            unbound.append(name)
             continue
-        if isinstance(value, (torch.fx.Node, torch.Tensor)):
+        if isinstance(value, (torch.fx.Node, torch.Tensor)) and not (name in tensor_ok and scalar_tensor(value)):
             return False
     if unbound:
         bound = [v for v in (*match.args, *match.kwargs.values()) if isinstance(v, torch.fx.Node)]
         matched = set(match.nodes)
-        for node in match.nodes:
-            if any(a not in matched and a not in bound for a in node.all_input_nodes):
-                return False
+        external = {a for node in match.nodes for a in node.all_input_nodes if a not in matched and a not in bound}
+        # each unbound scalar may account for one external scalar tensor, if the rule takes it as one
+        if len(external) > sum(name in tensor_ok for name in unbound) or not all(map(scalar_tensor, external)):
+            return False
     return True
 
 
@@ -295,6 +448,8 @@ class FusionPattern:
     name: str = ""
     # scalar parameters and their float32-exact placeholder values (distinct from each other)
     scalars: dict[str, float] = {}
+    # the scalar parameters that `replacement` also takes as a scalar tensor graph value
+    tensor_scalars: tuple[str, ...] = ()
 
     def tensor_inputs(self, dtype: torch.dtype, device: str) -> dict[str, torch.Tensor]:
         raise NotImplementedError
@@ -333,7 +488,7 @@ class FusionPattern:
         replace.__name__ = f"{type(self).__name__}_replacement"
 
         def extra_check(match: pm.Match) -> bool:
-            if not constant_scalars(match, names, list(self.scalars)):
+            if not constant_scalars(match, names, list(self.scalars), self.tensor_scalars):
                 log.debug("fp4op.fusion: %s not applied: a scalar parameter is not a constant", self.name)
                 return False
             extra = unmatched_keywords(match)
@@ -359,11 +514,13 @@ class FusionPattern:
 
 @dataclasses.dataclass
 class GraphRecord:
-    """What the pass saw in one graph: op counts before and after, and the matches per rule."""
+    """What the pass saw in one graph: op counts before and after, the matches per rule, and how many
+    quantizes fused with a private copy of a producer they shared (share_producers_by_copy)."""
 
     before: collections.Counter
     after: collections.Counter
     matches: collections.Counter
+    producer_copies: int = 0
 
 
 def op_counts(graph: torch.fx.Graph) -> collections.Counter:
@@ -397,6 +554,8 @@ class FusionPass(CustomGraphPass):
         self._rules = list(rules) if rules is not None else None
         self._registered: set[tuple[QuantizeArgs, str]] = set()
         self.counts: collections.Counter = collections.Counter()
+        # private producer copies (share_producers_by_copy): "fused" (kept, fused) and "undone"
+        self.copy_counts: collections.Counter = collections.Counter()
         self.records: collections.deque[GraphRecord] = collections.deque(maxlen=keep_records)
         self._current: collections.Counter | None = None
 
@@ -417,6 +576,7 @@ class FusionPass(CustomGraphPass):
     def reset(self) -> None:
         """Forget the counters and records (the registered rules stay)."""
         self.counts.clear()
+        self.copy_counts.clear()
         self.records.clear()
 
     def _ensure_registered(self, q: QuantizeArgs, device: str) -> None:
@@ -431,7 +591,9 @@ class FusionPass(CustomGraphPass):
     def __call__(self, graph: torch.fx.Graph) -> None:
         before = op_counts(graph)
         quantizes = merge_duplicate_quantizes(graph, canonicalize_quantize(graph))
+        hoist_scalar_conversions(graph)
         matches: collections.Counter = collections.Counter()
+        fused_copies = 0
         if quantizes:
             for node in quantizes:
                 q = quantize_args_of(node)
@@ -439,16 +601,27 @@ class FusionPass(CustomGraphPass):
                 if q is None or not isinstance(val, torch.Tensor):
                     continue
                 self._ensure_registered(q, val.device.type)
+            copies = share_producers_by_copy(graph)
             self._current = matches
             try:
                 self.patterns.apply(graph)
             finally:
                 self._current = None
-            if matches:
+            if copies.outputs:
+                fused_copies, undone = undo_unfused_copies(graph, copies)
+                self.copy_counts["fused"] += fused_copies
+                self.copy_counts["undone"] += undone
+                log.info(
+                    "fp4op.fusion: %d producer outputs read by several quantizes copied for %d quantizes: "
+                    "%d copies fused, %d undone",
+                    len({copies.copies[o] for o in copies.outputs}), len(copies.outputs), fused_copies, undone,
+                )
+            if matches or copies.outputs:
                 graph.eliminate_dead_code()
+            if matches:
                 log.info("fp4op.fusion: %d fusions: %s", sum(matches.values()), dict(matches))
             restore_launch_options(graph)
-        self.records.append(GraphRecord(before, op_counts(graph), matches))
+        self.records.append(GraphRecord(before, op_counts(graph), matches, fused_copies))
 
     def uuid(self) -> bytes:
         return get_hash_for_files(_source_files(), extra=f"fp4op-fusion torch={torch.__version__}")

@@ -11,6 +11,9 @@ Source forms (each with and without a weight, any eps):
 * ``"t5"``: the Hugging Face T5LayerNorm form ``weight * (x * rsqrt(var(x.float()) + eps)).to(weight.dtype)``
   (the bf16/fp16 x times the float32 rsqrt, the same roundings as "hf").
 
+eps may also be a 0-d tensor graph input (a module's float eps under ``dynamic=True``): the fused ops'
+``*_eps_tensor`` variants take it.
+
 With `residual`, the norm's input is ``x + residual`` and that sum is also an output (the next
 residual), which fp4op.add_rms_norm_quantize returns.
 """
@@ -50,6 +53,8 @@ def rms_norm_forms(x: torch.Tensor, weight: torch.Tensor | None, eps: float, for
 
 class RMSNormQuantize(FusionPattern):
     scalars = {"eps": EPS_PLACEHOLDER}
+    # dynamic=True passes a module's float eps as a 0-d tensor: the fused ops' *_eps_tensor variants take it
+    tensor_scalars = ("eps",)
 
     def __init__(self, form: str, with_weight: bool, residual: bool):
         if form not in FORMS:
@@ -79,9 +84,11 @@ class RMSNormQuantize(FusionPattern):
     def replacement(self, q: QuantizeArgs, x, eps, weight=None, residual=None, global_scale=None):
         offset = 1.0 if self.form == "gemma" else 0.0
         in_dtype = self.form in ("hf", "meta", "t5") and self.with_weight
+        name = "add_rms_norm_quantize" if self.residual else "rms_norm_quantize"
+        op = getattr(torch.ops.fp4op, name + ("_eps_tensor" if isinstance(eps, torch.Tensor) else ""))
         if self.residual:
-            return torch.ops.fp4op.add_rms_norm_quantize(x, residual, weight, eps, offset, in_dtype, *q.tail(global_scale))
-        return torch.ops.fp4op.rms_norm_quantize(x, weight, eps, offset, in_dtype, *q.tail(global_scale))
+            return op(x, residual, weight, eps, offset, in_dtype, *q.tail(global_scale))
+        return op(x, weight, eps, offset, in_dtype, *q.tail(global_scale))
 
     def check(self, match: pm.Match) -> bool:
         names = ["x"] + (["residual"] if self.residual else []) + (["weight"] if self.with_weight else [])

@@ -12,9 +12,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import fp4op
+import fp4op.fusion as fusion
 from fp4op import layouts
 from conftest import requires_cuda
-from fusion_helpers import assert_fp4_close, assert_same_outputs, compile_fused, fp4_ops
+from fusion_helpers import assert_fp4_close, assert_same_outputs, compile_fused, fp4_ops, fresh_compile_config
 
 M, K = 64, 256  # 1024 NVFP4 blocks a chain: the 99.9% rule allows one differing block
 
@@ -204,3 +205,131 @@ def test_never_fuse(device):
         # Inductor's own code for these chains rounds a little differently from eager (reduction
         # order), so blocks may differ by a scale step; values stay within one E2M1 step
         assert_fp4_close(got, want, 16, min_identical=0.5)
+
+
+# ---- one producer output read by several quantizes that do not merge ----------------------------------------
+
+# three static global scales: separate tensors (as loaded from a checkpoint), so the quantizes do not merge
+SCALES = [torch.tensor([448.0 * 6 / amax]) for amax in (6.0, 8.0, 12.0)]
+
+
+def _nvfp4(i):
+    return lambda y: torch.ops.fp4op.quantize(y, SCALES[i])
+
+
+def _mxfp4(y):
+    return torch.ops.fp4op.quantize(y, None, 32, True)
+
+
+def _compile_linted(fn, *args):
+    """compile_fused with graph.lint() run on the graph the fusion pass leaves."""
+
+    def lint(graph):
+        graph.lint()
+
+    fusion.reset()
+    with fresh_compile_config(), torch.no_grad():
+        passes = fusion.ComposedPass([fusion.fusion_pass(), lint])
+        out = torch.compile(fn, options={"post_grad_custom_post_pass": passes})(*args)
+    return out, fusion.last_record()
+
+
+def test_producer_read_by_several_quantizes_fuses_per_quantize():
+    """A norm / gated activation output read by 2-3 quantizes with different global-scale tensors (or different
+    recipes) cannot be merged into one quantize; each quantize gets a private copy of the producer and fuses
+    with it (one fused op per quantize, each recomputing the norm from its input). With a residual add the
+    first match takes the add (add_rms_norm_quantize returns the sum) and the others normalize that sum."""
+    dtype = torch.bfloat16
+    rand = lambda *s: torch.randn(*s, dtype=dtype)  # noqa: E731
+    x, r, g, u = [rand(M, K) * 3 for _ in range(4)], rand(M, K), rand(M, K) * 2, rand(M, K)
+    w, b = rand(K) * 0.5 + 1, rand(K) * 0.1
+
+    def fn(x, r, g, u, w, b):
+        n = hf_rms(x[0], w, 1e-6)  # q/k/v projections of Llama's input_layernorm
+        qkv = [_nvfp4(i)(n) for i in range(3)]
+        s = x[1] + r  # post_attention_layernorm: the residual sum is also the next residual
+        n = F.rms_norm(s, (K,), w, 1e-5)
+        gate_up_down = [*(_nvfp4(i)(n) for i in range(3)), s * 2]
+        n = F.layer_norm(x[2], (K,), w, b, 1e-5)
+        ln = [_nvfp4(0)(n), _nvfp4(1)(n)]
+        a = F.silu(g) * u
+        act = [_nvfp4(0)(a), _nvfp4(2)(a)]
+        n = gemma_rms(x[3], w, 1e-6)
+        recipes = [_nvfp4(1)(n), _mxfp4(n)]
+        return qkv, gate_up_down, ln, act, recipes
+
+    args = (x, r, g, u, w, b)
+    out, record = _compile_linted(fn, *args)
+    assert dict(record.matches) == {
+        "rms_norm_quantize[hf]": 3, "add_rms_norm_quantize[torch]": 1, "rms_norm_quantize[torch]": 2,
+        "layer_norm_quantize[weight,bias]": 2, "silu_and_mul_quantize[silu]": 2, "rms_norm_quantize[gemma]": 2,
+    }
+    assert record.producer_copies == 2 + 2 + 1 + 1 + 1
+    assert dict(fusion.fusion_pass().copy_counts) == {"fused": 7, "undone": 0}
+    assert "fp4op.quantize.default" not in record.after
+    for decomposed in ("aten.rsqrt.default", "aten.var_mean.correction", "aten.pow.Tensor_Scalar", "aten.exp.default"):
+        assert decomposed not in record.after, decomposed
+    # the sum is computed once, by the add_rms_norm_quantize (the rms_norm_quantizes read its output)
+    assert "aten.add.Tensor" not in record.after
+    with torch.no_grad():
+        expected = fn(*args)
+        # each copy is the fused op on the same input: bit-identical to calling that op eagerly
+        for i, got in enumerate(out[0]):
+            fused = torch.ops.fp4op.rms_norm_quantize(x[0], w, 1e-6, 0.0, True, SCALES[i], 16, False, True, False,
+                                                      False)
+            assert all(torch.equal(a, e) for a, e in zip(got, fused))
+    vecs = [[16] * 3, [16] * 3, [16] * 2, [16] * 2, [16, 32]]
+    for name, got, want, vec in zip(("qkv", "residual", "layer_norm", "silu_and_mul", "recipes"), out, expected, vecs):
+        for i, (a, e) in enumerate(zip(got, want)):
+            if isinstance(a, torch.Tensor):  # the residual sum: bit-exact
+                assert torch.equal(a, e), name
+            else:
+                assert_fp4_close(a, e, vec[i])
+
+
+def test_producer_with_another_user_is_not_copied():
+    """The norm output is also returned: it has a user that is not a quantize, so nothing is copied and the
+    graph is left as it was (no fusion can take the norm, whose output must be written anyway)."""
+    x, w = torch.randn(M, K, dtype=torch.bfloat16), torch.randn(K, dtype=torch.bfloat16)
+
+    def fn(x, w):
+        n = hf_rms(x, w, 1e-6)
+        return _nvfp4(0)(n), _nvfp4(1)(n), n
+
+    out, record = _compile_linted(fn, x, w)
+    assert dict(record.matches) == {} and record.producer_copies == 0
+    assert not fusion.fusion_pass().copy_counts
+    assert record.after == record.before
+    with torch.no_grad():
+        expected = fn(x, w)
+    for got, want in zip(out[:2], expected[:2]):
+        assert_fp4_close(got, want, 16, min_identical=0.5)
+
+
+def test_unfused_copies_are_undone():
+    """bf16 activations with float32 norm weights, read by several quantizes: each quantize gets a private copy
+    of the norm, the rules refuse every one (the fused kernels take weights of the activation dtype), and the
+    copies are folded back: the graph after the pass has exactly the ops it had before."""
+    dtype = torch.bfloat16
+    x = [torch.randn(M, K, dtype=dtype) for _ in range(3)]
+    w32, b32 = torch.randn(K) * 0.5 + 1, torch.randn(K) * 0.1
+
+    def fn(x, w32, b32):
+        n = F.rms_norm(x[0], (K,), w32, 1e-5)
+        rms = [_nvfp4(i)(n) for i in range(3)]
+        n = F.layer_norm(x[1], (K,), w32, b32, 1e-5)
+        ln = [_nvfp4(0)(n), _nvfp4(1)(n)]
+        n = (w32 * hf_rms(x[2], None, 1e-6)).to(dtype)  # the weight multiplies in float32
+        hf = [_nvfp4(1)(n), _nvfp4(2)(n)]
+        return rms, ln, hf
+
+    args = (x, w32, b32)
+    out, record = _compile_linted(fn, *args)
+    assert dict(record.matches) == {} and record.producer_copies == 0
+    assert dict(fusion.fusion_pass().copy_counts) == {"fused": 0, "undone": 2 + 1 + 1}
+    assert record.after == record.before
+    with torch.no_grad():
+        expected = fn(*args)
+    for got, want in zip(out, expected):
+        for a, e in zip(got, want):
+            assert_fp4_close(a, e, 16, min_identical=0.5)

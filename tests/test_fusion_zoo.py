@@ -27,6 +27,9 @@ import fp4op.fusion as fusion
 import fp4op.nn as fnn
 from fusion_helpers import LlamaRMSNorm, assert_fp4_close, fp4_ops, fresh_compile_config
 
+from fp4op.fusion.rms_norm import FORMS as RMS_FORMS
+from fp4op.fusion.rms_norm import rms_norm_forms
+
 D, H, HEADS = 128, 256, 4  # hidden, intermediate, heads (head_dim 32)
 TOKENS = (4, 32)  # (batch, seq): 128 rows, 1024 NVFP4 blocks a tap of width D
 
@@ -398,9 +401,9 @@ class NormOutputReturned(nn.Module):
 class QKVProjections(nn.Module):
     """One norm output read by q/k/v projections (attention left out)."""
 
-    def __init__(self):
+    def __init__(self, norm=LlamaRMSNorm):
         super().__init__()
-        self.input_layernorm = LlamaRMSNorm(D)
+        self.input_layernorm = norm(D)
         self.q_proj, self.k_proj, self.v_proj = (nn.Linear(D, D, bias=False) for _ in range(3))
 
     def forward(self, x):
@@ -654,7 +657,7 @@ LLAMA_MLP_STACK_EXPECTED = {"rms_norm_quantize[hf]": 1, "silu_and_mul_quantize[s
 
 def test_dynamic_shapes_with_specialized_floats():
     """dynamic=True, three batch/sequence shapes, one compile: with Dynamo's float specialization the
-    Hugging Face norm's eps attribute stays a constant and the norm fuses (the documented workaround)."""
+    Hugging Face norm's eps attribute stays a constant and the norm fuses with the float-eps op."""
     zoo = build_zoo([LLAMA_MLP_STACK], torch.bfloat16, "nvfp4")
     with torch._dynamo.config.patch(specialize_float=True):
         runs = run_zoo(zoo, torch.bfloat16, dynamic=True, shapes=DYNAMIC_SHAPES)
@@ -667,28 +670,66 @@ def test_dynamic_shapes_with_specialized_floats():
 def dynamic_default_config():
     zoo = build_zoo([LLAMA_MLP_STACK], torch.bfloat16, "nvfp4")
     runs = run_zoo(zoo, torch.bfloat16, dynamic=True, shapes=DYNAMIC_SHAPES)
-    return runs, len(fusion.fusion_pass().records), nonzero(fusion.match_counts())
+    return runs, len(fusion.fusion_pass().records), nonzero(fusion.match_counts()), graph_ops()
 
 
-def test_dynamic_shapes_float_eps_input_compiles(dynamic_default_config):
-    """dynamic=True with Dynamo's defaults: LlamaRMSNorm's float eps becomes a graph input (a 0-d tensor).
-    The RMSNorm rules must leave it alone (the fused ops take eps as a float; binding the tensor crashed the
-    compile); the activations still fuse and the results equal eager."""
-    runs, n_graphs, counts = dynamic_default_config
+def test_dynamic_shapes_float_eps_input_fuses(dynamic_default_config):
+    """dynamic=True with Dynamo's defaults: LlamaRMSNorm's float eps becomes a graph input (a 0-d float64
+    tensor), which the RMSNorm rules hand to the fused ops' *_eps_tensor variants: every rule fires, one
+    graph serves every M, and the results equal eager."""
+    runs, n_graphs, counts, ops = dynamic_default_config
     assert n_graphs == 1
-    assert counts.get("silu_and_mul_quantize[silu]") == 1
+    assert counts == LLAMA_MLP_STACK_EXPECTED
+    assert "fp4op.rms_norm_quantize_eps_tensor.default" in ops or "fp4op.add_rms_norm_quantize_eps_tensor.default" in ops, ops
     check_numerics(runs, 16)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="dynamic=True: Dynamo passes a module's float eps (variance + self.variance_epsilon) as a graph "
-    "input; the fused ops take eps as a float, so the Hugging Face RMSNorm forms do not fuse (needs a "
-    "Tensor eps overload in csrc or torch._dynamo.config.specialize_float=True)",
-)
-def test_dynamic_shapes_float_eps_input_fuses(dynamic_default_config):
-    _, _, counts = dynamic_default_config
-    assert counts == LLAMA_MLP_STACK_EXPECTED
+class EpsAttributeNorms(nn.Module):
+    """Every RMSNorm source form, with and without a residual add, each reading its eps from a module
+    float attribute (as the Hugging Face modules do), with distinct eps values."""
+
+    def __init__(self):
+        super().__init__()
+        self.forms = [(form, residual) for form in RMS_FORMS for residual in (False, True)]
+        for i in range(len(self.forms)):
+            setattr(self, f"eps{i}", 1e-6 * (i + 1) + 3e-7)
+
+    def forward(self, x, r, w):
+        outs = []
+        for i, (form, residual) in enumerate(self.forms):
+            eps = getattr(self, f"eps{i}")
+            if residual:
+                s = x + r * (i + 1)
+                outs.append((*_q(rms_norm_forms(s, w, eps, form)), s))
+            else:
+                outs.append(_q(rms_norm_forms(x * (i + 1), w, eps, form)))
+        return outs
+
+
+def test_dynamic_shapes_module_eps_every_rms_form():
+    """dynamic=True: each form reading a module's float eps fuses (the tensor-eps ops where Dynamo makes eps
+    a graph input), one graph for every M, results equal eager."""
+    model = EpsAttributeNorms()
+    g = torch.Generator().manual_seed(3)
+    rand = lambda *s: torch.randn(*s, generator=g).to(torch.bfloat16)  # noqa: E731
+    fusion.reset()
+    with fresh_compile_config(), torch.no_grad():
+        compiled = torch.compile(model, dynamic=True, options=fusion.compile_options())
+        w = rand(K) * 0.2 + 1
+        inputs = [(rand(m, K) * 3, rand(m, K), w) for m in (24, 40)]
+        results = [(compiled(*args), model(*args)) for args in inputs]
+    assert len(fusion.fusion_pass().records) == 1
+    want = {}
+    for form, residual in model.forms:
+        name = f"{'add_' if residual else ''}rms_norm_quantize[{form}]"
+        want[name] = want.get(name, 0) + 1
+    assert nonzero(fusion.match_counts()) == want
+    assert "fp4op.quantize.default" not in graph_ops()
+    for got, expected in results:
+        for g_out, e_out in zip(got, expected):
+            assert_fp4_close(g_out[:2], e_out[:2])
+            for a, e in zip(g_out[2:], e_out[2:]):
+                assert torch.equal(a, e)
 
 
 # ---- models that must not fuse -----------------------------------------------------------------------------
@@ -697,9 +738,9 @@ def test_dynamic_shapes_float_eps_input_fuses(dynamic_default_config):
 def test_zoo_never_fuses():
     """bf16 models with float32 norm parameters (nn.RMSNorm, nn.LayerNorm); a norm output also returned;
     q/k/v with v_proj left unconverted (convert(exclude=...)) and q/k calibrated without tied scales (their
-    quantizes differ); BERT post-LN (the LayerNorm output is the next residual too); GPT-2 gelu_new; an
-    activation output reused; an FP4Linear with a dynamic activation scale (its amax reads the norm
-    output)."""
+    quantizes differ, and the plain v_proj is a user of the norm output that is not a quantize); BERT
+    post-LN (the LayerNorm output is the next residual too); GPT-2 gelu_new; an activation output reused;
+    an FP4Linear with a dynamic activation scale (its amax reads the norm output)."""
     makers = [
         lambda: Fp32NormWeight(nn.RMSNorm(D, eps=1e-6)),
         lambda: Fp32NormWeight(nn.LayerNorm(D)),
@@ -717,6 +758,12 @@ def test_zoo_never_fuses():
     runs = run_zoo(zoo, torch.bfloat16)
     # BERT's GELU -> output dense is a plain activation chain: it fuses
     assert nonzero(fusion.match_counts()) == {"gelu_quantize[gelu]": 1}
+    # the float32-weight norms read by q_proj and k_proj (untied scales) got a private copy for k_proj, which
+    # did not fuse and was folded back: the graph has as many norm ops as before the pass
+    assert nonzero(fusion.fusion_pass().copy_counts) == {"undone": 2}
+    (record,) = fusion.fusion_pass().records
+    for norm_op in ("aten.rsqrt.default", "aten.var_mean.correction", "aten.mean.dim", "aten.pow.Tensor_Scalar"):
+        assert record.after[norm_op] == record.before[norm_op], norm_op
     ops = graph_ops()
     assert set(ops) <= {"fp4op.quantize.default", "fp4op.dequantize.default", "fp4op.gelu_quantize.default"}, ops
     # the unfused chains are Inductor's own code (not the fused ops' contract): a looser block rule
@@ -878,21 +925,64 @@ def test_dynamic_activation_forms():
                 assert torch.equal(a, e)
 
 
-# ---- known gaps (not fixed in fusion/) ----------------------------------------------------------------------
+# ---- one norm output read by several quantizes that do not merge ----------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="static scales loaded from a state_dict are equal but separate tensors: the q/k/v quantizes of one "
-    "norm output have different global-scale inputs, are not merged, and the norm does not fuse (calibrate() "
-    "ties them; loading does not: fp4op.nn, or a norm duplicated per quantize in the pass)",
-)
-def test_scales_loaded_from_state_dict_still_merge():
-    source = build_zoo([QKVProjections], torch.bfloat16, "nvfp4")
-    loaded = Zoo([fnn.convert(_randomize(QKVProjections()).to(torch.bfloat16).eval())]).eval()
+def _loaded_copy(source, *makers):
+    """Fresh models (other random weights) converted with TapLinear, loaded from `source`'s state_dict: each
+    layer gets its own copy of the static activation scale (a checkpoint does not tie tensors)."""
+    models = []
+    for i, make in enumerate(makers):
+        model = fnn.convert(_randomize(make(), seed=50 + i).to(torch.bfloat16).eval())
+        for m in model.modules():
+            if type(m) is fnn.FP4Linear:
+                m.__class__ = TapLinear
+        models.append(model)
+    loaded = Zoo(models).eval()
     loaded.load_state_dict(source.state_dict())
-    run_zoo(loaded, torch.bfloat16)
-    assert nonzero(fusion.match_counts()) == {"rms_norm_quantize[hf]": 1}
+    return loaded
+
+
+def test_scales_loaded_from_state_dict_still_fuse():
+    """Static scales loaded from a state_dict are equal but separate tensors: the q/k/v quantizes of one norm
+    output have different global-scale inputs and are not merged. The pass gives each quantize a private
+    copy of the norm, so the norm fuses into one rms_norm_quantize per projection."""
+    source = build_zoo([QKVProjections], torch.bfloat16, "nvfp4")
+    loaded = _loaded_copy(source, QKVProjections)
+    scales = [m.input_global_scale for m in loaded.modules() if isinstance(m, fnn.FP4Linear)]
+    assert len({s.data_ptr() for s in scales}) == 3 and all(torch.equal(s, scales[0]) for s in scales)
+    runs = run_zoo(loaded, torch.bfloat16)
+    assert nonzero(fusion.match_counts()) == {"rms_norm_quantize[hf]": 3}
+    (record,) = fusion.fusion_pass().records
+    assert record.producer_copies == 2
+    assert nonzero(fp4_ops(record.after)) == {"fp4op.rms_norm_quantize.default": 3, "fp4op.dequantize.default": 6}
+    norm_ops = ("aten.rsqrt.default", "aten.pow.Tensor_Scalar", "aten.mean.dim", "prims.convert_element_type.default")
+    for norm_op in norm_ops:
+        assert norm_op not in record.after, norm_op
+    check_numerics(runs, 16)
+
+
+def test_zoo_untied_scales_fuse():
+    """calibrate(tie_siblings=False): every projection has its own static scale tensor, so no quantizes merge.
+    A Llama decoder layer: input_layernorm -> q/k/v (3 rms_norm_quantize), post_attention_layernorm after the
+    residual add (its sum is the next residual) -> gate/up (one add_rms_norm_quantize, which returns the sum,
+    and one rms_norm_quantize of that sum); and a LayerNorm read by q/k/v projections."""
+    zoo = build_zoo([DecoderLayer, lambda: QKVProjections(lambda d: nn.LayerNorm(d))], torch.bfloat16, "nvfp4",
+                    tie_siblings=False)
+    runs = run_zoo(zoo, torch.bfloat16)
+    assert nonzero(fusion.match_counts()) == {
+        "rms_norm_quantize[hf]": 4, "add_rms_norm_quantize[hf]": 1, "silu_and_mul_quantize[silu]": 1,
+        "layer_norm_quantize[weight,bias]": 3,
+    }
+    (record,) = fusion.fusion_pass().records
+    assert record.producer_copies == 2 + 1 + 2
+    ops = graph_ops()
+    assert ops.get("fp4op.quantize.default", 0) == 1, ops  # o_proj: its input is the attention output
+    assert "aten.rsqrt.default" not in record.after and "aten.var_mean.correction" not in record.after
+    check_numerics(runs, 16)
+
+
+# ---- known gaps (not fixed in fusion/) ----------------------------------------------------------------------
 
 
 @pytest.mark.xfail(
