@@ -147,9 +147,9 @@ FP4OP_HD float e4m3_bits_to_float(uint8_t b) {
 // spacing 1 and code = RN(a) + 2; on [4, 6] spacing 2 and code = RN(a / 2) + 4, ties to the even
 // code in each. RN is monotone, so RN(min(...)) = min(RN(...)), and each RN(piece) is one float op
 // with an exact product: adding 2^23 makes the adder round to an integer. The result is the float
-// 2^23 + code. Float adds and minima only (no integer work per element): on Hopper they issue on the
-// FMA pipes, which have twice the width of the integer ALU. Checked against the previous integer
-// formulation on all 2^32 floats.
+// 2^23 + code. The pieces are FMA-pipe work; the minima run on Hopper's ALU pipe (half the width),
+// so the device takes them as one three-way integer minimum and a clamp (below). Checked against the
+// previous integer formulation on all 2^32 floats.
 #if !defined(__CUDA_ARCH__)
 // a < b ? a : b as a bit select of an unconditional compare: GCC does not if-convert a float
 // ternary under -ftrapping-math (its default), which kept the CPU row kernel's code loop scalar
@@ -162,10 +162,15 @@ inline float less_or_second(float a, float b) {
 
 FP4OP_HD float e2m1_magnitude(float x) {
 #if defined(__CUDA_ARCH__)
-  const float a = fminf(fabsf(x), 6.0f);  // minNum: NaN -> 6
-  const float k0 = __fmaf_rn(a, 2.0f, 8388608.0f);
-  const float k2 = __fmaf_rn(a, 0.5f, 8388612.0f);
-  return fminf(fminf(k0, add_rn(a, 8388610.0f)), k2);
+  // The pieces of |x| unclamped (|x| is an operand modifier of FFMA/FADD), then their minimum and the
+  // clamp to code 7 as unsigned integers: the pieces are positive floats (>= 2^23), inf or NaN, whose
+  // bits order like their values, and inf, NaN and the pieces of |x| > 6 lie above 2^23 + 7 (or give
+  // 7). One three-way integer minimum (VIMNMX3 on sm_90) and one clamp take the place of the clamp of
+  // |x| and two float minima. Equal to the form below on all 2^32 floats.
+  const uint32_t k0 = __float_as_uint(__fmaf_rn(fabsf(x), 2.0f, 8388608.0f));
+  const uint32_t k1 = __float_as_uint(__fadd_rn(fabsf(x), 8388610.0f));
+  const uint32_t k2 = __float_as_uint(__fmaf_rn(fabsf(x), 0.5f, 8388612.0f));
+  return __uint_as_float(min(__vimin3_u32(k0, k1, k2), 0x4B000007u));
 #else
   const float a = less_or_second(fabsf(x), 6.0f);  // NaN -> 6 (a compare, not libm's fminf)
   const float k0 = add_rn(mul_rn(a, 2.0f), 8388608.0f);
