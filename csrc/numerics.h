@@ -214,24 +214,22 @@ FP4OP_HD uint32_t e2m1x8(const float* v) {
 #if FP4OP_NATIVE_E2M1
   return e2m1x2(v[0], v[1]) | (e2m1x2(v[2], v[3]) << 8) | (e2m1x2(v[4], v[5]) << 16) | (e2m1x2(v[6], v[7]) << 24);
 #elif defined(__CUDA_ARCH__)
-  // Byte 0 of bits(magnitude) is the code 0..7 and bit 31 of the value its sign (e2m1_sign: no NaN
-  // signs on the GPU). Byte permutes gather both for four values a register, [codes or sign bytes of
-  // values 0, 2, 4, 6] and [... of 1, 3, 5, 7]: then the even codes sit in bits 8j..8j+2 and the odd
-  // ones go 4 bits up, with the sign bytes' top bits at 8j+7 (odd) and, 4 bits down, 8j+3 (even).
-  // 12 permutes and 4 merges a word instead of about 3 instructions a value.
-  uint32_t pair[4][2];  // pair p: [code 2p', code 2p'+2 | sign byte 2p', sign byte 2p'+2] halves
+  // The codes as on the host: bits(magnitude) * 16^i summed in wrapping arithmetic, less the 2^23
+  // exponent bits (0xFB000000): multiply-adds, which issue on the FMA pipe, where byte permutes
+  // would load the ALU pipe that limits these kernels. The signs (bit 31 of each value: no NaN
+  // signs on the GPU) by byte permutes: [sign bytes of values 0, 2, 4, 6] and [... 1, 3, 5, 7],
+  // their top bits then at 8j+7, shifted 4 down for the even values.
+  uint32_t codes = 0u - 0xFB000000u;
+#pragma unroll
+  for (int i = 0; i < 8; ++i) codes += float_to_bits(e2m1_magnitude(v[i])) * (1u << (4 * i));
+  uint32_t pair[4];  // pair p: [sign byte 2p', sign byte 2p'+2, -, -]
 #pragma unroll
   for (int p = 0; p < 4; ++p) {
     const int a = (p & 1) + 4 * (p >> 1), b = a + 2;  // (0, 2), (1, 3), (4, 6), (5, 7)
-    const uint32_t ca = float_to_bits(e2m1_magnitude(v[a])), cb = float_to_bits(e2m1_magnitude(v[b]));
-    pair[p][0] = __byte_perm(ca, cb, 0x0040);  // [code a, code b, -, -]
-    pair[p][1] = __byte_perm(float_to_bits(v[a]), float_to_bits(v[b]), 0x0073);  // [sign byte a, b, -, -]
+    pair[p] = __byte_perm(float_to_bits(v[a]), float_to_bits(v[b]), 0x0073);
   }
-  const uint32_t even_codes = __byte_perm(pair[0][0], pair[2][0], 0x5410);
-  const uint32_t odd_codes = __byte_perm(pair[1][0], pair[3][0], 0x5410);
-  const uint32_t even_signs = __byte_perm(pair[0][1], pair[2][1], 0x5410);
-  const uint32_t odd_signs = __byte_perm(pair[1][1], pair[3][1], 0x5410);
-  const uint32_t codes = even_codes + (odd_codes << 4);
+  const uint32_t even_signs = __byte_perm(pair[0], pair[2], 0x5410);
+  const uint32_t odd_signs = __byte_perm(pair[1], pair[3], 0x5410);
   return codes | ((even_signs >> 4) & 0x08080808u) | (odd_signs & 0x80808080u);
 #else
   // (bits(magnitude) + 8 * sign) * 16^i summed in wrapping 32-bit arithmetic, less the 2^23 exponent

@@ -36,6 +36,10 @@ struct ActivationSource {
       default: apply(f, Activation::kGeluTanh); break;
     }
   }
+  template <int L, int V>
+  __device__ __forceinline__ static float block_amax(const uint4 (&)[1][L], const float (&f)[V]) {
+    return amax_of(f);
+  }
   template <int V>
   __device__ __forceinline__ static void apply(float (&f)[V], Activation act) {
     fused::activation_elements(f, act, D);
@@ -59,6 +63,10 @@ struct GatedSource {
       case Activation::kGeluErf: apply(f, up, Activation::kGeluErf); break;
       default: apply(f, up, Activation::kGeluTanh); break;
     }
+  }
+  template <int L, int V>
+  __device__ __forceinline__ static float block_amax(const uint4 (&)[2][L], const float (&f)[V]) {
+    return amax_of(f);
   }
   template <int V>
   __device__ __forceinline__ static void apply(float (&f)[V], const float (&up)[V], Activation act) {
@@ -367,7 +375,7 @@ __global__ void __launch_bounds__(kThreads) norm_kernel(const FusedLaunch a, con
         r.load_affine(col, affine);
         float f[VEC];
         r.normalize(v, affine, stat_a, stat_b, f);
-        sf_byte = quantize_block<VEC, UE8M0>(f, rs, xq_row + col * (VEC / 2));
+        sf_byte = quantize_block<VEC, UE8M0>(f, amax_of(f), rs, xq_row + col * (VEC / 2));
       }
       store_sf_any(q, r.row, col, nk, sf_byte, row_ok, col < cols, has_data);
     });

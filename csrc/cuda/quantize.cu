@@ -18,6 +18,14 @@ struct PlainSource {
 #pragma unroll
     for (int i = 0; i < L; ++i) Input<D>::widen(v[0][i], f + i * Input<D>::kPerVector);
   }
+  template <int L, int V>
+  __device__ __forceinline__ static float block_amax(const uint4 (&v)[1][L], const float (&f)[V]) {
+    if constexpr (D == InputDtype::kFloat8E4M3 && V == 16) {
+      return e4m3_abs_max(v[0][0]);
+    } else {
+      return amax_of(f);
+    }
+  }
 };
 
 template <InputDtype D>
