@@ -218,6 +218,25 @@ def private_producer_cone(node: torch.fx.Node) -> set[torch.fx.Node]:
     return cone
 
 
+def copies_save_traffic(output: torch.fx.Node, cone: set[torch.fx.Node], readers: int) -> bool:
+    """Whether `readers` fused copies of `cone` move fewer bytes than the cone computed once: each copy
+    reads the cone's S inputs of the output's size (a norm: its input, S = 1; a gated activation: gate
+    and up, S = 2), where the cone computed once reads them, writes its output and each quantize reads
+    that: readers * S <= S + 1 + readers (always for S = 1; up to 3 readers for S = 2)."""
+    from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+    out = output.meta.get("val")
+    if not isinstance(out, torch.Tensor):
+        return False
+    sources = {a for member in cone for a in member.all_input_nodes if a not in cone}
+    full = 0
+    for source in sources:
+        val = source.meta.get("val")
+        if isinstance(val, torch.Tensor) and statically_known_true(val.numel() == out.numel()):
+            full += 1
+    return readers * full <= full + 1 + readers
+
+
 @dataclasses.dataclass
 class ProducerCopies:
     """What share_producers_by_copy did: `copies` maps each copied node to its original; `outputs` holds the
@@ -250,7 +269,7 @@ def share_producers_by_copy(graph: torch.fx.Graph) -> ProducerCopies:
         if any(node in u.args[1:] or node in u.kwargs.values() for u in users):
             continue
         cone = private_producer_cone(node)
-        if cone:
+        if cone and copies_save_traffic(node, cone, len(users)):
             groups.append((node, sorted(users, key=order.__getitem__), sorted(cone, key=order.__getitem__)))
     # the cones of different outputs are disjoint (a cone holds no quantize), so copying one leaves the
     # others as they were computed

@@ -287,6 +287,29 @@ def test_producer_read_by_several_quantizes_fuses_per_quantize():
                 assert_fp4_close(a, e, vec[i])
 
 
+def test_gated_activation_read_by_many_quantizes_is_not_copied():
+    """A gated activation read by 4 quantizes: 4 copies would read gate and up 4 times (8 reads of its size),
+    more than the activation computed once (2 reads, 1 write, 4 reads of its output); it is left unfused.
+    With 3 readers the copies break even and are made."""
+    g, u = torch.randn(M, K, dtype=torch.bfloat16), torch.randn(M, K, dtype=torch.bfloat16)
+    scales = [*SCALES, torch.tensor([448.0 * 6 / 16.0])]
+
+    def fn(g, u, readers):
+        a = F.silu(g) * u
+        return [torch.ops.fp4op.quantize(a, scales[i]) for i in range(readers)]
+
+    for readers, fused in ((4, 0), (3, 3)):
+        out, record = _compile_linted(lambda g, u: fn(g, u, readers), g, u)
+        assert record.matches.get("silu_and_mul_quantize[silu]", 0) == fused, readers
+        assert record.producer_copies == (fused - 1 if fused else 0)
+        if not fused:
+            assert record.after == record.before  # (its numerics are Inductor's own silu * mul)
+            continue
+        with torch.no_grad():
+            for got, want in zip(out, fn(g, u, readers)):
+                assert_fp4_close(got, want, 16)
+
+
 def test_producer_with_another_user_is_not_copied():
     """The norm output is also returned: it has a user that is not a quantize, so nothing is copied and the
     graph is left as it was (no fusion can take the norm, whose output must be written anyway)."""
