@@ -396,9 +396,48 @@ def case_approximate(op, d):
     getattr(OPS, f"{op}_quantize")(*args, "erf", torch.ones(1, device=d))
 
 
+def _eps_tensor_op(op, x, c, eps, gs):
+    if op == "rms_norm":
+        return OPS.rms_norm_quantize_eps_tensor(x, c["weight"], eps, global_scale=gs)
+    return OPS.add_rms_norm_quantize_eps_tensor(x, c["residual"], c["weight"], eps, global_scale=gs)
+
+
+def _eps_tensor_call(op, d, eps, x_device=None):
+    """The *_eps_tensor op with eps = eps(d) on an input on x_device (default d)."""
+    x = _x(x_device or d)
+    return _eps_tensor_op(op, x, companions(op, x), eps(d), torch.ones(1, device=x.device))
+
+
+def _eps_tensor_answer(op, d, eps, x_device=None):
+    """Equal, bit for bit, to the float-eps op with eps's float32 value."""
+    x = _x(x_device or d)
+    c, gs, e = companions(op, x), torch.ones(1, device=x.device), eps(d)
+    value = float(e.to(torch.float32).cpu().reshape(()))
+    want = (OPS.rms_norm_quantize(x, c["weight"], value, global_scale=gs) if op == "rms_norm"
+            else OPS.add_rms_norm_quantize(x, c["residual"], c["weight"], value, global_scale=gs))
+    for a, b in zip(_eps_tensor_op(op, x, c, e, gs), want, strict=True):
+        assert_equal(a, b)
+
+
+EPS_TENSOR_CASES = {
+    "eps_tensor_two": (lambda op, d: _eps_tensor_call(op, d, lambda d: torch.full((2,), EPS, device=d)),
+                       (VE, "eps must have one element")),
+    "eps_tensor_empty": (lambda op, d: _eps_tensor_call(op, d, lambda d: torch.empty(0, device=d)),
+                         (VE, "eps must have one element")),
+    "eps_tensor_int": (lambda op, d: _eps_tensor_call(op, d, lambda d: torch.tensor(1, device=d)),
+                       (VE, "eps must be a floating-point")),
+    "eps_tensor_meta": (lambda op, d: _eps_tensor_call(op, d, lambda d: torch.tensor(EPS, device="meta")),
+                        (VE, "eps is on meta")),
+    "eps_tensor_float64": (lambda op, d: _eps_tensor_answer(op, d, lambda d: torch.tensor(0.1, dtype=torch.float64)), "ok"),
+    "eps_tensor_bf16_1x1": (lambda op, d: _eps_tensor_answer(op, d, lambda d: torch.full((1, 1), EPS, dtype=torch.bfloat16, device=d)), "ok"),
+    "eps_tensor_nan": (lambda op, d: _eps_tensor_answer(op, d, lambda d: torch.tensor(float("nan"), device=d)), "ok"),
+    "eps_tensor_inf": (lambda op, d: _eps_tensor_answer(op, d, lambda d: torch.tensor(float("inf"), device=d)), "ok"),
+    "eps_tensor_strided": (lambda op, d: _eps_tensor_answer(op, d, lambda d: torch.tensor([1.0, EPS], device=d)[1]), "ok"),
+}
+
 SPECIFIC = {
-    "rms_norm": _affine_cases("weight"),
-    "add_rms_norm": {**_affine_cases("weight"), **_like_x_cases("residual")},
+    "rms_norm": {**_affine_cases("weight"), **EPS_TENSOR_CASES},
+    "add_rms_norm": {**_affine_cases("weight"), **_like_x_cases("residual"), **EPS_TENSOR_CASES},
     "layer_norm": {**_affine_cases("weight"), **_affine_cases("bias")},
     "silu_and_mul": {},
     "gelu_and_mul": {},
@@ -453,6 +492,13 @@ def cuda_only_cases(op):
     }
     for arg in companions(op, _x("cpu")):
         cases.update(_other_device_cases(arg))
+    if op in ("rms_norm", "add_rms_norm"):
+        # eps on the CPU (what Dynamo passes) or on x's device; nowhere else
+        cases["eps_tensor_cuda_x_cpu"] = (
+            lambda op, d: _eps_tensor_call(op, d, lambda d: torch.tensor(EPS, device="cuda"), x_device="cpu"),
+            (VE, "eps is on cuda"))
+        cases["eps_tensor_cpu_x_cuda"] = (
+            lambda op, d: _eps_tensor_answer(op, d, lambda d: torch.tensor(EPS), x_device="cuda"), "ok")
     return cases
 
 
