@@ -31,6 +31,8 @@ EPS_PLACEHOLDER = 2.0**-17
 FORMS = ("torch", "hf", "gemma", "meta", "t5")
 # forms that exist only with a weight (without one, "gemma" and "meta" are the "hf" form)
 WEIGHT_ONLY_FORMS = ("gemma", "meta", "t5")
+# forms whose weight multiplies in the model dtype (the fused ops' weight_in_input_dtype)
+INPUT_DTYPE_WEIGHT_FORMS = ("hf", "meta", "t5")
 
 
 def rms_norm_forms(x: torch.Tensor, weight: torch.Tensor | None, eps: float, form: str) -> torch.Tensor:
@@ -83,7 +85,7 @@ class RMSNormQuantize(FusionPattern):
 
     def replacement(self, q: QuantizeArgs, x, eps, weight=None, residual=None, global_scale=None):
         offset = 1.0 if self.form == "gemma" else 0.0
-        in_dtype = self.form in ("hf", "meta", "t5") and self.with_weight
+        in_dtype = self.form in INPUT_DTYPE_WEIGHT_FORMS and self.with_weight
         name = "add_rms_norm_quantize" if self.residual else "rms_norm_quantize"
         op = getattr(torch.ops.fp4op, name + ("_eps_tensor" if isinstance(eps, torch.Tensor) else ""))
         if self.residual:
