@@ -564,6 +564,31 @@ def test_eps_tensor_overloads_cuda(eps_device):
 
 
 @requires_cuda
+def test_eps_tensor_on_device_in_cuda_graph():
+    """An eps tensor on x's device is read by the kernel: a captured graph follows its value."""
+    x, w = make_input((33, 128), torch.bfloat16, "cuda"), make_affine(128, torch.bfloat16, "cuda")
+    gs, eps = torch.tensor([30.0], device="cuda"), torch.tensor(1e-6, device="cuda")
+
+    def fn():
+        return OPS.rms_norm_quantize_eps_tensor(x, w, eps, 0.0, True, gs)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()  # warm-up outside the capture
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        graph_out = fn()
+    for value in (1e-6, 0.5, 4.0):
+        eps.fill_(value)
+        graph.replay()
+        torch.cuda.synchronize()
+        want = OPS.rms_norm_quantize(x, w, float(eps.item()), 0.0, True, gs)
+        assert all(torch.equal(a, b) for a, b in zip(graph_out, want)), value
+
+
+@requires_cuda
 def test_cuda_strided_halves_and_stream():
     h = 4096
     t = make_input((9, 2 * h), torch.bfloat16, "cuda")
