@@ -90,6 +90,11 @@ struct Input<InputDtype::kFloat16> {
   }
 };
 
+// The e4m3 pair in 16-bit half `j` of `word` as half2: exact (every E4M3 value is an fp16 value).
+__device__ __forceinline__ __half2 e4m3_pair(uint32_t word, int j) {
+  return __half2(__nv_cvt_fp8x2_to_halfraw2(__nv_fp8x2_storage_t((word >> (16 * j)) & 0xFFFFu), __NV_E4M3));
+}
+
 template <>
 struct Input<InputDtype::kFloat8E4M3> {
   static constexpr int kPerVector = 16;
@@ -99,10 +104,7 @@ struct Input<InputDtype::kFloat8E4M3> {
     for (int i = 0; i < 4; ++i) {
 #pragma unroll
       for (int j = 0; j < 2; ++j) {
-        // e4m3 pairs -> half2 is exact (every E4M3 value is an fp16 value)
-        const __half2_raw h = __nv_cvt_fp8x2_to_halfraw2(__nv_fp8x2_storage_t((w[i] >> (16 * j)) & 0xFFFFu),
-                                                         __NV_E4M3);
-        const float2 p = __half22float2(__half2(h));
+        const float2 p = __half22float2(e4m3_pair(w[i], j));
         f[4 * i + 2 * j] = p.x;
         f[4 * i + 2 * j + 1] = p.y;
       }
@@ -110,7 +112,7 @@ struct Input<InputDtype::kFloat8E4M3> {
   }
 };
 
-// amax_of the widened values of 16 e4m3 values (one fp8 NVFP4 block), computed on their exact half2
+// amax_of the widened values of 16 e4m3 values (one fp8 NVFP4 block), computed on their e4m3_pair
 // conversions (those that Input::widen makes too) as a tree of half2 maxima, two values an
 // instruction where amax_of takes one: the quantize kernels are limited by the ALU pipe that runs
 // both. Widening is exact and monotone, so the maximum is the same value (a NaN where amax_of gives
@@ -120,11 +122,7 @@ __device__ __forceinline__ float e4m3_abs_max(const uint4& v) {
   const uint32_t w[4] = {v.x, v.y, v.z, v.w};
   __half2 m[4];
 #pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const __half2 lo = __half2(__nv_cvt_fp8x2_to_halfraw2(__nv_fp8x2_storage_t(w[i] & 0xFFFFu), __NV_E4M3));
-    const __half2 hi = __half2(__nv_cvt_fp8x2_to_halfraw2(__nv_fp8x2_storage_t(w[i] >> 16), __NV_E4M3));
-    m[i] = __hmax2(__habs2(lo), __habs2(hi));
-  }
+  for (int i = 0; i < 4; ++i) m[i] = __hmax2(__habs2(e4m3_pair(w[i], 0)), __habs2(e4m3_pair(w[i], 1)));
   const __half2 r = __hmax2(__hmax2(m[0], m[1]), __hmax2(m[2], m[3]));
   return fmaxf(__low2float(r), __high2float(r));
 }
