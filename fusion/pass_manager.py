@@ -246,7 +246,7 @@ class ProducerCopies:
     outputs: list[torch.fx.Node] = dataclasses.field(default_factory=list)
 
 
-def share_producers_by_copy(graph: torch.fx.Graph) -> ProducerCopies:
+def share_producers_by_copy(graph: torch.fx.Graph, quantizes: Sequence[torch.fx.Node]) -> ProducerCopies:
     """Give each quantize of a shared producer output its own copy of that producer, so that each can fuse.
 
     A norm output read by several quantizes that merge_duplicate_quantizes could not merge (q/k/v
@@ -258,11 +258,13 @@ def share_producers_by_copy(graph: torch.fx.Graph) -> ProducerCopies:
     its input (fewer bytes than the norm's output written once and read by every quantize). Inputs of the
     cone (the norm input, a residual sum that is also the next residual, weights) stay shared; for an
     add + RMSNorm the first match takes the sum, the others read the sum the fused op returns.
-    Copies that do not end up fused are undone by `undo_unfused_copies`."""
+    Copies that do not end up fused are undone by `undo_unfused_copies`. `quantizes`: the graph's
+    quantize nodes (after merge_duplicate_quantizes); their inputs are the candidates."""
     result = ProducerCopies()
     order = {n: i for i, n in enumerate(graph.nodes)}
     groups = []
-    for node in graph.nodes:
+    inputs = {q.args[0] for q in quantizes if isinstance(q.args[0], torch.fx.Node)}
+    for node in sorted(inputs, key=order.__getitem__):
         users = list(node.users)
         if len(users) < 2 or not all(u.target is QUANTIZE and u.args[0] is node for u in users):
             continue
@@ -610,17 +612,17 @@ class FusionPass(CustomGraphPass):
     def __call__(self, graph: torch.fx.Graph) -> None:
         before = op_counts(graph)
         quantizes = merge_duplicate_quantizes(graph, canonicalize_quantize(graph))
-        hoist_scalar_conversions(graph)
         matches: collections.Counter = collections.Counter()
         fused_copies = 0
         if quantizes:
+            hoist_scalar_conversions(graph)
             for node in quantizes:
                 q = quantize_args_of(node)
                 val = node.args[0].meta.get("val") if isinstance(node.args[0], torch.fx.Node) else None
                 if q is None or not isinstance(val, torch.Tensor):
                     continue
                 self._ensure_registered(q, val.device.type)
-            copies = share_producers_by_copy(graph)
+            copies = share_producers_by_copy(graph, quantizes)
             self._current = matches
             try:
                 self.patterns.apply(graph)
