@@ -118,6 +118,20 @@ def op_dequantize(xq, sf, gs, vec, ue8m0, layout, inversed=False, output_dtype=t
     return torch.ops.fp4op.dequantize(xq, sf, gs, vec, ue8m0, swz, is8x4, inversed, output_dtype)
 
 
+def capture_cuda_graph(fn):
+    """fn() run once on a side stream (the warm-up CUDA graphs need), then captured; returns (graph, the
+    captured call's outputs), which graph.replay() rewrites."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outputs = fn()
+    return graph, outputs
+
+
 def assert_same_bytes(actual, expected, what=""):
     """Bit-for-bit equality of two tensors, with the first mismatches in the message. For floating
     outputs (dequantize) a NaN matches any NaN: NaN payloads are not part of the contract (the CPU

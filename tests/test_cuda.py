@@ -14,6 +14,7 @@ from conftest import (
     HAS_CUDA,
     LAYOUTS,
     assert_same_bytes,
+    capture_cuda_graph,
     dtype_id,
     make_global_scale,
     op_dequantize,
@@ -146,14 +147,7 @@ def test_cuda_graph_capture_and_replay(vec, ue8m0, layout):
     def fn():
         return op_quantize(static_x, static_gs, vec, ue8m0, layout)
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()  # warm-up outside the capture
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        graph_xq, graph_sf = fn()
+    graph, (graph_xq, graph_sf) = capture_cuda_graph(fn)
     for step in range(3):
         new = random_input((129, 256), torch.bfloat16)
         static_x.copy_(new)
@@ -189,14 +183,7 @@ def test_pdl_dependent_kernels(enable_pdl, in_graph):
     want = _dependent_chain(x, gs, 4, enable_pdl)
     static_x, static_gs = x.cuda(), gs.cuda()
     if in_graph:
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            _dependent_chain(static_x, static_gs, 4, enable_pdl)  # warm-up outside the capture
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            got = _dependent_chain(static_x, static_gs, 4, enable_pdl)
+        graph, got = capture_cuda_graph(lambda: _dependent_chain(static_x, static_gs, 4, enable_pdl))
         graph.replay()
     else:
         got = _dependent_chain(static_x, static_gs, 4, enable_pdl)

@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import requires_cuda
+from conftest import capture_cuda_graph, requires_cuda
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 import fp4op
@@ -572,14 +572,7 @@ def test_eps_tensor_on_device_in_cuda_graph():
     def fn():
         return OPS.rms_norm_quantize_eps_tensor(x, w, eps, 0.0, True, gs)
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()  # warm-up outside the capture
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        graph_out = fn()
+    graph, graph_out = capture_cuda_graph(fn)
     for value in (1e-6, 0.5, 4.0):
         eps.fill_(value)
         graph.replay()
