@@ -27,7 +27,7 @@ import fp4op
 from fp4op import reference
 
 OPS = torch.ops.fp4op
-DEFAULT_SHAPES = ((8192, 8192), (4096, 4096), (16384, 2048), (128, 8192))
+DEFAULT_SHAPES = ((8192, 8192), (8192, 16384), (4096, 4096), (16384, 2048), (128, 8192))
 EPS = 1e-6
 
 

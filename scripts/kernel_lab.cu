@@ -60,6 +60,18 @@ __global__ void empty_like_fp4op_kernel(float* x) {
   if (threadIdx.x == 0) x[0] += 1.0f;
 }
 
+// The least a small-M quantize does, launched like fp4op's kernels: each of `threads` threads loads 16
+// bytes and stores 8. Its graph-replay time against the CTA count separates launch/drain cost from
+// the quantize arithmetic.
+__global__ void __launch_bounds__(128) load_store_probe_kernel(const uint4* in, uint2* out, uint32_t threads) {
+  fp4op::cuda::wait_for_previous_kernel();
+  const uint32_t t = blockIdx.x * 128 + threadIdx.x;
+  if (t < threads) {
+    const uint4 v = __ldg(in + t);
+    out[t] = make_uint2(v.x ^ v.y, v.z ^ v.w);
+  }
+}
+
 __global__ void flush_kernel(uint4* p, int64_t n, uint32_t v) {
   for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
     p[i] = make_uint4(v, v, v, v);
@@ -336,10 +348,29 @@ int main(int argc, char** argv) {
       [&] { CHECK(fp4op::cuda::launch_kernel(empty_like_fp4op_kernel, dim3(1), empty_ls, tiny)); }, stream, 50, 20);
   std::printf("\ngraph replay, 50 calls: empty kernel %.2f us per call; launched like fp4op's kernels %.2f us\n",
               t_empty, t_empty_fp4op);
+  {
+    uint4* probe_in;
+    uint2* probe_out;
+    CHECK(cudaMalloc(&probe_in, 16 * 128 * 1024));
+    CHECK(cudaMalloc(&probe_out, 8 * 128 * 1024));
+    std::printf("load/store probe (128-thread CTAs, PDL as fp4op), us per call:");
+    for (uint32_t ctas : {1u, 2u, 4u, 8u, 16u, 32u, 64u, 132u, 320u, 1024u}) {
+      const float t = time_graph(
+          [&] {
+            CHECK(fp4op::cuda::launch_kernel_with(load_store_probe_kernel, dim3(ctas), 128, empty_ls,
+                                                  static_cast<const uint4*>(probe_in), probe_out, ctas * 128));
+          },
+          stream, 50, 20);
+      std::printf(" %u:%.2f", ctas, t);
+    }
+    std::printf("\n");
+    cudaFree(probe_in);
+    cudaFree(probe_out);
+  }
   std::printf("%-5s %-6s %-7s %6s %6s %9s %7s %s\n", "dtype", "recipe", "layout", "M", "K", "us/call", "x empty",
               "checksum");
   for (int64_t m : {1, 16}) {
-    for (int64_t k : {4096, 16384}) {
+    for (int64_t k : {2048, 4096, 8192, 16384}) {
       for (bool mx : {false, true}) {
         for (SfLayout l : {SfLayout::kSwizzled128x4, SfLayout::kSwizzled8x4, SfLayout::kLinear}) {
           const Case c{InputDtype::kBFloat16, mx, l, m, k};

@@ -340,7 +340,8 @@ __global__ void __launch_bounds__(kThreads) norm_kernel(const FusedLaunch a, con
         for (int i = 0; i < kLoads; ++i) held[p][i] = v[i];
       }
     });
-    if (!UE8M0 && row_ok) rs = row_scale_of(q, r.row);
+    // one global scale: read with the CTA's first row only
+    if (!UE8M0 && row_ok && (q.global_scale_per_row || group == blockIdx.x)) rs = row_scale_of(q, r.row);
     const float kf = float(q.k);
     const float total = team_sum(acc, team, smem);
     float stat_a, stat_b = 0.0f;  // rms: rstd; layer norm: mean, rstd
@@ -410,9 +411,20 @@ cudaError_t launch_norm_recipe(const FusedLaunch& a, const LaunchStream& stream)
   const int64_t cols = sf_cols(nk, layout);
   const int64_t pad_items = padding_items(a.out, nk, layout);
   if (pad_items < 0) return cudaErrorInvalidValue;
+  // Rows held in registers save the second read of x, but holding 4 blocks a thread (and RMSNorm's 2
+  // MXFP4 blocks) takes 100-128 registers, 2 CTAs an SM, where RMSNorm and LayerNorm measured faster
+  // reading the row twice, the second time from L2 (H100, kernel lab run 16, 8192x16384: RMSNorm NVFP4
+  // 226 -> 163 us, LayerNorm NVFP4 253 -> 219 us, RMSNorm MXFP4 172 -> 156 us; same bits, the same team
+  // reduces the row). add_rms_norm holds them: streaming reads back the sum it wrote (323 vs 337 us).
+  constexpr bool kHoldTwo = !(OP == FusedOp::kRmsNorm && UE8M0);
+  constexpr bool kHoldFour = OP == FusedOp::kAddRmsNorm;
   if (cols <= kThreads) return launch_norm_config<OP, D, UE8M0, 1>(a, cols, pad_items, stream);
-  if (cols <= 2 * kThreads) return launch_norm_config<OP, D, UE8M0, 2>(a, cols, pad_items, stream);
-  if (cols <= 4 * kThreads) return launch_norm_config<OP, D, UE8M0, 4>(a, cols, pad_items, stream);
+  if constexpr (kHoldTwo) {
+    if (cols <= 2 * kThreads) return launch_norm_config<OP, D, UE8M0, 2>(a, cols, pad_items, stream);
+  }
+  if constexpr (kHoldFour) {
+    if (cols <= 4 * kThreads) return launch_norm_config<OP, D, UE8M0, 4>(a, cols, pad_items, stream);
+  }
   return launch_norm_config<OP, D, UE8M0, 0>(a, cols, pad_items, stream);
 }
 
