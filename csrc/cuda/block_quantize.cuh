@@ -22,13 +22,28 @@ constexpr unsigned kFullMask = 0xffffffffu;
 
 // ---- Programmatic Dependent Launch (see LaunchStream) ----------------------------------------------
 
-// The first statement of every kernel: waits until the previous kernel on the stream has completed and
-// its writes are visible (a no-op when the kernel was launched without PDL), then lets the next kernel
-// start launching. Nothing before it may read or write global memory: that includes this kernel's
-// outputs, which the previous kernel may still be reading if the allocator reused their memory.
+// Every kernel calls this before it touches global memory: waits until the previous kernel on the stream
+// has completed and its writes are visible (a no-op when the kernel was launched without PDL), then lets
+// the next kernel start launching. Nothing before it may read or write global memory: that includes
+// this kernel's outputs, which the previous kernel may still be reading if the allocator reused their
+// memory. Arithmetic on the launch arguments may come first (it overlaps the wait).
 __device__ __forceinline__ void wait_for_previous_kernel() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile("griddepcontrol.wait;" ::: "memory");
+  asm volatile("griddepcontrol.launch_dependents;" :::);
+#endif
+}
+
+// wait_for_previous_kernel once `a` and `b` (values below 2^31) are computed: the wait is predicated on
+// them, so the compiler cannot schedule their arithmetic after it (it moves plain arithmetic past the
+// wait otherwise). The predicate is always true.
+__device__ __forceinline__ void wait_for_previous_kernel_after(uint32_t a, uint32_t b) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile(
+      "{\n\t.reg .pred p;\n\tor.b32 %0, %0, %1;\n\tsetp.lt.u32 p, %0, 0x80000000;\n\t@p griddepcontrol.wait;\n\t}"
+      : "+r"(a)
+      : "r"(b)
+      : "memory");
   asm volatile("griddepcontrol.launch_dependents;" :::);
 #endif
 }
@@ -376,7 +391,9 @@ template <class SRC, int VEC, bool UE8M0, SfLayout LAYOUT>
 __global__ void __launch_bounds__(kThreads) elementwise_kernel(const ElementwiseArgs a, const Tiling t) {
   constexpr int kStreams = SRC::kStreams;
   constexpr int kLoads = VEC * SRC::kElementBytes / 16;
-  wait_for_previous_kernel();
+  // the thread's place in the tile before the wait (see split_kernel)
+  const int local_row = threadIdx.x / t.cols_per_tile, tile_col = threadIdx.x % t.cols_per_tile;
+  wait_for_previous_kernel_after(local_row, tile_col);
   const QuantizeTarget& q = a.out;
   const int64_t nk = q.k / VEC;
   if (blockIdx.y >= t.data_rows_y) {
@@ -387,8 +404,7 @@ __global__ void __launch_bounds__(kThreads) elementwise_kernel(const Elementwise
     return;
   }
 
-  const int local_row = threadIdx.x / t.cols_per_tile;
-  const int64_t col = int64_t(blockIdx.x) * t.cols_per_tile + threadIdx.x % t.cols_per_tile;
+  const int64_t col = int64_t(blockIdx.x) * t.cols_per_tile + tile_col;
   const bool col_has_data = local_row < t.rows_per_tile && col < nk;
   const bool col_in_sf = local_row < t.rows_per_tile && col < sf_cols(nk, LAYOUT);
 
@@ -453,6 +469,9 @@ __global__ void __launch_bounds__(kThreads) elementwise_kernel(const Elementwise
 // each and store their own codes. A thread's dependent chain is 1/kLanes of the elementwise kernel's.
 // H100, CUDA-graph replay (scripts/kernel_lab.cu): M = 1 and 16 at K = 4096 and 16384 went from
 // 1.29-1.82x to 1.08-1.43x the time of an empty kernel; CTAs of 128 threads measured better than 64.
+// With its index math moved before the PDL wait (kernel lab run 17): 0.93-1.16 us a call at M = 1 and
+// M = 16, K <= 2048 (an empty kernel: 1.14 us), 1.1-1.6 us at M = 16, K = 4096-16384, where 2-3 CTAs
+// an SM issue ~250 instructions a thread; the elementwise kernel measured slower there too.
 constexpr int kSplitThreads = 128;
 // Inputs of up to this many 16-byte loads (a stream) an SM take the split kernel (the H100 holds 2048
 // threads an SM): up to a few MiB, where it also beat the elementwise kernel (128 x 8192: 6.2 vs
@@ -472,10 +491,19 @@ template <class SRC, int VEC, bool UE8M0, SfLayout LAYOUT>
 __global__ void __launch_bounds__(kSplitThreads) split_kernel(const ElementwiseArgs a, const uint32_t data_ctas) {
   constexpr int kPer = Split<SRC, VEC>::kPer;
   constexpr int kLanes = Split<SRC, VEC>::kLanes;
-  wait_for_previous_kernel();
   const QuantizeTarget& q = a.out;
   const int64_t nk = q.k / VEC;
   const int64_t cols = sf_cols(nk, LAYOUT);
+  // The thread's block before the wait: index math reads no memory, so under PDL it overlaps the
+  // previous kernel's tail instead of delaying this kernel's loads (H100, CUDA-graph replay: M = 1
+  // 1.22-1.46 -> 0.94-1.16 us a call, kernel lab run 17). 32-bit divisions: the launcher takes this
+  // kernel for fewer than 2^31 threads.
+  const uint32_t t = blockIdx.x * kSplitThreads + threadIdx.x;
+  const uint32_t row_threads = uint32_t(cols) * kLanes;
+  const uint32_t row32 = t / row_threads, col32 = (t % row_threads) / kLanes;
+  wait_for_previous_kernel_after(row32, col32);
+  const int64_t row = row32, col = col32;
+  const int part = int(t % kLanes);
   if (blockIdx.x >= data_ctas) {
     if constexpr (LAYOUT != SfLayout::kLinear) {
       zero_padding_rows<LAYOUT>(q, nk, (blockIdx.x - data_ctas) * kSplitThreads + threadIdx.x,
@@ -483,10 +511,6 @@ __global__ void __launch_bounds__(kSplitThreads) split_kernel(const ElementwiseA
     }
     return;
   }
-  const int64_t t = int64_t(blockIdx.x) * kSplitThreads + threadIdx.x;
-  const int64_t row = t / (cols * kLanes);
-  const int64_t col = (t / kLanes) % cols;
-  const int part = int(t % kLanes);
   const bool row_ok = row < q.m;
   const bool has_data = row_ok && col < nk;
   uint4 v[SRC::kStreams][1];
