@@ -387,5 +387,40 @@ int main(int argc, char** argv) {
       }
     }
   }
+  // fused RMSNorm (weight, float32 form) and SiLU-and-mul at decode sizes under graph replay
+  std::printf("\nfused, graph replay, 50 calls (us a call; x the empty kernel)\n");
+  for (int64_t m : {1, 16}) {
+    for (int64_t k : {4096, 8192}) {
+      for (bool gated : {false, true}) {
+        const Case c{InputDtype::kBFloat16, false, SfLayout::kSwizzled128x4, m, k};
+        Buffers b = make_buffers(c);
+        void *y = nullptr, *w = nullptr;
+        CHECK(cudaMalloc(&y, b.in_bytes));
+        CHECK(cudaMalloc(&w, 2 * k));
+        fill_kernel<<<64, 256>>>(static_cast<uint8_t*>(y), b.in_bytes, 2);
+        fill_kernel<<<64, 256>>>(static_cast<uint8_t*>(w), 2 * k, 2);
+        CHECK(cudaDeviceSynchronize());
+        fp4op::cuda::FusedLaunch f{};
+        f.op = gated ? fp4op::cuda::FusedOp::kGatedActivation : fp4op::cuda::FusedOp::kRmsNorm;
+        f.input_dtype = int(InputDtype::kBFloat16);
+        f.x = b.input;
+        f.x_row_stride = k;
+        f.y = y;
+        f.y_row_stride = k;
+        f.weight = gated ? nullptr : w;
+        f.eps = 1e-6f;
+        f.rms_weight = int(fp4op::fused::RmsWeight::kFloat32);
+        f.activation = int(fp4op::fused::Activation::kSilu);
+        f.out = launch_args(c, b, prop.multiProcessorCount).out;
+        const fp4op::cuda::LaunchStream ls{stream, pdl};
+        const float t = time_graph([&] { CHECK(fp4op::cuda::launch_fused(f, ls)); }, stream, 50, 20);
+        std::printf("%-13s nvfp4  128x4 %6ld %6ld %9.2f %7.2f %016llx\n", gated ? "silu_and_mul" : "rms_norm", long(m),
+                    long(k), t, t / t_empty, (unsigned long long)outputs_fnv(b));
+        cudaFree(y);
+        cudaFree(w);
+        free_buffers(b);
+      }
+    }
+  }
   return 0;
 }
