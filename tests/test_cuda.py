@@ -174,11 +174,14 @@ def _dependent_chain(x, gs, rounds, enable_pdl):
 
 @pytest.mark.parametrize("enable_pdl", [None, True, False])
 @pytest.mark.parametrize("in_graph", [False, True], ids=["eager", "graph"])
-def test_pdl_dependent_kernels(enable_pdl, in_graph):
+@pytest.mark.parametrize("shape", [(2048, 4096), (16, 4096)], ids=["elementwise", "split"])
+def test_pdl_dependent_kernels(enable_pdl, in_graph, shape):
     """With Programmatic Dependent Launch a kernel starts before the previous one ends: each must still
-    see the previous kernel's complete output (griddepcontrol.wait before any memory access). Big enough
-    inputs that a missing wait would read stale data; the CPU runs the same chain."""
-    x = random_input((2048, 4096), torch.bfloat16)
+    see the previous kernel's complete output (griddepcontrol.wait before any memory access; the split
+    kernel computes its indices before the wait, which is predicated on them). Inputs big enough that a
+    missing wait would read stale data, and a decode-size one for the split kernel; the CPU runs the
+    same chain."""
+    x = random_input(shape, torch.bfloat16)
     gs = torch.tensor([448.0 * 6.0 / 4.0])
     want = _dependent_chain(x, gs, 4, enable_pdl)
     static_x, static_gs = x.cuda(), gs.cuda()
