@@ -183,10 +183,11 @@ struct NormRow {
     }
   }
 
-  // The block's share of the row statistic: sum of squares (RMS), sum (LN), or sum of (x - center)^2
-  // (LN, CENTERED).
-  template <bool CENTERED>
-  __device__ __forceinline__ static float partial(const uint4 (&v)[kLoads], float center, bool squares) {
+  // The block's share of a row statistic: the sum of x (LayerNorm's mean), of x^2 (RMSNorm) or of
+  // (x - mean)^2 (LayerNorm's variance).
+  enum class Statistic { kSum, kSquares, kCenteredSquares };
+  template <Statistic S>
+  __device__ __forceinline__ static float partial(const uint4 (&v)[kLoads], float mean = 0.0f) {
     float acc = 0.0f;
 #pragma unroll
     for (int i = 0; i < kLoads; ++i) {
@@ -194,8 +195,8 @@ struct NormRow {
       Input<D>::widen(v[i], f);
 #pragma unroll
       for (int e = 0; e < kChunk; ++e) {
-        const float d = CENTERED ? add_rn(f[e], -center) : f[e];  // x - 0 is x: no instruction
-        acc = squares ? __fmaf_rn(d, d, acc) : add_rn(acc, d);
+        const float d = S == Statistic::kCenteredSquares ? add_rn(f[e], -mean) : f[e];
+        acc = S == Statistic::kSum ? add_rn(acc, d) : __fmaf_rn(d, d, acc);
       }
     }
     return acc;
@@ -334,7 +335,7 @@ __global__ void __launch_bounds__(kThreads) norm_kernel(const FusedLaunch a, con
       if (!row_ok || col >= nk) return;
       uint4 v[kLoads];
       r.load(col, v);
-      acc = add_rn(acc, Row::template partial<false>(v, 0.0f, !kIsLayerNorm<OP>));
+      acc = add_rn(acc, Row::template partial<kIsLayerNorm<OP> ? Row::Statistic::kSum : Row::Statistic::kSquares>(v));
       if constexpr (BPT > 0) {
 #pragma unroll
         for (int i = 0; i < kLoads; ++i) held[p][i] = v[i];
@@ -354,7 +355,7 @@ __global__ void __launch_bounds__(kThreads) norm_kernel(const FusedLaunch a, con
         if (!row_ok || col >= nk) return;
         uint4 v[kLoads];
         block(p, col, v);
-        acc2 = add_rn(acc2, Row::template partial<true>(v, mean, true));
+        acc2 = add_rn(acc2, Row::template partial<Row::Statistic::kCenteredSquares>(v, mean));
       });
       const float var = div_rn(team_sum(acc2, team, smem), kf);
       stat_a = mean;
