@@ -155,6 +155,26 @@ def merge_duplicate_quantizes(graph: torch.fx.Graph, quantizes: list[torch.fx.No
     return kept
 
 
+def merge_duplicate_conversions(graph: torch.fx.Graph) -> int:
+    """Merge dtype conversions of the same tensor to the same dtype into the first one; returns how many
+    were merged. A model that converts a tensor twice (``x.float() * torch.rsqrt(x.float().pow(2).mean(...))``)
+    has two identical conversion nodes in the post-grad graph (nothing merges them before the custom
+    passes), and the norm patterns, written with one, do not match it. The op is pure."""
+    first: dict[tuple, torch.fx.Node] = {}
+    merged = 0
+    for node in list(graph.nodes):  # graph order: the first of a key comes before its duplicates
+        if node.op != "call_function" or node.target is not torch.ops.prims.convert_element_type.default:
+            continue
+        key = (node.args, tuple(sorted(node.kwargs.items())))
+        if key in first:
+            node.replace_all_uses_with(first[key])
+            graph.erase_node(node)
+            merged += 1
+        else:
+            first[key] = node
+    return merged
+
+
 def _move_getitems(source: torch.fx.Node, target: torch.fx.Node) -> None:
     """Point the users of source's outputs at target's (one getitem per output index)."""
     by_index = {u.args[1]: u for u in target.users if u.target is operator.getitem}
@@ -626,6 +646,11 @@ class FusionPass(CustomGraphPass):
             self._current = matches
             try:
                 self.patterns.apply(graph)
+                # A second round where duplicate conversions blocked a norm: merged only after the first,
+                # so that a conversion the pattern needs private is not merged with one read elsewhere,
+                # and only without producer copies, which undo_unfused_copies must find as it made them.
+                if not copies.outputs and merge_duplicate_conversions(graph):
+                    self.patterns.apply(graph)
             finally:
                 self._current = None
             if copies.outputs:

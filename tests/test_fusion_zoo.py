@@ -812,6 +812,11 @@ FORMS = [
     # the weight node 1 + w: the same roundings)
     ("rms_norm_quantize[meta]", lambda x, r, w: _hf_body(x).type_as(x) * (1 + w)),
     ("rms_norm_quantize[hf]", lambda x, r, w: w * _hf_body(x, lambda h: h.square().mean(-1, keepdim=True)).to(x.dtype)),
+    # x converted twice (two identical conversion nodes, merged by the pass's second round)
+    ("rms_norm_quantize[meta]", lambda x, r, w: (x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + 1e-6)).type_as(x) * w),
+    ("add_rms_norm_quantize[hf]", _res(lambda s, w: w * (s.float() * torch.rsqrt(s.float().pow(2).mean(-1, keepdim=True) + 1e-6)).to(s.dtype))),
+    # the norm's conversion of x is private, another conversion of x feeds an extra output: fuses as before
+    ("rms_norm_quantize[meta]", lambda x, r, w: (_hf_body(x).type_as(x) * w, x.float() * 2)),
     ("rms_norm_quantize[hf]", lambda x, r, w: w * _hf_body(x, lambda h: torch.mean(h**2, -1, keepdim=True)).to(x.dtype)),
     ("rms_norm_quantize[torch,no_weight]", lambda x, r, w: F.rms_norm(x.float(), (K,), None, 1e-6).to(x.dtype)),
     ("rms_norm_quantize[torch]", lambda x, r, w: F.rms_norm(x, (K,), w, None)),
