@@ -214,6 +214,27 @@ uint64_t device_fnv(const void* p, int64_t bytes, uint64_t h = 14695981039346656
 // The checksum of a case's outputs: x_q, then sf.
 uint64_t outputs_fnv(const Buffers& b) { return device_fnv(b.sf, b.sf_bytes, device_fnv(b.x_q, b.xq_bytes)); }
 
+// The launch of a bf16 fused op on case c's buffers (x: its input): y the residual or the up half,
+// weight and bias (or null), sum the add_rms_norm sum; eps 1e-6, RMSNorm's float32 weight form, SiLU.
+fp4op::cuda::FusedLaunch fused_launch(fp4op::cuda::FusedOp op, const Case& c, const Buffers& b, void* y,
+                                      const void* weight, const void* bias, void* sum, int num_sms) {
+  fp4op::cuda::FusedLaunch f{};
+  f.op = op;
+  f.input_dtype = int(InputDtype::kBFloat16);
+  f.x = b.input;
+  f.x_row_stride = c.k;
+  f.y = y;
+  f.y_row_stride = c.k;
+  f.weight = weight;
+  f.bias = bias;
+  f.sum_out = sum;
+  f.eps = 1e-6f;
+  f.rms_weight = int(fp4op::fused::RmsWeight::kFloat32);
+  f.activation = int(fp4op::fused::Activation::kSilu);
+  f.out = launch_args(c, b, num_sms).out;
+  return f;
+}
+
 // The fused ops (bf16 input, 128x4 scales) against a copy of the bytes each reads and writes.
 void fused_section(const cudaDeviceProp& prop, cudaStream_t stream, bool pdl, uint4* flush, int64_t flush_bytes,
                    uint8_t* copy_src, uint8_t* copy_dst) {
@@ -242,20 +263,9 @@ void fused_section(const cudaDeviceProp& prop, cudaStream_t stream, bool pdl, ui
         fill_kernel<<<64, 256>>>(static_cast<uint8_t*>(w), 4 * k, 2);  // weight, then bias
         if (o.sum_out) CHECK(cudaMalloc(&sum, b.in_bytes));
         CHECK(cudaDeviceSynchronize());
-        fp4op::cuda::FusedLaunch f{};
-        f.op = o.op;
-        f.input_dtype = int(InputDtype::kBFloat16);
-        f.x = b.input;
-        f.x_row_stride = k;
-        f.y = y;
-        f.y_row_stride = k;
-        f.weight = o.weight ? w : nullptr;
-        f.bias = o.bias ? static_cast<uint8_t*>(w) + 2 * k : nullptr;
-        f.sum_out = sum;
-        f.eps = 1e-6f;
-        f.rms_weight = int(fp4op::fused::RmsWeight::kFloat32);
-        f.activation = int(fp4op::fused::Activation::kSilu);
-        f.out = launch_args(c, b, prop.multiProcessorCount).out;
+        const fp4op::cuda::FusedLaunch f =
+            fused_launch(o.op, c, b, y, o.weight ? w : nullptr, o.bias ? static_cast<uint8_t*>(w) + 2 * k : nullptr,
+                         sum, prop.multiProcessorCount);
         const fp4op::cuda::LaunchStream ls{stream, pdl};
         auto run = [&] { CHECK(fp4op::cuda::launch_fused(f, ls)); };
         const int64_t eff = b.in_bytes * (o.streams + (o.sum_out ? 1 : 0)) + b.xq_bytes + b.sf_bytes;
@@ -400,18 +410,9 @@ int main(int argc, char** argv) {
         fill_kernel<<<64, 256>>>(static_cast<uint8_t*>(y), b.in_bytes, 2);
         fill_kernel<<<64, 256>>>(static_cast<uint8_t*>(w), 2 * k, 2);
         CHECK(cudaDeviceSynchronize());
-        fp4op::cuda::FusedLaunch f{};
-        f.op = gated ? fp4op::cuda::FusedOp::kGatedActivation : fp4op::cuda::FusedOp::kRmsNorm;
-        f.input_dtype = int(InputDtype::kBFloat16);
-        f.x = b.input;
-        f.x_row_stride = k;
-        f.y = y;
-        f.y_row_stride = k;
-        f.weight = gated ? nullptr : w;
-        f.eps = 1e-6f;
-        f.rms_weight = int(fp4op::fused::RmsWeight::kFloat32);
-        f.activation = int(fp4op::fused::Activation::kSilu);
-        f.out = launch_args(c, b, prop.multiProcessorCount).out;
+        const fp4op::cuda::FusedLaunch f =
+            fused_launch(gated ? fp4op::cuda::FusedOp::kGatedActivation : fp4op::cuda::FusedOp::kRmsNorm, c, b, y,
+                         gated ? nullptr : w, nullptr, nullptr, prop.multiProcessorCount);
         const fp4op::cuda::LaunchStream ls{stream, pdl};
         const float t = time_graph([&] { CHECK(fp4op::cuda::launch_fused(f, ls)); }, stream, 50, 20);
         std::printf("%-13s nvfp4  128x4 %6ld %6ld %9.2f %7.2f %016llx\n", gated ? "silu_and_mul" : "rms_norm", long(m),
