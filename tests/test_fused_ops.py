@@ -527,10 +527,12 @@ def test_activation_matches_eager_cuda(name, dtype, recipe, layout):
     check_activation(name, dtype, recipe, layout, "cuda")
 
 
-# every norm kernel configuration: teams of 32..256 threads a row holding 1, 2 or 4 blocks a thread, and
-# K beyond what they keep on chip (read again from memory)
+# every norm kernel configuration: teams of 32..256 threads a row holding 1, 2 or 4 blocks a thread
+# ((1100, 4160): a second pass with 4 of its 256 columns holding data, on 1100 rows), and K
+# beyond what they keep on chip (read again from memory)
 # (4500, 1024): the activations take the prefetching elementwise kernel there, the split kernel below
-CUDA_SHAPES = ((3, 16 * 3), (130, 512), (9, 2048), (17, 6144), (33, 16384), (5, 20480 + 32), (2, 65536), (4500, 1024))
+CUDA_SHAPES = ((3, 16 * 3), (130, 512), (9, 2048), (17, 6144), (33, 16384), (5, 20480 + 32), (2, 65536), (4500, 1024),
+               (1100, 4160))
 
 
 @requires_cuda
