@@ -5,7 +5,8 @@
 // outputs, which must not change with the setting.
 //
 //   nvcc -O3 -std=c++17 -gencode=arch=compute_90a,code=sm_90a -o /tmp/kernel_lab scripts/kernel_lab.cu
-//   /tmp/kernel_lab [--quick] [--no-pdl] [--fused-only]
+//   /tmp/kernel_lab [--quick] [--no-pdl] [--fused-only] [--decode-only]
+// (--fused-only: the fused ops' throughput rows alone; --decode-only: the graph-replay sections alone)
 #include <algorithm>
 #include <cstdio>
 #include <cstring>
@@ -291,11 +292,12 @@ void fused_section(const cudaDeviceProp& prop, cudaStream_t stream, bool pdl, ui
 }
 
 int main(int argc, char** argv) {
-  bool quick = false, pdl = true, fused_only = false;
+  bool quick = false, pdl = true, fused_only = false, decode_only = false;
   for (int i = 1; i < argc; ++i) {
     quick |= std::strcmp(argv[i], "--quick") == 0;
     pdl &= std::strcmp(argv[i], "--no-pdl") != 0;
     fused_only |= std::strcmp(argv[i], "--fused-only") == 0;
+    decode_only |= std::strcmp(argv[i], "--decode-only") == 0;
   }
   cudaDeviceProp prop;
   CHECK(cudaGetDeviceProperties(&prop, 0));
@@ -309,12 +311,13 @@ int main(int argc, char** argv) {
   CHECK(cudaMalloc(&copy_dst, copy_max));
   cudaStream_t stream;
   CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
-  fused_section(prop, stream, pdl, flush, flush_bytes, copy_src, copy_dst);
+  if (!decode_only) fused_section(prop, stream, pdl, flush, flush_bytes, copy_src, copy_dst);
   if (fused_only) return 0;
 
   std::vector<Case> cases;
   const std::vector<std::pair<int64_t, int64_t>> big =
-      quick ? std::vector<std::pair<int64_t, int64_t>>{{128, 8192}, {1024, 2048}, {8192, 4096}, {8192, 16384}}
+      decode_only ? std::vector<std::pair<int64_t, int64_t>>{}
+      : quick ? std::vector<std::pair<int64_t, int64_t>>{{128, 8192}, {1024, 2048}, {8192, 4096}, {8192, 16384}}
             : std::vector<std::pair<int64_t, int64_t>>{{8192, 4096}, {8192, 8192}, {8192, 16384}, {32768, 4096},
                                                        {32768, 16384}};
   for (auto [m, k] : big) {
@@ -397,26 +400,31 @@ int main(int argc, char** argv) {
       }
     }
   }
-  // fused RMSNorm (weight, float32 form) and SiLU-and-mul at decode sizes under graph replay
+  // fused RMSNorm (weight, float32 form), LayerNorm (weight and bias) and SiLU-and-mul at decode sizes
+  // under graph replay
   std::printf("\nfused, graph replay, 50 calls (us a call; x the empty kernel)\n");
-  for (int64_t m : {1, 16}) {
-    for (int64_t k : {4096, 8192}) {
-      for (bool gated : {false, true}) {
+  using fp4op::cuda::FusedOp;
+  for (int64_t m : {1, 4, 16}) {
+    for (int64_t k : {2048, 4096, 8192, 16384}) {
+      for (FusedOp op : {FusedOp::kRmsNorm, FusedOp::kLayerNorm, FusedOp::kGatedActivation}) {
         const Case c{InputDtype::kBFloat16, false, SfLayout::kSwizzled128x4, m, k};
         Buffers b = make_buffers(c);
         void *y = nullptr, *w = nullptr;
         CHECK(cudaMalloc(&y, b.in_bytes));
-        CHECK(cudaMalloc(&w, 2 * k));
+        CHECK(cudaMalloc(&w, 4 * k));
         fill_kernel<<<64, 256>>>(static_cast<uint8_t*>(y), b.in_bytes, 2);
-        fill_kernel<<<64, 256>>>(static_cast<uint8_t*>(w), 2 * k, 2);
+        fill_kernel<<<64, 256>>>(static_cast<uint8_t*>(w), 4 * k, 2);  // weight, then bias
         CHECK(cudaDeviceSynchronize());
+        const bool gated = op == FusedOp::kGatedActivation;
         const fp4op::cuda::FusedLaunch f =
-            fused_launch(gated ? fp4op::cuda::FusedOp::kGatedActivation : fp4op::cuda::FusedOp::kRmsNorm, c, b, y,
-                         gated ? nullptr : w, nullptr, nullptr, prop.multiProcessorCount);
+            fused_launch(op, c, b, y, gated ? nullptr : w,
+                         op == FusedOp::kLayerNorm ? static_cast<uint8_t*>(w) + 2 * k : nullptr, nullptr,
+                         prop.multiProcessorCount);
         const fp4op::cuda::LaunchStream ls{stream, pdl};
         const float t = time_graph([&] { CHECK(fp4op::cuda::launch_fused(f, ls)); }, stream, 50, 20);
-        std::printf("%-13s nvfp4  128x4 %6ld %6ld %9.2f %7.2f %016llx\n", gated ? "silu_and_mul" : "rms_norm", long(m),
-                    long(k), t, t / t_empty, (unsigned long long)outputs_fnv(b));
+        const char* name = gated ? "silu_and_mul" : op == FusedOp::kLayerNorm ? "layer_norm" : "rms_norm";
+        std::printf("%-13s nvfp4  128x4 %6ld %6ld %9.2f %7.2f %016llx\n", name, long(m), long(k), t, t / t_empty,
+                    (unsigned long long)outputs_fnv(b));
         cudaFree(y);
         cudaFree(w);
         free_buffers(b);

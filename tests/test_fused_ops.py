@@ -559,6 +559,34 @@ def test_cuda_matches_cpu(name, shape):
         tally.check()
 
 
+# K = 2096: one held block a thread, 8192: two, 20480: read again from memory
+@requires_cuda
+@pytest.mark.parametrize("k", (2096, 8192, 20480))
+@pytest.mark.parametrize("name", NORMS)
+def test_cuda_decode_rows_match_batch_rows(name, k):
+    """A row's result does not depend on how many rows are quantized with it (launch geometry, grid-stride
+    loop, padding CTAs): a decode-size call's bytes equal the same rows' bytes in a batch of 512, and its
+    sf padding is zero."""
+    m_batch = 512
+    for recipe in (r for r in RECIPES if k % RECIPES[r][0] == 0):
+        vec = RECIPES[recipe][0]
+        x = make_input((m_batch, k), torch.bfloat16, "cuda", seed=11)
+        op, args, y_ref, _ = norm_case(name, x, 1e-6, "cuda")
+        gs = global_scale_of(y_ref)
+        for layout in LAYOUTS:
+            kw = quantize_kwargs(recipe, layout, gs)
+            batch = op(*args, **kw)
+            for m in (1, 5, 16):
+                rows = tuple(a[:m] if torch.is_tensor(a) and a.dim() == 2 else a for a in args)
+                small = op(*rows, **kw)
+                assert torch.equal(small[0], batch[0][:m]), (recipe, layout, m)
+                sf_small = layouts.unswizzle(small[1], m, k // vec, layout)
+                assert torch.equal(sf_small, layouts.unswizzle(batch[1], m_batch, k // vec, layout)[:m])
+                assert torch.equal(small[1].flatten(), layouts.swizzle(sf_small, layout).flatten())
+                for extra_small, extra_batch in zip(small[2:], batch[2:]):
+                    assert torch.equal(extra_small, extra_batch[:m])
+
+
 @requires_cuda
 @pytest.mark.parametrize("eps_device", ["cpu", "cuda"])
 def test_eps_tensor_overloads_cuda(eps_device):
