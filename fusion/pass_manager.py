@@ -162,9 +162,8 @@ def merge_duplicate_conversions(graph: torch.fx.Graph) -> int:
     passes), and the norm patterns, written with one, do not match it. The op is pure."""
     first: dict[tuple, torch.fx.Node] = {}
     merged = 0
-    for node in list(graph.nodes):  # graph order: the first of a key comes before its duplicates
-        if node.op != "call_function" or node.target is not torch.ops.prims.convert_element_type.default:
-            continue
+    # graph order: the first of a key comes before its duplicates
+    for node in graph.find_nodes(op="call_function", target=torch.ops.prims.convert_element_type.default):
         key = (node.args, tuple(sorted(node.kwargs.items())))
         if key in first:
             node.replace_all_uses_with(first[key])
