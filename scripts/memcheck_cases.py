@@ -17,8 +17,9 @@ from fp4op import layouts
 DTYPES = (torch.float16, torch.bfloat16, torch.float8_e4m3fn)
 RECIPES = ((16, False), (32, True))
 # (8500, 512): more 16-byte loads than the split kernel takes on a 132-SM GPU for every dtype/recipe
-# (block_quantize.cuh), so the elementwise kernel (sector tiles included) runs too
-SHAPES = ((1, 32), (7, 96), (129, 160), (300, 64), (0, 64), (5, 0), (2, 3, 224), (8500, 512))
+# (block_quantize.cuh), so the elementwise kernel (sector tiles included) runs too; (5300, 4096): enough
+# 8-row groups for the sector-walk kernel (1 row a tile for NVFP4, 2 for MXFP4)
+SHAPES = ((1, 32), (7, 96), (129, 160), (300, 64), (0, 64), (5, 0), (2, 3, 224), (8500, 512), (5300, 4096))
 
 
 def make_input(shape, dtype, seed):

@@ -79,6 +79,24 @@ def test_elementwise_kernel_cuda_equals_cpu(dtype, vec, ue8m0, layout):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("vec,ue8m0", RECIPE_PARAMS)
+@pytest.mark.parametrize("layout", ["128x4", "8x4"])
+@pytest.mark.parametrize("k_blocks", [4, 32, 64, 128, 256, 260])
+def test_sector_walk_cuda_equals_cpu(dtype, vec, ue8m0, layout, k_blocks):
+    # Enough rows for the sector-walk kernel (a CTA walks 8 rows a 32-byte scale sector, see
+    # block_quantize.cuh) wherever it takes row tiles: at least as many 8-row groups as 8 CTAs an SM,
+    # M % 128 != 0 (padding rows inside the walk). 32-256 blocks a row: 8, 4, 2 or 1 rows a row tile;
+    # 260: a second column tile with 4 of its 256 columns; 4: too few columns for a walk (16-row tiles).
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    m = sms * 8 * 8 + 77
+    x = random_input((m, k_blocks * vec), dtype)
+    x[m // 2, :vec] = float("nan")
+    x[m - 1, vec: 2 * vec] = 0.0
+    gs = None if ue8m0 else make_global_scale(x, "per_row")
+    cuda_equals_cpu(x, gs, vec, ue8m0, layout, dequantize=False)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("vec,ue8m0", RECIPE_PARAMS)
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_special_values_cuda_equals_cpu(dtype, vec, ue8m0, layout):
     specials = torch.tensor([0.0, -0.0, float("inf"), float("-inf"), float("nan"), 1e-7, -3e-8, 2.0**-133, 448.0,

@@ -351,7 +351,8 @@ struct ElementwiseArgs {
 // a row r % 32 of a 128-row group, holding rows r, r + 32, r + 64, r + 96) rows 2w, 2w + 1 of each
 // 32-row quarter, with the two halves of the group (r % 32 < 16, >= 16) in consecutive tiles.
 // (8 rows x 32 columns, the warps side by side, was measured only in a build with inflated register
-// counts, where it beat this shape for bf16 MXFP4: to measure again.)
+// counts, where it beat this shape for bf16 MXFP4: to measure again.) Where row tiles hold 1 or 2 rows
+// and there are enough rows, sector_walk_kernel takes both places (see launch_elementwise_layout).
 
 // Sector tiles from this many rows up; below, a row-major tile of up to 256 columns keeps the few
 // rows in few CTAs.
@@ -386,7 +387,8 @@ __device__ __forceinline__ int64_t tile_row(const Tiling& t, int64_t tile, int l
 // (A shared-memory ring filled by cp.async a few tiles ahead was measured: 58% of copy bandwidth
 // against 84%, its fills stall on the MIO queue. Loading two tiles ahead in registers was no faster.)
 // SRC: kStreams, kElementBytes, produce(const uint4 (&)[kStreams][kLoads], activation, float (&)[VEC]),
-// block_amax(the same loads, the produced values): their amax_of.
+// block_amax(the same loads, the produced values): their amax_of; kSectorWalk: whether the launcher may
+// take sector_walk_kernel instead.
 template <class SRC, int VEC, bool UE8M0, SfLayout LAYOUT>
 __global__ void __launch_bounds__(kThreads) elementwise_kernel(const ElementwiseArgs a, const Tiling t) {
   constexpr int kStreams = SRC::kStreams;
@@ -458,6 +460,136 @@ __global__ void __launch_bounds__(kThreads) elementwise_kernel(const Elementwise
       sf_byte = quantize_block<VEC, UE8M0>(f, SRC::block_amax(v, f), rs, dst);
     }
     store_sf<LAYOUT>(q.sf, row, col, nk, sf_byte, row_ok, col_in_sf, has_data);
+  }
+}
+
+// ---- the sector-walk kernel (row tiles, swizzled layouts) ---------------------------------------------
+
+// The rows of a sector group: the 8 rows whose scale words at 4 block columns fill one 32-byte sector of
+// a swizzled layout, the word of slot s (0..7) at byte 4s. 8x4: 8 consecutive rows. 128x4: the 16-byte
+// lines of rows 2h and 2h + 1 of a 128-row group (h = group % 16), each holding the words of that row
+// and of the rows 32, 64 and 96 below it.
+template <SfLayout LAYOUT>
+__device__ __forceinline__ int64_t sector_group_row(uint32_t group) {
+  if constexpr (LAYOUT == SfLayout::kSwizzled128x4) {
+    return int64_t(group >> 4) * 128 + (group & 15) * 2;
+  } else {
+    return int64_t(group) * 8;
+  }
+}
+template <SfLayout LAYOUT>
+__host__ __device__ constexpr int sector_slot_row(int slot) {
+  return LAYOUT == SfLayout::kSwizzled128x4 ? (slot >> 2) + 32 * (slot & 3) : slot;
+}
+
+// Transposes a 4x4 byte matrix across the 4 lanes of an aligned group: lane c holds row c (M[c][j] in
+// byte j) and gets column c (M[i][c] in byte i). `odd_lane`, `high_pair`: c & 1, c & 2.
+__device__ __forceinline__ uint32_t transpose_bytes_4x4(uint32_t row, bool odd_lane, bool high_pair) {
+  // [M[2a][b], M[2a+1][b], M[2a][b+2], M[2a+1][b+2]] for lane 2a + b
+  const uint32_t z = __byte_perm(row, __shfl_xor_sync(kFullMask, row, 1), odd_lane ? 0x3715 : 0x6240);
+  return __byte_perm(z, __shfl_xor_sync(kFullMask, z, 2), high_pair ? 0x3276 : 0x5410);
+}
+
+// The elementwise kernel's row tiles (a warp reads whole rows of its 32 block columns) with the scale
+// bytes written a 32-byte sector at a time. A CTA walks the 8 rows of a sector group in WALK row tiles
+// of 8 / WALK rows (thread row r takes slots r * WALK ..), one after another, each thread keeping its
+// scale bytes in registers; then the 4 lanes of a block-column group transpose them into the sector's
+// words and store them. The slots' rows are constants from the group's first row (no per-tile index
+// math), and the walk covers the padding rows too (zero scale bytes), so no CTA zeroes them separately.
+template <class SRC, int VEC, bool UE8M0, SfLayout LAYOUT, int WALK>
+__global__ void __launch_bounds__(kThreads) sector_walk_kernel(const ElementwiseArgs a, const Tiling t) {
+  static_assert(LAYOUT != SfLayout::kLinear && (WALK == 4 || WALK == 8), "swizzled layouts, 1 or 2 rows a tile");
+  constexpr int kStreams = SRC::kStreams;
+  constexpr int kLoads = VEC * SRC::kElementBytes / 16;
+  const int local_row = threadIdx.x / t.cols_per_tile, tile_col = threadIdx.x % t.cols_per_tile;
+  wait_for_previous_kernel_after(local_row, tile_col);
+  const QuantizeTarget& q = a.out;
+  const int64_t nk = q.k / VEC;
+  const int64_t col = int64_t(blockIdx.x) * t.cols_per_tile + tile_col;
+  const bool in_tile = local_row < 8 / WALK;
+  const bool col_has_data = in_tile && col < nk;
+  const bool col_in_sf = in_tile && col < sf_cols(nk, LAYOUT);
+  // this thread's slots in a group: first_slot + i, i < WALK, at rows group_row + slot_row + delta(i)
+  const int first_slot = in_tile ? local_row * WALK : 0;
+  const int slot_row = sector_slot_row<LAYOUT>(first_slot);
+  constexpr auto delta = [](int i) { return sector_slot_row<LAYOUT>(i) - sector_slot_row<LAYOUT>(0); };
+
+  // strides below 2^25 (the launcher checks), so that a slot's offsets from its group's first row (at most
+  // 97 rows) are 32-bit
+  const uint32_t src_stride[2] = {uint32_t(a.row_stride[0] * SRC::kElementBytes / 16),
+                                  uint32_t(a.row_stride[kStreams - 1] * SRC::kElementBytes / 16)};
+  const uint32_t dst_stride = uint32_t(q.k / 2);
+  const uint4* group_src[kStreams];
+  uint8_t* group_dst = nullptr;
+  int rows_left = 0;  // rows from the group's first row of this thread to M, at most 128
+  auto start_group = [&](uint32_t group) {
+    const int64_t row = sector_group_row<LAYOUT>(group) + slot_row;
+#pragma unroll
+    for (int s = 0; s < kStreams; ++s) {
+      group_src[s] = static_cast<const uint4*>(a.in[s]) + (row * a.row_stride[s] + col * VEC) * SRC::kElementBytes / 16;
+    }
+    group_dst = q.x_q + (row * q.k + col * VEC) / 2;
+    const int64_t left = q.m - row;
+    rows_left = left <= 0 ? 0 : left >= 128 ? 128 : int(left);
+  };
+  uint4 next[kStreams][kLoads];
+  auto load = [&](int d) {  // this thread's block at `d` rows past its group's first row, into `next`
+    if (col_has_data && d < rows_left) {
+#pragma unroll
+      for (int s = 0; s < kStreams; ++s) {
+#pragma unroll
+        for (int j = 0; j < kLoads; ++j) next[s][j] = __ldg(group_src[s] + d * src_stride[s] + j);
+      }
+    }
+  };
+  uint32_t group = blockIdx.y;
+  start_group(group);
+  load(0);
+  Nvfp4RowScale rs{};
+  if (!UE8M0 && !q.global_scale_per_row) rs = row_scale_of(q, 0);
+  const uint32_t lane = uint32_t(tile_col) & 3u;  // in its group of 4 block columns
+  // the trip count depends on blockIdx.y only, so every lane reaches the shuffles
+  for (; group < uint32_t(t.row_tiles); group += t.data_rows_y) {
+    uint32_t bytes[2] = {0u, 0u};  // the scale bytes of slots first_slot + i in byte i % 4 of bytes[i / 4]
+    uint8_t* dst = group_dst;
+    const int rows = rows_left;
+#pragma unroll
+    for (int i = 0; i < WALK; ++i) {
+      uint4 v[kStreams][kLoads];
+#pragma unroll
+      for (int s = 0; s < kStreams; ++s) {
+#pragma unroll
+        for (int j = 0; j < kLoads; ++j) v[s][j] = next[s][j];
+      }
+      if (i + 1 < WALK) {
+        load(delta(i + 1));
+      } else {
+        start_group(group + t.data_rows_y);  // past the last group: rows_left 0, nothing loaded
+        load(0);
+      }
+      if (col_has_data && delta(i) < rows) {
+        if (!UE8M0 && q.global_scale_per_row) {
+          rs = row_scale_of(q, sector_group_row<LAYOUT>(group) + slot_row + delta(i));
+        }
+        float f[VEC];
+        SRC::produce(v, a.activation, f);
+        const uint32_t sf_byte = quantize_block<VEC, UE8M0>(f, SRC::block_amax(v, f), rs, dst + delta(i) * dst_stride);
+        bytes[i / 4] |= sf_byte << (8 * (i % 4));
+      }
+    }
+    // lane c's bytes of the slots -> the words of slots first_slot + c (and + 4 + c)
+    uint8_t* sector = q.sf + sf_offset(sector_group_row<LAYOUT>(group), col & ~int64_t(3), nk, LAYOUT);
+    uint32_t* words = reinterpret_cast<uint32_t*>(sector) + first_slot;
+    const uint32_t first = transpose_bytes_4x4(bytes[0], lane & 1u, lane & 2u);
+    if constexpr (WALK == 8) {
+      const uint32_t second = transpose_bytes_4x4(bytes[1], lane & 1u, lane & 2u);
+      if (col_in_sf) {
+        words[lane] = first;
+        words[4 + lane] = second;
+      }
+    } else {
+      if (col_in_sf) words[lane] = first;
+    }
   }
 }
 
@@ -566,11 +698,48 @@ cudaError_t launch_elementwise_layout(const ElementwiseArgs& a, const LaunchStre
     return launch_split<SRC, VEC, UE8M0, LAYOUT>(a, split_threads, pad_items, stream);
   }
   Tiling t;
+  // Row tiles: up to 256 block columns of a row, or as many rows of all columns as fit.
   int64_t tiles_k;
-  // A warp of a sector tile reads 4 blocks a row of each stream: at least 32 bytes a block (a 128-byte
-  // line). fp8 NVFP4's 16-byte blocks (64 bytes a row) read slower than the scale stores gain, except in
-  // the 128x4 layout once its sf tensor is large (H100, kernel lab: 58% -> 68% of copy at 32768x16384,
-  // sf 32 MiB; 72% -> 67-70% at 8 MiB, and the 8x4 layout loses at every size).
+  if (cols >= kThreads) {
+    t.cols_per_tile = kThreads;
+    t.rows_per_tile = 1;
+    tiles_k = (cols + kThreads - 1) / kThreads;
+  } else {
+    t.cols_per_tile = int(cols);
+    t.rows_per_tile = kThreads / t.cols_per_tile;
+    tiles_k = 1;
+  }
+  t.row_tiles = (q.m + t.rows_per_tile - 1) / t.rows_per_tile;
+  if (tiles_k > 0x7FFFFFFF) return cudaErrorInvalidValue;
+  if constexpr (LAYOUT != SfLayout::kLinear && SRC::kSectorWalk) {
+    // Row tiles of 1 or 2 rows walk the sector groups (sector_walk_kernel) when the groups fill a wave of
+    // CTAs; a CTA's share is rounded so that every CTA walks as many (32-bit group indices and offsets).
+    // H100, kernel lab run 25: fp8 NVFP4 128x4 73-79% -> 84-90% of copy, 8x4 81-83% -> 85-90%; bf16
+    // NVFP4 128x4 87.0 -> 88.3% at 8192x4096 (against sector tiles), 95.6 -> 98.8% at 32768x16384.
+    const int64_t groups = sf_rows(q.m, LAYOUT) / 8;
+    const int64_t narrow_stride = int64_t(1) << 25;
+    const bool narrow = groups < (int64_t(1) << 31) && q.k / 2 < narrow_stride &&
+                        a.row_stride[0] * SRC::kElementBytes / 16 < narrow_stride &&
+                        a.row_stride[SRC::kStreams - 1] * SRC::kElementBytes / 16 < narrow_stride;
+    if (t.rows_per_tile <= 2 && narrow) {
+      constexpr auto kWalk8 = sector_walk_kernel<SRC, VEC, UE8M0, LAYOUT, 8>;
+      constexpr auto kWalk4 = sector_walk_kernel<SRC, VEC, UE8M0, LAYOUT, 4>;
+      const bool one_row = t.rows_per_tile == 1;
+      const int64_t wave =
+          int64_t(q.num_sms) * (one_row ? resident_ctas_per_sm<kWalk8>() : resident_ctas_per_sm<kWalk4>());
+      if (groups * tiles_k >= wave) {
+        t.row_tiles = groups;
+        const int64_t per_cta = (groups * tiles_k + wave - 1) / wave;
+        t.data_rows_y = unsigned(std::min<int64_t>((groups + per_cta - 1) / per_cta, kMaxGridY));
+        return launch_kernel(one_row ? kWalk8 : kWalk4, dim3(unsigned(tiles_k), t.data_rows_y), stream, a, t);
+      }
+    }
+  }
+  // Otherwise sector tiles from kSectorTileMinRows rows where a warp reads 4 blocks a row of each stream
+  // of at least 32 bytes a block (a 128-byte line): fp8 NVFP4's 16-byte blocks (64 bytes a row) read
+  // slower than the scale stores gain, except in the 128x4 layout once its sf tensor is large (H100,
+  // kernel lab: 58% -> 68% of copy at 32768x16384, sf 32 MiB; 72% -> 67-70% at 8 MiB, and the 8x4
+  // layout loses at every size).
   const bool wide_blocks = VEC * SRC::kElementBytes >= 32;
   const bool large_128x4_sf = LAYOUT == SfLayout::kSwizzled128x4 && sf_rows(q.m, LAYOUT) * cols >= kSectorTileMinSfBytes;
   t.sector_tiles = LAYOUT != SfLayout::kLinear && q.m >= kSectorTileMinRows && (wide_blocks || large_128x4_sf);
@@ -581,19 +750,7 @@ cudaError_t launch_elementwise_layout(const ElementwiseArgs& a, const LaunchStre
     // 128x4: a 128-row group is two tiles (sf_rows is a multiple of 128)
     t.row_tiles = LAYOUT == SfLayout::kSwizzled128x4 ? sf_rows(q.m, LAYOUT) / t.rows_per_tile
                                                      : (q.m + t.rows_per_tile - 1) / t.rows_per_tile;
-  } else {
-    if (cols >= kThreads) {
-      t.cols_per_tile = kThreads;
-      t.rows_per_tile = 1;
-      tiles_k = (cols + kThreads - 1) / kThreads;
-    } else {
-      t.cols_per_tile = int(cols);
-      t.rows_per_tile = kThreads / t.cols_per_tile;
-      tiles_k = 1;
-    }
-    t.row_tiles = (q.m + t.rows_per_tile - 1) / t.rows_per_tile;
   }
-  if (tiles_k > 0x7FFFFFFF) return cudaErrorInvalidValue;
   const int64_t pad_items = padding_items(q, nk, LAYOUT);
   if (pad_items < 0) return cudaErrorInvalidValue;
   // one wave of resident CTAs; each walks row tiles with stride data_rows_y

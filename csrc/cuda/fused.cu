@@ -24,6 +24,8 @@ using fused::RmsWeight;
 template <InputDtype D>
 struct ActivationSource {
   static constexpr int kStreams = 1;
+  // the activation's arithmetic in 8 unrolled row tiles takes 64-128 registers and spills: elementwise_kernel
+  static constexpr bool kSectorWalk = false;
   static constexpr int kElementBytes = 2;
   template <int L, int V>
   __device__ __forceinline__ static void produce(const uint4 (&v)[1][L], int act, float (&f)[V]) {
@@ -49,6 +51,7 @@ struct ActivationSource {
 template <InputDtype D>
 struct GatedSource {
   static constexpr int kStreams = 2;
+  static constexpr bool kSectorWalk = false;  // as ActivationSource
   static constexpr int kElementBytes = 2;
   template <int L, int V>
   __device__ __forceinline__ static void produce(const uint4 (&v)[2][L], int act, float (&f)[V]) {

@@ -12,6 +12,7 @@ namespace {
 template <InputDtype D>
 struct PlainSource {
   static constexpr int kStreams = 1;
+  static constexpr bool kSectorWalk = true;  // swizzled layouts: sector_walk_kernel where it applies
   static constexpr int kElementBytes = D == InputDtype::kFloat8E4M3 ? 1 : 2;
   template <int L, int V>
   __device__ __forceinline__ static void produce(const uint4 (&v)[1][L], int, float (&f)[V]) {
