@@ -577,18 +577,13 @@ __global__ void __launch_bounds__(kThreads) sector_walk_kernel(const Elementwise
         bytes[i / 4] |= sf_byte << (8 * (i % 4));
       }
     }
-    // lane c's bytes of the slots -> the words of slots first_slot + c (and + 4 + c)
+    // lane c's bytes of slots first_slot + 4h .. + 4h + 3 -> the word of slot first_slot + 4h + c
     uint8_t* sector = q.sf + sf_offset(sector_group_row<LAYOUT>(group), col & ~int64_t(3), nk, LAYOUT);
     uint32_t* words = reinterpret_cast<uint32_t*>(sector) + first_slot;
-    const uint32_t first = transpose_bytes_4x4(bytes[0], lane & 1u, lane & 2u);
-    if constexpr (WALK == 8) {
-      const uint32_t second = transpose_bytes_4x4(bytes[1], lane & 1u, lane & 2u);
-      if (col_in_sf) {
-        words[lane] = first;
-        words[4 + lane] = second;
-      }
-    } else {
-      if (col_in_sf) words[lane] = first;
+#pragma unroll
+    for (int h = 0; h < WALK / 4; ++h) {
+      const uint32_t word = transpose_bytes_4x4(bytes[h], lane & 1u, lane & 2u);
+      if (col_in_sf) words[4 * h + lane] = word;
     }
   }
 }
