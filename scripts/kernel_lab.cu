@@ -5,9 +5,10 @@
 // outputs, which must not change with the setting.
 //
 //   nvcc -O3 -std=c++17 -gencode=arch=compute_90a,code=sm_90a -o /tmp/kernel_lab scripts/kernel_lab.cu
-//   /tmp/kernel_lab [--quick] [--no-pdl] [--fused-only] [--decode-only] [--quantize-only]
+//   /tmp/kernel_lab [--quick] [--no-pdl] [--fused-only] [--decode-only] [--quantize-only] [--big MxK]... [--once]
 // (--fused-only: the fused ops' throughput rows alone; --decode-only: the graph-replay sections alone;
-// --quantize-only: the quantize throughput rows alone)
+// --quantize-only: the quantize throughput rows alone; --big MxK, repeatable: these quantize shapes instead
+// of the default ones; --once: each quantize case launched once, untimed, e.g. under ncu)
 #include <algorithm>
 #include <cstdio>
 #include <cstring>
@@ -293,8 +294,16 @@ void fused_section(const cudaDeviceProp& prop, cudaStream_t stream, bool pdl, ui
 }
 
 int main(int argc, char** argv) {
-  bool quick = false, pdl = true, fused_only = false, decode_only = false, quantize_only = false;
+  bool quick = false, pdl = true, fused_only = false, decode_only = false, quantize_only = false, once = false;
+  std::vector<std::pair<int64_t, int64_t>> big_shapes;
   for (int i = 1; i < argc; ++i) {
+    long m = 0, k = 0;
+    if (std::strcmp(argv[i], "--big") == 0 && i + 1 < argc && std::sscanf(argv[i + 1], "%ldx%ld", &m, &k) == 2) {
+      big_shapes.emplace_back(m, k);
+      ++i;
+      continue;
+    }
+    once |= std::strcmp(argv[i], "--once") == 0;
     quick |= std::strcmp(argv[i], "--quick") == 0;
     pdl &= std::strcmp(argv[i], "--no-pdl") != 0;
     fused_only |= std::strcmp(argv[i], "--fused-only") == 0;
@@ -318,7 +327,8 @@ int main(int argc, char** argv) {
 
   std::vector<Case> cases;
   const std::vector<std::pair<int64_t, int64_t>> big =
-      decode_only ? std::vector<std::pair<int64_t, int64_t>>{}
+      decode_only             ? std::vector<std::pair<int64_t, int64_t>>{}
+      : !big_shapes.empty() ? big_shapes
       : quick ? std::vector<std::pair<int64_t, int64_t>>{{128, 8192}, {1024, 2048}, {8192, 4096}, {8192, 16384}}
             : std::vector<std::pair<int64_t, int64_t>>{{8192, 4096}, {8192, 8192}, {8192, 16384}, {32768, 2048},
                                                        {32768, 4096}, {32768, 16384}};
@@ -347,10 +357,10 @@ int main(int argc, char** argv) {
     run();
     CHECK(cudaStreamSynchronize(stream));
     const uint64_t sum = outputs_fnv(b);
-    const float t_q = time_flushed(run, stream, flush, flush_bytes);
-    const float t_c = time_flushed(copy, stream, flush, flush_bytes);
+    const float t_q = once ? 0.0f : time_flushed(run, stream, flush, flush_bytes);
+    const float t_c = once ? 0.0f : time_flushed(copy, stream, flush, flush_bytes);
     std::printf("%-5s %-6s %-7s %6ld %6ld %9.1f %9.1f %6.1f%% %016llx\n", dtype_name(c.dtype), c.mxfp4 ? "mxfp4" : "nvfp4",
-                layout_name(c.layout), long(c.m), long(c.k), t_q, t_c, 100.0f * t_c / t_q, (unsigned long long)sum);
+                layout_name(c.layout), long(c.m), long(c.k), t_q, t_c, t_q > 0.0f ? 100.0f * t_c / t_q : 0.0f, (unsigned long long)sum);
     free_buffers(b);
   }
   if (quantize_only) return 0;
