@@ -26,10 +26,11 @@ def _prepare_global_scale(global_scale, sf_use_ue8m0: bool, device: torch.device
         raise ValueError(f"fp4op: global_scale must be a torch.Tensor, got {type(global_scale).__name__}")
     if not global_scale.dtype.is_floating_point:
         raise ValueError(f"fp4op: global_scale must have a floating dtype, got {global_scale.dtype}")
-    if global_scale.device != device:
+    if global_scale.device != device and global_scale.device.type == "meta":
+        # SPEC.md moves the scale to the input's device; a meta scale has no values to move
         raise ValueError(f"fp4op: global_scale must be on the input's device ({device}), got {global_scale.device}")
-    # convert, never reinterpret (a bf16 scale read as fp32 gives all-zero scales)
-    return global_scale.to(dtype=torch.float32)
+    # moved (SPEC.md) and converted, never reinterpreted (a bf16 scale read as fp32 gives all-zero scales)
+    return global_scale.to(device=device, dtype=torch.float32)
 
 
 def _check_sf_vec_size(sf_vec_size) -> int:
@@ -68,7 +69,9 @@ def fp4_quantize(
     mode, SPEC.md): returns ``(x_q, sf)`` with ``x_q`` uint8 ``[..., K/2]`` (two E2M1 codes a byte,
     view it as ``torch.float4_e2m1fn_x2`` if you like) and ``sf`` the 2-D uint8 scale factors in the
     requested layout. Works on CPU and CUDA tensors. A column-major 2-D input is quantized along its
-    contiguous dimension and both outputs come back transposed.
+    contiguous dimension and both outputs come back transposed. `global_scale` (1 or M elements, any
+    floating dtype) is converted to float32 and moved to the input's device (a CPU scale for a CUDA input
+    costs a host-to-device copy, which a CUDA graph capture does not allow: keep it on the GPU there).
 
     `enable_pdl`: launch the CUDA kernel with Programmatic Dependent Launch, so that its launch overlaps
     the end of the previous kernel on the stream (it waits for that kernel's results before reading
@@ -104,6 +107,16 @@ def fp4_quantize(
         raise ValueError(f"fp4op: input must have rank >= 2 ([M, K] or [..., K]), got shape {tuple(input.shape)}")
     column_major = _is_column_major(input)
     x = input.t() if column_major else input
+    if (
+        column_major
+        and input.dtype in (torch.float16, torch.bfloat16, torch.float8_e4m3fn)
+        and sf_vec_size in (16, 32)
+        and x.size(-1) % sf_vec_size != 0
+    ):  # the op's message would name K, the transposed problem's
+        raise ValueError(
+            f"fp4op: a column-major input (shape {tuple(input.shape)}) is quantized along its first dimension, "
+            f"whose size {x.size(-1)} must be a multiple of sf_vec_size = {sf_vec_size}"
+        )
     gs = _prepare_global_scale(global_scale, sf_use_ue8m0, input.device)
     flags = (sf_vec_size, sf_use_ue8m0, is_sf_swizzled_layout, is_sf_8x4_layout, is_global_scale_inversed)
     # enable_pdl only when given: graphs then hold the plain call that the fusion rules match

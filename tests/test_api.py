@@ -73,6 +73,16 @@ def test_column_major_per_row_scale_is_per_quantized_row():
     assert torch.equal(x_q, want_q.t()) and torch.equal(sf, want_sf.t())
 
 
+@pytest.mark.parametrize("vec, ue8m0", [(16, False), (32, True)])
+def test_column_major_block_dimension_error_names_it(vec, ue8m0):
+    # a column-major [24, 64] input is quantized along its 24 rows: the message must not call 24 "K"
+    x = random_input((64, 24), torch.float16).t()
+    with pytest.raises(ValueError, match=r"column-major input \(shape \(24, 64\)\).*size 24 must be a multiple"):
+        fp4op.fp4_quantize(x, torch.tensor([1.0]), sf_vec_size=vec, sf_use_ue8m0=ue8m0)
+    with pytest.raises(NotImplementedError):  # an unsupported dtype is still the first error
+        fp4op.fp4_quantize(x.float(), torch.tensor([1.0]), sf_vec_size=vec, sf_use_ue8m0=ue8m0)
+
+
 @pytest.mark.parametrize("shape", [(1, 64), (64, 1)])
 def test_contiguous_single_row_or_column_is_row_major(shape):
     # a [1, K] view of a column is contiguous: SPEC.md treats it as row-major
@@ -107,18 +117,28 @@ def test_global_scale_dtype_converted_not_reinterpreted(gs_dtype):
     assert (sf != 0).any(), "a reinterpreted bf16 scale gives all-zero scales"
 
 
-@pytest.mark.parametrize(
-    "x_device,gs_device",
-    [("cpu", "meta"), pytest.param("cuda", "cpu", marks=requires_cuda), pytest.param("cpu", "cuda", marks=requires_cuda)],
-)
-def test_global_scale_on_another_device_is_value_error(x_device, gs_device):
-    # SPEC.md: a device mismatch is a ValueError naming the argument (never a silent copy)
-    x = random_input((32, 64), torch.bfloat16, device=x_device)
-    gs = torch.ones(1, device=gs_device)
+def test_meta_global_scale_is_value_error():
+    # SPEC.md: the API moves global_scale to the input's device; a meta scale cannot be moved: a device
+    # mismatch, ValueError naming the argument
+    x = random_input((32, 64), torch.bfloat16)
+    gs = torch.ones(1, device="meta")
     with pytest.raises(ValueError, match="global_scale"):
         fp4op.fp4_quantize(x, gs)
     with pytest.raises(ValueError, match="global_scale"):
-        fp4op.dequantize(*fp4op.fp4_quantize(x, torch.ones(1, device=x_device)), gs)
+        fp4op.dequantize(*fp4op.fp4_quantize(x, torch.ones(1)), gs)
+
+
+@requires_cuda
+@pytest.mark.parametrize("x_device,gs_device", [("cuda", "cpu"), ("cpu", "cuda")])
+@pytest.mark.parametrize("kind", ["scalar", "per_row"])
+def test_global_scale_on_another_device_is_moved(x_device, gs_device, kind):
+    # SPEC.md: "Moved to the input's device by the Python API"
+    x = random_input((32, 64), torch.bfloat16, device=x_device)
+    gs = make_global_scale(x, kind).to(x_device)
+    want = fp4op.fp4_quantize(x, gs)
+    got = fp4op.fp4_quantize(x, gs.to(gs_device))
+    assert got[0].device == x.device and torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert torch.equal(fp4op.dequantize(*want, gs.to(gs_device)), fp4op.dequantize(*want, gs))
 
 
 @pytest.mark.parametrize("size", [16.0, "16", True, None, 24])

@@ -194,12 +194,16 @@ def case_dequantize_zero_dim_x_q(d):
 
 # GPU only: tensors on different devices
 def case_cuda_input_cpu_scale_api(d):
-    # SPEC.md: a device mismatch is a ValueError naming the argument, in the API as in the op
-    _q(_x("cuda"), torch.tensor([2.0]))
+    # SPEC.md: the Python API moves global_scale to the input's device; the op takes none from another
+    x = _x("cuda")
+    got, want = _q(x, torch.tensor([2.0])), _q(x, torch.tensor([2.0], device="cuda"))
+    assert all(torch.equal(g, w) for g, w in zip(got, want))
 
 
 def case_cpu_input_cuda_scale_api(d):
-    _q(_x("cpu"), torch.tensor([2.0], device="cuda"))
+    x = _x("cpu")
+    got, want = _q(x, torch.tensor([2.0], device="cuda")), _q(x, torch.tensor([2.0]))
+    assert all(torch.equal(g, w) for g, w in zip(got, want))
 
 
 def case_cuda_input_cpu_scale_raw_op(d):
@@ -257,8 +261,8 @@ CASES = {
     "dequantize_zero_dim_x_q": (case_dequantize_zero_dim_x_q, (VE, "x_q")),
 }
 CUDA_ONLY = {
-    "cuda_input_cpu_scale_api": (case_cuda_input_cpu_scale_api, (VE, "global_scale")),
-    "cpu_input_cuda_scale_api": (case_cpu_input_cuda_scale_api, (VE, "global_scale")),
+    "cuda_input_cpu_scale_api": (case_cuda_input_cpu_scale_api, "ok"),
+    "cpu_input_cuda_scale_api": (case_cpu_input_cuda_scale_api, "ok"),
     "cuda_input_cpu_scale_raw_op": (case_cuda_input_cpu_scale_raw_op, (VE, "global_scale")),
     "cpu_input_cuda_scale_raw_op": (case_cpu_input_cuda_scale_raw_op, (VE, "global_scale")),
     "cpu_input_cuda_scale_mxfp4_raw_op": (case_cpu_input_cuda_scale_mxfp4_raw_op, (VE, "global_scale")),

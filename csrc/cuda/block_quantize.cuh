@@ -250,22 +250,21 @@ __device__ __forceinline__ uint32_t quantize_block(const float (&f)[VEC], float 
   return s.sf;
 }
 
-// Stores the scale byte of block column `col` of `row`, held by the LANES adjacent lanes of the block
-// (threadIdx.x % LANES == 0 first). The 4 * LANES lanes from a multiple of 4 * LANES must hold columns
-// 4q..4q+3 of one row: in the swizzled layouts those four bytes are contiguous and the group's first
-// lane writes them as one word (every lane of the warp must call this); `in_sf` says the column exists
-// in the sf tensor (real or padding), `has_data` that it is real.
-template <SfLayout LAYOUT, int LANES = 1>
+// Stores the scale byte of block column `col` of `row`. The 4 lanes from a multiple of 4 must hold
+// columns 4q..4q+3 of one row: in the swizzled layouts those four bytes are contiguous and the group's
+// first lane writes them as one word (every lane of the warp must call this); `in_sf` says the column
+// exists in the sf tensor (real or padding), `has_data` that it is real.
+template <SfLayout LAYOUT>
 __device__ __forceinline__ void store_sf(uint8_t* sf, int64_t row, int64_t col, int64_t nk, uint32_t sf_byte,
                                          bool row_ok, bool in_sf, bool has_data) {
   if constexpr (LAYOUT == SfLayout::kLinear) {
-    if (has_data && threadIdx.x % LANES == 0) sf[sf_offset(row, col, nk, LAYOUT)] = uint8_t(sf_byte);
+    if (has_data) sf[sf_offset(row, col, nk, LAYOUT)] = uint8_t(sf_byte);
   } else {
     uint32_t word = sf_byte;
-    word |= __shfl_down_sync(kFullMask, sf_byte, LANES) << 8;
-    word |= __shfl_down_sync(kFullMask, sf_byte, 2 * LANES) << 16;
-    word |= __shfl_down_sync(kFullMask, sf_byte, 3 * LANES) << 24;
-    if (threadIdx.x % (4 * LANES) == 0 && row_ok && in_sf) {
+    word |= __shfl_down_sync(kFullMask, sf_byte, 1) << 8;
+    word |= __shfl_down_sync(kFullMask, sf_byte, 2) << 16;
+    word |= __shfl_down_sync(kFullMask, sf_byte, 3) << 24;
+    if (threadIdx.x % 4 == 0 && row_ok && in_sf) {
       *reinterpret_cast<uint32_t*>(sf + sf_offset(row, col, nk, LAYOUT)) = word;
     }
   }
@@ -621,16 +620,29 @@ __global__ void __launch_bounds__(kSplitThreads) split_kernel(const ElementwiseA
   const QuantizeTarget& q = a.out;
   const int64_t nk = q.k / VEC;
   const int64_t cols = sf_cols(nk, LAYOUT);
-  // The thread's block before the wait: index math reads no memory, so under PDL it overlaps the
-  // previous kernel's tail instead of delaying this kernel's loads (H100, CUDA-graph replay: M = 1
-  // 1.22-1.46 -> 0.94-1.16 us a call, kernel lab run 17). 32-bit divisions: the launcher takes this
-  // kernel for fewer than 2^31 threads.
+  // The thread's block and every offset before the wait: index math reads no memory, so under PDL it
+  // overlaps the previous kernel's tail instead of delaying this kernel's loads (H100, CUDA-graph
+  // replay: the block, M = 1 1.22-1.46 -> 0.94-1.16 us a call, kernel lab run 17; the offsets, ~30
+  // instructions a thread, another 0.05-0.12 us at M = 16 and in the linear layout, run 26). 32-bit
+  // divisions: the launcher takes this kernel for fewer than 2^31 threads.
   const uint32_t t = blockIdx.x * kSplitThreads + threadIdx.x;
   const uint32_t row_threads = uint32_t(cols) * kLanes;
   const uint32_t row32 = t / row_threads, col32 = (t % row_threads) / kLanes;
-  wait_for_previous_kernel_after(row32, col32);
   const int64_t row = row32, col = col32;
   const int part = int(t % kLanes);
+  // The wait's predicate reads the offsets, so that ptxas keeps them above it (offsets >> 33 is below
+  // 2^31 whatever the offsets).
+  int64_t in_offset[SRC::kStreams];  // in 16-byte loads
+  uint64_t any_offset = 0;
+#pragma unroll
+  for (int s = 0; s < SRC::kStreams; ++s) {
+    in_offset[s] = (row * a.row_stride[s] + col * VEC + part * kPer) * SRC::kElementBytes / 16;
+    any_offset |= uint64_t(in_offset[s]);
+  }
+  const int64_t xq_offset = (row * q.k + col * VEC + part * kPer) / 2;
+  const int64_t sf_byte_offset = sf_offset(row, col, nk, LAYOUT);
+  any_offset |= uint64_t(xq_offset) | uint64_t(sf_byte_offset);
+  wait_for_previous_kernel_after(row32 | col32, uint32_t(any_offset >> 33));
   if (blockIdx.x >= data_ctas) {
     if constexpr (LAYOUT != SfLayout::kLinear) {
       zero_padding_rows<LAYOUT>(q, nk, (blockIdx.x - data_ctas) * kSplitThreads + threadIdx.x,
@@ -645,10 +657,7 @@ __global__ void __launch_bounds__(kSplitThreads) split_kernel(const ElementwiseA
   float f[kPer];
   if (has_data) {
 #pragma unroll
-    for (int s = 0; s < SRC::kStreams; ++s) {
-      const int64_t element = row * a.row_stride[s] + col * VEC + part * kPer;
-      v[s][0] = __ldg(static_cast<const uint4*>(a.in[s]) + element * SRC::kElementBytes / 16);
-    }
+    for (int s = 0; s < SRC::kStreams; ++s) v[s][0] = __ldg(static_cast<const uint4*>(a.in[s]) + in_offset[s]);
     if (!UE8M0) rs = row_scale_of(q, row);
     SRC::produce(v, a.activation, f);
   } else {
@@ -664,12 +673,12 @@ __global__ void __launch_bounds__(kSplitThreads) split_kernel(const ElementwiseA
     const BlockScale s = block_scale<UE8M0>(amax, rs);
     typename PackedBlock<kPer>::type packed;
     e2m1_words<kPer, UE8M0>(f, s.out_scale, reinterpret_cast<uint32_t*>(&packed));
-    __stcs(reinterpret_cast<typename PackedBlock<kPer>::type*>(q.x_q + (row * q.k + col * VEC + part * kPer) / 2),
-           packed);
+    __stcs(reinterpret_cast<typename PackedBlock<kPer>::type*>(q.x_q + xq_offset), packed);
     sf_byte = s.sf;
   }
-  // a row's cols * kLanes threads start at a multiple of 4 * kLanes (cols % 4 == 0), as do the CTAs
-  store_sf<LAYOUT, kLanes>(q.sf, row, col, nk, sf_byte, row_ok, true, has_data);
+  // A byte a block from its first lane, in every layout (as fast as gathering the swizzled layouts'
+  // words with shuffles, run 26). The lanes of padding columns (col >= nk) store zeros.
+  if (row_ok && part == 0) q.sf[sf_byte_offset] = uint8_t(sf_byte);
 }
 
 template <class SRC, int VEC, bool UE8M0, SfLayout LAYOUT>
