@@ -387,6 +387,47 @@ def hoist_scalar_conversions(graph: torch.fx.Graph) -> None:
             anchor = node
 
 
+def _movable(node: torch.fx.Node) -> bool:
+    """A node whose place among its neighbours does not matter: pure, and no random numbers (their order
+    sets what each draws)."""
+    if node.op == "get_attr":
+        return True
+    if node.op != "call_function" or node.is_impure():
+        return False
+    return torch.Tag.nondeterministic_seeded not in getattr(node.target, "tags", ())
+
+
+def inputs_before_outputs(match: pm.Match, names: Sequence[str]) -> bool:
+    """Inductor inserts a replacement before the first of the match's outputs, so that readers of an
+    output between it and the quantize (the residual sum's) still see it defined. The fused op's other
+    inputs must be defined there too: a global scale or a norm weight computed after the residual add
+    (`1 / input_scale`, `w.to(x.dtype)` in forward) is moved up with what it needs, where that is pure and
+    does not depend on the match; False where it does (a scale from the amax of the sum: no order works)."""
+    outputs = [n for n in match.output_nodes() if isinstance(n, torch.fx.Node)]
+    if len(outputs) < 2:
+        return True  # the replacement goes before its one output, which reads every input
+    order = {n: i for i, n in enumerate(match.graph.nodes)}
+    anchor = min(outputs, key=order.__getitem__)
+    matched = set(match.nodes)
+    late: list[torch.fx.Node] = []
+    seen: set[torch.fx.Node] = set()
+
+    def gather(node: torch.fx.Node) -> bool:
+        if node in seen or order[node] < order[anchor]:
+            return True
+        seen.add(node)
+        if node in matched or not _movable(node) or not all(gather(n) for n in node.all_input_nodes):
+            return False
+        late.append(node)
+        return True
+
+    if not all(gather(v) for v in (match.kwargs.get(n) for n in names) if isinstance(v, torch.fx.Node)):
+        return False
+    for node in sorted(late, key=order.__getitem__):
+        anchor.prepend(node)
+    return True
+
+
 def constant_scalars(
     match: pm.Match, argnames: Sequence[str], scalars: Sequence[str], tensor_ok: Sequence[str] = ()
 ) -> bool:
@@ -536,6 +577,9 @@ class FusionPattern:
                 log.debug("fp4op.fusion: %s not applied: keyword arguments %s", self.name, [n for _, n in extra])
                 return False
             if not self.check(match):
+                return False
+            if not inputs_before_outputs(match, names):
+                log.debug("fp4op.fusion: %s not applied: an input of the fused op depends on its outputs", self.name)
                 return False
             pass_.note_match(self.name)
             return True

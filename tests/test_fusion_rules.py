@@ -207,6 +207,61 @@ def test_never_fuse(device):
         assert_fp4_close(got, want, 16, min_identical=0.5)
 
 
+class _ActivationQuantizer(nn.Module):
+    """An FP4 activation quantizer as checkpoints carry it: a stored input_scale, its inverse the global scale
+    (computed in forward, i.e. after the residual add in program order)."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("input_scale", torch.tensor([8.0 / 2688.0]))
+
+    def forward(self, x):
+        return torch.ops.fp4op.quantize(x, 1.0 / self.input_scale, 16, False)
+
+
+class _MasterWeightRMSNorm(nn.Module):
+    """fp32 master weight cast to the activation dtype in forward (mixed-precision training code)."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(K) * 0.3 + 1)
+
+    def forward(self, x):
+        return F.rms_norm(x, (K,), self.weight.to(x.dtype), 1e-6)
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_residual_norm_inputs_computed_after_the_add(dynamic):
+    """The fused add+RMSNorm op replaces the add (its sum is read before the quantize), so a global scale
+    or weight computed after the add in program order is moved up for it; a global scale computed from
+    the sum itself cannot be (the fused op would produce its own input): that chain fuses as the norm
+    alone, the add stays. Each compiles (no "used before defined") and equals eager."""
+    torch.manual_seed(0)
+    quantizer, norm, rms = _ActivationQuantizer(), _MasterWeightRMSNorm(), nn.RMSNorm(K, eps=1e-6, dtype=torch.bfloat16)
+
+    def fn(x, r):
+        s0 = x[0] + r[0]
+        s1 = x[1] + r[1]
+        s2 = x[2] + r[2]
+        dynamic_scale = 2688.0 / s2.abs().amax().float().reshape(1)  # from the norm's own input
+        return (
+            (*quantizer(rms(s0)), s0 * 2),
+            (*torch.ops.fp4op.quantize(norm(s1), torch.tensor([336.0]), 16, False), s1 * 2),
+            (*torch.ops.fp4op.quantize(F.rms_norm(s2, (K,), None, 1e-6), dynamic_scale, 16, False), s2 * 2),
+        )
+
+    x = [torch.randn(M, K, dtype=torch.bfloat16) * 3 for _ in range(3)]
+    r = [torch.randn(M, K, dtype=torch.bfloat16) for _ in range(3)]
+    out, record = compile_fused(fn, x, r, dynamic=dynamic)
+    assert dict(record.matches) == {"add_rms_norm_quantize[torch]": 2, "rms_norm_quantize[torch,no_weight]": 1}
+    assert "fp4op.quantize.default" not in record.after
+    with torch.no_grad():
+        expected = fn(x, r)
+    for got, want in zip(out, expected):
+        assert_fp4_close(got, want)
+        assert_same_outputs(got[2:], want[2:])
+
+
 # ---- one producer output read by several quantizes that do not merge ----------------------------------------
 
 # three static global scales: separate tensors (as loaded from a checkpoint), so the quantizes do not merge
