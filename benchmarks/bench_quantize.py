@@ -77,17 +77,26 @@ PEER_NAMES = ("torchao", "inductor_reference")
 class CudaTimer:
     """Median device time of one call, CUDA events around it, L2 flushed before each iteration."""
 
+    # A spin of the GPU after each flush, so that the device is still busy when the host enqueues the
+    # start event and the call: otherwise a host slower than the device (a busy CPU, e.g. the peers'
+    # compile workers) puts the call's dispatch time between the events (seen: a 22 us case timed at 65 us).
+    BACKLOG_CYCLES = 200_000  # ~100 us
+
     def __init__(self, target_s: float, min_iters: int, max_iters: int, flush_bytes: int):
         self.target_s, self.min_iters, self.max_iters = target_s, min_iters, max_iters
         self.flush_buf = torch.empty(flush_bytes, dtype=torch.uint8, device="cuda")
-        self.flush_s = common.median(self._timed(self.flush_buf.zero_, 20, flush=False)) * 1e-6
+        self.flush_s = common.median(self._timed(self._flush, 20, flush=False)) * 1e-6
+
+    def _flush(self) -> None:
+        self.flush_buf.zero_()  # evicts the previous iteration's data from L2 (> L2 size)
+        torch.cuda._sleep(self.BACKLOG_CYCLES)
 
     def _timed(self, fn, n: int, flush: bool = True) -> list[float]:
         starts = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
         ends = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
         for i in range(n):
             if flush:
-                self.flush_buf.zero_()  # evicts the previous iteration's data from L2 (> L2 size)
+                self._flush()
             starts[i].record()
             fn()
             ends[i].record()

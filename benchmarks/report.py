@@ -150,6 +150,7 @@ def markdown(results: dict) -> str:
     out.append(f"- copy bandwidth: **{copy['GBps']:.0f} GB/s** (device-to-device copy, "
                f"{copy['bytes_moved'] / MiB:.0f} MiB read + written)")
     out.append(f"- method: {method['timer']}, L2 flush of {method['l2_flush_MiB']} MiB before each iteration, "
+               "then a ~100 µs GPU spin (so that the host's dispatch is never inside the timed span), "
                f"{method['statistic']} of an adaptive number of iterations (~{method['target_ms_per_case']:.0f} ms "
                f"a case, {method['min_iters']}..{method['max_iters']}); effective bytes = {method['effective_bytes']}; "
                f"% = time of a copy of the same effective bytes ({method['copy']}) / time")
