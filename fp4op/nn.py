@@ -160,6 +160,22 @@ class FP4Linear(nn.Module):
         if self.input_global_scale is not None and prefix + "input_global_scale" in state_dict:
             self._calibrated = bool(self.input_global_scale.item() > 0)
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """The weight this layer computes with: the FP4 weight dequantized to `dtype`, [out_features,
+        in_features], a new tensor at each access. Model code that reads ``linear.weight.dtype`` or
+        ``.device`` (Hugging Face T5 casts its input to ``wo.weight.dtype``) keeps working; assigning a
+        tensor to ``weight`` quantizes it (`set_weight`)."""
+        return self._dequantize(self.weight_q, self.weight_sf, self.weight_global_scale, self.dtype)
+
+    def __setattr__(self, name: str, value) -> None:
+        if name == "weight":  # before nn.Module's, which would register a Parameter the forward never reads
+            if not isinstance(value, torch.Tensor):
+                raise ValueError(f"fp4op.nn.FP4Linear: weight must be a tensor, got {type(value).__name__}")
+            self.set_weight(value.detach())
+            return
+        super().__setattr__(name, value)
+
     # ---- forward -----------------------------------------------------------------------------------
 
     def _input_global_scale(self, x: torch.Tensor) -> torch.Tensor | None:
@@ -241,8 +257,9 @@ def convert(
 ) -> nn.Module:
     """Replace, in place, every nn.Linear of `model` by an FP4Linear; returns `model`.
 
-    Skipped: layers whose in_features is not a multiple of the recipe's block (16 for NVFP4, 32 for
-    MXFP4), and layers whose qualified name (as in ``model.named_modules()``) matches an entry of
+    Skipped: subclasses of nn.Linear (their forward may differ: Falcon's FalconLinear) and other
+    linear-like modules (GPT-2's Conv1D), layers whose in_features is not a multiple of the recipe's
+    block (16 for NVFP4, 32 for MXFP4), and layers whose qualified name (as in ``model.named_modules()``) matches an entry of
     `exclude` exactly or as an fnmatch pattern (e.g. ``"lm_head"``, ``"*.gate"``).
     """
     _check_choice("recipe", recipe, RECIPES)

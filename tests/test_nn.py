@@ -52,6 +52,43 @@ def test_weight_quantized_once_at_conversion():
     assert not list(layer.parameters())
 
 
+@pytest.mark.parametrize("recipe", ["nvfp4", "mxfp4"])
+def test_weight_attribute_is_the_dequantized_weight(recipe):
+    linear = nn.Linear(64, 32, dtype=torch.float16)
+    layer = fnn.FP4Linear.from_linear(linear, recipe=recipe, matmul="emulated")
+    vec, ue8m0 = RECIPE_ARGS[recipe]
+    want = reference.dequantize(layer.weight_q, layer.weight_sf, layer.weight_global_scale, vec, ue8m0)
+    w = layer.weight
+    assert w.shape == (32, 64) and w.dtype == torch.float16 and w.device == linear.weight.device
+    assert torch.equal(w, want.to(torch.float16))
+    assert "weight" not in dict(layer.named_parameters()) and "weight" not in layer.state_dict()
+
+    # model code that casts to the layer's weight dtype (Hugging Face T5's feed-forward)
+    class T5DenseActDense(nn.Module):
+        def __init__(self, wo):
+            super().__init__()
+            self.wo = wo
+
+        def forward(self, h):
+            if isinstance(self.wo.weight, torch.Tensor) and h.dtype != self.wo.weight.dtype:
+                h = h.to(self.wo.weight.dtype)
+            return self.wo(h)
+
+    with torch.no_grad():
+        out = T5DenseActDense(layer)(torch.randn(3, 64))
+    assert out.dtype == torch.float16 and out.shape == (3, 32)
+
+    # assigning a weight (a tied embedding, a Parameter) quantizes it into the buffers
+    other = nn.Parameter(torch.randn(32, 64, dtype=torch.float16))
+    layer.weight = other
+    fresh = fnn.FP4Linear.from_linear(nn.Linear(64, 32, dtype=torch.float16), recipe=recipe)
+    fresh.set_weight(other.detach())
+    assert torch.equal(layer.weight_q, fresh.weight_q) and torch.equal(layer.weight_sf, fresh.weight_sf)
+    assert not list(layer.parameters())
+    with pytest.raises(ValueError, match="shape"):
+        layer.weight = torch.randn(4, 4)
+
+
 def test_static_scale_calibration_and_siblings():
     class Block(nn.Module):
         def __init__(self):
