@@ -9,7 +9,10 @@ Source forms (each with and without a weight, any eps):
 * ``"meta"``: the reference Llama/Mistral code (and torchtune) form ``norm(x.float()).type_as(x) * weight``
   (the "hf" form with the weight on the right);
 * ``"t5"``: the Hugging Face T5LayerNorm form ``weight * (x * rsqrt(var(x.float()) + eps)).to(weight.dtype)``
-  (the bf16/fp16 x times the float32 rsqrt, the same roundings as "hf").
+  (the bf16/fp16 x times the float32 rsqrt, the same roundings as "hf");
+* ``"olmo2"``: the Hugging Face Olmo2RMSNorm / HeliumRMSNorm form
+  ``(weight * (x.float() * rsqrt(var + eps))).to(dtype)`` (weight applied in float32, one rounding:
+  the "torch" numerics in another graph).
 
 eps may also be a 0-d tensor graph input (a module's float eps under ``dynamic=True``): the fused ops'
 ``*_eps_tensor`` variants take it.
@@ -28,9 +31,9 @@ from .pass_manager import FusionPattern, QuantizeArgs, same_model_dtype, same_sh
 
 # float32-exact placeholder for eps (F.rms_norm's decomposition rounds eps to float32 on CPU)
 EPS_PLACEHOLDER = 2.0**-17
-FORMS = ("torch", "hf", "gemma", "meta", "t5")
-# forms that exist only with a weight (without one, "gemma" and "meta" are the "hf" form)
-WEIGHT_ONLY_FORMS = ("gemma", "meta", "t5")
+FORMS = ("torch", "hf", "gemma", "meta", "t5", "olmo2")
+# forms that exist only with a weight (without one, "gemma", "meta" and "olmo2" are the "hf" form)
+WEIGHT_ONLY_FORMS = ("gemma", "meta", "t5", "olmo2")
 # forms whose weight multiplies in the model dtype (the fused ops' weight_in_input_dtype)
 INPUT_DTYPE_WEIGHT_FORMS = ("hf", "meta", "t5")
 
@@ -48,6 +51,8 @@ def rms_norm_forms(x: torch.Tensor, weight: torch.Tensor | None, eps: float, for
         return h.to(x.dtype) if weight is None else weight * h.to(x.dtype)
     if form == "meta":
         return h.type_as(x) * weight
+    if form == "olmo2":
+        return (weight * h).to(x.dtype)
     if weight is not None:
         h = h * (1.0 + weight.float())
     return h.type_as(x)

@@ -27,6 +27,13 @@ def hf_rms(x, w, eps):
     return h.to(x.dtype) if w is None else w * h.to(x.dtype)
 
 
+def olmo2_rms(x, w, eps):
+    # transformers' Olmo2RMSNorm / HeliumRMSNorm: the weight multiplies the float32 norm, one rounding
+    h = x.to(torch.float32)
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return (w * h).to(x.dtype)
+
+
 def gemma_rms(x, w, eps):
     h = x.float()
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
@@ -43,11 +50,13 @@ def _norm_chains(rms_module):
         ("rms_norm_quantize[hf]", lambda x, r, w, b: hf_rms(x, w, 1e-6)),
         ("rms_norm_quantize[hf,no_weight]", lambda x, r, w, b: hf_rms(x, None, 0.1)),
         ("rms_norm_quantize[gemma]", lambda x, r, w, b: gemma_rms(x, w, 1e-6)),
+        ("rms_norm_quantize[olmo2]", lambda x, r, w, b: olmo2_rms(x, w, 1e-6)),
         ("add_rms_norm_quantize[torch]", lambda x, r, w, b: _res(x, r, lambda s: F.rms_norm(s, (K,), w, 1e-5))),
         ("add_rms_norm_quantize[torch,no_weight]", lambda x, r, w, b: _res(x, r, lambda s: F.rms_norm(s, (K,), None, 2e-3))),
         ("add_rms_norm_quantize[hf]", lambda x, r, w, b: _res(x, r, lambda s: hf_rms(s, w, 1e-6))),
         ("add_rms_norm_quantize[hf,no_weight]", lambda x, r, w, b: _res(x, r, lambda s: hf_rms(s, None, 1e-5))),
         ("add_rms_norm_quantize[gemma]", lambda x, r, w, b: _res(x, r, lambda s: gemma_rms(s, w, 1e-6))),
+        ("add_rms_norm_quantize[olmo2]", lambda x, r, w, b: _res(x, r, lambda s: olmo2_rms(s, w, 1e-5))),
         ("layer_norm_quantize[weight,bias]", lambda x, r, w, b: F.layer_norm(x, (K,), w, b, 1e-5)),
         ("layer_norm_quantize[weight]", lambda x, r, w, b: F.layer_norm(x, (K,), w, None, 1e-6)),
         ("layer_norm_quantize[no_affine]", lambda x, r, w, b: F.layer_norm(x, (K,), None, None, 1e-5)),
