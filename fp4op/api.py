@@ -69,7 +69,8 @@ def fp4_quantize(
     mode, SPEC.md): returns ``(x_q, sf)`` with ``x_q`` uint8 ``[..., K/2]`` (two E2M1 codes a byte,
     view it as ``torch.float4_e2m1fn_x2`` if you like) and ``sf`` the 2-D uint8 scale factors in the
     requested layout. Works on CPU and CUDA tensors. A column-major 2-D input is quantized along its
-    contiguous dimension and both outputs come back transposed. `global_scale` (1 or M elements, any
+    contiguous dimension and both outputs come back transposed (a per-row global scale then has one
+    element per quantized row: per column of `input`). `global_scale` (1 or M elements, any
     floating dtype) is converted to float32 and moved to the input's device (a CPU scale for a CUDA input
     costs a host-to-device copy, which a CUDA graph capture does not allow: keep it on the GPU there).
 
