@@ -259,8 +259,9 @@ def convert(
 
     Skipped: subclasses of nn.Linear (their forward may differ: Falcon's FalconLinear) and other
     linear-like modules (GPT-2's Conv1D), layers whose in_features is not a multiple of the recipe's
-    block (16 for NVFP4, 32 for MXFP4), and layers whose qualified name (as in ``model.named_modules()``) matches an entry of
-    `exclude` exactly or as an fnmatch pattern (e.g. ``"lm_head"``, ``"*.gate"``).
+    block (16 for NVFP4, 32 for MXFP4), and layers whose qualified name (as in
+    ``model.named_modules()``) matches an entry of `exclude` exactly or as an fnmatch pattern (e.g.
+    ``"lm_head"``, ``"*.gate"``).
     """
     _check_choice("recipe", recipe, RECIPES)
     exclude = tuple(exclude)
