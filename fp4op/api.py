@@ -108,12 +108,8 @@ def fp4_quantize(
         raise ValueError(f"fp4op: input must have rank >= 2 ([M, K] or [..., K]), got shape {tuple(input.shape)}")
     column_major = _is_column_major(input)
     x = input.t() if column_major else input
-    if (
-        column_major
-        and input.dtype in (torch.float16, torch.bfloat16, torch.float8_e4m3fn)
-        and sf_vec_size in (16, 32)
-        and x.size(-1) % sf_vec_size != 0
-    ):  # the op's message would name K, the transposed problem's
+    # (dtype and sf_vec_size are checked above) the op's message would name K, the transposed problem's
+    if column_major and x.size(-1) % sf_vec_size != 0:
         raise ValueError(
             f"fp4op: a column-major input (shape {tuple(input.shape)}) is quantized along its first dimension, "
             f"whose size {x.size(-1)} must be a multiple of sf_vec_size = {sf_vec_size}"

@@ -531,7 +531,8 @@ def test_activation_matches_eager_cuda(name, dtype, recipe, layout):
 # ((1100, 4160): a second pass with 4 of its 256 columns holding data, on 1100 rows), and K
 # beyond what they keep on chip (read again from memory)
 # (4500, 1024): the activations take the prefetching elementwise kernel there, the split kernel below;
-# (8600, 2048): enough rows for the sector-walk kernel in the swizzled layouts where it takes row tiles
+# (8600, 2048): enough rows that the plain quantize takes the sector-walk kernel there; the activations
+# keep the elementwise kernel (GatedSource/ActivationSource::kSectorWalk is false) and must stay exact
 CUDA_SHAPES = ((3, 16 * 3), (130, 512), (9, 2048), (17, 6144), (33, 16384), (5, 20480 + 32), (2, 65536), (4500, 1024),
                (1100, 4160), (8600, 2048))
 
