@@ -417,7 +417,7 @@ int main(int argc, char** argv) {
   // under graph replay
   std::printf("\nfused, graph replay, 50 calls (us a call; x the empty kernel)\n");
   using fp4op::cuda::FusedOp;
-  for (int64_t m : {1, 4, 16}) {
+  for (int64_t m : {1, 4, 16, 128}) {
     for (int64_t k : {2048, 4096, 8192, 16384}) {
       for (FusedOp op : {FusedOp::kRmsNorm, FusedOp::kLayerNorm, FusedOp::kGatedActivation}) {
         const Case c{InputDtype::kBFloat16, false, SfLayout::kSwizzled128x4, m, k};

@@ -8,7 +8,11 @@
 // columns t, t + T, ... (BPT of them held in registers, BPT = 0: rows too long to hold, read again
 // from memory). The team reduces the row in float32 (shuffles, then shared memory across its warps),
 // then every thread normalizes and quantizes its blocks as the quantize kernel does. Columns t..t+3 of
-// a team sit in adjacent lanes, so the scale bytes go out as words like in the quantize kernel.
+// a team sit in adjacent lanes, so the scale bytes go out as words like in the quantize kernel. A few
+// long rows (decode) take norm_cluster_kernel instead: the team's passes spread over a cluster of CTAs,
+// with the same reduction order, so the same bits.
+#include <cooperative_groups.h>
+
 #include "../fused_math.h"
 #include "block_quantize.cuh"
 #include "fused_launch.h"
@@ -397,6 +401,84 @@ __global__ void __launch_bounds__(kThreads, (kNormMinCtasPerSm<OP, D, UE8M0, BPT
   }
 }
 
+// Few rows (a decode step): norm_kernel gives a row to one CTA, whose 256 threads walk the row's
+// `passes` = ceil(cols / 256) block columns one after another (2-4 at K = 8192-16384, NVFP4), so a call
+// takes 3-6 us for 1-16 rows. Here a row is a cluster of `passes` CTAs, CTA c holding the blocks of pass c
+// (column threadIdx.x + 256 c) in registers. The row statistic is norm_kernel's, bit for bit: thread t's
+// partial sums of the passes, read from the cluster's shared memories, are added in pass order, then
+// team_sum over the 256 threads; so a row's bytes do not depend on which kernel ran it.
+// Grid: (passes, rows + padding rows); clusters of (passes, 1, 1); the clusters past the last row
+// zero the swizzled layouts' padding rows.
+template <FusedOp OP, InputDtype D, bool UE8M0>
+__global__ void __launch_bounds__(kThreads) norm_cluster_kernel(const FusedLaunch a) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  constexpr int VEC = Recipe<UE8M0>::kVec;
+  using Row = NormRow<OP, D, VEC>;
+  constexpr int kLoads = Row::kLoads;
+  wait_for_previous_kernel();
+  const QuantizeTarget& q = a.out;
+  const SfLayout layout = SfLayout(q.sf_layout);
+  const int64_t nk = q.k / VEC;
+  if (blockIdx.y >= q.m) {  // a whole cluster: no cluster barrier is skipped
+    const uint32_t first = ((blockIdx.y - uint32_t(q.m)) * gridDim.x + blockIdx.x) * kThreads + threadIdx.x;
+    const uint32_t count = (gridDim.y - uint32_t(q.m)) * gridDim.x * kThreads;
+    if (layout == SfLayout::kSwizzled128x4) zero_padding_rows<SfLayout::kSwizzled128x4>(q, nk, first, count);
+    if (layout == SfLayout::kSwizzled8x4) zero_padding_rows<SfLayout::kSwizzled8x4>(q, nk, first, count);
+    return;
+  }
+  cooperative_groups::cluster_group cluster = cooperative_groups::this_cluster();
+  // this CTA's partial sums of each reduction (LayerNorm: two), read by the whole cluster
+  __shared__ float partials[kIsLayerNorm<OP> ? 2 : 1][kThreads];
+  __shared__ float smem[kThreads / 32];
+  const float eps = a.eps_device != nullptr ? *a.eps_device : a.eps;
+  const int passes = int(gridDim.x);
+  const Row r{a, int64_t(blockIdx.y)};
+  const int64_t col = threadIdx.x + int64_t(blockIdx.x) * kThreads;
+  const bool has_data = col < nk;
+  uint4 v[kLoads];
+  if (has_data) r.load(col, v);
+  // norm_kernel's team total of the threads' partial sums (pass order, then team_sum)
+  auto row_total = [&](int reduction, float partial) {
+    partials[reduction][threadIdx.x] = partial;
+    cluster.sync();
+    float acc = 0.0f;
+    for (int c = 0; c < passes; ++c) {
+      if (threadIdx.x + int64_t(c) * kThreads < nk) {
+        acc = add_rn(acc, *cluster.map_shared_rank(&partials[reduction][threadIdx.x], c));
+      }
+    }
+    return team_sum(acc, kThreads, smem);
+  };
+  const float kf = float(q.k);
+  float stat_a, stat_b = 0.0f;  // as in norm_kernel
+  if constexpr (kIsLayerNorm<OP>) {
+    const float mean = div_rn(row_total(0, has_data ? Row::template partial<Row::Statistic::kSum>(v) : 0.0f), kf);
+    const float centered = has_data ? Row::template partial<Row::Statistic::kCenteredSquares>(v, mean) : 0.0f;
+    const float var = div_rn(row_total(1, centered), kf);
+    stat_a = mean;
+    stat_b = fused::torch_rsqrt(add_rn(var < 0.0f ? 0.0f : var, eps));
+  } else {
+    const float total = row_total(0, has_data ? Row::template partial<Row::Statistic::kSquares>(v) : 0.0f);
+    stat_a = fused::torch_rsqrt(add_rn(div_rn(total, kf), eps));
+  }
+  // Shared memory must outlive the cluster's reads of it: arrive once this CTA's reads are done, wait
+  // before exiting (the quantization in between).
+  asm volatile("barrier.cluster.arrive.release.aligned;" ::: "memory");
+  Nvfp4RowScale rs{};
+  if (!UE8M0) rs = row_scale_of(q, r.row);
+  uint32_t sf_byte = 0u;  // the padding value
+  if (has_data) {
+    uint4 affine[Row::kAffine][kLoads];
+    r.load_affine(col, affine);
+    float f[VEC];
+    r.normalize(v, affine, stat_a, stat_b, f);
+    sf_byte = quantize_block<VEC, UE8M0>(f, amax_of(f), rs, q.x_q + r.row * (q.k / 2) + col * (VEC / 2));
+  }
+  store_sf_any(q, r.row, col, nk, sf_byte, true, col < sf_cols(nk, layout), has_data);
+  asm volatile("barrier.cluster.wait.acquire.aligned;" ::: "memory");
+#endif
+}
+
 // The smallest team that covers a row's scale columns with at most BPT blocks a thread.
 template <int BPT>
 int team_for(int64_t cols) {
@@ -418,6 +500,40 @@ cudaError_t launch_norm_config(const FusedLaunch& a, int64_t cols, int64_t pad_i
   return launch_kernel(norm_kernel<OP, D, UE8M0, BPT>, dim3(unsigned(g.row_ctas + pad_ctas)), stream, a, g);
 }
 
+constexpr int64_t kMaxClusterCtas = 8;  // the portable cluster size
+
+// Whether the current device launches thread block clusters (sm_90 and later).
+inline bool clusters_supported() {
+  int device = 0, supported = 0;
+  if (cudaGetDevice(&device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&supported, cudaDevAttrClusterLaunch, device) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return false;
+  }
+  return supported != 0;
+}
+
+template <FusedOp OP, InputDtype D, bool UE8M0>
+cudaError_t launch_norm_cluster(const FusedLaunch& a, int64_t passes, int64_t pad_items, const LaunchStream& stream) {
+  // padding rows in whole clusters of `passes` CTAs
+  const int64_t pad_rows = std::min<int64_t>((pad_items + passes * kThreads - 1) / (passes * kThreads), 1024);
+  cudaLaunchAttribute attributes[2]{};
+  attributes[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attributes[0].val.programmaticStreamSerializationAllowed = stream.pdl ? 1 : 0;
+  attributes[1].id = cudaLaunchAttributeClusterDimension;
+  attributes[1].val.clusterDim.x = unsigned(passes);
+  attributes[1].val.clusterDim.y = 1;
+  attributes[1].val.clusterDim.z = 1;
+  cudaLaunchConfig_t config{};
+  config.gridDim = dim3(unsigned(passes), unsigned(a.out.m + pad_rows));
+  config.blockDim = dim3(kThreads);
+  config.stream = stream.stream;
+  config.attrs = attributes;
+  config.numAttrs = 2;
+  const cudaError_t err = cudaLaunchKernelEx(&config, norm_cluster_kernel<OP, D, UE8M0>, a);
+  return err != cudaSuccess ? err : cudaGetLastError();
+}
+
 template <FusedOp OP, InputDtype D, bool UE8M0>
 cudaError_t launch_norm_recipe(const FusedLaunch& a, const LaunchStream& stream) {
   const SfLayout layout = SfLayout(a.out.sf_layout);
@@ -433,6 +549,16 @@ cudaError_t launch_norm_recipe(const FusedLaunch& a, const LaunchStream& stream)
   constexpr bool kHoldTwo = !(OP == FusedOp::kRmsNorm && UE8M0);
   constexpr bool kHoldFour = OP == FusedOp::kAddRmsNorm;
   if (cols <= kThreads) return launch_norm_config<OP, D, UE8M0, 1>(a, cols, pad_items, stream);
+  // Few rows of 2-8 passes take the cluster kernel, while its CTAs fit one an SM (H100, kernel lab run 31,
+  // bf16 NVFP4, M = 1-16: K = 16384 RMSNorm 5.6-5.8 -> 3.3-3.5 us, LayerNorm 6.9-7.1 -> 4.3-4.5 us; K =
+  // 8192 RMSNorm 3.3-3.5 -> 3.2-3.3 us, but LayerNorm, two reductions, 3.9-4.0 -> 4.1-4.3 us: it
+  // clusters from 3 passes. Two or four CTAs an SM at M = 128: 0.2-2.7 us slower than norm_kernel.)
+  const int64_t passes = (cols + kThreads - 1) / kThreads;
+  constexpr int64_t kMinClusterPasses = OP == FusedOp::kLayerNorm ? 3 : 2;
+  if (passes >= kMinClusterPasses && passes <= kMaxClusterCtas && a.out.m * passes <= a.out.num_sms &&
+      clusters_supported()) {
+    return launch_norm_cluster<OP, D, UE8M0>(a, passes, pad_items, stream);
+  }
   if constexpr (kHoldTwo) {
     if (cols <= 2 * kThreads) return launch_norm_config<OP, D, UE8M0, 2>(a, cols, pad_items, stream);
   }
