@@ -64,7 +64,8 @@ inline at::Tensor checked_global_scale(const std::optional<at::Tensor>& global_s
                     "fp4op: global_scale is required for NVFP4 (sf_use_ue8m0=False); "
                     "the usual value is 448 * 6 / amax(input), see fp4op.nvfp4_global_scale");
   const at::Tensor& gs = *global_scale;
-  TORCH_CHECK_VALUE(at::isFloatingType(gs.scalar_type()),
+  // (float4_e2m1fn_x2 is a floating type holding packed pairs, which nothing converts to float32)
+  TORCH_CHECK_VALUE(at::isFloatingType(gs.scalar_type()) && gs.scalar_type() != at::ScalarType::Float4_e2m1fn_x2,
                     "fp4op: global_scale must have a floating dtype, got ", gs.scalar_type());
   TORCH_CHECK_VALUE(gs.numel() == 1 || gs.numel() == m,
                     "fp4op: global_scale must have 1 element or one per row (", num(m), "), got shape ",
@@ -129,8 +130,11 @@ inline DequantizeShape check_dequantize_args(const at::Tensor& x_q, const at::Te
   const int64_t m = c10::multiply_integers(x_q.sizes().begin(), x_q.sizes().end() - 1);
   const SfLayout layout = sf_layout_of(is_sf_swizzled_layout, is_sf_8x4_layout);
   const int64_t rows = sf_rows(m, layout), cols = sf_cols(k / sf_vec_size, layout);
-  TORCH_CHECK_VALUE(sf.numel() == rows * cols, "fp4op: sf must have ", num(rows), " x ", num(cols),
-                    " elements for this x_q and layout, got shape ", shape(sf.sizes()));
+  // the layout's 2-D shape, or flattened; a transposed sf (same count) would be read as garbage
+  const bool sf_shape_ok = sf.dim() == 2 ? sf.size(0) == rows && sf.size(1) == cols
+                                         : sf.dim() == 1 && sf.numel() == rows * cols;
+  TORCH_CHECK_VALUE(sf_shape_ok, "fp4op: sf must have shape [", num(rows), ", ", num(cols),
+                    "] (or those elements flattened) for this x_q and layout, got shape ", shape(sf.sizes()));
   const at::ScalarType out = output_dtype.value_or(at::kFloat);
   TORCH_CHECK_VALUE(out == at::kFloat || out == at::kBFloat16 || out == at::kHalf,
                     "fp4op: output_dtype must be float32, bfloat16 or float16, got ", out);

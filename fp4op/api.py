@@ -3,6 +3,7 @@ helpers around it."""
 
 from __future__ import annotations
 
+import math
 import operator
 
 import torch
@@ -24,7 +25,7 @@ def _prepare_global_scale(global_scale, sf_use_ue8m0: bool, device: torch.device
         return None  # the op raises the error
     if not isinstance(global_scale, torch.Tensor):
         raise ValueError(f"fp4op: global_scale must be a torch.Tensor, got {type(global_scale).__name__}")
-    if not global_scale.dtype.is_floating_point:
+    if not global_scale.dtype.is_floating_point or global_scale.dtype == ops._FLOAT4:
         raise ValueError(f"fp4op: global_scale must have a floating dtype, got {global_scale.dtype}")
     if global_scale.device != device and global_scale.device.type == "meta":
         # SPEC.md moves the scale to the input's device; a meta scale has no values to move
@@ -135,24 +136,52 @@ def dequantize(
     is_global_scale_inversed: bool = False,
     output_dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    """Inverse of fp4_quantize (row-major outputs): ``e2m1(q) * sf_dec / S`` (NVFP4) or
-    ``e2m1(q) * 2^(sf - 127)`` (MXFP4), in `output_dtype`. `x_q` may also be float4_e2m1fn_x2."""
+    """Inverse of fp4_quantize: ``e2m1(q) * sf_dec / S`` (NVFP4) or ``e2m1(q) * 2^(sf - 127)`` (MXFP4),
+    in `output_dtype`. `x_q` may also be float4_e2m1fn_x2, `sf` float8_e4m3fn / float8_e8m0fnu. `sf` has
+    its layout's 2-D shape (or is flattened). The transposed pair that fp4_quantize returns for a
+    column-major input is dequantized along its first dimension and comes back with that input's shape.
+    Arguments are checked as in fp4_quantize."""
+    sf_vec_size = _check_sf_vec_size(sf_vec_size)
+    sf_use_ue8m0, is_sf_swizzled_layout, is_sf_8x4_layout, is_global_scale_inversed = (
+        _check_flag(name, value)
+        for name, value in (
+            ("sf_use_ue8m0", sf_use_ue8m0),
+            ("is_sf_swizzled_layout", is_sf_swizzled_layout),
+            ("is_sf_8x4_layout", is_sf_8x4_layout),
+            ("is_global_scale_inversed", is_global_scale_inversed),
+        )
+    )
+    for name, value in (("x_q", x_q), ("sf", sf)):
+        if not isinstance(value, torch.Tensor):
+            raise ValueError(f"fp4op: {name} must be a torch.Tensor, got {type(value).__name__}")
     if x_q.dtype == getattr(torch, "float4_e2m1fn_x2", None):
         x_q = x_q.view(torch.uint8)
     if sf.dtype in (torch.float8_e4m3fn, getattr(torch, "float8_e8m0fnu", None)):
         sf = sf.view(torch.uint8)
+    column_major = _is_column_major(x_q)
+    if column_major:
+        x_q = x_q.t()
+        sf = sf.t() if _is_column_major(sf) else sf
     gs = _prepare_global_scale(global_scale, sf_use_ue8m0, x_q.device)
-    return torch.ops.fp4op.dequantize(
+    out = torch.ops.fp4op.dequantize(
         x_q, sf, gs, sf_vec_size, sf_use_ue8m0, is_sf_swizzled_layout, is_sf_8x4_layout,
         is_global_scale_inversed, output_dtype,
     )
+    return out.t() if column_major else out
 
 
 def nvfp4_global_scale(x: torch.Tensor, per_row: bool = False) -> torch.Tensor:
     """The usual NVFP4 global scale ``448 * 6 / amax(x)`` as float32: one element, or one per row
-    ``[M]`` with `per_row`. All-zero input gives an infinite scale, whose blocks quantize to zero."""
+    ``[M]`` with `per_row`. All-zero input gives an infinite scale, whose blocks quantize to zero; so
+    does an empty one (nothing to quantize)."""
+    if not isinstance(x, torch.Tensor) or x.dim() < 1:
+        raise ValueError("fp4op: nvfp4_global_scale needs a tensor [..., K] with at least 1 dimension")
     a = x.to(torch.float32).abs()  # widen first: float8 has no abs on every backend
-    amax = a.reshape(-1, x.shape[-1]).amax(dim=-1) if per_row else a.amax().reshape(1)
+    if per_row:
+        rows = a.reshape(math.prod(x.shape[:-1]), x.shape[-1])  # (not -1: ambiguous when K = 0)
+        amax = rows.amax(dim=-1) if rows.shape[-1] > 0 else rows.new_zeros(rows.shape[0])
+    else:
+        amax = a.amax().reshape(1) if a.numel() > 0 else a.new_zeros(1)
     return (448.0 * 6.0) / amax
 
 

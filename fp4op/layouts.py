@@ -42,6 +42,13 @@ def _check_layout(layout: str) -> None:
         raise ValueError(f"fp4op: layout must be one of {LAYOUTS}, got {layout!r}")
 
 
+def _check_sizes(**sizes) -> None:
+    # ints only (SymInts of a traced shape are sizes already)
+    for name, value in sizes.items():
+        if isinstance(value, bool) or (isinstance(value, int) and value < 0):
+            raise ValueError(f"fp4op: {name} must be a non-negative int, got {value!r}")
+
+
 def _round_up(x, m):
     return (x + m - 1) // m * m
 
@@ -49,6 +56,7 @@ def _round_up(x, m):
 def sf_shape(m, nk, layout: str):
     """Shape of the sf tensor for M rows and nk = K / sf_vec_size scale columns (SymInt-friendly)."""
     _check_layout(layout)
+    _check_sizes(m=m, nk=nk)
     rows, cols = _TILE[layout]
     return (_round_up(m, rows), _round_up(nk, cols))
 
@@ -56,6 +64,7 @@ def sf_shape(m, nk, layout: str):
 def sf_offset(m: int, k: int, nk: int, layout: str) -> int:
     """Offset of scale (row m, block column k) in the flattened sf tensor (Python ints: any size)."""
     _check_layout(layout)
+    _check_sizes(m=m, k=k, nk=nk)
     nk4 = (nk + 3) // 4
     if layout == SWIZZLED_128x4:
         return (m // 128) * nk4 * 512 + (k // 4) * 512 + (m % 32) * 16 + ((m % 128) // 32) * 4 + (k % 4)

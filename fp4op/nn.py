@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
+import warnings
 from typing import Iterable, Iterator
 
 import torch
@@ -85,6 +86,9 @@ class FP4Linear(nn.Module):
         _check_choice("matmul", matmul, MATMULS)
         if dtype not in _MODEL_DTYPES:
             raise ValueError(f"fp4op.nn: dtype must be float16 or bfloat16, got {dtype}")
+        for name, value in (("in_features", in_features), ("out_features", out_features)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"fp4op.nn: {name} must be a non-negative int, got {value!r}")
         self.sf_vec_size, self.sf_use_ue8m0 = RECIPES[recipe]
         if in_features % self.sf_vec_size:
             raise ValueError(
@@ -138,6 +142,8 @@ class FP4Linear(nn.Module):
         448 * 6 / amax(weight))."""
         if tuple(weight.shape) != (self.out_features, self.in_features):
             raise ValueError(f"fp4op.nn: weight must have shape {(self.out_features, self.in_features)}, got {tuple(weight.shape)}")
+        if not weight.dtype.is_floating_point or weight.dtype == getattr(torch, "float4_e2m1fn_x2", None):
+            raise ValueError(f"fp4op.nn: weight must be a floating-point tensor, got {weight.dtype}")
         weight = weight.to(self.weight_q.device, self.dtype).contiguous()
         gs = None if self.sf_use_ue8m0 else api.nvfp4_global_scale(weight)
         w_q, w_sf = torch.ops.fp4op.quantize(weight, gs, self.sf_vec_size, self.sf_use_ue8m0)
@@ -152,13 +158,23 @@ class FP4Linear(nn.Module):
         if self.input_global_scale is None:
             raise ValueError("fp4op.nn: set_input_amax needs recipe='nvfp4' and activation_scale='static'")
         amax = torch.as_tensor(amax, dtype=torch.float32, device=self.input_global_scale.device).reshape(1)
+        if not _usable_amax(amax):
+            # the scale 448 * 6 / amax would be infinite, zero, negative or NaN: every later output garbage
+            raise ValueError(f"fp4op.nn: the input amax must be finite and positive, got {amax.item()}")
         self.input_global_scale.copy_(_FP4_MAX_TIMES_E4M3_MAX / amax)
         self._calibrated = True
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        key = prefix + "input_global_scale"
+        if self.input_global_scale is not None and key in state_dict:
+            # calibrate() may have tied this buffer to its siblings' (one tensor): loading copies into
+            # it, so each layer's value would overwrite the others'. The checkpoint's value is this
+            # layer's own.
+            self.input_global_scale = self.input_global_scale.clone()
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        if self.input_global_scale is not None and prefix + "input_global_scale" in state_dict:
-            self._calibrated = bool(self.input_global_scale.item() > 0)
+        if self.input_global_scale is not None and key in state_dict:
+            scale = self.input_global_scale
+            self._calibrated = bool(scale.device.type != "meta" and _usable_amax(scale))
 
     @property
     def weight(self) -> torch.Tensor:
@@ -199,8 +215,10 @@ class FP4Linear(nn.Module):
         return scaled_mm_supported(x.device) and self.in_features % 32 == 0 and self.out_features % 16 == 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[-1] != self.in_features:
+        if x.dim() < 1 or x.shape[-1] != self.in_features:
             raise ValueError(f"fp4op.nn.FP4Linear: expected input [..., {self.in_features}], got {tuple(x.shape)}")
+        if x.dtype not in _MODEL_DTYPES:
+            raise ValueError(f"fp4op.nn.FP4Linear: the input must be float16 or bfloat16, got {x.dtype}")
         gs = self._input_global_scale(x)
         # quantize at the input's rank (no reshape between the producer and the quantize: the fusion
         # rules see the norm/activation output directly)
@@ -220,7 +238,11 @@ class FP4Linear(nn.Module):
     def _emulated_mm(self, x_q, x_sf, gs, dtype):
         x = self._dequantize(x_q, x_sf, gs, dtype)
         w = self._dequantize(self.weight_q, self.weight_sf, self.weight_global_scale, dtype)
-        return F.linear(x, w, self.bias)
+        return F.linear(x, w, self._bias(dtype))
+
+    def _bias(self, dtype: torch.dtype) -> torch.Tensor | None:
+        # the output's dtype is the input's, which may differ from the layer's
+        return self.bias if self.bias is None or self.bias.dtype == dtype else self.bias.to(dtype)
 
     def _scaled_mm(self, x_q, x_sf, gs, dtype):
         scale_dtype = torch.float8_e8m0fnu if self.sf_use_ue8m0 else torch.float8_e4m3fn
@@ -234,13 +256,18 @@ class FP4Linear(nn.Module):
         if gs is not None:
             # the block scales hold amax / 6 * S; undo both global scales
             out = out * torch.reciprocal(gs * self.weight_global_scale).to(dtype)
-        return out if self.bias is None else out + self.bias
+        return out if self.bias is None else out + self._bias(dtype)
 
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
             f"recipe={self.recipe}, activation_scale={self.activation_scale}, matmul={self.matmul}, dtype={self.dtype}"
         )
+
+
+def _usable_amax(amax: torch.Tensor) -> bool:
+    """Whether 448 * 6 / amax (or a scale of that form) is a finite positive number."""
+    return bool(torch.isfinite(amax).all() and (amax > 0).all())
 
 
 def _excluded(name: str, exclude: Iterable[str]) -> bool:
@@ -264,20 +291,26 @@ def convert(
     ``"lm_head"``, ``"*.gate"``).
     """
     _check_choice("recipe", recipe, RECIPES)
-    exclude = tuple(exclude)
+    exclude = () if exclude is None else (exclude,) if isinstance(exclude, str) else tuple(exclude)
     block = RECIPES[recipe][0]
-    targets = [
-        (name, module)
-        for name, module in model.named_modules()
-        if type(module) is nn.Linear and module.in_features % block == 0 and not _excluded(name, exclude)
-    ]
-    for name, linear in targets:
-        if not name:
+    # every name of each layer: a module used at several places (shared) is replaced at all of them by
+    # one FP4Linear, or, if one of its names is excluded, at none
+    names: dict[int, list[str]] = {}
+    linears: dict[int, nn.Linear] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        if type(module) is nn.Linear and module.in_features % block == 0:
+            names.setdefault(id(module), []).append(name)
+            linears[id(module)] = module
+    for key, linear in linears.items():
+        if any(_excluded(name, exclude) for name in names[key]):
+            continue
+        if "" in names[key]:
             raise ValueError("fp4op.nn.convert: the model itself is an nn.Linear; use FP4Linear.from_linear")
         layer = FP4Linear.from_linear(linear, recipe, activation_scale, matmul, dtype)
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, layer)
+        for name in names[key]:
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, child, layer)
     return model
 
 
@@ -310,6 +343,14 @@ def calibrate(model: nn.Module, tie_siblings: bool = True) -> Iterator[None]:
             groups.setdefault(key, []).append(layer)
         for siblings in groups.values():
             amax = torch.stack([layer._observed_amax for layer in siblings]).amax(dim=0)
+            if not _usable_amax(amax):
+                # all-zero, NaN or infinite inputs: no usable static scale; the layers keep the dynamic one
+                warnings.warn(
+                    f"fp4op.nn.calibrate: the observed input amax is {amax.item()}; "
+                    f"{len(siblings)} layer(s) left uncalibrated (dynamic activation scale)",
+                    stacklevel=3,
+                )
+                continue
             shared = siblings[0].input_global_scale
             for layer in siblings:
                 layer.input_global_scale = shared  # the same tensor object (a buffer of each layer)

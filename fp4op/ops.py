@@ -11,6 +11,8 @@ from . import _C  # noqa: F401  (loading the library registers the schemas and k
 from . import layouts
 
 _SUPPORTED_INPUT_DTYPES = (torch.float16, torch.bfloat16, torch.float8_e4m3fn)
+# packed pairs: a floating dtype that holds no single value (nothing converts it to float32)
+_FLOAT4 = getattr(torch, "float4_e2m1fn_x2", None)
 
 
 def check_recipe(sf_vec_size: int, sf_use_ue8m0: bool) -> None:
@@ -39,7 +41,7 @@ def check_global_scale(global_scale: torch.Tensor | None, sf_use_ue8m0: bool, m,
             "fp4op: global_scale is required for NVFP4 (sf_use_ue8m0=False); the usual value is "
             "448 * 6 / amax(input), see fp4op.nvfp4_global_scale"
         )
-    if not global_scale.dtype.is_floating_point:
+    if not global_scale.dtype.is_floating_point or global_scale.dtype == _FLOAT4:
         raise ValueError(f"fp4op: global_scale must have a floating dtype, got {global_scale.dtype}")
     n = global_scale.numel()
     if not (n == 1 or n == m):
@@ -101,14 +103,36 @@ def _dequantize_fake(
     is_global_scale_inversed=False,
     output_dtype=None,
 ):
+    # the checks of check_dequantize_args (csrc/op_args.h), in its order
     check_recipe(sf_vec_size, sf_use_ue8m0)
-    if x_q.dtype != torch.uint8 or sf.dtype != torch.uint8:
-        raise ValueError(f"fp4op: x_q and sf must be uint8, got {x_q.dtype} and {sf.dtype}")
+    if x_q.dtype != torch.uint8:
+        raise ValueError(f"fp4op: x_q must be uint8 (two E2M1 codes a byte), got {x_q.dtype}")
+    if sf.dtype != torch.uint8:
+        raise ValueError(f"fp4op: sf must be uint8, got {sf.dtype}")
+    if x_q.dim() < 1:
+        raise ValueError("fp4op: x_q must have at least 1 dimension")
+    if sf.device != x_q.device:
+        raise ValueError(f"fp4op: sf is on {sf.device} but x_q is on {x_q.device}")
+    k = 2 * x_q.shape[-1]
+    torch._check_value(
+        k % sf_vec_size == 0,
+        lambda: f"fp4op: 2 * x_q.size(-1) (K = {k}) must be a multiple of sf_vec_size = {sf_vec_size}",
+    )
+    m = math.prod(x_q.shape[:-1])
+    rows, cols = layouts.sf_shape(m, k // sf_vec_size, layouts.layout_from_flags(is_sf_swizzled_layout, is_sf_8x4_layout))
+    sf_shape_ok = (sf.shape[0] == rows and sf.shape[1] == cols) if sf.dim() == 2 else (
+        sf.dim() == 1 and sf.shape[0] == rows * cols
+    )
+    torch._check_value(
+        sf_shape_ok,
+        lambda: f"fp4op: sf must have shape [{rows}, {cols}] (or those elements flattened) for this x_q and "
+        f"layout, got shape {tuple(sf.shape)}",
+    )
     output_dtype = torch.float32 if output_dtype is None else output_dtype
     if output_dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise ValueError(f"fp4op: output_dtype must be float32, bfloat16 or float16, got {output_dtype}")
-    check_global_scale(global_scale, sf_use_ue8m0, math.prod(x_q.shape[:-1]), x_q.device)
-    return x_q.new_empty((*x_q.shape[:-1], 2 * x_q.shape[-1]), dtype=output_dtype)
+    check_global_scale(global_scale, sf_use_ue8m0, m, x_q.device)
+    return x_q.new_empty((*x_q.shape[:-1], k), dtype=output_dtype)
 
 
 def _no_context(ctx, inputs, output):

@@ -219,6 +219,77 @@ def case_cpu_input_cuda_scale_mxfp4_raw_op(d):
     torch.ops.fp4op.quantize(_x("cpu"), torch.ones(1, device="cuda"), 32, True)
 
 
+def case_dequantize_meta_sf(d):
+    # the meta sf sent the call to the fake kernel, which returned uninitialized memory
+    x_q, sf = _q(_x(d))
+    fp4op.dequantize(x_q, sf.to("meta"), torch.ones(1, device=d))
+
+
+def case_raw_op_dequantize_meta_sf(d):
+    x_q, sf = _q(_x(d))
+    torch.ops.fp4op.dequantize(x_q, sf.to("meta"), torch.ones(1, device=d))
+
+
+def case_dequantize_transposed_sf(d):
+    # the right element count in the wrong shape: read as garbage before
+    x_q, sf = _q(_x(d, m=9))
+    fp4op.dequantize(x_q, sf.t(), torch.ones(1, device=d))
+
+
+def case_dequantize_flat_sf(d):
+    x = _x(d, m=9)
+    x_q, sf = _q(x)
+    want = fp4op.dequantize(x_q, sf, torch.ones(1, device=d))
+    assert torch.equal(fp4op.dequantize(x_q, sf.flatten(), torch.ones(1, device=d)), want)
+
+
+def case_dequantize_column_major_pair(d):
+    # fp4_quantize's transposed outputs for a column-major input come back with the input's shape
+    x = _x(d, m=32, k=64).t()
+    x_q, sf = _q(x, torch.ones(1, device=d))
+    got = fp4op.dequantize(x_q, sf, torch.ones(1, device=d))
+    want = fp4op.dequantize(*_q(x.contiguous().t().contiguous(), torch.ones(1, device=d)), torch.ones(1, device=d))
+    assert got.shape == x.shape and torch.equal(got, want.t())
+
+
+def case_dequantize_flag_not_bool(d):
+    x_q, sf = _q(_x(d))
+    fp4op.dequantize(x_q, sf, torch.ones(1, device=d), 16, 2)
+
+
+def case_dequantize_x_q_not_tensor(d):
+    fp4op.dequantize([1, 2], torch.zeros(128, 4, dtype=torch.uint8, device=d), torch.ones(1, device=d))
+
+
+def case_fake_dequantize_bad_sf(d):
+    # the fake kernel (FakeTensorMode, torch.compile) checks what the kernel checks
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    x_q, sf = _q(_x(d))
+    bad_sf, gs = sf[:, :2].contiguous(), torch.ones(1, device=d)
+    mode = FakeTensorMode()
+    args = [mode.from_tensor(t) for t in (x_q, bad_sf, gs)]
+    with mode:
+        torch.ops.fp4op.dequantize(*args)
+
+
+def case_global_scale_float4(d):
+    gs = torch.ones(1, dtype=torch.uint8, device=d).view(torch.float4_e2m1fn_x2)
+    fp4op.fp4_quantize(_x(d), gs)
+
+
+def case_raw_op_global_scale_float4(d):
+    gs = torch.ones(1, dtype=torch.uint8, device=d).view(torch.float4_e2m1fn_x2)
+    torch.ops.fp4op.quantize(_x(d), gs)
+
+
+def case_global_scale_of_empty(d):
+    # nothing to quantize: the all-zero scale (infinite), not amax()'s error
+    assert fp4op.nvfp4_global_scale(torch.empty(0, 64, device=d)).isinf().all()
+    assert fp4op.nvfp4_global_scale(torch.empty(0, 64, device=d), per_row=True).shape == (0,)
+    assert fp4op.nvfp4_global_scale(torch.empty(3, 0, device=d), per_row=True).isinf().all()
+
+
 def case_cuda_x_q_cpu_sf(d):
     x_q, sf = _q(_x("cuda"))
     torch.ops.fp4op.dequantize(x_q, sf.cpu(), torch.ones(1, device="cuda"))
@@ -259,6 +330,17 @@ CASES = {
     "dequantize_bad_sf": (case_dequantize_bad_sf, (VE, "sf")),
     "dequantize_bad_x_q_dtype": (case_dequantize_bad_x_q_dtype, (VE, "x_q")),
     "dequantize_zero_dim_x_q": (case_dequantize_zero_dim_x_q, (VE, "x_q")),
+    "dequantize_meta_sf": (case_dequantize_meta_sf, (VE, "sf is on meta")),
+    "raw_op_dequantize_meta_sf": (case_raw_op_dequantize_meta_sf, (VE, "sf is on meta")),
+    "dequantize_transposed_sf": (case_dequantize_transposed_sf, (VE, "sf must have shape")),
+    "dequantize_flat_sf": (case_dequantize_flat_sf, "ok"),
+    "dequantize_column_major_pair": (case_dequantize_column_major_pair, "ok"),
+    "dequantize_flag_not_bool": (case_dequantize_flag_not_bool, (VE, "sf_use_ue8m0")),
+    "dequantize_x_q_not_tensor": (case_dequantize_x_q_not_tensor, (VE, "x_q")),
+    "fake_dequantize_bad_sf": (case_fake_dequantize_bad_sf, (VE, "sf must have shape")),
+    "global_scale_float4": (case_global_scale_float4, (VE, "global_scale")),
+    "raw_op_global_scale_float4": (case_raw_op_global_scale_float4, (VE, "global_scale")),
+    "global_scale_of_empty": (case_global_scale_of_empty, "ok"),
 }
 CUDA_ONLY = {
     "cuda_input_cpu_scale_api": (case_cuda_input_cpu_scale_api, "ok"),

@@ -155,6 +155,102 @@ def test_errors():
         fnn.FP4Linear(32, 8, recipe="mxfp4").set_input_amax(1.0)
 
 
+def test_more_errors():
+    with pytest.raises(ValueError, match="in_features"):
+        fnn.FP4Linear(-16, 8)
+    with pytest.raises(ValueError, match="out_features"):
+        fnn.FP4Linear(32, -8)
+    layer = fnn.FP4Linear(32, 8)
+    with pytest.raises(ValueError, match="float16 or bfloat16"):
+        layer(torch.randn(2, 32).to(torch.float8_e4m3fn))
+    with pytest.raises(ValueError, match="expected input"):
+        layer(torch.tensor(1.0, dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match="floating-point"):
+        layer.set_weight(torch.ones(8, 32, dtype=torch.int32))
+
+
+def test_input_dtype_other_than_the_layers():
+    # a float16 input to a bfloat16 layer: the output (and the bias added to it) in float16
+    lin = nn.Linear(32, 8, dtype=torch.bfloat16)
+    layer = fnn.FP4Linear.from_linear(lin, activation_scale="dynamic")
+    x = torch.randn(4, 32, dtype=torch.float16)
+    with torch.no_grad():
+        out = layer(x)
+    assert out.dtype == torch.float16
+    w = fp4op.dequantize(layer.weight_q, layer.weight_sf, layer.weight_global_scale, output_dtype=torch.float16)
+    x_dq = fp4op.dequantize(*fp4op.fp4_quantize(x, fp4op.nvfp4_global_scale(x)), fp4op.nvfp4_global_scale(x),
+                            output_dtype=torch.float16)
+    torch.testing.assert_close(out, F.linear(x_dq, w, layer.bias.to(torch.float16)), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("activation_scale", ["static", "dynamic"])
+@pytest.mark.parametrize("recipe", ["nvfp4", "mxfp4"])
+def test_empty_batch(recipe, activation_scale):
+    layer = fnn.FP4Linear.from_linear(nn.Linear(32, 8, dtype=torch.bfloat16), recipe, activation_scale)
+    with torch.no_grad():
+        assert layer(torch.randn(0, 32, dtype=torch.bfloat16)).shape == (0, 8)
+        assert layer(torch.randn(2, 0, 32, dtype=torch.bfloat16)).shape == (2, 0, 8)
+
+
+@pytest.mark.parametrize("amax", [0.0, -1.0, float("nan"), float("inf")])
+def test_unusable_amax_is_rejected(amax):
+    layer = fnn.FP4Linear.from_linear(nn.Linear(32, 8, dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match="amax"):
+        layer.set_input_amax(amax)
+    assert not layer._calibrated
+
+
+@pytest.mark.parametrize("batch", ["zeros", "nan"])
+def test_calibration_without_usable_amax_keeps_dynamic_scale(batch):
+    # an all-zero (or NaN) calibration batch would give an infinite (NaN) static scale: every later
+    # output the bias alone (NaN); the layer stays on the dynamic scale instead, and says so
+    lin = nn.Linear(32, 8, dtype=torch.bfloat16)
+    model = nn.Sequential(fnn.FP4Linear.from_linear(lin))
+    x = torch.zeros(4, 32, dtype=torch.bfloat16)
+    if batch == "nan":
+        x[1, 3] = float("nan")
+    with torch.no_grad(), pytest.warns(UserWarning, match="uncalibrated"), fnn.calibrate(model):
+        model(x)
+    assert not model[0]._calibrated
+    y = torch.randn(4, 32, dtype=torch.bfloat16)
+    with torch.no_grad():
+        torch.testing.assert_close(model(y), _reference_linear(y, model[0], fp4op.nvfp4_global_scale(y)), rtol=0, atol=0)
+
+
+def test_checkpoint_into_tied_siblings_keeps_each_layers_scale():
+    a, b = (fnn.FP4Linear.from_linear(nn.Linear(32, 16, dtype=torch.bfloat16)) for _ in range(2))
+    pair = nn.ModuleList([a, b])
+    x = torch.randn(2, 32, dtype=torch.bfloat16)
+    with torch.no_grad(), fnn.calibrate(pair):
+        a(x)
+        b(x)
+    assert a.input_global_scale is b.input_global_scale
+    state = {k: v.clone() for k, v in pair.state_dict().items()}
+    state["0.input_global_scale"] = torch.tensor([5.0])
+    state["1.input_global_scale"] = torch.tensor([7.0])
+    pair.load_state_dict(state)
+    assert (a.input_global_scale.item(), b.input_global_scale.item()) == (5.0, 7.0)
+    assert a._calibrated and b._calibrated
+
+
+def test_convert_replaces_a_shared_layer_everywhere():
+    shared = nn.Linear(32, 32, dtype=torch.bfloat16)
+    model = nn.Sequential(shared, nn.ReLU(), shared)
+    fnn.convert(model)
+    assert isinstance(model[0], fnn.FP4Linear) and model[0] is model[2]
+    # excluded under one of its names: kept at both
+    model = fnn.convert(nn.Sequential(shared, nn.ReLU(), shared), exclude=["2"])
+    assert type(model[0]) is nn.Linear and model[0] is model[2]
+
+
+def test_convert_exclude_forms():
+    def build():
+        return nn.Sequential(nn.Linear(32, 32), nn.Linear(32, 32))
+
+    assert [type(m).__name__ for m in fnn.convert(build(), exclude="1")] == ["FP4Linear", "Linear"]
+    assert [type(m).__name__ for m in fnn.convert(build(), exclude=None)] == ["FP4Linear", "FP4Linear"]
+
+
 @requires_cuda
 @pytest.mark.parametrize("recipe", ["nvfp4", "mxfp4"])
 def test_cuda_matmul_paths(recipe):
