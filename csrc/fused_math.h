@@ -98,7 +98,7 @@ FP4OP_HD float rms_weight_scale(float w, float offset) { return offset == 0.0f ?
 
 // One RMSNorm output element in the model dtype. `x`: the input element, `r`: rsqrt(mean(x^2) + eps),
 // `w`: the weight element in the model dtype (0 for kNone). The GPU kernels compute whole blocks with
-// rms_norm_elements, the same steps with the roundings paired.
+// rms_norm_elements and rms_norm_input_dtype_pair, the same results with the roundings paired.
 FP4OP_HD float rms_norm_element(float x, float r, float w, float offset, RmsWeight form, InputDtype dtype) {
   const float normed = mul_rn(x, r);
   const float scale = rms_weight_scale(w, offset);
@@ -185,8 +185,43 @@ __device__ __forceinline__ void round_pair(float& lo, float& hi, InputDtype dtyp
   }
 }
 
-// rms_norm_element of each of `x` (replaced by the outputs). The kernels pass a literal 0 offset where
-// the module has none, which takes the offset test out of the element loop.
+// The model-dtype bits of (lo, hi) rounded to nearest even, lo in the low half.
+__device__ __forceinline__ uint32_t pack_pair(float lo, float hi, InputDtype dtype) {
+  if (dtype == InputDtype::kBFloat16) {
+    const __nv_bfloat162 pair = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<const uint32_t*>(&pair);
+  }
+  const __half2 pair = __floats2half2_rn(lo, hi);
+  return *reinterpret_cast<const uint32_t*>(&pair);
+}
+
+// rms_norm_element's kInputDtype form of a pair, round(round(x * r) * w), with the weight factors
+// round(offset + w) given as the packed pair `w2`: one packed multiply in the model dtype instead of
+// widening both factors, a float32 product and a second rounding. The same bits: a product of two
+// float16 values is exact in float32, and so is one of two bfloat16 values unless it falls below
+// float32's subnormal grid (2^-149), where the float32 rounding could only change the bfloat16 one by
+// landing exactly on a bfloat16 midpoint, which takes a significand product of 2^16 - 1 = 255 * 257,
+// more than two 8-bit significands make.
+__device__ __forceinline__ void rms_norm_input_dtype_pair(float& lo, float& hi, float r, uint32_t w2,
+                                                          InputDtype dtype) {
+  const uint32_t x2 = pack_pair(mul_rn(lo, r), mul_rn(hi, r), dtype);
+  if (dtype == InputDtype::kBFloat16) {
+    const __nv_bfloat162 p = __hmul2(*reinterpret_cast<const __nv_bfloat162*>(&w2),
+                                     *reinterpret_cast<const __nv_bfloat162*>(&x2));
+    const uint32_t bits = *reinterpret_cast<const uint32_t*>(&p);
+    lo = __uint_as_float(bits << 16);
+    hi = __uint_as_float(bits & 0xFFFF0000u);
+  } else {
+    const float2 p = __half22float2(__hmul2(*reinterpret_cast<const __half2*>(&w2),
+                                            *reinterpret_cast<const __half2*>(&x2)));
+    lo = p.x;
+    hi = p.y;
+  }
+}
+
+// rms_norm_element of each of `x` (replaced by the outputs), forms kNone and kFloat32 (kInputDtype:
+// rms_norm_input_dtype_pair). The kernels pass a literal 0 offset where the module has none, which
+// takes the offset test out of the element loop.
 template <int N>
 __device__ __forceinline__ void rms_norm_elements(float (&x)[N], float r, const float (&w)[N], float offset,
                                                   RmsWeight form, InputDtype dtype) {
@@ -194,15 +229,9 @@ __device__ __forceinline__ void rms_norm_elements(float (&x)[N], float r, const 
 #pragma unroll
   for (int e = 0; e < N; e += 2) {
     float lo = mul_rn(x[e], r), hi = mul_rn(x[e + 1], r);
-    float scale_lo = rms_weight_scale(w[e], offset), scale_hi = rms_weight_scale(w[e + 1], offset);
     if (form == RmsWeight::kFloat32) {
-      lo = mul_rn(lo, scale_lo);
-      hi = mul_rn(hi, scale_hi);
-    } else if (form == RmsWeight::kInputDtype) {
-      round_pair(lo, hi, dtype);
-      if (offset != 0.0f) round_pair(scale_lo, scale_hi, dtype);  // w alone is in the model dtype already
-      lo = mul_rn(scale_lo, lo);
-      hi = mul_rn(scale_hi, hi);
+      lo = mul_rn(lo, rms_weight_scale(w[e], offset));
+      hi = mul_rn(hi, rms_weight_scale(w[e + 1], offset));
     }
     round_pair(lo, hi, dtype);
     x[e] = lo;

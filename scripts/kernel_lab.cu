@@ -247,11 +247,13 @@ void fused_section(const cudaDeviceProp& prop, cudaStream_t stream, bool pdl, ui
     FusedOp op;
     int streams;  // [m, k] inputs read
     bool sum_out, weight, bias;
+    bool input_dtype_weight;  // RMSNorm's HF Llama weight form instead of the float32 one
   };
-  const Op ops[] = {{"rms_norm", FusedOp::kRmsNorm, 1, false, true, false},
-                    {"add_rms_norm", FusedOp::kAddRmsNorm, 2, true, true, false},
-                    {"layer_norm", FusedOp::kLayerNorm, 1, false, true, true},
-                    {"silu_and_mul", FusedOp::kGatedActivation, 2, false, false, false}};
+  const Op ops[] = {{"rms_norm", FusedOp::kRmsNorm, 1, false, true, false, false},
+                    {"rms_llama", FusedOp::kRmsNorm, 1, false, true, false, true},
+                    {"add_rms_norm", FusedOp::kAddRmsNorm, 2, true, true, false, false},
+                    {"layer_norm", FusedOp::kLayerNorm, 1, false, true, true, false},
+                    {"silu_and_mul", FusedOp::kGatedActivation, 2, false, false, false, false}};
   std::printf("\nfused ops, bf16, 128x4 scales\n%-13s %-6s %6s %6s %9s %9s %7s %s\n", "op", "recipe", "M", "K",
               "fused us", "copy us", "%copy", "checksum");
   for (auto [m, k] : {std::pair<int64_t, int64_t>{8192, 4096}, {8192, 8192}, {8192, 16384}}) {
@@ -266,9 +268,10 @@ void fused_section(const cudaDeviceProp& prop, cudaStream_t stream, bool pdl, ui
         fill_kernel<<<64, 256>>>(static_cast<uint8_t*>(w), 4 * k, 2);  // weight, then bias
         if (o.sum_out) CHECK(cudaMalloc(&sum, b.in_bytes));
         CHECK(cudaDeviceSynchronize());
-        const fp4op::cuda::FusedLaunch f =
+        fp4op::cuda::FusedLaunch f =
             fused_launch(o.op, c, b, y, o.weight ? w : nullptr, o.bias ? static_cast<uint8_t*>(w) + 2 * k : nullptr,
                          sum, prop.multiProcessorCount);
+        if (o.input_dtype_weight) f.rms_weight = int(fp4op::fused::RmsWeight::kInputDtype);
         const fp4op::cuda::LaunchStream ls{stream, pdl};
         auto run = [&] { CHECK(fp4op::cuda::launch_fused(f, ls)); };
         const int64_t eff = b.in_bytes * (o.streams + (o.sum_out ? 1 : 0)) + b.xq_bytes + b.sf_bytes;

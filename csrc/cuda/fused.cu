@@ -247,7 +247,13 @@ struct NormRow {
       switch (RmsWeight(a.rms_weight)) {
         case RmsWeight::kNone: rms_norm_block<RmsWeight::kNone>(stat_a, w, f); break;
         case RmsWeight::kFloat32: rms_norm_block<RmsWeight::kFloat32>(stat_a, w, f); break;
-        default: rms_norm_block<RmsWeight::kInputDtype>(stat_a, w, f); break;
+        default:
+          if (a.weight_offset == 0.0f) {
+            rms_norm_input_dtype_block<false>(stat_a, affine[0], w, f);
+          } else {
+            rms_norm_input_dtype_block<true>(stat_a, affine[0], w, f);
+          }
+          break;
       }
     }
   }
@@ -265,6 +271,24 @@ struct NormRow {
       fused::rms_norm_elements(f, rstd, w, 0.0f, FORM, D);
     } else {
       fused::rms_norm_elements(f, rstd, w, a.weight_offset, FORM, D);
+    }
+  }
+
+  // The kInputDtype form (HF Llama) in packed pairs (fused::rms_norm_input_dtype_pair): the weight
+  // words as loaded, or with OFFSET round(offset + w) packed.
+  template <bool OFFSET>
+  __device__ __forceinline__ void rms_norm_input_dtype_block(float rstd, const uint4 (&w_words)[kLoads],
+                                                             const float (&w)[VEC], float (&f)[VEC]) const {
+#pragma unroll
+    for (int i = 0; i < kLoads; ++i) {
+      const uint32_t words[4] = {w_words[i].x, w_words[i].y, w_words[i].z, w_words[i].w};
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const int e = i * kChunk + 2 * j;
+        const uint32_t w2 =
+            OFFSET ? fused::pack_pair(add_rn(a.weight_offset, w[e]), add_rn(a.weight_offset, w[e + 1]), D) : words[j];
+        fused::rms_norm_input_dtype_pair(f[e], f[e + 1], rstd, w2, D);
+      }
     }
   }
 };
