@@ -59,6 +59,13 @@ def time_ms(fn, iters: int, warmup: int, flush: torch.Tensor) -> float:
     return statistics.median(times)
 
 
+def hf_llama_rms_norm(x, w):
+    """Hugging Face LlamaRMSNorm: float32 statistic, the weight product in the model dtype."""
+    h = x.to(torch.float32)
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + EPS)
+    return w * h.to(x.dtype)
+
+
 def cases(m: int, k: int, dtype: torch.dtype, gs: torch.Tensor):
     """(name, fused call, model-dtype computation, its inputs, bytes read + written by the fused op)."""
     dev = "cuda"
@@ -72,6 +79,8 @@ def cases(m: int, k: int, dtype: torch.dtype, gs: torch.Tensor):
     e = x.element_size()
     yield ("rms_norm", lambda: OPS.rms_norm_quantize(x, w, EPS, global_scale=gs),
            lambda x, w: F.rms_norm(x, (k,), w, EPS), (x, w), m * k * e + q_bytes)
+    yield ("rms_norm_llama", lambda: OPS.rms_norm_quantize(x, w, EPS, 0.0, True, global_scale=gs),
+           hf_llama_rms_norm, (x, w), m * k * e + q_bytes)
     yield ("add_rms_norm", lambda: OPS.add_rms_norm_quantize(x, residual, w, EPS, global_scale=gs),
            lambda x, r, w: F.rms_norm(x + r, (k,), w, EPS), (x, residual, w), 3 * m * k * e + q_bytes)
     yield ("layer_norm", lambda: OPS.layer_norm_quantize(x, w, b, EPS, global_scale=gs),
