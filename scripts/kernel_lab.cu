@@ -416,33 +416,38 @@ int main(int argc, char** argv) {
       }
     }
   }
-  // fused RMSNorm (weight, float32 form), LayerNorm (weight and bias) and SiLU-and-mul at decode sizes
+  // fused RMSNorm (weight, float32 form), add + RMSNorm, LayerNorm (weight and bias) and SiLU-and-mul at decode sizes
   // under graph replay
   std::printf("\nfused, graph replay, 50 calls (us a call; x the empty kernel)\n");
   using fp4op::cuda::FusedOp;
   for (int64_t m : {1, 4, 16, 128}) {
     for (int64_t k : {2048, 4096, 8192, 16384}) {
-      for (FusedOp op : {FusedOp::kRmsNorm, FusedOp::kLayerNorm, FusedOp::kGatedActivation}) {
+      for (FusedOp op : {FusedOp::kRmsNorm, FusedOp::kAddRmsNorm, FusedOp::kLayerNorm, FusedOp::kGatedActivation}) {
         const Case c{InputDtype::kBFloat16, false, SfLayout::kSwizzled128x4, m, k};
         Buffers b = make_buffers(c);
-        void *y = nullptr, *w = nullptr;
+        void *y = nullptr, *w = nullptr, *sum = nullptr;
         CHECK(cudaMalloc(&y, b.in_bytes));
         CHECK(cudaMalloc(&w, 4 * k));
+        if (op == FusedOp::kAddRmsNorm) CHECK(cudaMalloc(&sum, b.in_bytes));
         fill_kernel<<<64, 256>>>(static_cast<uint8_t*>(y), b.in_bytes, 2);
         fill_kernel<<<64, 256>>>(static_cast<uint8_t*>(w), 4 * k, 2);  // weight, then bias
         CHECK(cudaDeviceSynchronize());
         const bool gated = op == FusedOp::kGatedActivation;
         const fp4op::cuda::FusedLaunch f =
             fused_launch(op, c, b, y, gated ? nullptr : w,
-                         op == FusedOp::kLayerNorm ? static_cast<uint8_t*>(w) + 2 * k : nullptr, nullptr,
+                         op == FusedOp::kLayerNorm ? static_cast<uint8_t*>(w) + 2 * k : nullptr, sum,
                          prop.multiProcessorCount);
         const fp4op::cuda::LaunchStream ls{stream, pdl};
         const float t = time_graph([&] { CHECK(fp4op::cuda::launch_fused(f, ls)); }, stream, 50, 20);
-        const char* name = gated ? "silu_and_mul" : op == FusedOp::kLayerNorm ? "layer_norm" : "rms_norm";
+        const char* name = gated                          ? "silu_and_mul"
+                           : op == FusedOp::kLayerNorm    ? "layer_norm"
+                           : op == FusedOp::kAddRmsNorm   ? "add_rms_norm"
+                                                          : "rms_norm";
         std::printf("%-13s nvfp4  128x4 %6ld %6ld %9.2f %7.2f %016llx\n", name, long(m), long(k), t, t / t_empty,
                     (unsigned long long)outputs_fnv(b));
         cudaFree(y);
         cudaFree(w);
+        cudaFree(sum);
         free_buffers(b);
       }
     }
