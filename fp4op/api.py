@@ -161,7 +161,12 @@ def dequantize(
     column_major = _is_column_major(x_q)
     if column_major:
         x_q = x_q.t()
-        sf = sf.t() if _is_column_major(sf) else sf
+        if sf.dim() == 2:
+            # fp4_quantize's sf.t(): told by its shape (strides say nothing where a dimension is 1)
+            layout = layouts.layout_from_flags(is_sf_swizzled_layout, is_sf_8x4_layout)
+            rows, cols = layouts.sf_shape(x_q.shape[0], 2 * x_q.shape[1] // sf_vec_size, layout)
+            if tuple(sf.shape) != (rows, cols) or (rows == cols and _is_column_major(sf)):
+                sf = sf.t()
     gs = _prepare_global_scale(global_scale, sf_use_ue8m0, x_q.device)
     out = torch.ops.fp4op.dequantize(
         x_q, sf, gs, sf_vec_size, sf_use_ue8m0, is_sf_swizzled_layout, is_sf_8x4_layout,

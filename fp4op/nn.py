@@ -108,6 +108,7 @@ class FP4Linear(nn.Module):
         self.register_buffer("input_global_scale", static)
         self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device) if bias else None)
         self._calibrated = False
+        self._scale_tied = False  # input_global_scale shared with sibling layers (calibrate)
         self._calibrating = False
         self._observed_amax: torch.Tensor | None = None
         self._observed_inputs: list[tuple] = []
@@ -166,11 +167,11 @@ class FP4Linear(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         key = prefix + "input_global_scale"
-        if self.input_global_scale is not None and key in state_dict:
-            # calibrate() may have tied this buffer to its siblings' (one tensor): loading copies into
-            # it, so each layer's value would overwrite the others'. The checkpoint's value is this
-            # layer's own.
+        if self._scale_tied and key in state_dict:
+            # calibrate() tied this buffer to its siblings' (one tensor): loading copies into it, so
+            # each layer's value would overwrite the others'. The checkpoint's value is this layer's own.
             self.input_global_scale = self.input_global_scale.clone()
+            self._scale_tied = False
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         if self.input_global_scale is not None and key in state_dict:
             scale = self.input_global_scale
@@ -344,16 +345,17 @@ def calibrate(model: nn.Module, tie_siblings: bool = True) -> Iterator[None]:
         for siblings in groups.values():
             amax = torch.stack([layer._observed_amax for layer in siblings]).amax(dim=0)
             if not _usable_amax(amax):
-                # all-zero, NaN or infinite inputs: no usable static scale; the layers keep the dynamic one
+                # all-zero, NaN or infinite inputs: no usable static scale
                 warnings.warn(
-                    f"fp4op.nn.calibrate: the observed input amax is {amax.item()}; "
-                    f"{len(siblings)} layer(s) left uncalibrated (dynamic activation scale)",
+                    f"fp4op.nn.calibrate: the observed input amax is {amax.item()}; {len(siblings)} layer(s) "
+                    "not calibrated by this pass (they keep their previous static scale, or the dynamic one)",
                     stacklevel=3,
                 )
                 continue
             shared = siblings[0].input_global_scale
             for layer in siblings:
                 layer.input_global_scale = shared  # the same tensor object (a buffer of each layer)
+                layer._scale_tied = len(siblings) > 1
                 layer.set_input_amax(amax)
         for layer in layers:
             layer._observed_amax = None

@@ -269,6 +269,36 @@ def test_rms_norm_weight_offset_in_input_dtype(dtype, recipe):
     check_norm("rms_norm_llama_offset", dtype, recipe, "128x4", "cpu")
 
 
+@requires_cuda
+@pytest.mark.parametrize("recipe", RECIPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rms_norm_weight_offset_in_input_dtype_cuda(dtype, recipe):
+    check_norm("rms_norm_llama_offset", dtype, recipe, "128x4", "cuda")
+
+
+@requires_cuda
+@pytest.mark.parametrize("offset", [0.0, 1.0])
+@pytest.mark.parametrize("recipe", RECIPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_llama_weight_product_special_values_cuda(dtype, recipe, offset):
+    """The Llama form's packed multiply (fused_math.h, rms_norm_input_dtype_pair) where a float32 product
+    rounded to the model dtype and a packed product could part: infinities, NaN, signed zeros, products
+    below the normal range, overflow. Rows of +-0.5, +-1, +-2 make the sum of squares exact in any order
+    (and K = 256 makes the mean exact), so the fused op equals eager CUDA PyTorch byte for byte."""
+    k = 256
+    g = torch.Generator().manual_seed(5)
+    levels = torch.tensor([0.5, -0.5, 1.0, -1.0, 2.0, -2.0])
+    x = levels[torch.randint(0, len(levels), (16, k), generator=g)].to(dtype).cuda()
+    fi = torch.finfo(dtype)
+    specials = [float("inf"), -float("inf"), float("nan"), 0.0, -0.0, fi.max, -fi.max, fi.tiny, -fi.tiny,
+                fi.tiny * 2**-3, fi.tiny * 2**-6, fi.smallest_normal * 1.5, 1.0, -3.0, 2.0**-20, 0.75]
+    w = torch.tensor(specials)[torch.randint(0, len(specials), (k,), generator=g)].to(dtype).cuda()
+    kw = quantize_kwargs(recipe, "128x4", torch.tensor([3.0], device="cuda"))
+    got = OPS.rms_norm_quantize(x, w, 1e-6, offset, True, **kw)
+    want = OPS.quantize(eager_rms_norm(x, w, 1e-6, offset, True), **kw)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
 def test_leading_dims_and_per_row_global_scale():
     x = make_input((2, 3, 256), torch.bfloat16)
     w = make_affine(256, torch.bfloat16)

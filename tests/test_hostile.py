@@ -244,12 +244,16 @@ def case_dequantize_flat_sf(d):
 
 
 def case_dequantize_column_major_pair(d):
-    # fp4_quantize's transposed outputs for a column-major input come back with the input's shape
-    x = _x(d, m=32, k=64).t()
-    x_q, sf = _q(x, torch.ones(1, device=d))
-    got = fp4op.dequantize(x_q, sf, torch.ones(1, device=d))
-    want = fp4op.dequantize(*_q(x.contiguous().t().contiguous(), torch.ones(1, device=d)), torch.ones(1, device=d))
-    assert got.shape == x.shape and torch.equal(got, want.t())
+    # fp4_quantize's transposed outputs for a column-major input come back with the input's shape, in
+    # every layout; (64, 16) linear: the transposed sf is [1, 64], contiguous as well
+    gs = torch.ones(1, device=d)
+    for rows, cols in ((32, 64), (64, 16), (128, 128)):
+        x = _x(d, m=rows, k=cols).t()
+        for flags in ((True, False), (True, True), (False, False)):
+            x_q, sf = _q(x, gs, 16, False, *flags)
+            got = fp4op.dequantize(x_q, sf, gs, 16, False, *flags)
+            want = fp4op.dequantize(*_q(x.t().contiguous(), gs, 16, False, *flags), gs, 16, False, *flags)
+            assert got.shape == x.shape and torch.equal(got, want.t()), (rows, cols, flags)
 
 
 def case_dequantize_flag_not_bool(d):

@@ -13,6 +13,8 @@
 // with the same reduction order, so the same bits.
 #include <cooperative_groups.h>
 
+#include <atomic>
+
 #include "../fused_math.h"
 #include "block_quantize.cuh"
 #include "fused_launch.h"
@@ -266,6 +268,7 @@ struct NormRow {
 
   template <RmsWeight FORM>
   __device__ __forceinline__ void rms_norm_block(float rstd, const float (&w)[VEC], float (&f)[VEC]) const {
+    static_assert(FORM != RmsWeight::kInputDtype, "rms_norm_input_dtype_block");
     // a literal 0 takes the offset test out of the element loop (one branch a block)
     if (a.weight_offset == 0.0f) {
       fused::rms_norm_elements(f, rstd, w, 0.0f, FORM, D);
@@ -500,6 +503,8 @@ __global__ void __launch_bounds__(kThreads) norm_cluster_kernel(const FusedLaunc
   }
   store_sf_any(q, r.row, col, nk, sf_byte, true, col < sf_cols(nk, layout), has_data);
   asm volatile("barrier.cluster.wait.acquire.aligned;" ::: "memory");
+#else
+  __trap();  // never launched: see cluster_kernel_runs
 #endif
 }
 
@@ -526,15 +531,27 @@ cudaError_t launch_norm_config(const FusedLaunch& a, int64_t cols, int64_t pad_i
 
 constexpr int64_t kMaxClusterCtas = 8;  // the portable cluster size
 
-// Whether the current device launches thread block clusters (sm_90 and later).
-inline bool clusters_supported() {
-  int device = 0, supported = 0;
-  if (cudaGetDevice(&device) != cudaSuccess ||
-      cudaDeviceGetAttribute(&supported, cudaDevAttrClusterLaunch, device) != cudaSuccess) {
+// Whether norm_cluster_kernel<OP, D, UE8M0> runs on the current device: it launches thread block
+// clusters (sm_90 and later) and the kernel's code there was compiled for sm_90 or later (a GPU that
+// JIT-compiles the compute_80 PTX of the default build gets the empty body). Cached per device.
+template <FusedOp OP, InputDtype D, bool UE8M0>
+bool cluster_kernel_runs() {
+  constexpr int kMaxDevices = 64;
+  static std::atomic<int> known[kMaxDevices];  // 0 unknown, 1 yes, -1 no
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess || device < 0 || device >= kMaxDevices) {
     (void)cudaGetLastError();
     return false;
   }
-  return supported != 0;
+  if (known[device].load(std::memory_order_relaxed) == 0) {
+    int supported = 0;
+    cudaFuncAttributes attributes{};
+    const bool ok = cudaDeviceGetAttribute(&supported, cudaDevAttrClusterLaunch, device) == cudaSuccess &&
+                    cudaFuncGetAttributes(&attributes, norm_cluster_kernel<OP, D, UE8M0>) == cudaSuccess;
+    if (!ok) (void)cudaGetLastError();
+    known[device].store(ok && supported != 0 && attributes.ptxVersion >= 90 ? 1 : -1, std::memory_order_relaxed);
+  }
+  return known[device].load(std::memory_order_relaxed) == 1;
 }
 
 template <FusedOp OP, InputDtype D, bool UE8M0>
@@ -580,7 +597,7 @@ cudaError_t launch_norm_recipe(const FusedLaunch& a, const LaunchStream& stream)
   const int64_t passes = (cols + kThreads - 1) / kThreads;
   constexpr int64_t kMinClusterPasses = OP == FusedOp::kLayerNorm ? 3 : 2;
   if (passes >= kMinClusterPasses && passes <= kMaxClusterCtas && a.out.m * passes <= a.out.num_sms &&
-      clusters_supported()) {
+      cluster_kernel_runs<OP, D, UE8M0>()) {
     return launch_norm_cluster<OP, D, UE8M0>(a, passes, pad_items, stream);
   }
   if constexpr (kHoldTwo) {
