@@ -53,6 +53,17 @@ def _check_flag(name: str, value) -> bool:
     raise ValueError(f"fp4op: {name} must be a bool, got {value!r}")
 
 
+def _check_recipe_args(sf_vec_size, sf_use_ue8m0, is_sf_swizzled_layout, is_sf_8x4_layout, is_global_scale_inversed):
+    """The recipe and layout arguments of fp4_quantize/dequantize, checked, as (int, bool, bool, bool, bool)."""
+    flags = (
+        ("sf_use_ue8m0", sf_use_ue8m0),
+        ("is_sf_swizzled_layout", is_sf_swizzled_layout),
+        ("is_sf_8x4_layout", is_sf_8x4_layout),
+        ("is_global_scale_inversed", is_global_scale_inversed),
+    )
+    return (_check_sf_vec_size(sf_vec_size), *(_check_flag(name, value) for name, value in flags))
+
+
 def fp4_quantize(
     input: torch.Tensor,
     global_scale: torch.Tensor | None = None,
@@ -79,15 +90,8 @@ def fp4_quantize(
     the end of the previous kernel on the stream (it waits for that kernel's results before reading
     memory). None: on wherever the GPU has it (sm_90+). Never changes results; ignored on the CPU.
     """
-    sf_vec_size = _check_sf_vec_size(sf_vec_size)
-    sf_use_ue8m0, is_sf_swizzled_layout, is_sf_8x4_layout, is_global_scale_inversed = (
-        _check_flag(name, value)
-        for name, value in (
-            ("sf_use_ue8m0", sf_use_ue8m0),
-            ("is_sf_swizzled_layout", is_sf_swizzled_layout),
-            ("is_sf_8x4_layout", is_sf_8x4_layout),
-            ("is_global_scale_inversed", is_global_scale_inversed),
-        )
+    sf_vec_size, sf_use_ue8m0, is_sf_swizzled_layout, is_sf_8x4_layout, is_global_scale_inversed = _check_recipe_args(
+        sf_vec_size, sf_use_ue8m0, is_sf_swizzled_layout, is_sf_8x4_layout, is_global_scale_inversed
     )
     if backend not in _BACKENDS:
         raise ValueError(f"fp4op: unknown backend {backend!r}; must be 'cuda' or 'cute-dsl'")
@@ -141,15 +145,8 @@ def dequantize(
     its layout's 2-D shape (or is flattened). The transposed pair that fp4_quantize returns for a
     column-major input is dequantized along its first dimension and comes back with that input's shape.
     Arguments are checked as in fp4_quantize."""
-    sf_vec_size = _check_sf_vec_size(sf_vec_size)
-    sf_use_ue8m0, is_sf_swizzled_layout, is_sf_8x4_layout, is_global_scale_inversed = (
-        _check_flag(name, value)
-        for name, value in (
-            ("sf_use_ue8m0", sf_use_ue8m0),
-            ("is_sf_swizzled_layout", is_sf_swizzled_layout),
-            ("is_sf_8x4_layout", is_sf_8x4_layout),
-            ("is_global_scale_inversed", is_global_scale_inversed),
-        )
+    sf_vec_size, sf_use_ue8m0, is_sf_swizzled_layout, is_sf_8x4_layout, is_global_scale_inversed = _check_recipe_args(
+        sf_vec_size, sf_use_ue8m0, is_sf_swizzled_layout, is_sf_8x4_layout, is_global_scale_inversed
     )
     for name, value in (("x_q", x_q), ("sf", sf)):
         if not isinstance(value, torch.Tensor):

@@ -312,6 +312,16 @@ __device__ __forceinline__ void store_sf_any(const QuantizeTarget& q, int64_t ro
   }
 }
 
+// zero_padding_rows in the swizzled layout known at run time (nothing to zero in the linear one).
+__device__ __forceinline__ void zero_padding_rows_any(const QuantizeTarget& q, int64_t nk, uint32_t first,
+                                                      uint32_t count) {
+  switch (SfLayout(q.sf_layout)) {
+    case SfLayout::kSwizzled128x4: return zero_padding_rows<SfLayout::kSwizzled128x4>(q, nk, first, count);
+    case SfLayout::kSwizzled8x4: return zero_padding_rows<SfLayout::kSwizzled8x4>(q, nk, first, count);
+    default: return;
+  }
+}
+
 // The CTAs an SM that norm_kernel's registers are bounded for (__launch_bounds__; 0: no bound). bf16
 // RMSNorm and LayerNorm holding one MXFP4 block a thread fit 64 registers (4 CTAs) without spilling and
 // ran faster so: 8192x8192 RMSNorm 81.2 -> 73.3 us, LayerNorm 107.9 -> 100.6 us (H200, kernel lab run
@@ -337,8 +347,7 @@ __global__ void __launch_bounds__(kThreads, (kNormMinCtasPerSm<OP, D, UE8M0, BPT
   if (blockIdx.x >= g.row_ctas) {
     const uint32_t first = (blockIdx.x - g.row_ctas) * kThreads + threadIdx.x;
     const uint32_t count = (gridDim.x - g.row_ctas) * kThreads;
-    if (layout == SfLayout::kSwizzled128x4) zero_padding_rows<SfLayout::kSwizzled128x4>(q, nk, first, count);
-    if (layout == SfLayout::kSwizzled8x4) zero_padding_rows<SfLayout::kSwizzled8x4>(q, nk, first, count);
+    zero_padding_rows_any(q, nk, first, count);
     return;
   }
 
@@ -449,8 +458,7 @@ __global__ void __launch_bounds__(kThreads) norm_cluster_kernel(const FusedLaunc
   if (blockIdx.y >= q.m) {  // a whole cluster: no cluster barrier is skipped
     const uint32_t first = ((blockIdx.y - uint32_t(q.m)) * gridDim.x + blockIdx.x) * kThreads + threadIdx.x;
     const uint32_t count = (gridDim.y - uint32_t(q.m)) * gridDim.x * kThreads;
-    if (layout == SfLayout::kSwizzled128x4) zero_padding_rows<SfLayout::kSwizzled128x4>(q, nk, first, count);
-    if (layout == SfLayout::kSwizzled8x4) zero_padding_rows<SfLayout::kSwizzled8x4>(q, nk, first, count);
+    zero_padding_rows_any(q, nk, first, count);
     return;
   }
   cooperative_groups::cluster_group cluster = cooperative_groups::this_cluster();
