@@ -592,7 +592,7 @@ def test_cuda_matches_cpu(name, shape):
 
 
 # K = 2096: one held block a thread, 8192: two, 16384 and 20480: read again from memory; at M <= 16 the
-# rows of K = 8192-20480 take the cluster kernel (a CTA a pass), the batch of 512 norm_kernel
+# rows of K = 16384-20480 (NVFP4) take the cluster kernel (a CTA a pass), the batch of 512 norm_kernel
 @requires_cuda
 @pytest.mark.parametrize("k", (2096, 8192, 16384, 20480))
 @pytest.mark.parametrize("name", NORMS)

@@ -598,12 +598,13 @@ cudaError_t launch_norm_recipe(const FusedLaunch& a, const LaunchStream& stream)
   constexpr bool kHoldTwo = !(OP == FusedOp::kRmsNorm && UE8M0);
   constexpr bool kHoldFour = OP == FusedOp::kAddRmsNorm;
   if (cols <= kThreads) return launch_norm_config<OP, D, UE8M0, 1>(a, cols, pad_items, stream);
-  // Few rows of 2-8 passes take the cluster kernel, while its CTAs fit one an SM (H100, kernel lab run 31,
-  // bf16 NVFP4, M = 1-16: K = 16384 RMSNorm 5.6-5.8 -> 3.3-3.5 us, LayerNorm 6.9-7.1 -> 4.3-4.5 us; K =
-  // 8192 RMSNorm 3.3-3.5 -> 3.2-3.3 us, but LayerNorm, two reductions, 3.9-4.0 -> 4.1-4.3 us: it
-  // clusters from 3 passes. Two or four CTAs an SM at M = 128: 0.2-2.7 us slower than norm_kernel.)
+  // Few rows of 3-8 passes take the cluster kernel, while its CTAs fit one an SM (H100, bf16 NVFP4, kernel
+  // lab runs 31, 34, 35: K = 12288-16384 at M = 1-44, e.g. 1x16384 RMSNorm 5.6 -> 3.4 us, LayerNorm 6.9
+  // -> 4.4 us, 33x16384 RMSNorm 5.8 -> 4.4 us). At 2 passes it gained 0.1-0.3 us at 1-16x8192 but lost
+  // 0.1-0.6 us at M = 64-66 and at K = 5120-6144 (a part-filled second pass), and LayerNorm lost at
+  // 1-16x8192; more than one CTA an SM (M = 128) was 0.2-2.7 us slower than norm_kernel.
   const int64_t passes = (cols + kThreads - 1) / kThreads;
-  constexpr int64_t kMinClusterPasses = OP == FusedOp::kLayerNorm ? 3 : 2;
+  constexpr int64_t kMinClusterPasses = 3;
   if (passes >= kMinClusterPasses && passes <= kMaxClusterCtas && a.out.m * passes <= a.out.num_sms &&
       cluster_kernel_runs<OP, D, UE8M0>()) {
     return launch_norm_cluster<OP, D, UE8M0>(a, passes, pad_items, stream);
