@@ -167,7 +167,7 @@ class FP4Linear(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         key = prefix + "input_global_scale"
-        if self._scale_tied and key in state_dict:
+        if getattr(self, "_scale_tied", False) and key in state_dict:  # (absent in modules pickled before it)
             # calibrate() tied this buffer to its siblings' (one tensor): loading copies into it, so
             # each layer's value would overwrite the others'. The checkpoint's value is this layer's own.
             self.input_global_scale = self.input_global_scale.clone()
