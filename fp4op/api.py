@@ -25,8 +25,7 @@ def _prepare_global_scale(global_scale, sf_use_ue8m0: bool, device: torch.device
         return None  # the op raises the error
     if not isinstance(global_scale, torch.Tensor):
         raise ValueError(f"fp4op: global_scale must be a torch.Tensor, got {type(global_scale).__name__}")
-    if not global_scale.dtype.is_floating_point or global_scale.dtype == ops._FLOAT4:
-        raise ValueError(f"fp4op: global_scale must have a floating dtype, got {global_scale.dtype}")
+    ops.check_global_scale_dtype(global_scale)
     if global_scale.device != device and global_scale.device.type == "meta":
         # SPEC.md moves the scale to the input's device; a meta scale has no values to move
         raise ValueError(f"fp4op: global_scale must be on the input's device ({device}), got {global_scale.device}")

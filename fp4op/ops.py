@@ -29,6 +29,11 @@ def check_input_dtype(input: torch.Tensor, name: str = "input") -> None:
         raise NotImplementedError(f"fp4op: {name} must be float16, bfloat16 or float8_e4m3fn, got {input.dtype}")
 
 
+def check_global_scale_dtype(global_scale: torch.Tensor) -> None:
+    if not global_scale.dtype.is_floating_point or global_scale.dtype == _FLOAT4:
+        raise ValueError(f"fp4op: global_scale must have a floating dtype, got {global_scale.dtype}")
+
+
 def check_global_scale(global_scale: torch.Tensor | None, sf_use_ue8m0: bool, m, device: torch.device) -> None:
     """The op's contract on global_scale (the Python API converts dtype and device before this)."""
     if sf_use_ue8m0:
@@ -41,8 +46,7 @@ def check_global_scale(global_scale: torch.Tensor | None, sf_use_ue8m0: bool, m,
             "fp4op: global_scale is required for NVFP4 (sf_use_ue8m0=False); the usual value is "
             "448 * 6 / amax(input), see fp4op.nvfp4_global_scale"
         )
-    if not global_scale.dtype.is_floating_point or global_scale.dtype == _FLOAT4:
-        raise ValueError(f"fp4op: global_scale must have a floating dtype, got {global_scale.dtype}")
+    check_global_scale_dtype(global_scale)
     n = global_scale.numel()
     if not (n == 1 or n == m):
         raise ValueError(f"fp4op: global_scale must have 1 element or one per row ({m}), got shape {tuple(global_scale.shape)}")

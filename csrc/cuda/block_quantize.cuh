@@ -48,22 +48,33 @@ __device__ __forceinline__ void wait_for_previous_kernel_after(uint32_t a, uint3
 #endif
 }
 
-// kernel<<<grid, threads, 0, stream>>>(args...), with the PDL attribute when stream.pdl.
+// kernel<<<grid, threads, 0, stream>>>(args...), with the PDL attribute when stream.pdl, in thread block
+// clusters of cluster_x CTAs along x when cluster_x > 0 (sm_90+).
 template <class... Params, class... Args>
-cudaError_t launch_kernel_with(void (*kernel)(Params...), dim3 grid, unsigned threads, const LaunchStream& stream,
-                               Args&&... args) {
-  cudaLaunchAttribute attribute{};
-  attribute.id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attribute.val.programmaticStreamSerializationAllowed = stream.pdl ? 1 : 0;
+cudaError_t launch_kernel_in_clusters(void (*kernel)(Params...), dim3 grid, unsigned threads, unsigned cluster_x,
+                                      const LaunchStream& stream, Args&&... args) {
+  cudaLaunchAttribute attributes[2]{};
+  attributes[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attributes[0].val.programmaticStreamSerializationAllowed = stream.pdl ? 1 : 0;
+  attributes[1].id = cudaLaunchAttributeClusterDimension;
+  attributes[1].val.clusterDim.x = cluster_x;
+  attributes[1].val.clusterDim.y = 1;
+  attributes[1].val.clusterDim.z = 1;
   cudaLaunchConfig_t config{};
   config.gridDim = grid;
   config.blockDim = dim3(threads);
   config.dynamicSmemBytes = 0;
   config.stream = stream.stream;
-  config.attrs = &attribute;
-  config.numAttrs = 1;
+  config.attrs = attributes;
+  config.numAttrs = cluster_x > 0 ? 2 : 1;
   const cudaError_t err = cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...);
   return err != cudaSuccess ? err : cudaGetLastError();
+}
+
+template <class... Params, class... Args>
+cudaError_t launch_kernel_with(void (*kernel)(Params...), dim3 grid, unsigned threads, const LaunchStream& stream,
+                               Args&&... args) {
+  return launch_kernel_in_clusters(kernel, grid, threads, 0, stream, std::forward<Args>(args)...);
 }
 
 template <class... Params, class... Args>

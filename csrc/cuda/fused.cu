@@ -211,6 +211,32 @@ struct NormRow {
     return acc;
   }
 
+  // The row statistics from the team's totals, as torch computes them: RMSNorm's rsqrt(mean(x^2) + eps)
+  // and LayerNorm's rsqrt(var + eps) of the biased variance (a NaN variance, a row with inf/NaN, stays
+  // NaN as in torch; fmaxf would drop it).
+  __device__ __forceinline__ static float rms_rstd(float sum_squares, float k, float eps) {
+    return fused::torch_rsqrt(add_rn(div_rn(sum_squares, k), eps));
+  }
+  __device__ __forceinline__ static float layer_norm_rstd(float centered_squares, float k, float eps) {
+    const float var = div_rn(centered_squares, k);
+    return fused::torch_rsqrt(add_rn(var < 0.0f ? 0.0f : var, eps));
+  }
+
+  // The row's codes in x_q.
+  __device__ __forceinline__ uint8_t* codes() const { return a.out.x_q + row * (a.out.k / 2); }
+
+  // Normalizes block `col` (its bits `v`) and quantizes it into the row's codes `xq_row` (codes());
+  // returns its scale byte.
+  template <bool UE8M0>
+  __device__ __forceinline__ uint32_t quantize(int64_t col, const uint4 (&v)[kLoads], float stat_a, float stat_b,
+                                               Nvfp4RowScale rs, uint8_t* xq_row) const {
+    uint4 affine[kAffine][kLoads];
+    load_affine(col, affine);
+    float f[VEC];
+    normalize(v, affine, stat_a, stat_b, f);
+    return quantize_block<VEC, UE8M0>(f, amax_of(f), rs, xq_row + col * (VEC / 2));
+  }
+
   // The block's weight and bias (layer norm), zero where absent: [0] weight, [1] bias.
   static constexpr int kAffine = OP == FusedOp::kLayerNorm ? 2 : 1;
   __device__ __forceinline__ void load_affine(int64_t col, uint4 (&p)[kAffine][kLoads]) const {
@@ -410,15 +436,13 @@ __global__ void __launch_bounds__(kThreads, (kNormMinCtasPerSm<OP, D, UE8M0, BPT
         block(p, col, v);
         acc2 = add_rn(acc2, Row::template partial<Row::Statistic::kCenteredSquares>(v, mean));
       });
-      const float var = div_rn(team_sum(acc2, team, smem), kf);
       stat_a = mean;
-      // a NaN variance (a row with inf/NaN) stays NaN, as in torch; fmaxf would drop it
-      stat_b = fused::torch_rsqrt(add_rn(var < 0.0f ? 0.0f : var, eps));
+      stat_b = Row::layer_norm_rstd(team_sum(acc2, team, smem), kf, eps);
     } else {
-      stat_a = fused::torch_rsqrt(add_rn(div_rn(total, kf), eps));
+      stat_a = Row::rms_rstd(total, kf, eps);
     }
 
-    uint8_t* xq_row = q.x_q + r.row * (q.k / 2);
+    uint8_t* xq_row = r.codes();
     each_pass([&](int p) {
       const int64_t col = lane + int64_t(p) * team;
       const bool has_data = row_ok && col < nk;
@@ -426,11 +450,7 @@ __global__ void __launch_bounds__(kThreads, (kNormMinCtasPerSm<OP, D, UE8M0, BPT
       if (has_data) {
         uint4 v[kLoads];
         block(p, col, v);
-        uint4 affine[Row::kAffine][kLoads];
-        r.load_affine(col, affine);
-        float f[VEC];
-        r.normalize(v, affine, stat_a, stat_b, f);
-        sf_byte = quantize_block<VEC, UE8M0>(f, amax_of(f), rs, xq_row + col * (VEC / 2));
+        sf_byte = r.template quantize<UE8M0>(col, v, stat_a, stat_b, rs, xq_row);
       }
       store_sf_any(q, r.row, col, nk, sf_byte, row_ok, col < cols, has_data);
     });
@@ -489,26 +509,17 @@ __global__ void __launch_bounds__(kThreads) norm_cluster_kernel(const FusedLaunc
   if constexpr (kIsLayerNorm<OP>) {
     const float mean = div_rn(row_total(0, has_data ? Row::template partial<Row::Statistic::kSum>(v) : 0.0f), kf);
     const float centered = has_data ? Row::template partial<Row::Statistic::kCenteredSquares>(v, mean) : 0.0f;
-    const float var = div_rn(row_total(1, centered), kf);
     stat_a = mean;
-    stat_b = fused::torch_rsqrt(add_rn(var < 0.0f ? 0.0f : var, eps));
+    stat_b = Row::layer_norm_rstd(row_total(1, centered), kf, eps);
   } else {
-    const float total = row_total(0, has_data ? Row::template partial<Row::Statistic::kSquares>(v) : 0.0f);
-    stat_a = fused::torch_rsqrt(add_rn(div_rn(total, kf), eps));
+    stat_a = Row::rms_rstd(row_total(0, has_data ? Row::template partial<Row::Statistic::kSquares>(v) : 0.0f), kf, eps);
   }
   // Shared memory must outlive the cluster's reads of it: arrive once this CTA's reads are done, wait
   // before exiting (the quantization in between).
   asm volatile("barrier.cluster.arrive.release.aligned;" ::: "memory");
   Nvfp4RowScale rs{};
   if (!UE8M0) rs = row_scale_of(q, r.row);
-  uint32_t sf_byte = 0u;  // the padding value
-  if (has_data) {
-    uint4 affine[Row::kAffine][kLoads];
-    r.load_affine(col, affine);
-    float f[VEC];
-    r.normalize(v, affine, stat_a, stat_b, f);
-    sf_byte = quantize_block<VEC, UE8M0>(f, amax_of(f), rs, q.x_q + r.row * (q.k / 2) + col * (VEC / 2));
-  }
+  const uint32_t sf_byte = has_data ? r.template quantize<UE8M0>(col, v, stat_a, stat_b, rs, r.codes()) : 0u;
   store_sf_any(q, r.row, col, nk, sf_byte, true, col < sf_cols(nk, layout), has_data);
   asm volatile("barrier.cluster.wait.acquire.aligned;" ::: "memory");
 #else
@@ -566,21 +577,8 @@ template <FusedOp OP, InputDtype D, bool UE8M0>
 cudaError_t launch_norm_cluster(const FusedLaunch& a, int64_t passes, int64_t pad_items, const LaunchStream& stream) {
   // padding rows in whole clusters of `passes` CTAs
   const int64_t pad_rows = std::min<int64_t>((pad_items + passes * kThreads - 1) / (passes * kThreads), 1024);
-  cudaLaunchAttribute attributes[2]{};
-  attributes[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attributes[0].val.programmaticStreamSerializationAllowed = stream.pdl ? 1 : 0;
-  attributes[1].id = cudaLaunchAttributeClusterDimension;
-  attributes[1].val.clusterDim.x = unsigned(passes);
-  attributes[1].val.clusterDim.y = 1;
-  attributes[1].val.clusterDim.z = 1;
-  cudaLaunchConfig_t config{};
-  config.gridDim = dim3(unsigned(passes), unsigned(a.out.m + pad_rows));
-  config.blockDim = dim3(kThreads);
-  config.stream = stream.stream;
-  config.attrs = attributes;
-  config.numAttrs = 2;
-  const cudaError_t err = cudaLaunchKernelEx(&config, norm_cluster_kernel<OP, D, UE8M0>, a);
-  return err != cudaSuccess ? err : cudaGetLastError();
+  const dim3 grid(unsigned(passes), unsigned(a.out.m + pad_rows));
+  return launch_kernel_in_clusters(norm_cluster_kernel<OP, D, UE8M0>, grid, kThreads, unsigned(passes), stream, a);
 }
 
 template <FusedOp OP, InputDtype D, bool UE8M0>
