@@ -66,7 +66,7 @@ for s in $stages; do
         labs+=("lab_x$i")
       done
       wait
-      for name in "${labs[@]}"; do TAIL=100 run "$name" /tmp/kernel_$name ${LAB_ARGS:-}; done ;;
+      for name in "${labs[@]}"; do TAIL=100 run "$name" timeout ${LAB_TIMEOUT:-300} /tmp/kernel_$name ${LAB_ARGS:-}; done ;;
     fuzzlong)  # issue 6's long profile on the GPU: CUDA == CPU, 100,000 quantize and 10,000 fused examples
       run fuzzlong env FP4OP_HYPOTHESIS_PROFILE=long timeout ${FUZZ_TIMEOUT:-540} $PY -m pytest tests/test_fuzz.py -q \
         -p no:cacheprovider -k cuda ;;
