@@ -61,17 +61,31 @@ def quantize_shapes(input_shape, sf_vec_size: int, layout: str):
     return (*input_shape[:-1], k // 2), layouts.sf_shape(m, k // sf_vec_size, layout)
 
 
-def fake_quantize_outputs(x, name, global_scale, sf_vec_size, sf_use_ue8m0, is_sf_swizzled_layout, is_sf_8x4_layout):
-    """The checks of a quantize that follow its recipe and dtype checks, and its empty (x_q, sf): shared
-    by the fake kernels of fp4op::quantize and of the fused ops."""
+def require_now(condition, message) -> None:
+    """torch._check_value for code that Dynamo traces (the Python API): a plain test (a guard on symbolic
+    sizes), since Dynamo does not trace torch._check_value's message closure."""
+    if not condition:
+        raise ValueError(message())
+
+
+def check_quantize_shape_and_scale(x, name, global_scale, sf_vec_size, sf_use_ue8m0, require=torch._check_value):
+    """The checks of a quantize that follow its recipe and dtype checks. The Python API makes them before
+    calling the op too, with `require=require_now`: under torch.compile an error raised by a fake kernel
+    reaches the caller wrapped in Dynamo's TorchRuntimeError, one raised by the traced API as itself."""
     if x.dim() < 1:
         raise ValueError(f"fp4op: {name} must have at least 1 dimension, got a 0-d tensor")
     k = x.shape[-1]
-    torch._check_value(
+    require(
         k % sf_vec_size == 0,
         lambda: f"fp4op: the last dimension of {name} (K = {k}) must be a multiple of sf_vec_size = {sf_vec_size}",
     )
     check_global_scale(global_scale, sf_use_ue8m0, math.prod(x.shape[:-1]), x.device)
+
+
+def fake_quantize_outputs(x, name, global_scale, sf_vec_size, sf_use_ue8m0, is_sf_swizzled_layout, is_sf_8x4_layout):
+    """check_quantize_shape_and_scale and the empty (x_q, sf) of a quantize: shared by the fake kernels
+    of fp4op::quantize and of the fused ops."""
+    check_quantize_shape_and_scale(x, name, global_scale, sf_vec_size, sf_use_ue8m0)
     layout = layouts.layout_from_flags(is_sf_swizzled_layout, is_sf_8x4_layout)
     xq_shape, sf_shape = quantize_shapes(x.shape, sf_vec_size, layout)
     return x.new_empty(xq_shape, dtype=torch.uint8), x.new_empty(sf_shape, dtype=torch.uint8)
@@ -107,7 +121,19 @@ def _dequantize_fake(
     is_global_scale_inversed=False,
     output_dtype=None,
 ):
-    # the checks of check_dequantize_args (csrc/op_args.h), in its order
+    check_dequantize_args(
+        x_q, sf, global_scale, sf_vec_size, sf_use_ue8m0, is_sf_swizzled_layout, is_sf_8x4_layout, output_dtype
+    )
+    output_dtype = torch.float32 if output_dtype is None else output_dtype
+    return x_q.new_empty((*x_q.shape[:-1], 2 * x_q.shape[-1]), dtype=output_dtype)
+
+
+def check_dequantize_args(
+    x_q, sf, global_scale, sf_vec_size, sf_use_ue8m0, is_sf_swizzled_layout, is_sf_8x4_layout, output_dtype,
+    require=torch._check_value,
+) -> None:
+    """The checks of check_dequantize_args (csrc/op_args.h), in its order: dequantize's fake kernel and
+    the Python API (see check_quantize_shape_and_scale)."""
     check_recipe(sf_vec_size, sf_use_ue8m0)
     if x_q.dtype != torch.uint8:
         raise ValueError(f"fp4op: x_q must be uint8 (two E2M1 codes a byte), got {x_q.dtype}")
@@ -118,7 +144,7 @@ def _dequantize_fake(
     if sf.device != x_q.device:
         raise ValueError(f"fp4op: sf is on {sf.device} but x_q is on {x_q.device}")
     k = 2 * x_q.shape[-1]
-    torch._check_value(
+    require(
         k % sf_vec_size == 0,
         lambda: f"fp4op: 2 * x_q.size(-1) (K = {k}) must be a multiple of sf_vec_size = {sf_vec_size}",
     )
@@ -127,7 +153,7 @@ def _dequantize_fake(
     sf_shape_ok = (sf.shape[0] == rows and sf.shape[1] == cols) if sf.dim() == 2 else (
         sf.dim() == 1 and sf.shape[0] == rows * cols
     )
-    torch._check_value(
+    require(
         sf_shape_ok,
         lambda: f"fp4op: sf must have shape [{rows}, {cols}] (or those elements flattened) for this x_q and "
         f"layout, got shape {tuple(sf.shape)}",
@@ -136,7 +162,6 @@ def _dequantize_fake(
     if output_dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise ValueError(f"fp4op: output_dtype must be float32, bfloat16 or float16, got {output_dtype}")
     check_global_scale(global_scale, sf_use_ue8m0, m, x_q.device)
-    return x_q.new_empty((*x_q.shape[:-1], k), dtype=output_dtype)
 
 
 def _no_context(ctx, inputs, output):

@@ -244,6 +244,39 @@ def test_api_errors(case):
     assert type(info.value) is exc or issubclass(type(info.value), exc)
 
 
+# Inside a compiled function the API's errors keep their class: an error raised by a fake kernel would
+# reach the caller as Dynamo's TorchRuntimeError, so the API checks before calling the op.
+COMPILED_API_ERRORS = {
+    "k_not_multiple_nvfp4": ((X[:, :40], GS), {}, ValueError, "sf_vec_size"),
+    "k_not_multiple_mxfp4": ((X[:, :48], None), {"sf_vec_size": 32, "sf_use_ue8m0": True}, ValueError, "sf_vec_size"),
+    "global_scale_size": ((X, torch.ones(3)), {}, ValueError, "global_scale"),
+    "missing_global_scale": ((X, None), {}, ValueError, "global_scale"),
+    "rank_1": ((X[0], GS), {}, ValueError, "rank"),
+    "float32_input": ((X.float(), GS), {}, NotImplementedError, "input"),
+}
+
+
+@pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
+@pytest.mark.parametrize("case", list(COMPILED_API_ERRORS))
+def test_api_errors_keep_their_class_under_compile(case, dynamic):
+    args, kwargs, exc, name = COMPILED_API_ERRORS[case]
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda x, g: fp4op.fp4_quantize(x, g, **kwargs), backend="eager", dynamic=dynamic)
+    with pytest.raises(exc, match=name) as info:
+        compiled(*args)
+    assert type(info.value) is exc
+
+
+@pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
+def test_api_dequantize_error_keeps_its_class_under_compile(dynamic):
+    x_q, sf = fp4op.fp4_quantize(X, GS)
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda q, s: fp4op.dequantize(q, s, GS), backend="eager", dynamic=dynamic)
+    with pytest.raises(ValueError, match="sf must have shape") as info:
+        compiled(x_q, sf[:, :2])
+    assert type(info.value) is ValueError
+
+
 def q(*args):
     return torch.ops.fp4op.quantize(*args)
 
