@@ -343,14 +343,16 @@ FP4OP_HD float e2m1_to_float(uint32_t code) {
   return (code & 8u) ? -v : v;
 }
 
-// The factor that takes an E2M1 value back to the input's range: sf_dec / S (NVFP4, S as in
-// nvfp4_row_scale) or 2^(sf - 127) (MXFP4; 0xFF is NaN).
-FP4OP_HD float dequant_block_factor(uint8_t sf, bool sf_use_ue8m0, float s) {
+// The value of E2M1 code `code` in a block of scale byte `sf`, SPEC.md's formulas evaluated as written:
+// e2m1(q) * sf_dec / S (NVFP4, S as in nvfp4_row_scale: the product is exact, so one rounding, the
+// quotient's) or e2m1(q) * 2^(sf - 127) (MXFP4, exact but below 2^-149; 0xFF is NaN).
+FP4OP_HD float dequant_value(uint32_t code, uint8_t sf, bool sf_use_ue8m0, float s) {
+  const float e2m1 = e2m1_to_float(code);
   if (sf_use_ue8m0) {
     if (sf == 0xFFu) return bits_to_float(0x7FC00000u);
-    return sf == 0 ? bits_to_float(1u << 22) : bits_to_float(uint32_t(sf) << 23);
+    return mul_rn(e2m1, sf == 0 ? bits_to_float(1u << 22) : bits_to_float(uint32_t(sf) << 23));
   }
-  return div_rn(e4m3_bits_to_float(sf), s);
+  return div_rn(mul_rn(e2m1, e4m3_bits_to_float(sf)), s);
 }
 
 // ---- scale-factor layouts -------------------------------------------------------------------------

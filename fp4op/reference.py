@@ -150,18 +150,19 @@ def dequantize(
     is_global_scale_inversed: bool = False,
     output_dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    """x ~ e2m1(q) * factor per block, factor = sf_dec / S (NVFP4) or 2^(sf - 127) (MXFP4)."""
+    """SPEC.md's formulas evaluated as written: e2m1(q) * sf_dec / S (NVFP4; the product is exact, the
+    quotient rounded once) or e2m1(q) * 2^(sf - 127) (MXFP4)."""
     m, half_k = _rows(x_q)
     k = 2 * half_k
     nk = k // sf_vec_size
     scales = layouts.unswizzle(sf, m, nk, layout)
+    q = x_q.reshape(m, half_k)
+    codes = torch.stack((q & 0xF, q >> 4), dim=-1).reshape(m, nk, sf_vec_size)
     if sf_use_ue8m0:
         factor = pow2(scales.to(torch.int32) - 127)
         factor = torch.where(scales == 0xFF, torch.full_like(factor, math.nan), factor)
+        values = e2m1_to_float(codes) * factor.unsqueeze(-1)
     else:
         s = _global_scale_rows(global_scale.to(x_q.device), m, is_global_scale_inversed)
-        factor = e4m3_to_float(scales) / s
-    q = x_q.reshape(m, half_k)
-    codes = torch.stack((q & 0xF, q >> 4), dim=-1).reshape(m, nk, sf_vec_size)
-    values = e2m1_to_float(codes) * factor.unsqueeze(-1)
+        values = e2m1_to_float(codes) * e4m3_to_float(scales).unsqueeze(-1) / s.reshape(-1, 1, 1)
     return values.reshape(*x_q.shape[:-1], k).to(output_dtype)

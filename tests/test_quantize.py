@@ -428,6 +428,33 @@ def test_dequantize_special_scale_bytes(vec, ue8m0):
         assert_same_bytes(got, want, f"dequantize to {out_dtype}")
 
 
+@pytest.mark.parametrize("scale", [0.3, 3.0, 1e-30, 7e35], ids=lambda s: f"S={s:g}")
+def test_nvfp4_dequantize_is_the_formula_rounded_once(scale):
+    # SPEC.md: x = e2m1(q) * sf_dec / S, as written: the product is exact, the quotient rounded once (not
+    # e2m1(q) * RN(sf_dec / S), one float32 step off for some values: 3 * 0x22 / 0.3 is 3.1249998, not 3.125)
+    from fractions import Fraction
+
+    sf = torch.arange(256, dtype=torch.uint8).reshape(256, 1)  # every scale byte, NaN encodings included
+    x_q = torch.arange(256, dtype=torch.uint8).reshape(1, 256)[:, :8].repeat(256, 1)  # every code
+    gs = torch.tensor([scale], dtype=torch.float32)
+    got = op_dequantize(x_q, sf, gs, 16, False, "linear")
+    assert_same_bytes(got, reference.dequantize(x_q, sf, gs, 16, False, "linear"), "reference")
+    s = Fraction(gs.item())
+    codes = torch.stack((x_q & 0xF, x_q >> 4), dim=-1).reshape(256, 16)
+    e2m1 = reference.e2m1_to_float(codes)
+    sf_dec = reference.e4m3_to_float(sf.reshape(256))
+    for b in range(256):
+        if math.isnan(sf_dec[b].item()):
+            assert got[b].isnan().all()
+            continue
+        for j in range(16):
+            exact = Fraction(e2m1[b, j].item()) * Fraction(sf_dec[b].item()) / s
+            want = torch.tensor(float(exact), dtype=torch.float64).to(torch.float32)  # exact -> double -> float
+            rounded = Fraction(want.item())
+            # the double rounding of float() then .to() is exact here unless a float32 tie: check directly
+            assert abs(exact - Fraction(got[b, j].item())) <= abs(exact - rounded), (b, j)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("vec,ue8m0", RECIPE_PARAMS)
 def test_round_trip_error(dtype, vec, ue8m0):

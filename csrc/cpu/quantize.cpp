@@ -53,19 +53,14 @@ std::tuple<at::Tensor, at::Tensor> quantize_cpu(const at::Tensor& input,
   return {xq, sf};
 }
 
-// The two E2M1 values of every x_q byte (low nibble first), for decoding by lookup.
-const float (&e2m1_pairs())[256][2] {
-  static const struct Table {
-    float v[256][2];
-    Table() {
-      for (uint32_t b = 0; b < 256; ++b) {
-        v[b][0] = e2m1_to_float(b & 0xFu);
-        v[b][1] = e2m1_to_float(b >> 4);
-      }
-    }
-  } table;
-  return table.v;
-}
+// Each scale byte's 16 dequantized code values (dequant_value), decoded by lookup: for every byte at
+// once where the rows share a scale, else per block.
+struct BlockValues {
+  float v[16];
+  void fill(uint8_t sf, bool ue8m0, float s) {
+    for (uint32_t c = 0; c < 16; ++c) v[c] = dequant_value(c, sf, ue8m0, s);
+  }
+};
 
 // A row of float32 values converted to the output dtype as static_cast<Out> converts them.
 template <typename Out>
@@ -91,33 +86,30 @@ void dequantize_rows(const uint8_t* xq, const uint8_t* sf, const float* gs, bool
                      int64_t m, int64_t k, int vec, bool ue8m0, SfLayout layout, Out* out) {
   const int64_t nk = k / vec;
   const int64_t grain = std::max<int64_t>(1, kElementsPerTask / k);
-  const float(&pairs)[256][2] = e2m1_pairs();
   at::parallel_for(0, m, grain, [&](int64_t begin, int64_t end) {
     IeeeDenormalsScope ieee;
     std::vector<float> row(k);
-    // with one scale for every row, the factor of each scale byte once (NVFP4's is a division)
-    float factors[256];
-    const bool shared_factors = ue8m0 || !gs_per_row;
+    const bool shared_scale = ue8m0 || !gs_per_row;
     auto row_scale = [&](int64_t r) {
       if (ue8m0) return 1.0f;
       const float g = gs[gs_per_row ? r : 0];
       return inversed ? div_rn(1.0f, g) : g;
     };
-    if (shared_factors) {
-      const float s = row_scale(0);
-      for (int b = 0; b < 256; ++b) factors[b] = dequant_block_factor(uint8_t(b), ue8m0, s);
-    }
+    std::vector<BlockValues> shared(shared_scale ? 256 : 0);
+    for (int b = 0; b < int(shared.size()); ++b) shared[b].fill(uint8_t(b), ue8m0, row_scale(0));
+    BlockValues own;
     for (int64_t r = begin; r < end; ++r) {
-      const float s = shared_factors ? 0.0f : row_scale(r);
+      const float s = shared_scale ? 0.0f : row_scale(r);
       const uint8_t* q = xq + r * (k / 2);
       for (int64_t b = 0; b < nk; ++b) {
         const uint8_t sf_byte = sf[sf_offset(r, b, nk, layout)];
-        const float factor = shared_factors ? factors[sf_byte] : dequant_block_factor(sf_byte, ue8m0, s);
+        if (!shared_scale) own.fill(sf_byte, ue8m0, s);
+        const float* values = shared_scale ? shared[sf_byte].v : own.v;
         float* v = row.data() + b * vec;
         for (int i = 0; i < vec / 2; ++i) {
-          const float(&pair)[2] = pairs[q[b * (vec / 2) + i]];
-          v[2 * i] = mul_rn(pair[0], factor);
-          v[2 * i + 1] = mul_rn(pair[1], factor);
+          const uint8_t byte = q[b * (vec / 2) + i];
+          v[2 * i] = values[byte & 0xFu];
+          v[2 * i + 1] = values[byte >> 4];
         }
       }
       narrow_row(row.data(), k, out + r * k);

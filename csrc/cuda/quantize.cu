@@ -71,10 +71,9 @@ __global__ void dequantize_kernel(const DequantizeLaunch a) {
       s = a.is_global_scale_inversed ? div_rn(1.0f, g) : g;
     }
     const uint8_t sf = a.sf[sf_offset(row, col / a.sf_vec_size, nk, SfLayout(a.sf_layout))];
-    const float factor = dequant_block_factor(sf, a.sf_use_ue8m0, s);
     const uint8_t q = a.x_q[i];
-    out[2 * i] = from_float<Out>(mul_rn(e2m1_to_float(q & 0xFu), factor));
-    out[2 * i + 1] = from_float<Out>(mul_rn(e2m1_to_float(q >> 4), factor));
+    out[2 * i] = from_float<Out>(dequant_value(q & 0xFu, sf, a.sf_use_ue8m0, s));
+    out[2 * i + 1] = from_float<Out>(dequant_value(q >> 4, sf, a.sf_use_ue8m0, s));
   }
 }
 
