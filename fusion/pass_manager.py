@@ -174,6 +174,25 @@ def merge_duplicate_conversions(graph: torch.fx.Graph) -> int:
     return merged
 
 
+def canonicalize_variances(graph: torch.fx.Graph) -> int:
+    """Write a variance's square the way the norm patterns are written; returns how many nodes changed:
+    ``h * h`` read only by means (``(h * h).mean(-1)``, as gpt-fast and LitGPT write it) becomes
+    ``pow(h, 2)``, which torch's kernels and Inductor compute as ``h * h`` (the same bits)."""
+    changed = 0
+    for node in list(graph.find_nodes(op="call_function", target=torch.ops.aten.mul.Tensor)):
+        if len(node.args) != 2 or node.kwargs or node.args[0] is not node.args[1]:
+            continue
+        if not node.users or any(u.target is not torch.ops.aten.mean.dim for u in node.users):
+            continue
+        with graph.inserting_before(node):
+            square = graph.call_function(torch.ops.aten.pow.Tensor_Scalar, (node.args[0], 2))
+        square.meta = dict(node.meta)
+        node.replace_all_uses_with(square)
+        graph.erase_node(node)
+        changed += 1
+    return changed
+
+
 def _move_getitems(source: torch.fx.Node, target: torch.fx.Node) -> None:
     """Point the users of source's outputs at target's (one getitem per output index)."""
     by_index = {u.args[1]: u for u in target.users if u.target is operator.getitem}
@@ -679,6 +698,7 @@ class FusionPass(CustomGraphPass):
         fused_copies = 0
         if quantizes:
             hoist_scalar_conversions(graph)
+            canonicalize_variances(graph)
             for node in quantizes:
                 q = quantize_args_of(node)
                 val = node.args[0].meta.get("val") if isinstance(node.args[0], torch.fx.Node) else None

@@ -10,9 +10,20 @@ Source forms (each with and without a weight, any eps):
   (the "hf" form with the weight on the right);
 * ``"t5"``: the Hugging Face T5LayerNorm form ``weight * (x * rsqrt(var(x.float()) + eps)).to(weight.dtype)``
   (the bf16/fp16 x times the float32 rsqrt, the same roundings as "hf");
+* ``"t5_right"``: the diffusers RMSNorm form ``(x * rsqrt(var(x.float()) + eps)).to(weight.dtype) * weight``
+  ("t5" with the weight on the right); "t5" without a weight is diffusers' ``elementwise_affine=False``;
 * ``"olmo2"``: the Hugging Face Olmo2RMSNorm / HeliumRMSNorm form
   ``(weight * (x.float() * rsqrt(var + eps))).to(dtype)`` (weight applied in float32, one rounding:
-  the "torch" numerics in another graph).
+  the "torch" numerics in another graph);
+* ``"glm"``: the ChatGLM form ``(weight * (x * rsqrt(var(x.float()) + eps))).to(dtype)`` (the "olmo2"
+  numerics, x not converted first);
+* ``"fp32_weight"``: the weight converted explicitly, ``(x.float() * rsqrt(var + eps) * weight.float()).to(dtype)``
+  (LitGPT, google/gemma_pytorch without the unit offset: the "torch" numerics);
+* ``"torch_fp32"``: ``F.rms_norm(x.float(), ..., weight.float(), eps).to(dtype)`` (the "torch" numerics; its
+  eps add is another node than the manual forms').
+
+The variance may be written ``h.pow(2).mean(-1, keepdim=True)`` or ``(h * h).mean(...)`` (gpt-fast, LitGPT):
+the pass writes the product as the patterns do first (pass_manager.canonicalize_variances).
 
 eps may also be a 0-d tensor graph input (a module's float eps under ``dynamic=True``): the fused ops'
 ``*_eps_tensor`` variants take it.
@@ -31,20 +42,27 @@ from .pass_manager import FusionPattern, QuantizeArgs, same_model_dtype, same_sh
 
 # float32-exact placeholder for eps (F.rms_norm's decomposition rounds eps to float32 on CPU)
 EPS_PLACEHOLDER = 2.0**-17
-FORMS = ("torch", "hf", "gemma", "meta", "t5", "olmo2")
-# forms that exist only with a weight (without one, "gemma", "meta" and "olmo2" are the "hf" form)
-WEIGHT_ONLY_FORMS = ("gemma", "meta", "t5", "olmo2")
+FORMS = ("torch", "hf", "gemma", "meta", "t5", "t5_right", "olmo2", "glm", "fp32_weight", "torch_fp32")
+# forms that exist only with a weight (without one, "gemma", "meta", "olmo2" and "fp32_weight" are the
+# "hf" form, "t5_right" and "glm" the "t5" form, "torch_fp32" the "torch" form)
+WEIGHT_ONLY_FORMS = ("gemma", "meta", "t5_right", "olmo2", "glm", "fp32_weight", "torch_fp32")
 # forms whose weight multiplies in the model dtype (the fused ops' weight_in_input_dtype)
-INPUT_DTYPE_WEIGHT_FORMS = ("hf", "meta", "t5")
+INPUT_DTYPE_WEIGHT_FORMS = ("hf", "meta", "t5", "t5_right")
 
 
 def rms_norm_forms(x: torch.Tensor, weight: torch.Tensor | None, eps: float, form: str) -> torch.Tensor:
     """The RMSNorm of `x` written in one of the source `FORMS`."""
     if form == "torch":
         return F.rms_norm(x, (x.shape[-1],), weight, eps)
-    if form == "t5":
+    if form == "torch_fp32":
+        return F.rms_norm(x.float(), (x.shape[-1],), weight.float(), eps).to(x.dtype)
+    if form in ("t5", "t5_right", "glm"):
         h = x * torch.rsqrt(x.to(torch.float32).pow(2).mean(-1, keepdim=True) + eps)
-        return weight * h.to(weight.dtype)
+        if weight is None:
+            return h.to(x.dtype)
+        if form == "glm":
+            return (weight * h).to(x.dtype)
+        return weight * h.to(weight.dtype) if form == "t5" else h.to(weight.dtype) * weight
     h = x.to(torch.float32)
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
     if form == "hf":
@@ -53,6 +71,8 @@ def rms_norm_forms(x: torch.Tensor, weight: torch.Tensor | None, eps: float, for
         return h.type_as(x) * weight
     if form == "olmo2":
         return (weight * h).to(x.dtype)
+    if form == "fp32_weight":
+        return (h * weight.float()).to(x.dtype)
     if weight is not None:
         h = h * (1.0 + weight.float())
     return h.type_as(x)

@@ -797,6 +797,37 @@ def _t5(x, w):
     return T5LayerNorm.forward(_Holder(w, 1e-6), x)
 
 
+def _gpt_fast(x, w):
+    # gpt-fast / torchtitan-style: the variance as a product, the weight on the right
+    h = x.float()
+    return (h * torch.rsqrt(torch.mean(h * h, dim=-1, keepdim=True) + 1e-5)).type_as(x) * w
+
+
+def _litgpt(x, w):
+    dtype = x.dtype
+    x = x.float()
+    norm_x = torch.mean(x * x, dim=-1, keepdim=True)
+    x_normed = x * torch.rsqrt(norm_x + 1e-5)
+    return (x_normed * w.float()).to(dtype=dtype)
+
+
+def _diffusers(x, w):
+    # diffusers' RMSNorm (elementwise_affine with a bf16 weight, or none)
+    input_dtype = x.dtype
+    variance = x.to(torch.float32).pow(2).mean(-1, keepdim=True)
+    h = x * torch.rsqrt(variance + 1e-6)
+    if w is None:
+        return h.to(input_dtype)
+    return h.to(w.dtype) * w
+
+
+def _chatglm(x, w):
+    input_dtype = x.dtype
+    variance = x.to(torch.float32).pow(2).mean(-1, keepdim=True)
+    h = x * torch.rsqrt(variance + 1e-5)
+    return (w * h).to(input_dtype)
+
+
 def _scaled_residual(x, r, w):
     s = torch.add(x, r, alpha=0.5)
     return F.rms_norm(s, (K,), w, 1e-6), s
@@ -821,6 +852,20 @@ FORMS = [
     ("rms_norm_quantize[torch,no_weight]", lambda x, r, w: F.rms_norm(x.float(), (K,), None, 1e-6).to(x.dtype)),
     ("rms_norm_quantize[torch]", lambda x, r, w: F.rms_norm(x, (K,), w, None)),
     ("layer_norm_quantize[no_affine]", lambda x, r, w: F.layer_norm(x.float(), (K,), None, None, 1e-5).to(x.dtype)),
+    ("rms_norm_quantize[meta]", lambda x, r, w: _gpt_fast(x, w)),
+    ("add_rms_norm_quantize[meta]", _res(_gpt_fast)),
+    ("rms_norm_quantize[fp32_weight]", lambda x, r, w: _litgpt(x, w)),
+    ("add_rms_norm_quantize[fp32_weight]", _res(_litgpt)),
+    # google/gemma_pytorch without the unit offset; F.rms_norm in float32 with the weight converted
+    ("rms_norm_quantize[fp32_weight]", lambda x, r, w: (_hf_body(x) * w.float()).type_as(x)),
+    ("rms_norm_quantize[torch_fp32]", lambda x, r, w: F.rms_norm(x.float(), (K,), w.float(), 1e-6).type_as(x)),
+    ("add_rms_norm_quantize[torch_fp32]", _res(lambda s, w: F.rms_norm(s.float(), (K,), w.float(), 1e-6).type_as(s))),
+    ("rms_norm_quantize[t5_right]", lambda x, r, w: _diffusers(x, w)),
+    ("add_rms_norm_quantize[t5_right]", _res(_diffusers)),
+    ("rms_norm_quantize[t5,no_weight]", lambda x, r, w: _diffusers(x, None)),
+    ("add_rms_norm_quantize[t5,no_weight]", _res(lambda s, w: _diffusers(s, None))),
+    ("rms_norm_quantize[glm]", lambda x, r, w: _chatglm(x, w)),
+    ("add_rms_norm_quantize[glm]", _res(_chatglm)),
     # a scaled residual: the add with alpha is not the rule's sum; the norm of it still fuses
     ("rms_norm_quantize[torch]", _scaled_residual),
     ("silu_and_mul_quantize[silu]", lambda x, r, w: F.silu(x * 2).mul_(r)),
