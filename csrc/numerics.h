@@ -345,7 +345,7 @@ FP4OP_HD float e2m1_to_float(uint32_t code) {
 
 // The value of E2M1 code `code` in a block of scale byte `sf`, SPEC.md's formulas evaluated as written:
 // e2m1(q) * sf_dec / S (NVFP4, S as in nvfp4_row_scale: the product is exact, so one rounding, the
-// quotient's) or e2m1(q) * 2^(sf - 127) (MXFP4, exact but below 2^-149; 0xFF is NaN).
+// quotient's) or e2m1(q) * 2^(sf - 127) (MXFP4, exact unless it overflows to inf; 0xFF is NaN).
 FP4OP_HD float dequant_value(uint32_t code, uint8_t sf, bool sf_use_ue8m0, float s) {
   const float e2m1 = e2m1_to_float(code);
   if (sf_use_ue8m0) {

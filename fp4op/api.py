@@ -119,7 +119,8 @@ def fp4_quantize(
             f"whose size {x.size(-1)} must be a multiple of sf_vec_size = {sf_vec_size}"
         )
     gs = _prepare_global_scale(global_scale, sf_use_ue8m0, input.device)
-    ops.check_quantize_shape_and_scale(x, "input", gs, sf_vec_size, sf_use_ue8m0, require=ops.require_now)
+    if torch.compiler.is_compiling():  # eager: the op's own checks raise the same errors
+        ops.check_quantize_shape_and_scale(x, "input", gs, sf_vec_size, sf_use_ue8m0, require=ops.require_now)
     flags = (sf_vec_size, sf_use_ue8m0, is_sf_swizzled_layout, is_sf_8x4_layout, is_global_scale_inversed)
     # enable_pdl only when given: graphs then hold the plain call that the fusion rules match
     pdl = () if enable_pdl is None else (bool(enable_pdl),)
@@ -165,10 +166,11 @@ def dequantize(
             if tuple(sf.shape) != (rows, cols) or (rows == cols and _is_column_major(sf)):
                 sf = sf.t()
     gs = _prepare_global_scale(global_scale, sf_use_ue8m0, x_q.device)
-    ops.check_dequantize_args(
-        x_q, sf, gs, sf_vec_size, sf_use_ue8m0, is_sf_swizzled_layout, is_sf_8x4_layout, output_dtype,
-        require=ops.require_now,
-    )
+    if torch.compiler.is_compiling():  # as in fp4_quantize
+        ops.check_dequantize_args(
+            x_q, sf, gs, sf_vec_size, sf_use_ue8m0, is_sf_swizzled_layout, is_sf_8x4_layout, output_dtype,
+            require=ops.require_now,
+        )
     out = torch.ops.fp4op.dequantize(
         x_q, sf, gs, sf_vec_size, sf_use_ue8m0, is_sf_swizzled_layout, is_sf_8x4_layout,
         is_global_scale_inversed, output_dtype,

@@ -69,8 +69,8 @@ def require_now(condition, message) -> None:
 
 
 def check_quantize_shape_and_scale(x, name, global_scale, sf_vec_size, sf_use_ue8m0, require=torch._check_value):
-    """The checks of a quantize that follow its recipe and dtype checks. The Python API makes them before
-    calling the op too, with `require=require_now`: under torch.compile an error raised by a fake kernel
+    """The checks of a quantize that follow its recipe and dtype checks. Under torch.compile the Python API
+    makes them before calling the op too, with `require=require_now`: an error raised by a fake kernel
     reaches the caller wrapped in Dynamo's TorchRuntimeError, one raised by the traced API as itself."""
     if x.dim() < 1:
         raise ValueError(f"fp4op: {name} must have at least 1 dimension, got a 0-d tensor")

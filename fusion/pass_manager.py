@@ -713,6 +713,7 @@ class FusionPass(CustomGraphPass):
                 # so that a conversion the pattern needs private is not merged with one read elsewhere,
                 # and only without producer copies, which undo_unfused_copies must find as it made them.
                 if not copies.outputs and merge_duplicate_conversions(graph):
+                    canonicalize_variances(graph)  # x.float() * x.float() is a square only now
                     self.patterns.apply(graph)
             finally:
                 self._current = None

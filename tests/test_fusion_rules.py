@@ -420,3 +420,34 @@ def test_unfused_copies_are_undone():
     for got, want in zip(out, expected):
         for a, e in zip(got, want):
             assert_fp4_close(a, e, 16, min_identical=0.5)
+
+
+def _variance_graph(square_other_user: bool, other_factor: bool) -> torch.fx.Graph:
+    aten = torch.ops.aten
+
+    def fn(h, g):
+        sq = aten.mul.Tensor(h, g if other_factor else h)
+        mean = aten.mean.dim(sq, [-1], True)
+        return (mean, sq) if square_other_user else mean
+
+    return torch.fx.symbolic_trace(fn).graph
+
+
+@pytest.mark.parametrize(
+    "square_other_user,other_factor,rewritten",
+    [(False, False, True), (True, False, False), (False, True, False)],
+    ids=["variance", "square_read_elsewhere", "product_of_two"],
+)
+def test_canonicalize_variances_rewrites_only_a_square_read_by_means(square_other_user, other_factor, rewritten):
+    """h * h read only by a mean becomes pow(h, 2) (the patterns' form, the same bits); a product of two
+    tensors, or a square with another reader, is left as written."""
+    from fp4op.fusion.pass_manager import canonicalize_variances
+
+    graph = _variance_graph(square_other_user, other_factor)
+    assert canonicalize_variances(graph) == int(rewritten)
+    targets = [n.target for n in graph.nodes if n.op == "call_function"]
+    assert (torch.ops.aten.pow.Tensor_Scalar in targets) == rewritten
+    assert (torch.ops.aten.mul.Tensor in targets) == (not rewritten)
+    if rewritten:
+        pow_node = next(n for n in graph.nodes if n.target is torch.ops.aten.pow.Tensor_Scalar)
+        assert pow_node.args[1] == 2 and pow_node.args[0].op == "placeholder"

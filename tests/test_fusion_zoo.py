@@ -854,6 +854,8 @@ FORMS = [
     ("layer_norm_quantize[no_affine]", lambda x, r, w: F.layer_norm(x.float(), (K,), None, None, 1e-5).to(x.dtype)),
     ("rms_norm_quantize[meta]", lambda x, r, w: _gpt_fast(x, w)),
     ("add_rms_norm_quantize[meta]", _res(_gpt_fast)),
+    # the product of two conversions of x: a square once the pass has merged them
+    ("rms_norm_quantize[meta]", lambda x, r, w: (x.float() * torch.rsqrt((x.float() * x.float()).mean(-1, keepdim=True) + 1e-6)).type_as(x) * w),
     ("rms_norm_quantize[fp32_weight]", lambda x, r, w: _litgpt(x, w)),
     ("add_rms_norm_quantize[fp32_weight]", _res(_litgpt)),
     # google/gemma_pytorch without the unit offset; F.rms_norm in float32 with the weight converted

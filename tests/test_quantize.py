@@ -435,7 +435,8 @@ def test_nvfp4_dequantize_is_the_formula_rounded_once(scale):
     from fractions import Fraction
 
     sf = torch.arange(256, dtype=torch.uint8).reshape(256, 1)  # every scale byte, NaN encodings included
-    x_q = torch.arange(256, dtype=torch.uint8).reshape(1, 256)[:, :8].repeat(256, 1)  # every code
+    codes = torch.arange(8, dtype=torch.uint8)
+    x_q = (codes | ((codes + 8) << 4)).reshape(1, 8).repeat(256, 1)  # every code, negative ones included
     gs = torch.tensor([scale], dtype=torch.float32)
     got = op_dequantize(x_q, sf, gs, 16, False, "linear")
     assert_same_bytes(got, reference.dequantize(x_q, sf, gs, 16, False, "linear"), "reference")

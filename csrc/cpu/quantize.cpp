@@ -53,12 +53,14 @@ std::tuple<at::Tensor, at::Tensor> quantize_cpu(const at::Tensor& input,
   return {xq, sf};
 }
 
-// Each scale byte's 16 dequantized code values (dequant_value), decoded by lookup: for every byte at
-// once where the rows share a scale, else per block.
+// A scale byte's 16 dequantized code values (dequant_value), for decoding by lookup: the 8 magnitudes'
+// values, the negative codes their negations (IEEE rounding is symmetric; a NaN stays the NaN that
+// dequant_value gives for every code).
 struct BlockValues {
   float v[16];
   void fill(uint8_t sf, bool ue8m0, float s) {
-    for (uint32_t c = 0; c < 16; ++c) v[c] = dequant_value(c, sf, ue8m0, s);
+    for (uint32_t c = 0; c < 8; ++c) v[c] = dequant_value(c, sf, ue8m0, s);
+    for (uint32_t c = 0; c < 8; ++c) v[c + 8] = v[c] != v[c] ? v[c] : -v[c];
   }
 };
 
@@ -95,14 +97,20 @@ void dequantize_rows(const uint8_t* xq, const uint8_t* sf, const float* gs, bool
       const float g = gs[gs_per_row ? r : 0];
       return inversed ? div_rn(1.0f, g) : g;
     };
+    // with one scale for every row, each scale byte's values once, when the byte first occurs
     std::vector<BlockValues> shared(shared_scale ? 256 : 0);
-    for (int b = 0; b < int(shared.size()); ++b) shared[b].fill(uint8_t(b), ue8m0, row_scale(0));
+    bool filled[256] = {};
+    const float shared_s = shared_scale ? row_scale(0) : 0.0f;
     BlockValues own;
     for (int64_t r = begin; r < end; ++r) {
       const float s = shared_scale ? 0.0f : row_scale(r);
       const uint8_t* q = xq + r * (k / 2);
       for (int64_t b = 0; b < nk; ++b) {
         const uint8_t sf_byte = sf[sf_offset(r, b, nk, layout)];
+        if (shared_scale && !filled[sf_byte]) {
+          shared[sf_byte].fill(sf_byte, ue8m0, shared_s);
+          filled[sf_byte] = true;
+        }
         if (!shared_scale) own.fill(sf_byte, ue8m0, s);
         const float* values = shared_scale ? shared[sf_byte].v : own.v;
         float* v = row.data() + b * vec;
