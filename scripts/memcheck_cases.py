@@ -3,8 +3,9 @@
     compute-sanitizer --tool memcheck --error-exitcode 1 python scripts/memcheck_cases.py
 
 Covers every input dtype, recipe and layout, odd M (M = 1 included), odd numbers of scale blocks,
-empty inputs, per-row global scales, non-contiguous and unaligned inputs. Each result is compared
-with the CPU kernel; exits 1 on a mismatch, 2 without a GPU."""
+empty inputs, per-row global scales, non-contiguous and unaligned inputs; dequantize also from an
+unaligned x_q and into every output dtype. Each result is compared with the CPU kernel; exits 1 on a
+mismatch, 2 without a GPU."""
 
 import math
 import sys
@@ -47,6 +48,29 @@ def check(name, x_cpu, x_cuda, gs, vec, ue8m0, layout, failures):
         failures.append(name)
 
 
+def same_values(a, b):
+    """Equal bits, any NaN matching any NaN."""
+    return torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(), b.nan_to_num()) and torch.equal(
+        torch.signbit(a) | a.isnan(), torch.signbit(b) | b.isnan())
+
+
+def check_dequantize(name, shape, vec, ue8m0, layout, offset, failures):
+    """x_q at `offset` bytes into its storage (unaligned for offset % 8 != 0), every output dtype."""
+    swz, is8x4 = layouts.layout_flags(layout)
+    x = make_input(shape, torch.bfloat16, 11)
+    gs = None if ue8m0 else torch.rand(shape[0]) * 100 + 1
+    x_q, sf = torch.ops.fp4op.quantize(x, gs, vec, ue8m0, swz, is8x4, False)
+    buf = torch.zeros(x_q.numel() + 16, dtype=torch.uint8)
+    buf[offset : offset + x_q.numel()] = x_q.view(-1)
+    q_cuda = buf.cuda()[offset : offset + x_q.numel()].view(x_q.shape)
+    for out_dtype in (torch.float32, torch.bfloat16, torch.float16):
+        got = torch.ops.fp4op.dequantize(q_cuda, sf.cuda(), None if gs is None else gs.cuda(), vec, ue8m0, swz,
+                                         is8x4, False, out_dtype)
+        want = torch.ops.fp4op.dequantize(x_q, sf, gs, vec, ue8m0, swz, is8x4, False, out_dtype)
+        if not same_values(got.cpu(), want):
+            failures.append(f"{name} {out_dtype}")
+
+
 def main():
     if not torch.cuda.is_available():
         print("memcheck_cases: no CUDA device")
@@ -75,6 +99,13 @@ def main():
                 check(f"{dtype} vec={vec} {layout} unaligned", unaligned, flat.cuda()[3 : 3 + 40 * 96].view(40, 96),
                       gs, vec, ue8m0, layout, failures)
                 count += 2
+    for vec, ue8m0 in RECIPES:
+        for layout in layouts.LAYOUTS:
+            for offset in (0, 1, 4):
+                for shape in ((7, 96), (129, 512)):
+                    check_dequantize(f"dequantize vec={vec} {layout} {shape} offset={offset}", shape, vec, ue8m0,
+                                     layout, offset, failures)
+                    count += 1
     for f in failures:
         print("MISMATCH", f)
     print(f"memcheck_cases: {count - len(failures)}/{count} cases match the CPU kernel")

@@ -40,7 +40,7 @@ def cuda_equals_cpu(x, gs, vec, ue8m0, layout, inversed=False, dequantize=True):
     assert_same_bytes(got[0], want[0], "x_q")
     assert_same_bytes(got[1], want[1], "sf")
     if dequantize:
-        for out_dtype in (torch.float32, torch.bfloat16):
+        for out_dtype in (torch.float32, torch.bfloat16, torch.float16):
             d_cuda = op_dequantize(*got, gs_cuda, vec, ue8m0, layout, inversed, out_dtype)
             d_cpu = op_dequantize(*want, gs_cpu, vec, ue8m0, layout, inversed, out_dtype)
             assert_same_bytes(d_cuda, d_cpu, f"dequantize {out_dtype}")
@@ -152,6 +152,51 @@ def test_column_major_api_cuda():
     want = fp4op.fp4_quantize(storage.t(), torch.ones(1))
     assert_same_bytes(got[0], want[0], "x_q")
     assert_same_bytes(got[1], want[1], "sf")
+
+
+DEQUANTIZE_SCALES = {
+    "one": [1.0],
+    "odd": [0.3],
+    "tiny": [1e-30],
+    "huge": [3e38],
+    "negative": [-2.5],
+    "zero": [0.0],
+    "inf": [float("inf")],
+    "nan": [float("nan")],
+    "per_row": [0.3, 7.0, -1.0, 0.0, float("inf"), 1e-3, 448.0 * 6.0, float("nan")],
+}
+
+
+@pytest.mark.parametrize("vec,ue8m0", RECIPE_PARAMS)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("scale", list(DEQUANTIZE_SCALES), ids=str)
+@pytest.mark.parametrize("inversed", [False, True], ids=["direct", "inversed"])
+@pytest.mark.parametrize("offset", [0, 1, 5], ids=lambda o: f"offset{o}")
+def test_dequantize_every_code_and_scale_byte(vec, ue8m0, layout, scale, inversed, offset):
+    """Every x_q byte under every scale byte, the global scales whose quotients are special (0, inf,
+    NaN, negative, subnormal results), x_q at unaligned addresses: CUDA == CPU in every output dtype."""
+    if ue8m0 and (scale != "one" or inversed):
+        pytest.skip("MXFP4 has no global scale")
+    m, nk = 16, 16  # 256 blocks: one for each scale byte
+    k = nk * vec
+    generator = torch.Generator().manual_seed(0)
+    # every code in every block: each 16 codes of a block a permutation of 0..15
+    codes = torch.stack([torch.randperm(16, generator=generator) for _ in range(m * k // 16)]).view(-1)
+    packed = (codes[0::2] | (codes[1::2] << 4)).to(torch.uint8)
+    buf = torch.zeros(m * k // 2 + 16, dtype=torch.uint8)
+    buf[offset : offset + m * k // 2] = packed
+    x_q = buf[offset : offset + m * k // 2].view(m, k // 2)
+    sf_bytes = torch.randperm(256, generator=generator).to(torch.uint8).view(m, nk)
+    sf = layouts.swizzle(sf_bytes, layout)
+    gs = None
+    if not ue8m0:
+        values = DEQUANTIZE_SCALES[scale]
+        gs = torch.tensor(values if len(values) == 1 else (values * m)[:m], dtype=torch.float32)
+    for out_dtype in (torch.float32, torch.bfloat16, torch.float16):
+        want = op_dequantize(x_q, sf, gs, vec, ue8m0, layout, inversed, out_dtype)
+        got = op_dequantize(x_q.cuda(), sf.cuda(), None if gs is None else gs.cuda(), vec, ue8m0, layout,
+                            inversed, out_dtype)
+        assert_same_bytes(got, want, f"dequantize {out_dtype}")
 
 
 # ---- CUDA behaviour ---------------------------------------------------------------------------------

@@ -38,50 +38,145 @@ cudaError_t launch_quantize_typed(const QuantizeLaunch& a, const LaunchStream& s
   return launch_elementwise<PlainSource<D>>(e, stream);
 }
 
-template <typename Out>
-__device__ __forceinline__ Out from_float(float v);
+// ---- dequantize ---------------------------------------------------------------------------------------
+//
+// A thread per scale block (grid-stride). A block's values take 8 magnitudes, those of codes 0..7: the
+// thread evaluates dequant_value for each once and converts them to the output dtype, and each code
+// then selects its magnitude's bits with byte permutes (one a byte plane per 4 codes) and flips the sign
+// bit for codes 8..15: the same bits as dequant_value of the signed code (the formula is odd in the
+// code's sign; a NaN's sign is no part of the contract), at a few instructions an element instead of a
+// division.
+
+// The output dtype's bits of v (float32 -> W-byte value, round to nearest even).
+template <int W>
+__device__ __forceinline__ uint32_t output_bits(float v, int output_dtype);
 template <>
-__device__ __forceinline__ float from_float<float>(float v) {
-  return v;
+__device__ __forceinline__ uint32_t output_bits<4>(float v, int) {
+  return __float_as_uint(v);
 }
 template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
-  return __float2bfloat16_rn(v);
-}
-template <>
-__device__ __forceinline__ __half from_float<__half>(float v) {
-  return __float2half_rn(v);
+__device__ __forceinline__ uint32_t output_bits<2>(float v, int output_dtype) {
+  return output_dtype == 1 ? uint32_t(__bfloat16_as_ushort(__float2bfloat16_rn(v)))
+                           : uint32_t(__half_as_ushort(__float2half_rn(v)));
 }
 
-// One thread per x_q byte (two outputs); dequantization is not on a hot path.
-template <typename Out>
-__global__ void dequantize_kernel(const DequantizeLaunch a) {
-  wait_for_previous_kernel();
-  const int64_t bytes_per_row = a.k / 2;
-  const int64_t total = a.m * bytes_per_row;
-  const int64_t nk = a.k / a.sf_vec_size;
-  Out* out = static_cast<Out*>(a.out);
-  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
-       i += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t row = i / bytes_per_row;
-    const int64_t col = (i % bytes_per_row) * 2;
-    float s = 1.0f;
-    if (!a.sf_use_ue8m0) {
-      const float g = a.global_scale[a.global_scale_per_row ? row : 0];
-      s = a.is_global_scale_inversed ? div_rn(1.0f, g) : g;
+// The W byte planes of the 8 magnitudes' output bits: plane p holds byte p of magnitude c in byte c
+// (c < 4: word [p][0], else [p][1]).
+template <int W>
+__device__ __forceinline__ void magnitude_planes(const uint32_t (&bits)[8], uint32_t (&plane)[W][2]) {
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const uint32_t* b = bits + 4 * h;
+    if constexpr (W == 2) {
+      const uint32_t e01 = b[0] | (b[1] << 16), e23 = b[2] | (b[3] << 16);
+      plane[0][h] = __byte_perm(e01, e23, 0x6420);
+      plane[1][h] = __byte_perm(e01, e23, 0x7531);
+    } else {
+#pragma unroll
+      for (int p = 0; p < 4; ++p) {
+        const uint32_t sel = uint32_t(p) | (uint32_t(p + 4) << 4);
+        plane[p][h] = __byte_perm(__byte_perm(b[0], b[1], sel), __byte_perm(b[2], b[3], sel), 0x5410);
+      }
     }
-    const uint8_t sf = a.sf[sf_offset(row, col / a.sf_vec_size, nk, SfLayout(a.sf_layout))];
-    const uint8_t q = a.x_q[i];
-    out[2 * i] = from_float<Out>(dequant_value(q & 0xFu, sf, a.sf_use_ue8m0, s));
-    out[2 * i + 1] = from_float<Out>(dequant_value(q >> 4, sf, a.sf_use_ue8m0, s));
   }
 }
 
-template <typename Out>
+// The output bits of the 4 codes in the low 16 bits of `codes` (code e in bits 4e..4e+3): W words.
+template <int W>
+__device__ __forceinline__ void dequantize4(uint32_t codes, const uint32_t (&plane)[W][2], uint32_t* out) {
+  const uint32_t sel = codes & 0x7777u;  // magnitudes (a selector nibble's bit 3 would replicate signs)
+  uint32_t g[W];
+#pragma unroll
+  for (int p = 0; p < W; ++p) g[p] = __byte_perm(plane[p][0], plane[p][1], sel);  // byte e: value e's byte p
+  if constexpr (W == 2) {
+    out[0] = __byte_perm(g[0], g[1], 0x5140) ^ (((codes & 0x8u) << 12) | ((codes & 0x80u) << 24));
+    out[1] = __byte_perm(g[0], g[1], 0x7362) ^ (((codes & 0x800u) << 4) | ((codes & 0x8000u) << 16));
+  } else {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const uint32_t sel_e = uint32_t(e) | (uint32_t(e + 4) << 4);
+      out[e] = __byte_perm(__byte_perm(g[0], g[1], sel_e), __byte_perm(g[2], g[3], sel_e), 0x5410) ^
+               (((codes >> (4 * e + 3)) & 1u) << 31);
+    }
+  }
+}
+
+// The VEC / 8 code words of a block at `src` (VEC / 2 bytes): vector loads where the block is aligned to
+// its size (ALIGNED: x_q's data pointer is, and so every block), bytes otherwise.
+template <int VEC, bool ALIGNED>
+__device__ __forceinline__ void load_codes(const uint8_t* src, uint32_t (&words)[VEC / 8]) {
+  if constexpr (ALIGNED && VEC == 16) {
+    const uint2 v = __ldg(reinterpret_cast<const uint2*>(src));
+    words[0] = v.x;
+    words[1] = v.y;
+  } else if constexpr (ALIGNED) {
+    const uint4 v = __ldg(reinterpret_cast<const uint4*>(src));
+    words[0] = v.x;
+    words[1] = v.y;
+    words[2] = v.z;
+    words[3] = v.w;
+  } else {
+#pragma unroll
+    for (int w = 0; w < VEC / 8; ++w) {
+      words[w] = 0u;
+#pragma unroll
+      for (int b = 0; b < 4; ++b) words[w] |= uint32_t(__ldg(src + 4 * w + b)) << (8 * b);
+    }
+  }
+}
+
+template <int VEC, int W, bool ALIGNED>
+__global__ void __launch_bounds__(kThreads) dequantize_kernel(const DequantizeLaunch a) {
+  const int64_t nk = a.k / VEC;
+  const int64_t blocks = a.m * nk;
+  const int64_t stride = int64_t(gridDim.x) * kThreads;
+  const int64_t stride_rows = stride / nk, stride_cols = stride % nk;
+  int64_t i = int64_t(blockIdx.x) * kThreads + threadIdx.x;
+  int64_t row = i / nk, col = i % nk;
+  const SfLayout layout = SfLayout(a.sf_layout);
+  wait_for_previous_kernel();
+  float s = 1.0f;
+  auto row_scale = [&](int64_t r) {
+    const float g = a.global_scale[a.global_scale_per_row ? r : 0];
+    return a.is_global_scale_inversed ? div_rn(1.0f, g) : g;
+  };
+  if (!a.sf_use_ue8m0 && !a.global_scale_per_row) s = row_scale(0);
+  for (; i < blocks; i += stride) {
+    if (!a.sf_use_ue8m0 && a.global_scale_per_row) s = row_scale(row);
+    const uint8_t sf = a.sf[sf_offset(row, col, nk, layout)];
+    uint32_t bits[8];
+#pragma unroll
+    for (int c = 0; c < 8; ++c) bits[c] = output_bits<W>(dequant_value(uint32_t(c), sf, a.sf_use_ue8m0, s), a.output_dtype);
+    uint32_t plane[W][2];
+    magnitude_planes<W>(bits, plane);
+    uint32_t codes[VEC / 8];
+    load_codes<VEC, ALIGNED>(a.x_q + i * (VEC / 2), codes);
+    uint4* dst = reinterpret_cast<uint4*>(static_cast<uint8_t*>(a.out) + i * VEC * W);
+#pragma unroll
+    for (int w = 0; w < VEC / 8; ++w) {
+      uint32_t out[2 * W];  // 8 values
+      dequantize4<W>(codes[w] & 0xFFFFu, plane, out);
+      dequantize4<W>(codes[w] >> 16, plane, out + W);
+#pragma unroll
+      for (int v = 0; v < W / 2; ++v) dst[w * (W / 2) + v] = make_uint4(out[4 * v], out[4 * v + 1], out[4 * v + 2], out[4 * v + 3]);
+    }
+    row += stride_rows;
+    col += stride_cols;
+    if (col >= nk) {
+      col -= nk;
+      ++row;
+    }
+  }
+}
+
+template <int VEC, int W>
 cudaError_t launch_dequantize_typed(const DequantizeLaunch& a, const LaunchStream& stream) {
-  const int64_t total = a.m * (a.k / 2);
-  const int64_t blocks = std::min<int64_t>((total + kThreads - 1) / kThreads, int64_t(a.num_sms) * 32);
-  return launch_kernel(dequantize_kernel<Out>, dim3(unsigned(std::max<int64_t>(blocks, 1))), stream, a);
+  const int64_t blocks = a.m * (a.k / VEC);
+  const int64_t ctas = std::min<int64_t>((blocks + kThreads - 1) / kThreads, int64_t(a.num_sms) * 8);
+  const bool aligned = reinterpret_cast<uintptr_t>(a.x_q) % (VEC / 2) == 0;
+  const dim3 grid(unsigned(std::max<int64_t>(ctas, 1)));
+  return aligned ? launch_kernel(dequantize_kernel<VEC, W, true>, grid, stream, a)
+                 : launch_kernel(dequantize_kernel<VEC, W, false>, grid, stream, a);
 }
 
 }  // namespace
@@ -96,12 +191,14 @@ cudaError_t launch_quantize(const QuantizeLaunch& a, const LaunchStream& stream)
 }
 
 cudaError_t launch_dequantize(const DequantizeLaunch& a, const LaunchStream& stream) {
-  switch (a.output_dtype) {
-    case 0: return launch_dequantize_typed<float>(a, stream);
-    case 1: return launch_dequantize_typed<__nv_bfloat16>(a, stream);
-    case 2: return launch_dequantize_typed<__half>(a, stream);
+  if (a.output_dtype < 0 || a.output_dtype > 2 || (a.sf_vec_size != 16 && a.sf_vec_size != 32)) {
+    return cudaErrorInvalidValue;
   }
-  return cudaErrorInvalidValue;
+  const bool wide = a.output_dtype == 0;  // float32: 4 bytes a value, else 2
+  if (a.sf_vec_size == 16) {
+    return wide ? launch_dequantize_typed<16, 4>(a, stream) : launch_dequantize_typed<16, 2>(a, stream);
+  }
+  return wide ? launch_dequantize_typed<32, 4>(a, stream) : launch_dequantize_typed<32, 2>(a, stream);
 }
 
 }  // namespace fp4op::cuda

@@ -1,0 +1,84 @@
+"""GPU benchmark of fp4op dequantize (what FP4Linear's emulated matmul runs on GPUs without FP4
+`torch._scaled_mm`, for the activation and the weight of every call).
+
+For each shape, recipe and output dtype (128x4 scales), in one process: fp4op.dequantize, a device copy
+moving the same bytes (x_q + sf read, the output written: the limit), and torch.compile of
+fp4op.reference.dequantize (what Inductor alone makes of SPEC.md's formula). CUDA events around one call,
+L2 flushed before each (bench_quantize.CudaTimer), median. Prints a markdown table; --out writes JSON with
+the device, torch version and commit.
+
+    python benchmarks/bench_dequantize.py --out dequantize_h100.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402
+from bench_quantize import CudaTimer  # noqa: E402
+
+import fp4op  # noqa: E402
+from fp4op import reference  # noqa: E402
+
+# activations (8192 tokens) and the weights of 4096/8192-wide models
+SHAPES = ((8192, 4096), (8192, 8192), (4096, 4096), (14336, 4096), (4096, 14336), (128, 8192))
+OUTPUT_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default=None, help="JSON results file")
+    p.add_argument("--label", default="fp4op", help="the name of fp4op's rows (e.g. the build timed)")
+    p.add_argument("--skip-inductor", action="store_true")
+    p.add_argument("--target-ms", type=float, default=60.0)
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench_dequantize: needs a CUDA GPU")
+        return 1
+    timer = CudaTimer(args.target_ms / 1e3, min_iters=10, max_iters=500, flush_bytes=256 * common.MiB)
+    compiled = torch.compile(reference.dequantize, dynamic=False)
+    rows = []
+    print(f"| impl | M x K | recipe | output | time us | GB/s | copy us | % of copy |\n|---|---|---|---|---|---|---|---|")
+    for m, k in SHAPES:
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        for recipe, (vec, ue8m0) in common.RECIPES.items():
+            gs = None if ue8m0 else (448.0 * 6.0 / x.abs().amax().float()).reshape(1)
+            x_q, sf = fp4op.fp4_quantize(x, gs, vec, ue8m0)
+            for out_name, out_dtype in OUTPUT_DTYPES.items():
+                nbytes = x_q.numel() + sf.numel() + m * k * torch.empty(0, dtype=out_dtype).element_size()
+                src = torch.empty(nbytes // 2, dtype=torch.uint8, device="cuda")
+                dst = torch.empty_like(src)
+                copy = timer.measure(lambda: dst.copy_(src))
+                impls = {args.label: lambda: fp4op.dequantize(x_q, sf, gs, vec, ue8m0, output_dtype=out_dtype)}
+                if not args.skip_inductor:
+                    impls["inductor_reference"] = lambda: compiled(x_q, sf, gs, vec, ue8m0, "128x4", False, out_dtype)
+                for impl, fn in impls.items():
+                    t = timer.measure(fn)
+                    row = {"impl": impl, "m": m, "k": k, "recipe": recipe, "layout": "128x4", "output": out_name,
+                           "effective_bytes": nbytes, "time_us": t["time_us"], "iters": t["iters"],
+                           "gbps": nbytes / t["time_us"] / 1e3, "copy_time_us": copy["time_us"],
+                           "pct_of_copy": 100.0 * copy["time_us"] / t["time_us"]}
+                    rows.append(row)
+                    print(f"| {impl} | {m}x{k} | {recipe} | {out_name} | {row['time_us']:.1f} | {row['gbps']:.0f} | "
+                          f"{copy['time_us']:.1f} | {row['pct_of_copy']:.1f}% |", flush=True)
+                del src, dst
+        del x
+        torch.cuda.empty_cache()
+    if args.out:
+        result = {"environment": common.environment("cuda"), "method": {
+            "timer": "CUDA events around one call, L2 flushed (256 MiB written) and a GPU spin before each, median",
+            "effective_bytes": "x_q + sf + output", "copy": "uint8 device copy of effective_bytes / 2 bytes"},
+            "rows": rows}
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
