@@ -337,10 +337,13 @@ FP4OP_HD float amax_fold(float acc, float x) {
 
 // ---- dequantization --------------------------------------------------------------------------------
 
+// The value of E2M1 code `code` (0, 0.5, 1, 1.5, 2, 3, 4, 6 and their negatives), built from its bits
+// (a table indexed by a code known only at run time would live in the GPU's local memory): exponent
+// field e = bits 1..2, mantissa m = bit 0; e > 0 is (1 + m / 2) * 2^(e - 1), e = 0 the subnormal m / 2.
 FP4OP_HD float e2m1_to_float(uint32_t code) {
-  const float mag[8] = {0.0f, 0.5f, 1.0f, 1.5f, 2.0f, 3.0f, 4.0f, 6.0f};
-  const float v = mag[code & 7u];
-  return (code & 8u) ? -v : v;
+  const uint32_t e = (code >> 1) & 3u, m = code & 1u;
+  const uint32_t magnitude = e != 0u ? ((126u + e) << 23) | (m << 22) : m * 0x3F000000u;
+  return bits_to_float(magnitude | ((code & 8u) << 28));
 }
 
 // The value of E2M1 code `code` in a block of scale byte `sf`, SPEC.md's formulas evaluated as written:

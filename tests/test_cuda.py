@@ -167,16 +167,19 @@ DEQUANTIZE_SCALES = {
 }
 
 
-@pytest.mark.parametrize("vec,ue8m0", RECIPE_PARAMS)
+DEQUANTIZE_CASES = [pytest.param(32, True, None, False, id="mxfp4")] + [
+    pytest.param(16, False, scale, inversed, id=f"nvfp4-{scale}{'-inversed' if inversed else ''}")
+    for scale in DEQUANTIZE_SCALES
+    for inversed in (False, True)
+]
+
+
+@pytest.mark.parametrize("vec,ue8m0,scale,inversed", DEQUANTIZE_CASES)
 @pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("scale", list(DEQUANTIZE_SCALES), ids=str)
-@pytest.mark.parametrize("inversed", [False, True], ids=["direct", "inversed"])
 @pytest.mark.parametrize("offset", [0, 1, 5], ids=lambda o: f"offset{o}")
-def test_dequantize_every_code_and_scale_byte(vec, ue8m0, layout, scale, inversed, offset):
-    """Every x_q byte under every scale byte, the global scales whose quotients are special (0, inf,
-    NaN, negative, subnormal results), x_q at unaligned addresses: CUDA == CPU in every output dtype."""
-    if ue8m0 and (scale != "one" or inversed):
-        pytest.skip("MXFP4 has no global scale")
+def test_dequantize_every_code_and_scale_byte(vec, ue8m0, scale, inversed, layout, offset):
+    """Every code under every scale byte, the global scales whose quotients are special (0, inf, NaN,
+    negative, subnormal results), x_q at unaligned addresses: CUDA == CPU in every output dtype."""
     m, nk = 16, 16  # 256 blocks: one for each scale byte
     k = nk * vec
     generator = torch.Generator().manual_seed(0)
@@ -194,9 +197,26 @@ def test_dequantize_every_code_and_scale_byte(vec, ue8m0, layout, scale, inverse
         gs = torch.tensor(values if len(values) == 1 else (values * m)[:m], dtype=torch.float32)
     for out_dtype in (torch.float32, torch.bfloat16, torch.float16):
         want = op_dequantize(x_q, sf, gs, vec, ue8m0, layout, inversed, out_dtype)
-        got = op_dequantize(x_q.cuda(), sf.cuda(), None if gs is None else gs.cuda(), vec, ue8m0, layout,
-                            inversed, out_dtype)
+        # the unaligned view itself on the GPU (x_q.cuda() would copy it to an aligned allocation)
+        q_cuda = buf.cuda()[offset : offset + m * k // 2].view(m, k // 2)
+        got = op_dequantize(q_cuda, sf.cuda(), None if gs is None else gs.cuda(), vec, ue8m0, layout, inversed,
+                            out_dtype)
         assert_same_bytes(got, want, f"dequantize {out_dtype}")
+
+
+@pytest.mark.parametrize("vec,ue8m0", RECIPE_PARAMS)
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16, torch.float16], ids=dtype_id)
+def test_dequantize_grid_stride(vec, ue8m0, out_dtype):
+    """More lanes than a wave of CTAs holds, an odd number of blocks a row (the kernel's row and column
+    steps wrap), per-row scales: CUDA == CPU."""
+    m, k = 4099, 65 * 32
+    x = random_input((m, k), torch.bfloat16)
+    gs = None if ue8m0 else make_global_scale(x, "per_row")
+    x_q, sf = op_quantize(x, gs, vec, ue8m0, "128x4")
+    want = op_dequantize(x_q, sf, gs, vec, ue8m0, "128x4", False, out_dtype)
+    got = op_dequantize(x_q.cuda(), sf.cuda(), None if gs is None else gs.cuda(), vec, ue8m0, "128x4", False,
+                        out_dtype)
+    assert_same_bytes(got, want, f"dequantize {out_dtype}")
 
 
 # ---- CUDA behaviour ---------------------------------------------------------------------------------

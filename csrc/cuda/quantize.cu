@@ -40,12 +40,13 @@ cudaError_t launch_quantize_typed(const QuantizeLaunch& a, const LaunchStream& s
 
 // ---- dequantize ---------------------------------------------------------------------------------------
 //
-// A thread per scale block (grid-stride). A block's values take 8 magnitudes, those of codes 0..7: the
-// thread evaluates dequant_value for each once and converts them to the output dtype, and each code
-// then selects its magnitude's bits with byte permutes (one a byte plane per 4 codes) and flips the sign
-// bit for codes 8..15: the same bits as dequant_value of the signed code (the formula is odd in the
-// code's sign; a NaN's sign is no part of the contract), at a few instructions an element instead of a
-// division.
+// A lane per 16 bytes of output (8 values of a 16-bit dtype, 4 of float32), so that a warp's loads and
+// stores are contiguous; the kLanes lanes of a scale block share its 8 magnitudes, those of codes 0..7,
+// each lane evaluating dequant_value for 8 / kLanes of them (shuffled to the others) and converting them
+// to the output dtype. A code then selects its magnitude's bits with byte permutes (one a byte plane per
+// 4 codes) and flips the sign bit for codes 8..15: the same bits as dequant_value of the signed code (the
+// formula is odd in the code's sign; a NaN's sign is no part of the contract), a few instructions a value
+// instead of a division.
 
 // The output dtype's bits of v (float32 -> W-byte value, round to nearest even).
 template <int W>
@@ -101,38 +102,40 @@ __device__ __forceinline__ void dequantize4(uint32_t codes, const uint32_t (&pla
   }
 }
 
-// The VEC / 8 code words of a block at `src` (VEC / 2 bytes): vector loads where the block is aligned to
-// its size (ALIGNED: x_q's data pointer is, and so every block), bytes otherwise.
-template <int VEC, bool ALIGNED>
-__device__ __forceinline__ void load_codes(const uint8_t* src, uint32_t (&words)[VEC / 8]) {
-  if constexpr (ALIGNED && VEC == 16) {
-    const uint2 v = __ldg(reinterpret_cast<const uint2*>(src));
-    words[0] = v.x;
-    words[1] = v.y;
-  } else if constexpr (ALIGNED) {
-    const uint4 v = __ldg(reinterpret_cast<const uint4*>(src));
-    words[0] = v.x;
-    words[1] = v.y;
-    words[2] = v.z;
-    words[3] = v.w;
+template <int VEC, int W>
+struct DequantizeLanes {
+  static constexpr int kCodes = 16 / W;          // values of a lane: 16 output bytes
+  static constexpr int kLanes = VEC / kCodes;    // lanes of a scale block: 2, 4 or 8
+  static constexpr int kEntries = 8 / kLanes;    // magnitudes a lane evaluates
+};
+
+// The kCodes codes of a lane at `src` (kCodes / 2 bytes: 4 or 2) in the low bits: one load where x_q is
+// aligned to that (ALIGNED: its data pointer, and so every lane's part), bytes otherwise.
+template <int CODES, bool ALIGNED>
+__device__ __forceinline__ uint32_t load_lane_codes(const uint8_t* src) {
+  if constexpr (ALIGNED) {
+    return CODES == 8 ? __ldg(reinterpret_cast<const uint32_t*>(src))
+                      : uint32_t(__ldg(reinterpret_cast<const uint16_t*>(src)));
   } else {
+    uint32_t codes = 0u;
 #pragma unroll
-    for (int w = 0; w < VEC / 8; ++w) {
-      words[w] = 0u;
-#pragma unroll
-      for (int b = 0; b < 4; ++b) words[w] |= uint32_t(__ldg(src + 4 * w + b)) << (8 * b);
-    }
+    for (int b = 0; b < CODES / 2; ++b) codes |= uint32_t(__ldg(src + b)) << (8 * b);
+    return codes;
   }
 }
 
 template <int VEC, int W, bool ALIGNED>
 __global__ void __launch_bounds__(kThreads) dequantize_kernel(const DequantizeLaunch a) {
+  using L = DequantizeLanes<VEC, W>;
   const int64_t nk = a.k / VEC;
-  const int64_t blocks = a.m * nk;
-  const int64_t stride = int64_t(gridDim.x) * kThreads;
-  const int64_t stride_rows = stride / nk, stride_cols = stride % nk;
-  int64_t i = int64_t(blockIdx.x) * kThreads + threadIdx.x;
-  int64_t row = i / nk, col = i % nk;
+  const int64_t lanes_total = a.m * nk * L::kLanes;
+  const int64_t stride = int64_t(gridDim.x) * kThreads;  // a multiple of 32, and so of kLanes
+  const int64_t stride_blocks = stride / L::kLanes;
+  const int64_t stride_rows = stride_blocks / nk, stride_cols = stride_blocks % nk;
+  const int part = int(threadIdx.x % L::kLanes);
+  const int group_first = int(threadIdx.x % 32) - part;  // the block's first lane in the warp
+  int64_t t = int64_t(blockIdx.x) * kThreads + threadIdx.x;
+  int64_t row = (t / L::kLanes) / nk, col = (t / L::kLanes) % nk;
   const SfLayout layout = SfLayout(a.sf_layout);
   wait_for_previous_kernel();
   float s = 1.0f;
@@ -141,24 +144,30 @@ __global__ void __launch_bounds__(kThreads) dequantize_kernel(const DequantizeLa
     return a.is_global_scale_inversed ? div_rn(1.0f, g) : g;
   };
   if (!a.sf_use_ue8m0 && !a.global_scale_per_row) s = row_scale(0);
-  for (; i < blocks; i += stride) {
-    if (!a.sf_use_ue8m0 && a.global_scale_per_row) s = row_scale(row);
-    const uint8_t sf = a.sf[sf_offset(row, col, nk, layout)];
-    uint32_t bits[8];
+  // the loop test reads the warp's first lane, so every lane of a warp reaches the shuffles
+  for (int64_t warp_first = t - threadIdx.x % 32; warp_first < lanes_total; warp_first += stride, t += stride) {
+    const bool valid = t < lanes_total;  // the same for all lanes of a block
+    uint32_t own[L::kEntries] = {};
+    uint32_t codes = 0u;
+    if (valid) {
+      codes = load_lane_codes<L::kCodes, ALIGNED>(a.x_q + t * (L::kCodes / 2));
+      if (!a.sf_use_ue8m0 && a.global_scale_per_row) s = row_scale(row);
+      const uint8_t sf = a.sf[sf_offset(row, col, nk, layout)];
 #pragma unroll
-    for (int c = 0; c < 8; ++c) bits[c] = output_bits<W>(dequant_value(uint32_t(c), sf, a.sf_use_ue8m0, s), a.output_dtype);
-    uint32_t plane[W][2];
-    magnitude_planes<W>(bits, plane);
-    uint32_t codes[VEC / 8];
-    load_codes<VEC, ALIGNED>(a.x_q + i * (VEC / 2), codes);
-    uint4* dst = reinterpret_cast<uint4*>(static_cast<uint8_t*>(a.out) + i * VEC * W);
+      for (int j = 0; j < L::kEntries; ++j) {
+        own[j] = output_bits<W>(dequant_value(uint32_t(part + j * L::kLanes), sf, a.sf_use_ue8m0, s), a.output_dtype);
+      }
+    }
+    uint32_t bits[8];  // magnitude c: entry c / kLanes of lane c % kLanes
 #pragma unroll
-    for (int w = 0; w < VEC / 8; ++w) {
-      uint32_t out[2 * W];  // 8 values
-      dequantize4<W>(codes[w] & 0xFFFFu, plane, out);
-      dequantize4<W>(codes[w] >> 16, plane, out + W);
-#pragma unroll
-      for (int v = 0; v < W / 2; ++v) dst[w * (W / 2) + v] = make_uint4(out[4 * v], out[4 * v + 1], out[4 * v + 2], out[4 * v + 3]);
+    for (int c = 0; c < 8; ++c) bits[c] = __shfl_sync(kFullMask, own[c / L::kLanes], group_first + c % L::kLanes);
+    if (valid) {
+      uint32_t plane[W][2];
+      magnitude_planes<W>(bits, plane);
+      uint32_t out[4];
+      dequantize4<W>(codes & 0xFFFFu, plane, out);
+      if constexpr (W == 2) dequantize4<W>(codes >> 16, plane, out + 2);
+      reinterpret_cast<uint4*>(a.out)[t] = make_uint4(out[0], out[1], out[2], out[3]);
     }
     row += stride_rows;
     col += stride_cols;
@@ -171,12 +180,14 @@ __global__ void __launch_bounds__(kThreads) dequantize_kernel(const DequantizeLa
 
 template <int VEC, int W>
 cudaError_t launch_dequantize_typed(const DequantizeLaunch& a, const LaunchStream& stream) {
-  const int64_t blocks = a.m * (a.k / VEC);
-  const int64_t ctas = std::min<int64_t>((blocks + kThreads - 1) / kThreads, int64_t(a.num_sms) * 8);
-  const bool aligned = reinterpret_cast<uintptr_t>(a.x_q) % (VEC / 2) == 0;
-  const dim3 grid(unsigned(std::max<int64_t>(ctas, 1)));
-  return aligned ? launch_kernel(dequantize_kernel<VEC, W, true>, grid, stream, a)
-                 : launch_kernel(dequantize_kernel<VEC, W, false>, grid, stream, a);
+  constexpr auto kAligned = dequantize_kernel<VEC, W, true>;
+  constexpr auto kUnaligned = dequantize_kernel<VEC, W, false>;
+  const bool aligned = reinterpret_cast<uintptr_t>(a.x_q) % (DequantizeLanes<VEC, W>::kCodes / 2) == 0;
+  // one wave of resident CTAs at most; each walks the lanes with a grid stride
+  const int64_t wave = int64_t(a.num_sms) * (aligned ? resident_ctas_per_sm<kAligned>() : resident_ctas_per_sm<kUnaligned>());
+  const int64_t lanes = a.m * (a.k / VEC) * DequantizeLanes<VEC, W>::kLanes;
+  const dim3 grid(unsigned(std::max<int64_t>(std::min<int64_t>((lanes + kThreads - 1) / kThreads, wave), 1)));
+  return launch_kernel(aligned ? kAligned : kUnaligned, grid, stream, a);
 }
 
 }  // namespace
