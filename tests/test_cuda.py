@@ -158,7 +158,9 @@ DEQUANTIZE_SCALES = {
     "one": [1.0],
     "odd": [0.3],
     "tiny": [1e-30],
-    "huge": [3e38],
+    "huge": [3e38],  # quotients on both sides of 2^-124 and subnormal (the kernel's exact-scaling range)
+    "very_tiny": [1e-36],  # quotients on both sides of 2^124, and inf
+    "subnormal": [1e-40],
     "negative": [-2.5],
     "zero": [0.0],
     "inf": [float("inf")],

@@ -48,6 +48,23 @@ cudaError_t launch_quantize_typed(const QuantizeLaunch& a, const LaunchStream& s
 // formula is odd in the code's sign; a NaN's sign is no part of the contract), a few instructions a value
 // instead of a division.
 
+// NVFP4 magnitude c from q1 = RN(sf_dec / S) and q3 = RN(1.5 sf_dec / S): E2M1 value c is 0.5, or 1 or 1.5
+// times 2^(e - 1) (e = bits 1..2 of c), and a power-of-two multiple of a quotient is the quotient of the
+// multiple, RN(2^j v) = 2^j RN(v), wherever neither leaves float32's normal range: dequant_value's bits
+// for 2^-124 <= |q1|, |q3| < 2^124 (the caller checks) from two divisions a block instead of seven.
+// Code 0 is 0 * q1, the sign of 0 * sf_dec / S.
+__device__ __forceinline__ float nvfp4_magnitude(uint32_t c, float q1, float q3) {
+  const uint32_t e = (c >> 1) & 3u;
+  if (e == 0u) return c == 0u ? 0.0f * q1 : 0.5f * q1;
+  const float pow2 = __uint_as_float((126u + e) << 23);  // 2^(e - 1)
+  return pow2 * ((c & 1u) ? q3 : q1);
+}
+
+__device__ __forceinline__ bool scales_exactly(float q) {
+  const float a = fabsf(q);
+  return a >= 0x1p-124f && a < 0x1p124f;  // false for NaN
+}
+
 // The output dtype's bits of v (float32 -> W-byte value, round to nearest even).
 template <int W>
 __device__ __forceinline__ uint32_t output_bits(float v, int output_dtype);
@@ -147,15 +164,27 @@ __global__ void __launch_bounds__(kThreads) dequantize_kernel(const DequantizeLa
   // the loop test reads the warp's first lane, so every lane of a warp reaches the shuffles
   for (int64_t warp_first = t - threadIdx.x % 32; warp_first < lanes_total; warp_first += stride, t += stride) {
     const bool valid = t < lanes_total;  // the same for all lanes of a block
-    uint32_t own[L::kEntries] = {};
     uint32_t codes = 0u;
+    uint8_t sf = 0;
+    float q = 0.0f;  // NVFP4: RN(sf_dec / S) on a block's even lanes, RN(1.5 sf_dec / S) on its odd ones
     if (valid) {
       codes = load_lane_codes<L::kCodes, ALIGNED>(a.x_q + t * (L::kCodes / 2));
-      if (!a.sf_use_ue8m0 && a.global_scale_per_row) s = row_scale(row);
-      const uint8_t sf = a.sf[sf_offset(row, col, nk, layout)];
+      sf = a.sf[sf_offset(row, col, nk, layout)];
+      if (!a.sf_use_ue8m0) {
+        if (a.global_scale_per_row) s = row_scale(row);
+        q = div_rn(mul_rn(part % 2 ? 1.5f : 1.0f, e4m3_bits_to_float(sf)), s);
+      }
+    }
+    const float q_other = __shfl_xor_sync(kFullMask, q, 1);
+    uint32_t own[L::kEntries] = {};
+    if (valid) {
+      const float q1 = part % 2 ? q_other : q, q3 = part % 2 ? q : q_other;
+      const bool scaled = !a.sf_use_ue8m0 && scales_exactly(q1) && scales_exactly(q3);
 #pragma unroll
       for (int j = 0; j < L::kEntries; ++j) {
-        own[j] = output_bits<W>(dequant_value(uint32_t(part + j * L::kLanes), sf, a.sf_use_ue8m0, s), a.output_dtype);
+        const uint32_t c = uint32_t(part + j * L::kLanes);
+        own[j] = output_bits<W>(scaled ? nvfp4_magnitude(c, q1, q3) : dequant_value(c, sf, a.sf_use_ue8m0, s),
+                                a.output_dtype);
       }
     }
     uint32_t bits[8];  // magnitude c: entry c / kLanes of lane c % kLanes
