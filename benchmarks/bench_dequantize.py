@@ -33,7 +33,9 @@ OUTPUT_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default=None, help="JSON results file")
+    p.add_argument("--out", default=None, help="JSON results file (and a markdown table beside it, .md)")
+    p.add_argument("--ref-json", default=None,
+                   help="another build's results (--label, --skip-inductor) to show beside these in the .md")
     p.add_argument("--label", default="fp4op", help="the name of fp4op's rows (e.g. the build timed)")
     p.add_argument("--skip-inductor", action="store_true")
     p.add_argument("--target-ms", type=float, default=60.0)
@@ -42,7 +44,6 @@ def main(argv=None) -> int:
         print("bench_dequantize: needs a CUDA GPU")
         return 1
     timer = CudaTimer(args.target_ms / 1e3, min_iters=10, max_iters=500, flush_bytes=256 * common.MiB)
-    compiled = torch.compile(reference.dequantize, dynamic=False)
     rows = []
     print(f"| impl | M x K | recipe | output | time us | GB/s | copy us | % of copy |\n|---|---|---|---|---|---|---|---|")
     for m, k in SHAPES:
@@ -57,6 +58,8 @@ def main(argv=None) -> int:
                 copy = timer.measure(lambda: dst.copy_(src))
                 impls = {args.label: lambda: fp4op.dequantize(x_q, sf, gs, vec, ue8m0, output_dtype=out_dtype)}
                 if not args.skip_inductor:
+                    torch._dynamo.reset()  # a fresh compile per case: the recompile limit would fall back to eager
+                    compiled = torch.compile(reference.dequantize, dynamic=False)
                     impls["inductor_reference"] = lambda: compiled(x_q, sf, gs, vec, ue8m0, "128x4", False, out_dtype)
                 for impl, fn in impls.items():
                     t = timer.measure(fn)
@@ -77,7 +80,46 @@ def main(argv=None) -> int:
             "rows": rows}
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)
+        with open(os.path.splitext(args.out)[0] + ".md", "w") as f:
+            f.write(markdown(result, args.label, args.ref_json))
     return 0
+
+
+def markdown(result: dict, label: str, ref_json: str | None) -> str:
+    env = result["environment"]
+    ref, ref_label = {}, None
+    if ref_json:
+        with open(ref_json) as f:
+            ref_result = json.load(f)
+        for r in ref_result["rows"]:
+            ref[(r["m"], r["k"], r["recipe"], r["output"])] = r["time_us"]
+            ref_label = r["impl"]
+    by_case = {}
+    for r in result["rows"]:
+        by_case.setdefault((r["m"], r["k"], r["recipe"], r["output"]), {})[r["impl"]] = r
+    lines = [
+        "# fp4op dequantize (GPU)",
+        "",
+        f"- device: {env.get('device')}, torch {env['torch']}, fp4op commit {env['git_commit']}",
+        f"- {result['method']['timer']}; bytes: {result['method']['effective_bytes']}; 128x4 scales; "
+        "`python benchmarks/bench_dequantize.py` (`bash scripts/gpu_check.sh dequant`)",
+        f"- inductor: torch.compile of fp4op.reference.dequantize (SPEC.md's formula in PyTorch)"
+        + (f"; earlier: {ref_label}, run on the same machine just before" if ref_label else ""),
+        "",
+        "| M x K | recipe | output | fp4op us | % of copy | inductor us | x inductor |"
+        + (" earlier us | x earlier |" if ref else ""),
+        "|---|---|---|---|---|---|---|" + ("---|---|" if ref else ""),
+    ]
+    for (m, k, recipe, output), impls in by_case.items():
+        own = impls[label]
+        ind = impls.get("inductor_reference")
+        line = (f"| {m}x{k} | {recipe} | {output} | {own['time_us']:.1f} | {own['pct_of_copy']:.0f}% | "
+                + (f"{ind['time_us']:.1f} | {ind['time_us'] / own['time_us']:.1f} |" if ind else "- | - |"))
+        earlier = ref.get((m, k, recipe, output))
+        if ref:
+            line += f" {earlier:.1f} | {earlier / own['time_us']:.1f} |" if earlier else " - | - |"
+        lines.append(line)
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

@@ -41,14 +41,16 @@ for s in $stages; do
     fused) run fused $PY scripts/bench_fused.py --out "$LOGS/bench_fused.json" ;;
     demo) run demo timeout 180 $PY examples/demo.py ;;
     dequant)  # benchmarks/bench_dequantize.py; DEQ_REF=DIR: first the same with another commit's build, DIR a whole
-              # tree inside the working tree (mkdir .deq_ref && git archive REF | tar -x -C .deq_ref), built in place
+              # tree inside the working tree (mkdir .deq_ref && git archive REF | tar -x -C .deq_ref), built in place,
+              # DEQ_REF_COMMIT=REF its name in the table
       if [ -n "${DEQ_REF:-}" ]; then
         run dequant_ref_build bash -c "cd $DEQ_REF && FP4OP_CUDA_GENCODE=-gencode=arch=compute_90a,code=sm_90a \
           MAX_JOBS=16 $PY setup.py build_ext --inplace"
         run dequant_ref env PYTHONPATH="$DEQ_REF:${PYTHONPATH:-}" $PY benchmarks/bench_dequantize.py \
-          --label "fp4op (ref)" --skip-inductor --out "$LOGS/dequantize_ref.json"
+          --label "fp4op ${DEQ_REF_COMMIT:-(ref)}" --skip-inductor --out "$LOGS/dequantize_ref.json"
       fi
-      run dequant $PY benchmarks/bench_dequantize.py --out "$LOGS/dequantize.json" ;;
+      run dequant $PY benchmarks/bench_dequantize.py --out "$LOGS/dequantize.json" \
+        ${DEQ_REF:+--ref-json "$LOGS/dequantize_ref.json"} ;;
     ncu)
       run ncu timeout 300 ncu --clock-control none --kernel-name-base mangled -k regex:fp4op --launch-skip-before-match 0 \
         --section SpeedOfLight --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis \

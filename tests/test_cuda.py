@@ -439,5 +439,12 @@ def test_more_than_2_pow_31_elements():
             # columns); in the swizzled layouts they are found through the layout, not sf[m:]
             padded = layouts.unswizzle(sf, sf.shape[0], sf.shape[1], layout)
             assert (padded[m:] == 0).all(), f"padding rows must be 0, {layout}"
+            if layout == "128x4":
+                # dequantize's 64-bit offsets: its output has more than 2^31 elements too
+                deq = op_dequantize(x_q, sf, gs, vec, ue8m0, layout, False, torch.bfloat16)
+                want_deq = op_dequantize(want_q, layouts.swizzle(want_sf, layout), gs[rows].cpu(), vec, ue8m0,
+                                         layout, False, torch.bfloat16)
+                assert_same_bytes(deq[rows], want_deq, "dequantized rows")
+                del deq
             del x_q, sf, scales
         torch.cuda.empty_cache()
