@@ -42,16 +42,19 @@ def check(name, x_cpu, x_cuda, gs, vec, ue8m0, layout, failures):
     torch.cuda.synchronize()
     want = torch.ops.fp4op.quantize(x_cpu, gs, vec, ue8m0, swz, is8x4, False)
     want_deq = torch.ops.fp4op.dequantize(*want, gs, vec, ue8m0, swz, is8x4, False, torch.bfloat16)
-    same_deq = torch.equal(deq.cpu().isnan(), want_deq.isnan()) and torch.equal(
-        deq.cpu().nan_to_num().view(torch.int16), want_deq.nan_to_num().view(torch.int16))
+    same_deq = same_values(deq.cpu(), want_deq)
     if not (torch.equal(got[0].cpu(), want[0]) and torch.equal(got[1].cpu(), want[1]) and same_deq):
         failures.append(name)
 
 
 def same_values(a, b):
     """Equal bits, any NaN matching any NaN."""
-    return torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(), b.nan_to_num()) and torch.equal(
-        torch.signbit(a) | a.isnan(), torch.signbit(b) | b.isnan())
+    nan = a.isnan()
+    if not torch.equal(nan, b.isnan()):
+        return False
+    bits = {2: torch.int16, 4: torch.int32}[a.element_size()]
+    zero = torch.zeros((), dtype=a.dtype)
+    return torch.equal(torch.where(nan, zero, a).view(bits), torch.where(nan, zero, b).view(bits))
 
 
 def check_dequantize(name, shape, vec, ue8m0, layout, offset, failures):

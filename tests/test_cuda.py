@@ -178,7 +178,7 @@ DEQUANTIZE_CASES = [pytest.param(32, True, None, False, id="mxfp4")] + [
 
 @pytest.mark.parametrize("vec,ue8m0,scale,inversed", DEQUANTIZE_CASES)
 @pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("offset", [0, 1, 5], ids=lambda o: f"offset{o}")
+@pytest.mark.parametrize("offset", [0, 1, 2, 5], ids=lambda o: f"offset{o}")  # 2: aligned for float32's 2-byte loads only
 def test_dequantize_every_code_and_scale_byte(vec, ue8m0, scale, inversed, layout, offset):
     """Every code under every scale byte, the global scales whose quotients are special (0, inf, NaN,
     negative, subnormal results), x_q at unaligned addresses: CUDA == CPU in every output dtype."""
@@ -440,7 +440,7 @@ def test_more_than_2_pow_31_elements():
             padded = layouts.unswizzle(sf, sf.shape[0], sf.shape[1], layout)
             assert (padded[m:] == 0).all(), f"padding rows must be 0, {layout}"
             if layout == "128x4":
-                # dequantize's 64-bit offsets: its output has more than 2^31 elements too
+                # dequantize with more than 2^31 output elements (byte offsets past 2^32)
                 deq = op_dequantize(x_q, sf, gs, vec, ue8m0, layout, False, torch.bfloat16)
                 want_deq = op_dequantize(want_q, layouts.swizzle(want_sf, layout), gs[rows].cpu(), vec, ue8m0,
                                          layout, False, torch.bfloat16)
