@@ -88,19 +88,25 @@ def rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
-def bench(fn, x, iters: int) -> float:
-    """Median milliseconds per call (CUDA events)."""
-    for _ in range(3):
-        fn(x)
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn(x)
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
+def bench(fns: dict, x, rounds: int, calls: int = 10) -> dict:
+    """Median milliseconds per call of each of `fns` (CUDA events around `calls` back-to-back calls, so
+    that the host's dispatch overlaps the GPU's work), the functions taking turns round by round, so that
+    a slower stretch of the machine falls on all of them alike."""
+    for fn in fns.values():
+        for _ in range(3):
+            fn(x)  # compiles (first call), then warms up
+    torch.cuda.synchronize()
+    times = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(calls):
+                fn(x)
+            end.record()
+            torch.cuda.synchronize()
+            times[name].append(start.elapsed_time(end) / calls)
+    return {name: sorted(t)[len(t) // 2] for name, t in times.items()}
 
 
 def compile_model(model: nn.Module, fused: bool):
@@ -136,9 +142,12 @@ def run(name: str, bf16_model: nn.Module, x: torch.Tensor, args) -> dict:
 
     row = {"model": name}
     if x.is_cuda and not args.no_timing:
-        row["bf16"] = bench(compile_model(bf16_model, fused=False), x, args.iters)
-        row["fp4 unfused"] = bench(compile_model(fp4_model, fused=False), x, args.iters)
-        row["fp4 fused"] = bench(compile_model(fp4_model, fused=True), x, args.iters)
+        # each compiled on its first call in bench(); Dynamo keeps the fused and unfused graphs of the
+        # same forward apart (a backend guard)
+        torch._dynamo.reset()
+        fns = {"bf16": torch.compile(bf16_model), "fp4 unfused": torch.compile(fp4_model),
+               "fp4 fused": torch.compile(fp4_model, options=fp4op.fusion.compile_options())}
+        row.update(bench(fns, x, args.rounds))
     return row
 
 
@@ -148,7 +157,7 @@ def main():
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--tokens", type=int, default=None, help="batch x sequence tokens (default: 64 CPU, 4096 GPU)")
     parser.add_argument("--hidden", type=int, default=None, help="model dim (default: 256 CPU, 2048 GPU)")
-    parser.add_argument("--iters", type=int, default=50)
+    parser.add_argument("--rounds", type=int, default=20, help="timing rounds (10 calls of each model a round)")
     parser.add_argument("--no-timing", action="store_true")
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -174,7 +183,7 @@ def main():
         rows.append(run("GPT-2 MLP", gpt2, x, args))
 
     if on_gpu and not args.no_timing:
-        print("\nmedian ms per forward (torch.compile):")
+        print(f"\nmedian ms per forward (torch.compile; {args.rounds} rounds of 10 calls, the models taking turns):")
         print(f"  {'model':22s} {'bf16':>8s} {'fp4 unfused':>12s} {'fp4 fused':>10s} {'fused speed-up':>15s}")
         for r in rows:
             print(f"  {r['model']:22s} {r['bf16']:8.3f} {r['fp4 unfused']:12.3f} {r['fp4 fused']:10.3f} "
