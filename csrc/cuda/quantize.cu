@@ -42,11 +42,12 @@ cudaError_t launch_quantize_typed(const QuantizeLaunch& a, const LaunchStream& s
 //
 // A lane per 16 bytes of output (8 values of a 16-bit dtype, 4 of float32), so that a warp's loads and
 // stores are contiguous; the kLanes lanes of a scale block share its 8 magnitudes, those of codes 0..7,
-// each lane evaluating dequant_value for 8 / kLanes of them (shuffled to the others) and converting them
-// to the output dtype. A code then selects its magnitude's bits with byte permutes (one a byte plane per
-// 4 codes) and flips the sign bit for codes 8..15: the same bits as dequant_value of the signed code (the
-// formula is odd in the code's sign; a NaN's sign is no part of the contract), a few instructions a value
-// instead of a division.
+// each lane evaluating dequant_value for 8 / kLanes of them and converting them to the output dtype. A
+// code then takes its magnitude's bits (16-bit outputs: every magnitude shuffled to every lane, then
+// byte permutes, one a byte plane per 4 codes; float32: a shuffle from the lane holding it) and flips
+// the sign bit for codes 8..15: the same bits as dequant_value of the signed code (the formula is odd in
+// the code's sign; a NaN's sign is no part of the contract), a few instructions a value instead of a
+// division.
 
 // NVFP4 magnitude c from q1 = RN(sf_dec / S) and q3 = RN(1.5 sf_dec / S): E2M1 value c is 0.5, or 1 or 1.5
 // times 2^(e - 1) (e = bits 1..2 of c), and a power-of-two multiple of a quotient is the quotient of the
@@ -78,45 +79,25 @@ __device__ __forceinline__ uint32_t output_bits<2>(float v, int output_dtype) {
                            : uint32_t(__half_as_ushort(__float2half_rn(v)));
 }
 
-// The W byte planes of the 8 magnitudes' output bits: plane p holds byte p of magnitude c in byte c
-// (c < 4: word [p][0], else [p][1]).
-template <int W>
-__device__ __forceinline__ void magnitude_planes(const uint32_t (&bits)[8], uint32_t (&plane)[W][2]) {
+// The 2 byte planes of the 8 magnitudes' 16-bit output bits: plane p holds byte p of magnitude c in
+// byte c (c < 4: word [p][0], else [p][1]).
+__device__ __forceinline__ void magnitude_planes(const uint32_t (&bits)[8], uint32_t (&plane)[2][2]) {
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
     const uint32_t* b = bits + 4 * h;
-    if constexpr (W == 2) {
-      const uint32_t e01 = b[0] | (b[1] << 16), e23 = b[2] | (b[3] << 16);
-      plane[0][h] = __byte_perm(e01, e23, 0x6420);
-      plane[1][h] = __byte_perm(e01, e23, 0x7531);
-    } else {
-#pragma unroll
-      for (int p = 0; p < 4; ++p) {
-        const uint32_t sel = uint32_t(p) | (uint32_t(p + 4) << 4);
-        plane[p][h] = __byte_perm(__byte_perm(b[0], b[1], sel), __byte_perm(b[2], b[3], sel), 0x5410);
-      }
-    }
+    const uint32_t e01 = b[0] | (b[1] << 16), e23 = b[2] | (b[3] << 16);
+    plane[0][h] = __byte_perm(e01, e23, 0x6420);
+    plane[1][h] = __byte_perm(e01, e23, 0x7531);
   }
 }
 
-// The output bits of the 4 codes in the low 16 bits of `codes` (code e in bits 4e..4e+3): W words.
-template <int W>
-__device__ __forceinline__ void dequantize4(uint32_t codes, const uint32_t (&plane)[W][2], uint32_t* out) {
+// The 16-bit output bits of the 4 codes in the low 16 bits of `codes` (code e in bits 4e..4e+3): 2 words.
+__device__ __forceinline__ void dequantize4(uint32_t codes, const uint32_t (&plane)[2][2], uint32_t* out) {
   const uint32_t sel = codes & 0x7777u;  // magnitudes (a selector nibble's bit 3 would replicate signs)
-  uint32_t g[W];
-#pragma unroll
-  for (int p = 0; p < W; ++p) g[p] = __byte_perm(plane[p][0], plane[p][1], sel);  // byte e: value e's byte p
-  if constexpr (W == 2) {
-    out[0] = __byte_perm(g[0], g[1], 0x5140) ^ (((codes & 0x8u) << 12) | ((codes & 0x80u) << 24));
-    out[1] = __byte_perm(g[0], g[1], 0x7362) ^ (((codes & 0x800u) << 4) | ((codes & 0x8000u) << 16));
-  } else {
-#pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      const uint32_t sel_e = uint32_t(e) | (uint32_t(e + 4) << 4);
-      out[e] = __byte_perm(__byte_perm(g[0], g[1], sel_e), __byte_perm(g[2], g[3], sel_e), 0x5410) ^
-               (((codes >> (4 * e + 3)) & 1u) << 31);
-    }
-  }
+  const uint32_t lo = __byte_perm(plane[0][0], plane[0][1], sel);  // byte e: value e's low byte
+  const uint32_t hi = __byte_perm(plane[1][0], plane[1][1], sel);
+  out[0] = __byte_perm(lo, hi, 0x5140) ^ (((codes & 0x8u) << 12) | ((codes & 0x80u) << 24));
+  out[1] = __byte_perm(lo, hi, 0x7362) ^ (((codes & 0x800u) << 4) | ((codes & 0x8000u) << 16));
 }
 
 template <int VEC, int W>
@@ -187,17 +168,32 @@ __global__ void __launch_bounds__(kThreads) dequantize_kernel(const DequantizeLa
                                 a.output_dtype);
       }
     }
-    uint32_t bits[8];  // magnitude c: entry c / kLanes of lane c % kLanes
+    // magnitude c is entry c / kLanes of lane c % kLanes of the block's lanes
+    uint32_t out[4];
+    if constexpr (W == 2) {
+      // every magnitude to every lane, then byte-plane selection, 8 values a lane
+      uint32_t bits[8];
 #pragma unroll
-    for (int c = 0; c < 8; ++c) bits[c] = __shfl_sync(kFullMask, own[c / L::kLanes], group_first + c % L::kLanes);
-    if (valid) {
-      uint32_t plane[W][2];
-      magnitude_planes<W>(bits, plane);
-      uint32_t out[4];
-      dequantize4<W>(codes & 0xFFFFu, plane, out);
-      if constexpr (W == 2) dequantize4<W>(codes >> 16, plane, out + 2);
-      reinterpret_cast<uint4*>(a.out)[t] = make_uint4(out[0], out[1], out[2], out[3]);
+      for (int c = 0; c < 8; ++c) bits[c] = __shfl_sync(kFullMask, own[c / L::kLanes], group_first + c % L::kLanes);
+      uint32_t plane[2][2];
+      magnitude_planes(bits, plane);
+      dequantize4(codes & 0xFFFFu, plane, out);
+      dequantize4(codes >> 16, plane, out + 2);
+    } else {
+      // float32, 4 values a lane: each value's magnitude fetched by a shuffle from the lane holding it
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const uint32_t c = (codes >> (4 * e)) & 7u;
+        const int src = group_first + int(c % L::kLanes);
+        uint32_t v = __shfl_sync(kFullMask, own[0], src);
+        if constexpr (L::kEntries == 2) {
+          const uint32_t v1 = __shfl_sync(kFullMask, own[1], src);
+          v = c >= uint32_t(L::kLanes) ? v1 : v;
+        }
+        out[e] = v ^ (((codes >> (4 * e + 3)) & 1u) << 31);
+      }
     }
+    if (valid) reinterpret_cast<uint4*>(a.out)[t] = make_uint4(out[0], out[1], out[2], out[3]);
     row += stride_rows;
     col += stride_cols;
     if (col >= nk) {
