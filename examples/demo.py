@@ -4,9 +4,11 @@ Builds two small models with random weights -- a Llama-style decoder block (RMSN
 SiLU-and-mul MLP) and a GPT-2-style MLP (LayerNorm, GELU-tanh) --, converts their nn.Linear layers to
 fp4op.nn.FP4Linear, calibrates the activation scales, compiles them with fp4op.fusion, and prints the
 rewrites per rule, the fp4op ops of the compiled graph, and the output error against the bf16 model.
-On a GPU it also times the compiled model with and without the fusion.
+On a GPU it also times the compiled bf16 model and the FP4 model with and without the fusion, in
+alternating rounds of back-to-back calls.
 
     python examples/demo.py [--recipe nvfp4|mxfp4] [--device cpu|cuda] [--tokens N] [--hidden D]
+                            [--rounds R] [--no-timing]
 """
 
 from __future__ import annotations

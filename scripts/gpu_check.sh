@@ -46,7 +46,8 @@ for s in $stages; do
       if [ -n "${DEQ_REF:-}" ]; then
         run dequant_ref_build bash -c "cd $DEQ_REF && FP4OP_CUDA_GENCODE=-gencode=arch=compute_90a,code=sm_90a \
           MAX_JOBS=16 $PY setup.py build_ext --inplace"
-        run dequant_ref env PYTHONPATH="$DEQ_REF:${PYTHONPATH:-}" $PY benchmarks/bench_dequantize.py \
+        run dequant_ref env PYTHONPATH="$DEQ_REF:${PYTHONPATH:-}" FP4OP_COMMIT="${DEQ_REF_COMMIT:-unknown}" \
+          $PY benchmarks/bench_dequantize.py \
           --label "fp4op ${DEQ_REF_COMMIT:-(ref)}" --skip-inductor --out "$LOGS/dequantize_ref.json"
       fi
       run dequant $PY benchmarks/bench_dequantize.py --out "$LOGS/dequantize.json" \

@@ -58,7 +58,8 @@ def same_values(a, b):
 
 
 def check_dequantize(name, shape, vec, ue8m0, layout, offset, failures):
-    """x_q at `offset` bytes into its storage (unaligned for offset % 8 != 0), every output dtype."""
+    """x_q at `offset` bytes into its storage (the kernel loads 4 bytes a lane, 2 for float32 output: offset 1
+    takes its unaligned path), every output dtype."""
     swz, is8x4 = layouts.layout_flags(layout)
     x = make_input(shape, torch.bfloat16, 11)
     gs = None if ue8m0 else torch.rand(shape[0]) * 100 + 1

@@ -44,7 +44,7 @@ cudaError_t launch_quantize_typed(const QuantizeLaunch& a, const LaunchStream& s
 // stores are contiguous; the kLanes lanes of a scale block share its 8 magnitudes, those of codes 0..7,
 // each lane evaluating dequant_value for 8 / kLanes of them and converting them to the output dtype. A
 // code then takes its magnitude's bits (16-bit outputs: every magnitude shuffled to every lane, then
-// byte permutes, one a byte plane per 4 codes; float32: a shuffle from the lane holding it) and flips
+// byte permutes, one a byte plane per 4 codes; float32: shuffles from the lane holding it) and flips
 // the sign bit for codes 8..15: the same bits as dequant_value of the signed code (the formula is odd in
 // the code's sign; a NaN's sign is no part of the contract), a few instructions a value instead of a
 // division.
@@ -52,7 +52,7 @@ cudaError_t launch_quantize_typed(const QuantizeLaunch& a, const LaunchStream& s
 // NVFP4 magnitude c from q1 = RN(sf_dec / S) and q3 = RN(1.5 sf_dec / S): E2M1 value c is 0.5, or 1 or 1.5
 // times 2^(e - 1) (e = bits 1..2 of c), and a power-of-two multiple of a quotient is the quotient of the
 // multiple, RN(2^j v) = 2^j RN(v), wherever neither leaves float32's normal range: dequant_value's bits
-// for 2^-124 <= |q1|, |q3| < 2^124 (the caller checks) from two divisions a block instead of seven.
+// for 2^-124 <= |q1|, |q3| < 2^124 (the caller checks) from two divisions a block instead of eight.
 // Code 0 is 0 * q1, the sign of 0 * sf_dec / S.
 __device__ __forceinline__ float nvfp4_magnitude(uint32_t c, float q1, float q3) {
   const uint32_t e = (c >> 1) & 3u;
