@@ -292,8 +292,13 @@ struct Nvfp4RowScale {
   float inv_s;   // 1 / S
 };
 
+// SPEC.md's S from the global scale as given: the value itself, or its reciprocal when it is given inversed.
+FP4OP_HD float global_scale_s(float global_scale, bool is_inversed) {
+  return is_inversed ? rcp_rn(global_scale) : global_scale;
+}
+
 FP4OP_HD Nvfp4RowScale nvfp4_row_scale(float global_scale, bool is_inversed) {
-  const float s = is_inversed ? rcp_rn(global_scale) : global_scale;
+  const float s = global_scale_s(global_scale, is_inversed);
   return Nvfp4RowScale{mul_rn(s, kRcp6), rcp_rn(s)};
 }
 

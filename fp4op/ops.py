@@ -121,19 +121,18 @@ def _dequantize_fake(
     is_global_scale_inversed=False,
     output_dtype=None,
 ):
-    check_dequantize_args(
+    output_dtype = check_dequantize_args(
         x_q, sf, global_scale, sf_vec_size, sf_use_ue8m0, is_sf_swizzled_layout, is_sf_8x4_layout, output_dtype
     )
-    output_dtype = torch.float32 if output_dtype is None else output_dtype
     return x_q.new_empty((*x_q.shape[:-1], 2 * x_q.shape[-1]), dtype=output_dtype)
 
 
 def check_dequantize_args(
     x_q, sf, global_scale, sf_vec_size, sf_use_ue8m0, is_sf_swizzled_layout, is_sf_8x4_layout, output_dtype,
     require=torch._check_value,
-) -> None:
+) -> torch.dtype:
     """The checks of check_dequantize_args (csrc/op_args.h), in its order: dequantize's fake kernel and
-    the Python API (see check_quantize_shape_and_scale)."""
+    the Python API (see check_quantize_shape_and_scale). Returns the output dtype (None: float32)."""
     check_recipe(sf_vec_size, sf_use_ue8m0)
     if x_q.dtype != torch.uint8:
         raise ValueError(f"fp4op: x_q must be uint8 (two E2M1 codes a byte), got {x_q.dtype}")
@@ -162,6 +161,7 @@ def check_dequantize_args(
     if output_dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise ValueError(f"fp4op: output_dtype must be float32, bfloat16 or float16, got {output_dtype}")
     check_global_scale(global_scale, sf_use_ue8m0, m, x_q.device)
+    return output_dtype
 
 
 def _no_context(ctx, inputs, output):

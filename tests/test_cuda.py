@@ -197,10 +197,10 @@ def test_dequantize_every_code_and_scale_byte(vec, ue8m0, scale, inversed, layou
     if not ue8m0:
         values = DEQUANTIZE_SCALES[scale]
         gs = torch.tensor(values if len(values) == 1 else (values * m)[:m], dtype=torch.float32)
+    # the unaligned view itself on the GPU (x_q.cuda() would copy it to an aligned allocation)
+    q_cuda = buf.cuda()[offset : offset + m * k // 2].view(m, k // 2)
     for out_dtype in (torch.float32, torch.bfloat16, torch.float16):
         want = op_dequantize(x_q, sf, gs, vec, ue8m0, layout, inversed, out_dtype)
-        # the unaligned view itself on the GPU (x_q.cuda() would copy it to an aligned allocation)
-        q_cuda = buf.cuda()[offset : offset + m * k // 2].view(m, k // 2)
         got = op_dequantize(q_cuda, sf.cuda(), None if gs is None else gs.cuda(), vec, ue8m0, layout, inversed,
                             out_dtype)
         assert_same_bytes(got, want, f"dequantize {out_dtype}")

@@ -94,8 +94,7 @@ void dequantize_rows(const uint8_t* xq, const uint8_t* sf, const float* gs, bool
     const bool shared_scale = ue8m0 || !gs_per_row;
     auto row_scale = [&](int64_t r) {
       if (ue8m0) return 1.0f;
-      const float g = gs[gs_per_row ? r : 0];
-      return inversed ? div_rn(1.0f, g) : g;
+      return global_scale_s(gs[gs_per_row ? r : 0], inversed);
     };
     // with one scale for every row, each scale byte's values once, when the byte first occurs
     std::vector<BlockValues> shared(shared_scale ? 256 : 0);

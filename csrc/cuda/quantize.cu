@@ -138,8 +138,7 @@ __global__ void __launch_bounds__(kThreads) dequantize_kernel(const DequantizeLa
   wait_for_previous_kernel();
   float s = 1.0f;
   auto row_scale = [&](int64_t r) {
-    const float g = a.global_scale[a.global_scale_per_row ? r : 0];
-    return a.is_global_scale_inversed ? div_rn(1.0f, g) : g;
+    return global_scale_s(a.global_scale[a.global_scale_per_row ? r : 0], a.is_global_scale_inversed);
   };
   if (!a.sf_use_ue8m0 && !a.global_scale_per_row) s = row_scale(0);
   // the loop test reads the warp's first lane, so every lane of a warp reaches the shuffles
