@@ -270,7 +270,8 @@ void fused_section(const cudaDeviceProp& prop, cudaStream_t stream, bool pdl, ui
                     {"rms_llama", FusedOp::kRmsNorm, 1, false, true, false, true},
                     {"add_rms_norm", FusedOp::kAddRmsNorm, 2, true, true, false, false},
                     {"layer_norm", FusedOp::kLayerNorm, 1, false, true, true, false},
-                    {"silu_and_mul", FusedOp::kGatedActivation, 2, false, false, false, false}};
+                    {"silu_and_mul", FusedOp::kGatedActivation, 2, false, false, false, false},
+                    {"silu", FusedOp::kActivation, 1, false, false, false, false}};
   std::printf("\nfused ops, bf16, 128x4 scales\n%-13s %-6s %6s %6s %9s %9s %7s %s\n", "op", "recipe", "M", "K",
               "fused us", "copy us", "%copy", "checksum");
   for (auto [m, k] : {std::pair<int64_t, int64_t>{8192, 4096}, {8192, 8192}, {8192, 16384}}) {

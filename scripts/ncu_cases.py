@@ -28,6 +28,7 @@ q = dict(global_scale=gs, sf_vec_size=16, sf_use_ue8m0=False, is_sf_swizzled_lay
          is_global_scale_inversed=False)
 cases.append(("rms_norm_quantize", lambda: ops.rms_norm_quantize(xb, w, 1e-6, **q)))
 cases.append(("silu_and_mul_quantize", lambda: ops.silu_and_mul_quantize(xb, up, **q)))
+cases.append(("silu_quantize", lambda: ops.silu_quantize(xb, **q)))
 for name, fn in cases:
     for _ in range(2):
         fn()

@@ -7,6 +7,10 @@ packed bytes) blocks identical to the eager composition, and no element more tha
 """
 
 import math
+import os
+import shutil
+import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -589,6 +593,49 @@ def test_cuda_matches_cpu(name, shape):
                 assert torch.equal(cpu[2], cuda[2])
             tally.add(cuda[:2], cpu[:2], shape, recipe, layout, gs)
         tally.check()
+
+
+def nvcc_path():
+    nvcc = Path(os.environ.get("CUDA_HOME", "/usr/local/cuda")) / "bin" / "nvcc"
+    return str(nvcc) if nvcc.exists() else shutil.which("nvcc")
+
+
+@requires_cuda
+@pytest.mark.skipif(nvcc_path() is None, reason="needs nvcc")
+def test_activation_math_every_input(tmp_path):
+    """Every float16 and bfloat16 input through the kernels' activation math (tests/cuda/
+    activation_exhaustive.cu): SiLU's fast path with its exact fallback, and the GELUs, equal the
+    float32 value eager computes rounded once; the fast path's error stays inside its stated bound."""
+    exe = tmp_path / "activation_exhaustive"
+    source = Path(__file__).parent / "cuda" / "activation_exhaustive.cu"
+    subprocess.run([nvcc_path(), "-O3", "-std=c++17", "-arch=native", "-o", str(exe), str(source)], check=True)
+    run = subprocess.run([str(exe)], capture_output=True, text=True, timeout=120)
+    lines = run.stdout.splitlines()
+    assert len(lines) == 6, run.stdout + run.stderr
+    assert all(" mismatches 0 " in line for line in lines), run.stdout
+    assert run.returncode == 0, run.stdout
+
+
+@requires_cuda
+@pytest.mark.parametrize("recipe", RECIPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("gated", (False, True), ids=("silu", "silu_and_mul"))
+def test_silu_every_input_equals_eager_cuda(gated, dtype, recipe):
+    """Every float16/bfloat16 bit pattern (NaN, inf and subnormals included) as a SiLU input: the fused
+    op's bytes equal eager CUDA F.silu (times up) followed by fp4op.quantize exactly -- same exp and
+    division as torch's kernel, so no reduction-order allowance is needed here."""
+    bits = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16)
+    x = bits.view(dtype).reshape(-1, 256).cuda()  # a block: 16 neighbouring bit patterns
+    up = make_input(x.shape, dtype, "cuda", seed=7).clamp(-4, 4)
+    y = F.silu(x) * up if gated else F.silu(x)
+    # per row (a row spans 2 binades of bfloat16, a quarter of one of float16), so that every row's
+    # blocks quantize to live codes; finite, so that only the inf/NaN blocks saturate
+    gs = fp4op.nvfp4_global_scale(torch.nan_to_num(y, nan=0.0, posinf=0.0, neginf=0.0), per_row=True)
+    for layout in LAYOUTS:
+        kw = quantize_kwargs(recipe, layout, gs)
+        got = OPS.silu_and_mul_quantize(x, up, **kw) if gated else OPS.silu_quantize(x, **kw)
+        want = OPS.quantize(y, **kw)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), layout
 
 
 # K = 2096: one held block a thread, 8192: two, 16384 and 20480: read again from memory; at M <= 16 the

@@ -1,0 +1,87 @@
+// Every float16 and bfloat16 input through the fused kernels' activation math (csrc/fused_math.h):
+// activation_pair, which the kernels call, against round_to(activation_unrounded(x)), the float32 value
+// as eager torch computes it rounded once to the model dtype. silu_pair's fast path decides most
+// roundings without that value (its comment gives the bounds); this checks that it never decides one
+// wrongly, and that its measured error is inside the bound it relies on. Built and run by
+// tests/test_cuda.py (nvcc, no torch headers); prints one line per (activation, dtype) and exits 1 on a
+// mismatch.
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+
+#include "../../csrc/fused_math.h"
+
+using fp4op::InputDtype;
+using fp4op::fused::Activation;
+
+struct Counts {
+  unsigned long long mismatches;
+  unsigned long long slow;       // silu: values whose fast interval crossed a rounding boundary
+  unsigned int max_rel_error;    // silu, x >= kSiluFastMin: max |y - silu_f32| / |silu_f32|, float bits
+  unsigned int first_mismatch;   // input bits (0xFFFFFFFF: none)
+};
+
+__device__ float widen(uint32_t bits, InputDtype dtype) {
+  return dtype == InputDtype::kBFloat16 ? fp4op::bf16_bits_to_float(uint16_t(bits))
+                                        : fp4op::fp16_bits_to_float(uint16_t(bits));
+}
+
+__device__ bool same(float a, float b) { return (a != a && b != b) || __float_as_uint(a) == __float_as_uint(b); }
+
+// Thread i takes the inputs 2i and 2i + 1 as one pair, as the kernels pair neighbouring elements.
+__global__ void check(Activation act, InputDtype dtype, Counts* counts) {
+  const uint32_t first = 2 * (blockIdx.x * blockDim.x + threadIdx.x);
+  if (first >= 65536) return;
+  const float x[2] = {widen(first, dtype), widen(first + 1, dtype)};
+  float got[2] = {x[0], x[1]};
+  fp4op::fused::activation_pair(got[0], got[1], act, dtype);
+  for (int e = 0; e < 2; ++e) {
+    const float exact = fp4op::fused::activation_unrounded(x[e], act);
+    const float want = fp4op::fused::round_to(exact, dtype);
+    if (!same(got[e], want)) {
+      atomicAdd(&counts->mismatches, 1ull);
+      atomicMin(&counts->first_mismatch, first + e);
+    }
+    if (act != Activation::kSilu || !(x[e] >= fp4op::fused::kSiluFastMin) || !isfinite(exact)) continue;
+    const float y = fp4op::fused::silu_fast(x[e]);
+    const float below = fp4op::fused::round_to(y * (1.0f - fp4op::fused::kSiluFastError), dtype);
+    const float above = fp4op::fused::round_to(y * (1.0f + fp4op::fused::kSiluFastError), dtype);
+    if (!same(below, above)) atomicAdd(&counts->slow, 1ull);
+    if (exact != 0.0f) {
+      const double rel = fabs((double(y) - double(exact)) / double(exact));
+      atomicMax(&counts->max_rel_error, __float_as_uint(float(rel)));
+    }
+  }
+}
+
+int main() {
+  int failures = 0;
+  const struct {
+    Activation act;
+    const char* name;
+  } acts[] = {{Activation::kSilu, "silu"}, {Activation::kGeluErf, "gelu"}, {Activation::kGeluTanh, "gelu_tanh"}};
+  for (const auto& a : acts) {
+    for (InputDtype dtype : {InputDtype::kBFloat16, InputDtype::kFloat16}) {
+      const Counts start{0, 0, 0, 0xFFFFFFFFu};
+      Counts host = start, *counts = nullptr;
+      if (cudaMalloc(&counts, sizeof(Counts)) != cudaSuccess ||
+          cudaMemcpy(counts, &start, sizeof(Counts), cudaMemcpyHostToDevice) != cudaSuccess) {
+        return 2;
+      }
+      check<<<128, 256>>>(a.act, dtype, counts);
+      if (cudaMemcpy(&host, counts, sizeof(Counts), cudaMemcpyDeviceToHost) != cudaSuccess) {
+        std::printf("failed: %s\n", cudaGetErrorString(cudaGetLastError()));
+        return 2;
+      }
+      std::printf("%s %s mismatches %llu first 0x%04x slow %llu max_rel_error %.3g\n", a.name,
+                  dtype == InputDtype::kBFloat16 ? "bfloat16" : "float16", host.mismatches,
+                  host.first_mismatch == 0xFFFFFFFFu ? 0u : host.first_mismatch, host.slow,
+                  double(fp4op::bits_to_float(host.max_rel_error)));
+      failures += host.mismatches != 0;
+      // the bound silu_pair's comment derives (2^-19.4), inside the margin it tests with (2^-19)
+      if (a.act == Activation::kSilu && fp4op::bits_to_float(host.max_rel_error) > std::exp2(-19.4f)) ++failures;
+      cudaFree(counts);
+    }
+  }
+  return failures == 0 ? 0 : 1;
+}
