@@ -193,6 +193,28 @@ def canonicalize_variances(graph: torch.fx.Graph) -> int:
     return changed
 
 
+def canonicalize_mean_dims(graph: torch.fx.Graph) -> int:
+    """Write a mean over the last dim as the hand-written norm patterns do, ``dim=-1``; returns how many
+    nodes changed: ``h.pow(2).mean(2, keepdim=True)`` of a 3-D ``h`` reduces the same elements as
+    ``mean(-1, ...)``, and the pattern matcher, which re-traces a candidate match with its real shapes,
+    takes only the index the pattern's code wrote. A mean over any other dim (the sequence, a batch)
+    keeps its index, and so stays unfused. (F.rms_norm decomposes to the positive index: its rule
+    matches before this runs.)"""
+    changed = 0
+    for node in graph.find_nodes(op="call_function", target=torch.ops.aten.mean.dim):
+        val = node.args[0].meta.get("val") if isinstance(node.args[0], torch.fx.Node) else None
+        dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+        if not isinstance(val, torch.Tensor) or not isinstance(dims, (list, tuple)) or len(dims) != 1:
+            continue
+        if isinstance(dims[0], int) and dims[0] >= 0 and dims[0] == val.dim() - 1:
+            if len(node.args) > 1:
+                node.args = (node.args[0], [-1], *node.args[2:])
+            else:
+                node.kwargs = {**node.kwargs, "dim": [-1]}
+            changed += 1
+    return changed
+
+
 def _move_getitems(source: torch.fx.Node, target: torch.fx.Node) -> None:
     """Point the users of source's outputs at target's (one getitem per output index)."""
     by_index = {u.args[1]: u for u in target.users if u.target is operator.getitem}
@@ -714,6 +736,10 @@ class FusionPass(CustomGraphPass):
                 # and only without producer copies, which undo_unfused_copies must find as it made them.
                 if not copies.outputs and merge_duplicate_conversions(graph):
                     canonicalize_variances(graph)  # x.float() * x.float() is a square only now
+                    self.patterns.apply(graph)
+                # A last round for the means over the last dim written as its index: only after the
+                # others, whose F.rms_norm forms decompose to that index and match only as traced.
+                if not copies.outputs and canonicalize_mean_dims(graph):
                     self.patterns.apply(graph)
             finally:
                 self._current = None

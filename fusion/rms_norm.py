@@ -23,7 +23,9 @@ Source forms (each with and without a weight, any eps):
   eps add is another node than the manual forms').
 
 The variance may be written ``h.pow(2).mean(-1, keepdim=True)`` or ``(h * h).mean(...)`` (gpt-fast, LitGPT):
-the pass writes the product as the patterns do first (pass_manager.canonicalize_variances).
+the pass writes the product as the patterns do first (pass_manager.canonicalize_variances); a mean over the
+last dim written as its index (``mean(2)`` of 3-D activations) becomes ``mean(-1)`` in a last round
+(pass_manager.canonicalize_mean_dims).
 
 eps may also be a 0-d tensor graph input (a module's float eps under ``dynamic=True``): the fused ops'
 ``*_eps_tensor`` variants take it.

@@ -873,6 +873,12 @@ FORMS = [
     ("silu_and_mul_quantize[silu]", lambda x, r, w: F.silu(x * 2).mul_(r)),
     ("silu_and_mul_quantize[silu]", lambda x, r, w: (lambda h: F.silu(h) * h)(x + r)),
     ("layer_norm_quantize[weight]", lambda x, r, w: F.layer_norm(x.transpose(0, 1), (K,), w, None, 1e-5)),
+    # the hidden dim of 3-D activations written as its index, 2 (the pass rewrites it as -1 after the
+    # rules that decompose to the index, F.rms_norm's, had their turn)
+    ("rms_norm_quantize[hf]", lambda x, r, w: w * _hf_body(x, lambda h: h.pow(2).mean(2, keepdim=True)).to(x.dtype)),
+    ("add_rms_norm_quantize[hf]", _res(lambda s, w: w * _hf_body(s, lambda h: h.pow(2).mean(dim=2, keepdim=True)).to(s.dtype))),
+    ("rms_norm_quantize[meta]", lambda x, r, w: _hf_body(x, lambda h: (h * h).mean(2, keepdim=True)).type_as(x) * (1 + w)),
+    ("rms_norm_quantize[torch]", lambda x, r, w: F.rms_norm(x, (K,), w, 1e-5)),
     # never: the mean over the sequence, not the hidden dim; an offset other than Gemma's 1; a bf16 norm
     # whose output is cast to float16
     (None, lambda x, r, w: w * _hf_body(x, lambda h: h.pow(2).mean(1, keepdim=True)).to(x.dtype)),
