@@ -625,17 +625,19 @@ def test_silu_every_input_equals_eager_cuda(gated, dtype, recipe):
     op's bytes equal eager CUDA F.silu (times up) followed by fp4op.quantize exactly -- same exp and
     division as torch's kernel, so no reduction-order allowance is needed here."""
     bits = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16)
-    x = bits.view(dtype).reshape(-1, 256).cuda()  # a block: 16 neighbouring bit patterns
-    up = make_input(x.shape, dtype, "cuda", seed=7).clamp(-4, 4)
-    y = F.silu(x) * up if gated else F.silu(x)
-    # per row (a row spans 2 binades of bfloat16, a quarter of one of float16), so that every row's
-    # blocks quantize to live codes; finite, so that only the inf/NaN blocks saturate
-    gs = fp4op.nvfp4_global_scale(torch.nan_to_num(y, nan=0.0, posinf=0.0, neginf=0.0), per_row=True)
-    for layout in LAYOUTS:
-        kw = quantize_kwargs(recipe, layout, gs)
-        got = OPS.silu_and_mul_quantize(x, up, **kw) if gated else OPS.silu_quantize(x, **kw)
-        want = OPS.quantize(y, **kw)
-        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), layout
+    every = bits.view(dtype).reshape(-1, 256).cuda()  # a block: 16 neighbouring bit patterns
+    # 256 rows take the split kernel (small inputs), 64 copies of them the elementwise kernel
+    for x in (every, every.repeat(64, 1)):
+        up = make_input(x.shape, dtype, "cuda", seed=7).clamp(-4, 4)
+        y = F.silu(x) * up if gated else F.silu(x)
+        # per row (a row spans 2 binades of bfloat16, a quarter of one of float16), so that every row's
+        # blocks quantize to live codes; finite, so that only the inf/NaN blocks saturate
+        gs = fp4op.nvfp4_global_scale(torch.nan_to_num(y, nan=0.0, posinf=0.0, neginf=0.0), per_row=True)
+        for layout in LAYOUTS:
+            kw = quantize_kwargs(recipe, layout, gs)
+            got = OPS.silu_and_mul_quantize(x, up, **kw) if gated else OPS.silu_quantize(x, **kw)
+            want = OPS.quantize(y, **kw)
+            assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), (x.shape, layout)
 
 
 # K = 2096: one held block a thread, 8192: two, 16384 and 20480: read again from memory; at M <= 16 the
