@@ -738,8 +738,9 @@ class FusionPass(CustomGraphPass):
                     canonicalize_variances(graph)  # x.float() * x.float() is a square only now
                     self.patterns.apply(graph)
                 # A last round for the means over the last dim written as its index: only after the
-                # others, whose F.rms_norm forms decompose to that index and match only as traced.
-                if not copies.outputs and canonicalize_mean_dims(graph):
+                # others, whose F.rms_norm forms decompose to that index and match only as traced. (It
+                # edits arguments only, so producer copies stay as undo_unfused_copies made them.)
+                if canonicalize_mean_dims(graph):
                     self.patterns.apply(graph)
             finally:
                 self._current = None

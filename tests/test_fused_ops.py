@@ -612,7 +612,7 @@ def test_activation_math_every_input(tmp_path):
     run = subprocess.run([str(exe)], capture_output=True, text=True, timeout=120)
     lines = run.stdout.splitlines()
     assert len(lines) == 6, run.stdout + run.stderr
-    assert all(" mismatches 0 " in line for line in lines), run.stdout
+    assert all(" checked 65536 mismatches 0 " in line for line in lines), run.stdout
     assert run.returncode == 0, run.stdout
 
 
@@ -622,8 +622,12 @@ def test_activation_math_every_input(tmp_path):
 @pytest.mark.parametrize("gated", (False, True), ids=("silu", "silu_and_mul"))
 def test_silu_every_input_equals_eager_cuda(gated, dtype, recipe):
     """Every float16/bfloat16 bit pattern (NaN, inf and subnormals included) as a SiLU input: the fused
-    op's bytes equal eager CUDA F.silu (times up) followed by fp4op.quantize exactly -- same exp and
-    division as torch's kernel, so no reduction-order allowance is needed here."""
+    op's bytes equal eager CUDA F.silu (times up) followed by fp4op.quantize exactly, through both the
+    split and the elementwise kernel and every layout (no reduction-order allowance: the kernels round
+    torch's float32 value). FP4 codes hide most one-ulp differences in the activation, so the bit-for-bit
+    guarantee of the activation itself is test_activation_math_every_input's; this is the end-to-end
+    check. (The ~10 bfloat16 rows of values below 2^-117, all subnormals among them, get an infinite
+    per-row scale and saturate; every other row quantizes to live codes.)"""
     bits = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16)
     every = bits.view(dtype).reshape(-1, 256).cuda()  # a block: 16 neighbouring bit patterns
     # 256 rows take the split kernel (small inputs), 64 copies of them the elementwise kernel

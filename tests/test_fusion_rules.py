@@ -351,6 +351,29 @@ def test_producer_read_by_several_quantizes_fuses_per_quantize():
                 assert_fp4_close(a, e, vec[i])
 
 
+def test_producer_copies_with_the_mean_written_as_the_last_index():
+    """3-D activations whose norm takes its mean over dim 2 (the last, written as its index), read by the
+    q/k/v quantizes with different global scales: the copies fuse in the pass's last round, where the
+    mean is written as -1; each fused op equals the op called eagerly on the same input."""
+    x, w = torch.randn(2, M // 2, K, dtype=torch.bfloat16) * 3, torch.randn(K, dtype=torch.bfloat16) * 0.5 + 1
+
+    def fn(x, w):
+        h = x.float()
+        n = w * (h * torch.rsqrt(h.pow(2).mean(2, keepdim=True) + 1e-6)).to(x.dtype)
+        return [_nvfp4(i)(n) for i in range(3)]
+
+    out, record = _compile_linted(fn, x, w)
+    assert dict(record.matches) == {"rms_norm_quantize[hf]": 3}
+    assert dict(fusion.fusion_pass().copy_counts) == {"fused": 2, "undone": 0}
+    assert "fp4op.quantize.default" not in record.after
+    for i, got in enumerate(out):
+        fused = torch.ops.fp4op.rms_norm_quantize(x, w, 1e-6, 0.0, True, SCALES[i], 16, False, True, False, False)
+        assert all(torch.equal(a, e) for a, e in zip(got, fused))
+    with torch.no_grad():
+        for got, want in zip(out, fn(x, w)):
+            assert_fp4_close(got, want, 16)
+
+
 def test_gated_activation_read_by_many_quantizes_is_not_copied():
     """A gated activation read by 4 quantizes: 4 copies would read gate and up 4 times (8 reads of its size),
     more than the activation computed once (2 reads, 1 write, 4 reads of its output); it is left unfused.

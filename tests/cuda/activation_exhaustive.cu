@@ -2,9 +2,9 @@
 // activation_pair, which the kernels call, against round_to(activation_unrounded(x)), the float32 value
 // as eager torch computes it rounded once to the model dtype. silu_pair's fast path decides most
 // roundings without that value (its comment gives the bounds); this checks that it never decides one
-// wrongly, and that its measured error is inside the bound it relies on. Built and run by
-// tests/test_cuda.py (nvcc, no torch headers); prints one line per (activation, dtype) and exits 1 on a
-// mismatch.
+// wrongly, and that its measured error is inside the bound it relies on. Built in CI (.ci/run) and run
+// by tests/test_fused_ops.py::test_activation_math_every_input on a GPU (nvcc, no torch headers); prints
+// one line per (activation, dtype) and exits 1 on a mismatch, 2 on a CUDA error.
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -15,6 +15,7 @@ using fp4op::InputDtype;
 using fp4op::fused::Activation;
 
 struct Counts {
+  unsigned long long checked;    // inputs compared (every one of the 65536)
   unsigned long long mismatches;
   unsigned long long slow;       // silu: values whose fast interval crossed a rounding boundary
   unsigned int max_rel_error;    // silu, x >= kSiluFastMin: max |y - silu_f32| / |silu_f32|, float bits
@@ -36,6 +37,7 @@ __global__ void check(Activation act, InputDtype dtype, Counts* counts) {
   float got[2] = {x[0], x[1]};
   fp4op::fused::activation_pair(got[0], got[1], act, dtype);
   for (int e = 0; e < 2; ++e) {
+    atomicAdd(&counts->checked, 1ull);
     const float exact = fp4op::fused::activation_unrounded(x[e], act);
     const float want = fp4op::fused::round_to(exact, dtype);
     if (!same(got[e], want)) {
@@ -62,24 +64,27 @@ int main() {
   } acts[] = {{Activation::kSilu, "silu"}, {Activation::kGeluErf, "gelu"}, {Activation::kGeluTanh, "gelu_tanh"}};
   for (const auto& a : acts) {
     for (InputDtype dtype : {InputDtype::kBFloat16, InputDtype::kFloat16}) {
-      const Counts start{0, 0, 0, 0xFFFFFFFFu};
+      const Counts start{0, 0, 0, 0, 0xFFFFFFFFu};
       Counts host = start, *counts = nullptr;
       if (cudaMalloc(&counts, sizeof(Counts)) != cudaSuccess ||
           cudaMemcpy(counts, &start, sizeof(Counts), cudaMemcpyHostToDevice) != cudaSuccess) {
         return 2;
       }
       check<<<128, 256>>>(a.act, dtype, counts);
-      if (cudaMemcpy(&host, counts, sizeof(Counts), cudaMemcpyDeviceToHost) != cudaSuccess) {
+      if (cudaGetLastError() != cudaSuccess || cudaDeviceSynchronize() != cudaSuccess ||
+          cudaMemcpy(&host, counts, sizeof(Counts), cudaMemcpyDeviceToHost) != cudaSuccess) {
         std::printf("failed: %s\n", cudaGetErrorString(cudaGetLastError()));
         return 2;
       }
-      std::printf("%s %s mismatches %llu first 0x%04x slow %llu max_rel_error %.3g\n", a.name,
-                  dtype == InputDtype::kBFloat16 ? "bfloat16" : "float16", host.mismatches,
+      std::printf("%s %s checked %llu mismatches %llu first 0x%04x slow %llu max_rel_error %.3g\n", a.name,
+                  dtype == InputDtype::kBFloat16 ? "bfloat16" : "float16", host.checked, host.mismatches,
                   host.first_mismatch == 0xFFFFFFFFu ? 0u : host.first_mismatch, host.slow,
                   double(fp4op::bits_to_float(host.max_rel_error)));
-      failures += host.mismatches != 0;
-      // the bound silu_pair's comment derives (2^-19.4), inside the margin it tests with (2^-19)
-      if (a.act == Activation::kSilu && fp4op::bits_to_float(host.max_rel_error) > std::exp2(-19.4f)) ++failures;
+      failures += host.mismatches != 0 || host.checked != 65536;
+      // the fallback must have been exercised (a boundary-crossing interval is common enough)
+      if (a.act == Activation::kSilu && host.slow == 0) ++failures;
+      // the bound silu_pair's comment derives (2^-19.36), inside the margin it tests with (2^-19)
+      if (a.act == Activation::kSilu && fp4op::bits_to_float(host.max_rel_error) > std::exp2(-19.36f)) ++failures;
       cudaFree(counts);
     }
   }
