@@ -351,6 +351,33 @@ def test_producer_read_by_several_quantizes_fuses_per_quantize():
                 assert_fp4_close(a, e, vec[i])
 
 
+@pytest.mark.parametrize(
+    "mean, dims, changed",
+    [
+        (lambda h: h.mean(2, keepdim=True), [-1], 1),  # the last dim by its index
+        (lambda h: h.mean(dim=[2]), [-1], 1),
+        (lambda h: h.mean(-1, keepdim=True), [-1], 0),  # already as the patterns write it
+        (lambda h: h.mean(1, keepdim=True), [1], 0),  # the sequence: kept, never fused
+        (lambda h: h.mean([1, 2], keepdim=True), [1, 2], 0),  # more than the last dim: kept
+        (lambda h: h.mean(-2, keepdim=True), [-2], 0),
+    ],
+)
+def test_canonicalize_mean_dims(mean, dims, changed):
+    """Only a mean over exactly the last dim is rewritten (as -1); the graph computes the same after."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from fp4op.fusion.pass_manager import canonicalize_mean_dims
+
+    x = torch.randn(2, 3, 8)
+    gm = make_fx(lambda h: mean(h.pow(2)))(x)
+    want = gm(x)
+    assert canonicalize_mean_dims(gm.graph) == changed
+    (node,) = gm.graph.find_nodes(op="call_function", target=torch.ops.aten.mean.dim)
+    assert list(node.args[1]) == dims
+    gm.recompile()
+    assert torch.equal(gm(x), want)
+
+
 def test_producer_copies_with_the_mean_written_as_the_last_index():
     """3-D activations whose norm takes its mean over dim 2 (the last, written as its index), read by the
     q/k/v quantizes with different global scales: the copies fuse in the pass's last round, where the
