@@ -171,20 +171,6 @@ FP4OP_HD float activation_unrounded(float x, Activation act) {
 // (Pairs, not whole blocks, step by step: a block-wide array of weights lived in registers across the
 // steps and cost the BPT = 4 RMSNorm kernel a CTA an SM.)
 
-// round_to of both values.
-__device__ __forceinline__ void round_pair(float& lo, float& hi, InputDtype dtype) {
-  if (dtype == InputDtype::kBFloat16) {
-    const __nv_bfloat162 pair = __floats2bfloat162_rn(lo, hi);  // lo in the low half
-    const uint32_t bits = *reinterpret_cast<const uint32_t*>(&pair);
-    lo = __uint_as_float(bits << 16);
-    hi = __uint_as_float(bits & 0xFFFF0000u);
-  } else {
-    const float2 pair = __half22float2(__floats2half2_rn(lo, hi));
-    lo = pair.x;
-    hi = pair.y;
-  }
-}
-
 // The model-dtype bits of (lo, hi) rounded to nearest even, lo in the low half.
 __device__ __forceinline__ uint32_t pack_pair(float lo, float hi, InputDtype dtype) {
   if (dtype == InputDtype::kBFloat16) {
@@ -193,6 +179,23 @@ __device__ __forceinline__ uint32_t pack_pair(float lo, float hi, InputDtype dty
   }
   const __half2 pair = __floats2half2_rn(lo, hi);
   return *reinterpret_cast<const uint32_t*>(&pair);
+}
+
+// unpacks pack_pair's bits into (lo, hi).
+__device__ __forceinline__ void unpack_pair(uint32_t bits, float& lo, float& hi, InputDtype dtype) {
+  if (dtype == InputDtype::kBFloat16) {
+    lo = __uint_as_float(bits << 16);
+    hi = __uint_as_float(bits & 0xFFFF0000u);
+  } else {
+    const float2 pair = __half22float2(*reinterpret_cast<const __half2*>(&bits));
+    lo = pair.x;
+    hi = pair.y;
+  }
+}
+
+// round_to of both values.
+__device__ __forceinline__ void round_pair(float& lo, float& hi, InputDtype dtype) {
+  unpack_pair(pack_pair(lo, hi, dtype), lo, hi, dtype);
 }
 
 // rms_norm_element's kInputDtype form of a pair, round(round(x * r) * w), with the weight factors
@@ -205,18 +208,16 @@ __device__ __forceinline__ uint32_t pack_pair(float lo, float hi, InputDtype dty
 __device__ __forceinline__ void rms_norm_input_dtype_pair(float& lo, float& hi, float r, uint32_t w2,
                                                           InputDtype dtype) {
   const uint32_t x2 = pack_pair(mul_rn(lo, r), mul_rn(hi, r), dtype);
+  uint32_t bits;
   if (dtype == InputDtype::kBFloat16) {
     const __nv_bfloat162 p = __hmul2(*reinterpret_cast<const __nv_bfloat162*>(&w2),
                                      *reinterpret_cast<const __nv_bfloat162*>(&x2));
-    const uint32_t bits = *reinterpret_cast<const uint32_t*>(&p);
-    lo = __uint_as_float(bits << 16);
-    hi = __uint_as_float(bits & 0xFFFF0000u);
+    bits = *reinterpret_cast<const uint32_t*>(&p);
   } else {
-    const float2 p = __half22float2(__hmul2(*reinterpret_cast<const __half2*>(&w2),
-                                            *reinterpret_cast<const __half2*>(&x2)));
-    lo = p.x;
-    hi = p.y;
+    const __half2 p = __hmul2(*reinterpret_cast<const __half2*>(&w2), *reinterpret_cast<const __half2*>(&x2));
+    bits = *reinterpret_cast<const uint32_t*>(&p);
   }
+  unpack_pair(bits, lo, hi, dtype);
 }
 
 // rms_norm_element of each of `x` (replaced by the outputs), forms kNone and kFloat32 (kInputDtype:
@@ -249,18 +250,6 @@ __device__ __forceinline__ void layer_norm_elements(float (&x)[N], float mean, f
     x[e] = layer_norm_unrounded(x[e], mean, rstd, w[e], has_w, b[e], has_b);
     x[e + 1] = layer_norm_unrounded(x[e + 1], mean, rstd, w[e + 1], has_w, b[e + 1], has_b);
     round_pair(x[e], x[e + 1], dtype);
-  }
-}
-
-// unpacks pack_pair's bits into (lo, hi).
-__device__ __forceinline__ void unpack_pair(uint32_t bits, float& lo, float& hi, InputDtype dtype) {
-  if (dtype == InputDtype::kBFloat16) {
-    lo = __uint_as_float(bits << 16);
-    hi = __uint_as_float(bits & 0xFFFF0000u);
-  } else {
-    const float2 pair = __half22float2(*reinterpret_cast<const __half2*>(&bits));
-    lo = pair.x;
-    hi = pair.y;
   }
 }
 
