@@ -63,6 +63,16 @@ def _check_recipe_args(sf_vec_size, sf_use_ue8m0, is_sf_swizzled_layout, is_sf_8
     return (_check_sf_vec_size(sf_vec_size), *(_check_flag(name, value) for name, value in flags))
 
 
+def _check_dense_tensor(name: str, value) -> None:
+    """A torch.Tensor with strided storage: sparse and nested tensors would otherwise fail deep in torch
+    with messages that do not name the argument."""
+    if not isinstance(value, torch.Tensor):
+        raise ValueError(f"fp4op: {name} must be a torch.Tensor, got {type(value).__name__}")
+    if value.layout != torch.strided or value.is_nested:
+        kind = "nested" if value.is_nested else str(value.layout).replace("torch.", "")
+        raise ValueError(f"fp4op: {name} must be a dense (strided) tensor, got a {kind} tensor; call .to_dense() first")
+
+
 def fp4_quantize(
     input: torch.Tensor,
     global_scale: torch.Tensor | None = None,
@@ -94,8 +104,7 @@ def fp4_quantize(
     )
     if backend not in _BACKENDS:
         raise ValueError(f"fp4op: unknown backend {backend!r}; must be 'cuda' or 'cute-dsl'")
-    if not isinstance(input, torch.Tensor):
-        raise ValueError(f"fp4op: input must be a torch.Tensor, got {type(input).__name__}")
+    _check_dense_tensor("input", input)
     ops.check_input_dtype(input)
     if backend == "cute-dsl":
         # flashinfer's cute-dsl kernel serves NVFP4 (fp16/bf16/fp8) and MXFP4 (fp16/bf16); fp4op
@@ -150,8 +159,7 @@ def dequantize(
         sf_vec_size, sf_use_ue8m0, is_sf_swizzled_layout, is_sf_8x4_layout, is_global_scale_inversed
     )
     for name, value in (("x_q", x_q), ("sf", sf)):
-        if not isinstance(value, torch.Tensor):
-            raise ValueError(f"fp4op: {name} must be a torch.Tensor, got {type(value).__name__}")
+        _check_dense_tensor(name, value)
     if x_q.dtype == getattr(torch, "float4_e2m1fn_x2", None):
         x_q = x_q.view(torch.uint8)
     if sf.dtype in (torch.float8_e4m3fn, getattr(torch, "float8_e8m0fnu", None)):

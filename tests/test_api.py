@@ -233,9 +233,23 @@ API_ERRORS = {
     "ue8m0_with_16": (lambda: fp4op.fp4_quantize(X, GS, 16, True), ValueError, "sf_use_ue8m0"),
     "e4m3_with_32": (lambda: fp4op.fp4_quantize(X, GS, 32, False), ValueError, "sf_use_ue8m0"),
     "not_a_tensor": (lambda: fp4op.fp4_quantize([[1.0] * 16], GS), ValueError, "input"),
+    "sparse_coo_input": (lambda: fp4op.fp4_quantize(X.to_sparse(), GS), ValueError, "input must be a dense"),
+    "sparse_csr_input": (lambda: fp4op.fp4_quantize(X.to_sparse_csr(), GS), ValueError, "input must be a dense"),
+    "nested_input": (
+        lambda: fp4op.fp4_quantize(torch.nested.nested_tensor([X[:2], X[:3]]), GS),
+        ValueError,
+        "input must be a dense",
+    ),
+    "sparse_dequantize_x_q": (
+        lambda: fp4op.dequantize(fp4op.fp4_quantize(X, GS)[0].to_sparse(), fp4op.fp4_quantize(X, GS)[1], GS),
+        ValueError,
+        "x_q must be a dense",
+    ),
 }
 
 
+# (torch warns that its sparse CSR and nested tensors are beta / prototype when the cases build them)
+@pytest.mark.filterwarnings("ignore:Sparse CSR tensor support:UserWarning", "ignore:The PyTorch API of nested:UserWarning")
 @pytest.mark.parametrize("case", list(API_ERRORS))
 def test_api_errors(case):
     fn, exc, name = API_ERRORS[case]
