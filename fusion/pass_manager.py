@@ -403,12 +403,13 @@ def same_shape(a: torch.Tensor, b: torch.Tensor | Sequence) -> bool:
 
 def scalar_tensor(value: Any) -> bool:
     """`value` is a graph node whose value is a floating-point tensor that acts as a scalar in float32
-    arithmetic: 0-d (it does not take part in type promotion), or one float32 element."""
+    arithmetic: 0-d (it does not take part in type promotion), or one float32 element in at most one
+    dimension (more would broadcast a 1-D or 2-D operand to more dimensions than the fused op returns)."""
     meta = value.meta.get("val") if isinstance(value, torch.fx.Node) else None
     return (
         isinstance(meta, torch.Tensor)
         and meta.dtype.is_floating_point
-        and (meta.dim() == 0 or (meta.dtype == torch.float32 and meta.numel() == 1))
+        and (meta.dim() == 0 or (meta.dtype == torch.float32 and meta.numel() == 1 and meta.dim() == 1))
     )
 
 

@@ -216,6 +216,33 @@ def test_never_fuse(device):
         assert_fp4_close(got, want, 16, min_identical=0.5)
 
 
+@pytest.mark.parametrize(
+    "eps_shape, fuses",
+    [((), True), ((1,), True), ((1, 1), False), ((1, 1, 1), False)],
+    ids=["0d", "1d", "2d", "3d"],
+)
+def test_eps_tensor_rank(eps_shape, fuses):
+    """A one-element float32 eps buffer fuses where it acts as a scalar; of more dimensions it would
+    broadcast 2-D activations to more (a [1, 1, 1] eps makes the norm output 3-D), which the fused op
+    does not return: left alone (it once fused and crashed Inductor), the compiled result equals eager."""
+    eps = torch.full(eps_shape, 1e-6)
+    gs = torch.tensor([100.0])
+
+    def fn(x, w):
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+        return torch.ops.fp4op.quantize(w * h.to(x.dtype), gs)
+
+    x, w = torch.randn(M, K, dtype=torch.bfloat16), torch.randn(K, dtype=torch.bfloat16)
+    out, record = compile_fused(fn, x, w)
+    assert sum(record.matches.values()) == (1 if fuses else 0), dict(record.matches)
+    with torch.no_grad():
+        expected = fn(x, w)
+    assert out[0].shape == expected[0].shape
+    # (unfused, Inductor's own kernel keeps h.to(dtype) in float32: blocks may differ by a scale step)
+    assert_fp4_close(out, expected, 16, min_identical=0.999 if fuses else 0.5)
+
+
 class _ActivationQuantizer(nn.Module):
     """An FP4 activation quantizer as checkpoints carry it: a stored input_scale, its inverse the global scale
     (computed in forward, i.e. after the residual add in program order)."""
