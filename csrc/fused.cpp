@@ -13,15 +13,18 @@
 TORCH_LIBRARY_FRAGMENT(fp4op, m) {
   m.def("rms_norm_quantize(Tensor x, Tensor? weight, float eps, float weight_offset=0.0, "
         "bool weight_in_input_dtype=False, " FP4OP_QUANTIZE_ARGS ") -> (Tensor, Tensor)");
+  // sum_in_float32 (last, so that the positional calls above it keep their meaning): vLLM's form, the
+  // sum x + residual in float32 normalized as it is, the next residual its rounding to the input dtype
   m.def("add_rms_norm_quantize(Tensor x, Tensor residual, Tensor? weight, float eps, float weight_offset=0.0, "
-        "bool weight_in_input_dtype=False, " FP4OP_QUANTIZE_ARGS ") -> (Tensor, Tensor, Tensor)");
+        "bool weight_in_input_dtype=False, " FP4OP_QUANTIZE_ARGS ", bool sum_in_float32=False) -> "
+        "(Tensor, Tensor, Tensor)");
   // eps as a one-element tensor: under torch.compile(dynamic=True) Dynamo passes a module's float eps
   // attribute used in tensor arithmetic (`variance + self.variance_epsilon`) as a 0-d tensor graph input
   m.def("rms_norm_quantize_eps_tensor(Tensor x, Tensor? weight, Tensor eps, float weight_offset=0.0, "
         "bool weight_in_input_dtype=False, " FP4OP_QUANTIZE_ARGS ") -> (Tensor, Tensor)");
   m.def("add_rms_norm_quantize_eps_tensor(Tensor x, Tensor residual, Tensor? weight, Tensor eps, "
         "float weight_offset=0.0, bool weight_in_input_dtype=False, " FP4OP_QUANTIZE_ARGS
-        ") -> (Tensor, Tensor, Tensor)");
+        ", bool sum_in_float32=False) -> (Tensor, Tensor, Tensor)");
   m.def("layer_norm_quantize(Tensor x, Tensor? weight, Tensor? bias, float eps, " FP4OP_QUANTIZE_ARGS
         ") -> (Tensor, Tensor)");
   m.def("silu_and_mul_quantize(Tensor gate, Tensor up, " FP4OP_QUANTIZE_ARGS ") -> (Tensor, Tensor)");

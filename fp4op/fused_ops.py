@@ -13,7 +13,9 @@ math is csrc/fused_math.h):
   ``weight_in_input_dtype=False``: ``round(x * r * (weight_offset + w))`` (F.rms_norm for
   ``weight_offset=0``, Hugging Face Gemma for ``weight_offset=1``); ``weight_in_input_dtype=True``:
   ``round(round(weight_offset + w) * round(x * r))`` (Hugging Face Llama). ``weight_offset`` only
-  applies with a weight; ``weight_offset=0`` uses ``w`` itself (a -0 weight stays -0). ``add_rms_norm_quantize`` normalizes ``round(x + residual)``.
+  applies with a weight; ``weight_offset=0`` uses ``w`` itself (a -0 weight stays -0). ``add_rms_norm_quantize`` normalizes ``round(x + residual)``, or with
+  ``sum_in_float32=True`` the float32 sum itself (vLLM's RMSNorm: ``x.float() + residual.float()``, the
+  next residual its rounding).
 * ``rms_norm_quantize_eps_tensor`` / ``add_rms_norm_quantize_eps_tensor``: the same with eps a
   one-element floating-point tensor (on the CPU, or on x's device where the kernel reads it), used as
   its float32 rounding: ``torch.compile(dynamic=True)`` passes a module's float eps attribute as a 0-d
@@ -143,6 +145,7 @@ def _add_rms_norm_quantize_fake(
     is_sf_swizzled_layout=True,
     is_sf_8x4_layout=False,
     is_global_scale_inversed=False,
+    sum_in_float32=False,
 ):
     x_q, sf = _fake_quantize_outputs(
         x, "x", global_scale, sf_vec_size, sf_use_ue8m0, is_sf_swizzled_layout, is_sf_8x4_layout

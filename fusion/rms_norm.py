@@ -31,7 +31,12 @@ eps may also be a 0-d tensor graph input (a module's float eps under ``dynamic=T
 ``*_eps_tensor`` variants take it.
 
 With `residual`, the norm's input is ``x + residual`` and that sum is also an output (the next
-residual), which fp4op.add_rms_norm_quantize returns.
+residual), which fp4op.add_rms_norm_quantize returns. vLLM's RMSNorm (``forward_native``; nano-vllm and
+others alike) adds in float32 instead: ``s = x.float() + residual.float()``, the next residual
+``s.to(dtype)``, and ``s`` itself normalized (`FLOAT32_SUM_FORMS`: ``h.to(dtype) * weight`` as vLLM,
+``weight * h.to(dtype)``, ``(weight * h).to(dtype)``, or no weight): add_rms_norm_quantize with
+``sum_in_float32=True``; also where the next residual is not used (vLLM's final norm,
+``hidden_states, _ = self.norm(hidden_states, residual)``).
 """
 
 from __future__ import annotations
@@ -50,6 +55,8 @@ FORMS = ("torch", "hf", "gemma", "meta", "t5", "t5_right", "olmo2", "glm", "fp32
 WEIGHT_ONLY_FORMS = ("gemma", "meta", "t5_right", "olmo2", "glm", "fp32_weight", "torch_fp32")
 # forms whose weight multiplies in the model dtype (the fused ops' weight_in_input_dtype)
 INPUT_DTYPE_WEIGHT_FORMS = ("hf", "meta", "t5", "t5_right")
+# the weight forms written after a residual add in float32 (float32_sum_rms_norm_forms)
+FLOAT32_SUM_FORMS = ("meta", "hf", "olmo2")
 
 
 def rms_norm_forms(x: torch.Tensor, weight: torch.Tensor | None, eps: float, form: str) -> torch.Tensor:
@@ -80,21 +87,46 @@ def rms_norm_forms(x: torch.Tensor, weight: torch.Tensor | None, eps: float, for
     return h.type_as(x)
 
 
+def float32_sum_rms_norm_forms(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor | None, eps: float, form: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """vLLM's residual RMSNorm: the sum in float32, normalized as it is, weighted in one of the
+    `FLOAT32_SUM_FORMS`; returns (output, next residual)."""
+    s = x.to(torch.float32) + residual.to(torch.float32)
+    h = s * torch.rsqrt(s.pow(2).mean(-1, keepdim=True) + eps)
+    if weight is None:
+        out = h.to(x.dtype)
+    elif form == "meta":
+        out = h.to(x.dtype) * weight
+    elif form == "hf":
+        out = weight * h.to(x.dtype)
+    else:
+        out = (weight * h).to(x.dtype)
+    return out, s.to(x.dtype)
+
+
 class RMSNormQuantize(FusionPattern):
     scalars = {"eps": EPS_PLACEHOLDER}
     # dynamic=True passes a module's float eps as a 0-d tensor: the fused ops' *_eps_tensor variants take it
     tensor_scalars = ("eps",)
 
-    def __init__(self, form: str, with_weight: bool, residual: bool):
-        if form not in FORMS:
-            raise ValueError(f"fp4op.fusion: unknown RMSNorm form {form!r}")
+    def __init__(self, form: str, with_weight: bool, residual: bool, float32_sum: bool = False, sum_used: bool = True):
+        if form not in FORMS or (float32_sum and form not in FLOAT32_SUM_FORMS):
+            raise ValueError(f"fp4op.fusion: unknown RMSNorm form {form!r}{' (float32 sum)' if float32_sum else ''}")
         if form in WEIGHT_ONLY_FORMS and not with_weight:
             raise ValueError(f"fp4op.fusion: the {form!r} RMSNorm form needs the weight (without one: the 'hf' form)")
+        if float32_sum and not residual:
+            raise ValueError("fp4op.fusion: a float32 sum needs the residual")
+        if not sum_used and not float32_sum:
+            raise ValueError("fp4op.fusion: only the float32-sum forms have a rule for an unused sum")
         self.form = form
         self.with_weight = with_weight
         self.residual = residual
+        self.float32_sum = float32_sum
+        self.sum_used = sum_used
         op = "add_rms_norm_quantize" if residual else "rms_norm_quantize"
-        self.name = f"{op}[{form}{'' if with_weight else ',no_weight'}]"
+        tags = ("float32_sum," if float32_sum else "") + form + ("" if with_weight else ",no_weight")
+        self.name = f"{op}[{tags}{'' if sum_used else ',sum_unused'}]"
 
     def tensor_inputs(self, dtype, device):
         inputs = {"x": torch.empty(8, 32, dtype=dtype, device=device)}
@@ -105,6 +137,9 @@ class RMSNormQuantize(FusionPattern):
         return inputs
 
     def pattern(self, x, eps, weight=None, residual=None, global_scale=None):
+        if self.float32_sum:
+            out, total = float32_sum_rms_norm_forms(x, residual, weight, eps, self.form)
+            return (out, total) if self.sum_used else out
         if self.residual:
             x = x + residual
             return rms_norm_forms(x, weight, eps, self.form), x
@@ -115,6 +150,9 @@ class RMSNormQuantize(FusionPattern):
         in_dtype = self.form in INPUT_DTYPE_WEIGHT_FORMS and self.with_weight
         name = "add_rms_norm_quantize" if self.residual else "rms_norm_quantize"
         op = getattr(torch.ops.fp4op, name + ("_eps_tensor" if isinstance(eps, torch.Tensor) else ""))
+        if self.float32_sum:
+            out = op(x, residual, weight, eps, offset, in_dtype, *q.tail(global_scale), sum_in_float32=True)
+            return out if self.sum_used else out[:2]
         if self.residual:
             return op(x, residual, weight, eps, offset, in_dtype, *q.tail(global_scale))
         return op(x, weight, eps, offset, in_dtype, *q.tail(global_scale))
@@ -135,7 +173,14 @@ class RMSNormQuantize(FusionPattern):
 
 def rules() -> list[FusionPattern]:
     """Residual forms first: they anchor at the same quantize and cover more of the graph."""
-    return [
+    float32_sum = [
+        RMSNormQuantize(form, with_weight, True, float32_sum=True, sum_used=sum_used)
+        for sum_used in (True, False)
+        for form in FLOAT32_SUM_FORMS
+        for with_weight in (True, False)
+        if with_weight or form == "hf"
+    ]
+    return float32_sum + [
         RMSNormQuantize(form, with_weight, residual)
         for residual in (True, False)
         for form in FORMS

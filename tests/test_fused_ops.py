@@ -6,6 +6,7 @@ the transcendental functions' last float32 bit) may differ. Acceptance: >= 99.9%
 packed bytes) blocks identical to the eager composition, and no element more than one E2M1 step away.
 """
 
+import functools
 import math
 import os
 import shutil
@@ -163,6 +164,9 @@ NORMS = (
     "rms_norm_llama",
     "add_rms_norm",
     "add_rms_norm_llama",
+    "add_rms_norm_float32_sum_vllm",
+    "add_rms_norm_float32_sum",
+    "add_rms_norm_float32_sum_no_weight",
     "layer_norm",
     "layer_norm_no_affine",
 )
@@ -180,6 +184,22 @@ def odd_k(recipe):
 def norm_case(name, x, eps, device):
     """(fused op args, eager result, extra outputs to compare exactly) of a norm case."""
     k, dtype = x.shape[-1], x.dtype
+    if name.startswith("add_rms_norm_float32_sum"):
+        # vLLM's RMSNorm: the sum in float32 normalized as it is (the residual small against x, so that
+        # the float32 sum often carries bits its rounding drops)
+        residual = make_input(x.shape, dtype, device, seed=7) * 0.01
+        weight = None if name.endswith("no_weight") else make_affine(k, dtype, device)
+        in_dtype = name.endswith("vllm")
+        s = x.float() + residual.float()
+        normed = s * torch.rsqrt(s.pow(2).mean(-1, keepdim=True) + eps)
+        if weight is None:
+            y = normed.to(dtype)
+        elif in_dtype:
+            y = normed.to(dtype) * weight  # vLLM: x.to(orig_dtype) * self.weight
+        else:
+            y = (weight * normed).to(dtype)
+        args = (x, residual, weight, eps, 0.0, in_dtype)
+        return functools.partial(OPS.add_rms_norm_quantize, sum_in_float32=True), args, y, s.to(dtype)
     if name.startswith("add_rms_norm"):
         residual = make_input(x.shape, dtype, device, seed=7)
         weight = make_affine(k, dtype, device)
@@ -412,9 +432,15 @@ def op_cases(device):
         (OPS.rms_norm_quantize, (x2, None, 1e-5), mx),
         (OPS.add_rms_norm_quantize, (x, x.flip(0), w, 1e-6), eightx4),
         (OPS.add_rms_norm_quantize, (x2, x2 * 2, None, 1e-6, 0.0, True), mx),
+        (OPS.add_rms_norm_quantize, (x, x.flip(0) * 0.01, w, 1e-6, 0.0, True), {**nv, "sum_in_float32": True}),
         # eps as a tensor: a 0-d float64 CPU scalar (what Dynamo passes) and one float32 element on x's device
         (OPS.rms_norm_quantize_eps_tensor, (x, w, torch.tensor(1e-6, dtype=torch.float64)), nv),
         (OPS.add_rms_norm_quantize_eps_tensor, (x2, x2 * 2, None, torch.tensor([1e-5], device=device)), mx),
+        (
+            OPS.add_rms_norm_quantize_eps_tensor,
+            (x2, x2 * 3, None, torch.tensor(1e-5, dtype=torch.float64)),
+            {**mx, "sum_in_float32": True},
+        ),
         (OPS.layer_norm_quantize, (x, w, b, 1e-5), nv),
         (OPS.layer_norm_quantize, (x2, None, None, 1e-5), mx),
         (OPS.silu_and_mul_quantize, (x, x.flip(1)), nv),

@@ -60,12 +60,28 @@ def _norm_chains(rms_module):
         ("layer_norm_quantize[weight,bias]", lambda x, r, w, b: F.layer_norm(x, (K,), w, b, 1e-5)),
         ("layer_norm_quantize[weight]", lambda x, r, w, b: F.layer_norm(x, (K,), w, None, 1e-6)),
         ("layer_norm_quantize[no_affine]", lambda x, r, w, b: F.layer_norm(x, (K,), None, None, 1e-5)),
+        ("add_rms_norm_quantize[float32_sum,meta]", lambda x, r, w, b: _res32(x, r, lambda h: h.to(x.dtype) * w)),
+        ("add_rms_norm_quantize[float32_sum,hf]", lambda x, r, w, b: _res32(x, r, lambda h: w * h.to(x.dtype))),
+        ("add_rms_norm_quantize[float32_sum,olmo2]", lambda x, r, w, b: _res32(x, r, lambda h: (w * h).to(x.dtype))),
+        ("add_rms_norm_quantize[float32_sum,hf,no_weight]", lambda x, r, w, b: _res32(x, r, lambda h: h.to(x.dtype))),
+        (
+            "add_rms_norm_quantize[float32_sum,meta,sum_unused]",
+            lambda x, r, w, b: _res32(x, r, lambda h: h.to(x.dtype) * w, eps=3e-5)[0],
+        ),
     ]
 
 
 def _res(x, r, norm):
     s = x + r
     return norm(s), s * 2  # the sum is reused (the next residual)
+
+
+def _res32(x, r, weighted, eps=1e-6):
+    """vLLM's RMSNorm with a residual: the sum in float32, its rounding the next residual (reused)."""
+    s = x.to(torch.float32) + r.to(torch.float32)
+    residual = s.to(x.dtype)
+    h = s * torch.rsqrt(s.pow(2).mean(dim=-1, keepdim=True) + eps)
+    return weighted(h), residual * 2
 
 
 def _activation_chains():
@@ -201,13 +217,16 @@ def test_never_fuse(device):
         outs.append(q(F.silu(x32[1]).to(dtype)))  # fp32 activation (a bf16 input upcast would be fine)
         a = F.gelu(x[7])
         outs.append((*q(a), a.sum()))  # the activation output has another user
+        s = x[5].float() + x[6].float()  # vLLM's Gemma form in float16: the float32 sum is the next residual
+        h = s * torch.rsqrt(s.pow(2).mean(-1, keepdim=True) + 1e-6)
+        outs.append((*q(h.to(dtype) * w), s))
         return outs
 
     x32 = [torch.randn(M, K, device=device) for _ in range(2)]
     args = (x, x32, w, w32, g, u1)
     out, record = compile_fused(fn, *args)
     assert dict(record.matches) == {}
-    assert fp4_ops(record.after) == {"fp4op.quantize.default": 9 if device == "cpu" else 8}
+    assert fp4_ops(record.after) == {"fp4op.quantize.default": 10 if device == "cpu" else 9}
     with torch.no_grad():
         expected = fn(*args)
     for got, want in zip(out, expected):

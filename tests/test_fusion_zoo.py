@@ -207,6 +207,59 @@ class VllmMLP(nn.Module):
         return self.down_proj(F.silu(x[..., :d]) * x[..., d:])
 
 
+class VllmRMSNorm(nn.Module):
+    """vLLM RMSNorm.forward_native: given the residual, the add in float32 (the next residual its rounding,
+    the float32 sum normalized), the weight applied in the model dtype."""
+
+    def __init__(self, hidden_size, eps=1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.variance_epsilon = eps
+
+    def forward(self, x, residual=None):
+        orig_dtype = x.dtype
+        x = x.to(torch.float32)
+        if residual is not None:
+            x = x + residual.to(torch.float32)
+            residual = x.to(orig_dtype)
+        variance = x.pow(2).mean(dim=-1, keepdim=True)
+        x = x * torch.rsqrt(variance + self.variance_epsilon)
+        x = x.to(orig_dtype)
+        x = x * self.weight
+        return x if residual is None else (x, residual)
+
+
+class VllmLlamaModel(nn.Module):
+    """vLLM LlamaModel: the norms take and return the residual (the first input norm has none), the final
+    norm's returned residual is dropped."""
+
+    def __init__(self, layers=2):
+        super().__init__()
+        self.layers = nn.ModuleList(
+            nn.ModuleDict(
+                {"self_attn": Attention(), "mlp": VllmMLP(),
+                 "input_layernorm": VllmRMSNorm(D), "post_attention_layernorm": VllmRMSNorm(D)}
+            )
+            for _ in range(layers)
+        )
+        self.norm = VllmRMSNorm(D)
+        self.lm_head = nn.Linear(D, 96, bias=False)
+
+    def forward(self, hidden_states):
+        residual = None
+        for layer in self.layers:
+            if residual is None:
+                residual = hidden_states
+                hidden_states = layer["input_layernorm"](hidden_states)
+            else:
+                hidden_states, residual = layer["input_layernorm"](hidden_states, residual)
+            hidden_states = layer["self_attn"](hidden_states)
+            hidden_states, residual = layer["post_attention_layernorm"](hidden_states, residual)
+            hidden_states = layer["mlp"](hidden_states)
+        hidden_states, _ = self.norm(hidden_states, residual)
+        return self.lm_head(hidden_states)
+
+
 class DecoderLayer(nn.Module):
     """transformers Llama/Mistral/Qwen2/Qwen3/Phi-3 decoder layer (pre-norm, residual sum reused)."""
 
@@ -635,6 +688,16 @@ ZOOS = {
         {"layer_norm_quantize[weight,bias]": 2, "gelu_quantize[gelu]": 1, "layer_norm_quantize[no_affine]": 2,
          "silu_and_mul_quantize[silu]": 4, "rms_norm_quantize[torch]": 1, "add_rms_norm_quantize[torch]": 1},
         1,
+    ),
+    # vLLM's Llama: the first input norm plain, the three norms after it add the residual in float32
+    # (the next residual its rounding), the final one drops that residual; sliced SiluAndMul. Left: the
+    # o_proj inputs.
+    "vllm_llama": (
+        [VllmLlamaModel],
+        torch.bfloat16, "nvfp4", "no_grad",
+        {"rms_norm_quantize[meta]": 1, "add_rms_norm_quantize[float32_sum,meta]": 3,
+         "add_rms_norm_quantize[float32_sum,meta,sum_unused]": 1, "silu_and_mul_quantize[silu]": 2},
+        2,
     ),
 }
 

@@ -99,11 +99,12 @@ RmsWeight rms_weight_form(const std::optional<at::Tensor>& weight, bool weight_i
   return weight_in_input_dtype ? RmsWeight::kInputDtype : RmsWeight::kFloat32;
 }
 
-// RMSNorm of the rows of x (+ residual, whose sum is written to `sum_out` when given), quantized.
+// RMSNorm of the rows of x (+ residual, whose sum is written to `sum_out` when given; sum_in_float32:
+// the float32 sum is normalized, not its rounding), quantized.
 void rms_norm_rows(FusedProblem& p, const QuantizeParams& qp, const at::Tensor& x,
                    const std::optional<at::Tensor>& residual, at::Tensor* sum_out,
                    const std::optional<at::Tensor>& weight, double eps, double weight_offset,
-                   bool weight_in_input_dtype) {
+                   bool weight_in_input_dtype, bool sum_in_float32) {
   const Rows xr = fused::rows_of(x);
   const Rows rr = residual ? fused::rows_of(*residual) : Rows{};
   const at::Tensor w = fused::has(weight) ? weight->contiguous() : at::Tensor();
@@ -118,12 +119,20 @@ void rms_norm_rows(FusedProblem& p, const QuantizeParams& qp, const at::Tensor& 
     with_model_dtype(dtype, [&](auto model_dtype) {
       constexpr InputDtype D = decltype(model_dtype)::value;
       if (residual) {
-        // x + residual in the model dtype: the next residual stream, and what is normalized
+        // x + residual rounded to the model dtype: the next residual stream, and what is normalized
+        // (sum_in_float32: the float32 sum is)
         const uint16_t* res = row_ptr(rr, r);
         uint16_t* sum_row = sum_bits + r * k;
-        for (int64_t i = 0; i < k; ++i) {  // vectorized
-          v[i] = fused::round_to(add_rn(v[i], widen(res[i], D)), D);
-          sum_row[i] = narrow_exact(v[i], D);
+        if (sum_in_float32) {
+          for (int64_t i = 0; i < k; ++i) {  // vectorized
+            v[i] = add_rn(v[i], widen(res[i], D));
+            sum_row[i] = narrow_exact(fused::round_to(v[i], D), D);
+          }
+        } else {
+          for (int64_t i = 0; i < k; ++i) {  // vectorized
+            v[i] = fused::round_to(add_rn(v[i], widen(res[i], D)), D);
+            sum_row[i] = narrow_exact(v[i], D);
+          }
         }
       }
       const float mean_sq = div_rn(lane_sum(k, [&](int64_t i) { return mul_rn(v[i], v[i]); }), float(k));
@@ -155,7 +164,7 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_quantize_cpu(const at::Tensor& x, co
                                         is_sf_8x4_layout);
   fused::check_affine(weight, "weight", x);
   const QuantizeParams qp = quantize_params(p, sf_use_ue8m0, is_global_scale_inversed);
-  rms_norm_rows(p, qp, x, std::nullopt, nullptr, weight, eps, weight_offset, weight_in_input_dtype);
+  rms_norm_rows(p, qp, x, std::nullopt, nullptr, weight, eps, weight_offset, weight_in_input_dtype, false);
   return {p.x_q, p.sf};
 }
 
@@ -163,14 +172,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> add_rms_norm_quantize_cpu(
     const at::Tensor& x, const at::Tensor& residual, const std::optional<at::Tensor>& weight, double eps,
     double weight_offset, bool weight_in_input_dtype, const std::optional<at::Tensor>& global_scale,
     int64_t sf_vec_size, bool sf_use_ue8m0, bool is_sf_swizzled_layout, bool is_sf_8x4_layout,
-    bool is_global_scale_inversed) {
+    bool is_global_scale_inversed, bool sum_in_float32) {
   FusedProblem p = fused::prepare_fused(x, "x", global_scale, sf_vec_size, sf_use_ue8m0, is_sf_swizzled_layout,
                                         is_sf_8x4_layout);
   fused::check_like(residual, "residual", x, "x");
   fused::check_affine(weight, "weight", x);
   at::Tensor sum = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
   const QuantizeParams qp = quantize_params(p, sf_use_ue8m0, is_global_scale_inversed);
-  rms_norm_rows(p, qp, x, residual, &sum, weight, eps, weight_offset, weight_in_input_dtype);
+  rms_norm_rows(p, qp, x, residual, &sum, weight, eps, weight_offset, weight_in_input_dtype, sum_in_float32);
   return {p.x_q, p.sf, sum};
 }
 
@@ -188,11 +197,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> add_rms_norm_quantize_eps_tensor_
     const at::Tensor& x, const at::Tensor& residual, const std::optional<at::Tensor>& weight, const at::Tensor& eps,
     double weight_offset, bool weight_in_input_dtype, const std::optional<at::Tensor>& global_scale,
     int64_t sf_vec_size, bool sf_use_ue8m0, bool is_sf_swizzled_layout, bool is_sf_8x4_layout,
-    bool is_global_scale_inversed) {
+    bool is_global_scale_inversed, bool sum_in_float32) {
   fused::check_eps_tensor(eps, x);
   return add_rms_norm_quantize_cpu(x, residual, weight, fused::cpu_eps_value(eps), weight_offset,
                                    weight_in_input_dtype, global_scale, sf_vec_size, sf_use_ue8m0,
-                                   is_sf_swizzled_layout, is_sf_8x4_layout, is_global_scale_inversed);
+                                   is_sf_swizzled_layout, is_sf_8x4_layout, is_global_scale_inversed,
+                                   sum_in_float32);
 }
 
 // Whether torch's CPU kernels, as dispatched here, are its vectorized builds (AVX2/AVX512 on x86:

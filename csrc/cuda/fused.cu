@@ -137,11 +137,30 @@ __device__ __forceinline__ float team_sum(float v, int team, float* smem) {
   return total;
 }
 
+// add_rms_norm, the sum rounded or in float32
+template <FusedOp OP>
+constexpr bool kAddsResidual = OP == FusedOp::kAddRmsNorm || OP == FusedOp::kAddRmsNormFloat32Sum;
+
 template <FusedOp OP, InputDtype D, int VEC>
 struct NormRow {
   static constexpr int kLoads = VEC / kChunk;
+  // A block's words as the kernels hold them: x, or add_rms_norm's rounded sum; kAddRmsNormFloat32Sum
+  // holds x and the residual, whose float32 sum is what it normalizes
+  static constexpr int kStreams = OP == FusedOp::kAddRmsNormFloat32Sum ? 2 : 1;
+  using Block = uint4[kStreams][kLoads];
   const FusedLaunch& a;
   int64_t row;
+
+  // Chunk i (8 values) of a block in float32: x, the rounded sum, or the float32 sum x + residual.
+  __device__ __forceinline__ static void widen_chunk(const Block& v, int i, float* f) {
+    Input<D>::widen(v[0][i], f);
+    if constexpr (kStreams == 2) {
+      float r[kChunk];
+      Input<D>::widen(v[1][i], r);
+#pragma unroll
+      for (int e = 0; e < kChunk; ++e) f[e] = add_rn(f[e], r[e]);
+    }
+  }
 
   __device__ __forceinline__ const uint4* x_block(int64_t col) const {
     return reinterpret_cast<const uint4*>(static_cast<const uint16_t*>(a.x) + row * a.x_row_stride + col * VEC);
@@ -150,14 +169,17 @@ struct NormRow {
     return reinterpret_cast<uint4*>(static_cast<uint16_t*>(a.sum_out) + row * a.out.k + col * VEC);
   }
 
-  // The block that is normalized: x, or round(x + residual) for add_rms_norm (also stored to sum_out).
-  __device__ __forceinline__ void load(int64_t col, uint4 (&v)[kLoads]) const {
+  __device__ __forceinline__ const uint4* residual_block(int64_t col) const {
+    return reinterpret_cast<const uint4*>(static_cast<const uint16_t*>(a.y) + row * a.y_row_stride + col * VEC);
+  }
+
+  // The block that is normalized (see Block); add_rms_norm's also store round(x + residual) to sum_out.
+  __device__ __forceinline__ void load(int64_t col, Block& v) const {
     const uint4* x = x_block(col);
 #pragma unroll
-    for (int i = 0; i < kLoads; ++i) v[i] = __ldg(x + i);
-    if constexpr (OP == FusedOp::kAddRmsNorm) {
-      const uint4* r = reinterpret_cast<const uint4*>(static_cast<const uint16_t*>(a.y) + row * a.y_row_stride +
-                                                      col * VEC);
+    for (int i = 0; i < kLoads; ++i) v[0][i] = __ldg(x + i);
+    if constexpr (kAddsResidual<OP>) {
+      const uint4* r = residual_block(col);
       uint4 rv[kLoads];
 #pragma unroll
       for (int i = 0; i < kLoads; ++i) rv[i] = __ldg(r + i);
@@ -165,7 +187,7 @@ struct NormRow {
 #pragma unroll
       for (int i = 0; i < kLoads; ++i) {
         float xf[kChunk], rf[kChunk];
-        Input<D>::widen(v[i], xf);
+        Input<D>::widen(v[0][i], xf);
         Input<D>::widen(rv[i], rf);
 #pragma unroll
         for (int e = 0; e < kChunk; e += 2) {
@@ -173,22 +195,33 @@ struct NormRow {
           xf[e + 1] = add_rn(xf[e + 1], rf[e + 1]);
           fused::round_pair(xf[e], xf[e + 1], D);
         }
-        v[i] = narrow8<D>(xf);
-        out[i] = v[i];
+        const uint4 sum = narrow8<D>(xf);
+        out[i] = sum;
+        if constexpr (kStreams == 2) {
+          v[1][i] = rv[i];
+        } else {
+          v[0][i] = sum;
+        }
       }
     }
   }
 
-  // Reads the block to normalize again (rows not held in registers): x, or the sum this thread wrote.
-  __device__ __forceinline__ void reload(int64_t col, uint4 (&v)[kLoads]) const {
+  // Reads the block to normalize again (rows not held in registers): x, the sum this thread wrote, or x
+  // and the residual.
+  __device__ __forceinline__ void reload(int64_t col, Block& v) const {
     if constexpr (OP == FusedOp::kAddRmsNorm) {
       const uint4* s = sum_block(col);
 #pragma unroll
-      for (int i = 0; i < kLoads; ++i) v[i] = s[i];
+      for (int i = 0; i < kLoads; ++i) v[0][i] = s[i];
     } else {
       const uint4* x = x_block(col);
 #pragma unroll
-      for (int i = 0; i < kLoads; ++i) v[i] = __ldg(x + i);
+      for (int i = 0; i < kLoads; ++i) v[0][i] = __ldg(x + i);
+      if constexpr (kStreams == 2) {
+        const uint4* r = residual_block(col);
+#pragma unroll
+        for (int i = 0; i < kLoads; ++i) v[1][i] = __ldg(r + i);
+      }
     }
   }
 
@@ -196,12 +229,12 @@ struct NormRow {
   // (x - mean)^2 (LayerNorm's variance).
   enum class Statistic { kSum, kSquares, kCenteredSquares };
   template <Statistic S>
-  __device__ __forceinline__ static float partial(const uint4 (&v)[kLoads], float mean = 0.0f) {
+  __device__ __forceinline__ static float partial(const Block& v, float mean = 0.0f) {
     float acc = 0.0f;
 #pragma unroll
     for (int i = 0; i < kLoads; ++i) {
       float f[kChunk];
-      Input<D>::widen(v[i], f);
+      widen_chunk(v, i, f);
 #pragma unroll
       for (int e = 0; e < kChunk; ++e) {
         const float d = S == Statistic::kCenteredSquares ? add_rn(f[e], -mean) : f[e];
@@ -228,7 +261,7 @@ struct NormRow {
   // Normalizes block `col` (its bits `v`) and quantizes it into the row's codes `xq_row` (codes());
   // returns its scale byte.
   template <bool UE8M0>
-  __device__ __forceinline__ uint32_t quantize(int64_t col, const uint4 (&v)[kLoads], float stat_a, float stat_b,
+  __device__ __forceinline__ uint32_t quantize(int64_t col, const Block& v, float stat_a, float stat_b,
                                                Nvfp4RowScale rs, uint8_t* xq_row) const {
     uint4 affine[kAffine][kLoads];
     load_affine(col, affine);
@@ -250,12 +283,12 @@ struct NormRow {
   }
 
   // The normalized block, rounded to the model dtype as eager rounds it.
-  __device__ __forceinline__ void normalize(const uint4 (&v)[kLoads], const uint4 (&affine)[kAffine][kLoads],
+  __device__ __forceinline__ void normalize(const Block& v, const uint4 (&affine)[kAffine][kLoads],
                                             float stat_a, float stat_b, float (&f)[VEC]) const {
     float w[VEC], b[VEC];
 #pragma unroll
     for (int i = 0; i < kLoads; ++i) {
-      Input<D>::widen(v[i], f + i * kChunk);
+      widen_chunk(v, i, f + i * kChunk);
       Input<D>::widen(affine[0][i], w + i * kChunk);
       Input<D>::widen(affine[kAffine - 1][i], b + i * kChunk);
     }
@@ -355,7 +388,7 @@ __device__ __forceinline__ void zero_padding_rows_any(const QuantizeTarget& q, i
 // of 1, unlike none, let ptxas raise their register counts (bf16 RMSNorm NVFP4 64 -> 80: 88 -> 98 us).
 template <FusedOp OP, InputDtype D, bool UE8M0, int BPT>
 constexpr int kNormMinCtasPerSm =
-    D == InputDtype::kBFloat16 && UE8M0 && BPT == 1 && OP != FusedOp::kAddRmsNorm ? 4 : 0;
+    D == InputDtype::kBFloat16 && UE8M0 && BPT == 1 && !kAddsResidual<OP> ? 4 : 0;
 
 // BPT > 0: each thread holds up to BPT blocks of its row in registers (loaded once); BPT = 0: any K,
 // the blocks are read from memory in every pass.
@@ -398,12 +431,15 @@ __global__ void __launch_bounds__(kThreads, (kNormMinCtasPerSm<OP, D, UE8M0, BPT
     const bool row_ok = row_or_past < q.m;  // uniform over a warp: teams are whole warps
     const Row r{a, row_ok ? row_or_past : 0};
 
-    uint4 held[BPT > 0 ? BPT : 1][kLoads];
+    typename Row::Block held[BPT > 0 ? BPT : 1];
     // the block of pass p to normalize: held, or read again
-    auto block = [&](int p, int64_t col, uint4 (&v)[kLoads]) {
+    auto block = [&](int p, int64_t col, typename Row::Block& v) {
       if constexpr (BPT > 0) {
 #pragma unroll
-        for (int i = 0; i < kLoads; ++i) v[i] = held[p][i];
+        for (int s = 0; s < Row::kStreams; ++s) {
+#pragma unroll
+          for (int i = 0; i < kLoads; ++i) v[s][i] = held[p][s][i];
+        }
       } else {
         r.reload(col, v);
       }
@@ -412,12 +448,15 @@ __global__ void __launch_bounds__(kThreads, (kNormMinCtasPerSm<OP, D, UE8M0, BPT
     each_pass([&](int p) {
       const int64_t col = lane + int64_t(p) * team;
       if (!row_ok || col >= nk) return;
-      uint4 v[kLoads];
+      typename Row::Block v;
       r.load(col, v);
       acc = add_rn(acc, Row::template partial<kIsLayerNorm<OP> ? Row::Statistic::kSum : Row::Statistic::kSquares>(v));
       if constexpr (BPT > 0) {
 #pragma unroll
-        for (int i = 0; i < kLoads; ++i) held[p][i] = v[i];
+        for (int s = 0; s < Row::kStreams; ++s) {
+#pragma unroll
+          for (int i = 0; i < kLoads; ++i) held[p][s][i] = v[s][i];
+        }
       }
     });
     // one global scale: read with the CTA's first row only
@@ -432,7 +471,7 @@ __global__ void __launch_bounds__(kThreads, (kNormMinCtasPerSm<OP, D, UE8M0, BPT
       each_pass([&](int p) {
         const int64_t col = lane + int64_t(p) * team;
         if (!row_ok || col >= nk) return;
-        uint4 v[kLoads];
+        typename Row::Block v;
         block(p, col, v);
         acc2 = add_rn(acc2, Row::template partial<Row::Statistic::kCenteredSquares>(v, mean));
       });
@@ -448,7 +487,7 @@ __global__ void __launch_bounds__(kThreads, (kNormMinCtasPerSm<OP, D, UE8M0, BPT
       const bool has_data = row_ok && col < nk;
       uint32_t sf_byte = 0u;  // the padding value
       if (has_data) {
-        uint4 v[kLoads];
+        typename Row::Block v;
         block(p, col, v);
         sf_byte = r.template quantize<UE8M0>(col, v, stat_a, stat_b, rs, xq_row);
       }
@@ -470,7 +509,6 @@ __global__ void __launch_bounds__(kThreads) norm_cluster_kernel(const FusedLaunc
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   constexpr int VEC = Recipe<UE8M0>::kVec;
   using Row = NormRow<OP, D, VEC>;
-  constexpr int kLoads = Row::kLoads;
   wait_for_previous_kernel();
   const QuantizeTarget& q = a.out;
   const SfLayout layout = SfLayout(q.sf_layout);
@@ -490,7 +528,7 @@ __global__ void __launch_bounds__(kThreads) norm_cluster_kernel(const FusedLaunc
   const Row r{a, int64_t(blockIdx.y)};
   const int64_t col = threadIdx.x + int64_t(blockIdx.x) * kThreads;
   const bool has_data = col < nk;
-  uint4 v[kLoads];
+  typename Row::Block v;
   if (has_data) r.load(col, v);
   // norm_kernel's team total of the threads' partial sums (pass order, then team_sum)
   auto row_total = [&](int reduction, float partial) {
@@ -594,7 +632,7 @@ cudaError_t launch_norm_recipe(const FusedLaunch& a, const LaunchStream& stream)
   // 226 -> 163 us, LayerNorm NVFP4 253 -> 219 us, RMSNorm MXFP4 172 -> 156 us; same bits, the same team
   // reduces the row). add_rms_norm holds them: streaming reads back the sum it wrote (323 vs 337 us).
   constexpr bool kHoldTwo = !(OP == FusedOp::kRmsNorm && UE8M0);
-  constexpr bool kHoldFour = OP == FusedOp::kAddRmsNorm;
+  constexpr bool kHoldFour = OP == FusedOp::kAddRmsNorm;  // (kAddRmsNormFloat32Sum holds two streams a block)
   if (cols <= kThreads) return launch_norm_config<OP, D, UE8M0, 1>(a, cols, pad_items, stream);
   // Few rows of 3-8 passes take the cluster kernel, while its CTAs fit one an SM (H100, bf16 NVFP4, kernel
   // lab runs 31, 34, 35: K = 12288-16384 at M = 1-44, e.g. 1x16384 RMSNorm 5.6 -> 3.4 us, LayerNorm 6.9
@@ -626,6 +664,7 @@ cudaError_t launch_typed(const FusedLaunch& a, const LaunchStream& stream) {
   switch (a.op) {
     case FusedOp::kRmsNorm: return launch_norm<FusedOp::kRmsNorm, D>(a, stream);
     case FusedOp::kAddRmsNorm: return launch_norm<FusedOp::kAddRmsNorm, D>(a, stream);
+    case FusedOp::kAddRmsNormFloat32Sum: return launch_norm<FusedOp::kAddRmsNormFloat32Sum, D>(a, stream);
     case FusedOp::kLayerNorm: return launch_norm<FusedOp::kLayerNorm, D>(a, stream);
     case FusedOp::kActivation:
     case FusedOp::kGatedActivation: return launch_activation<D>(a, stream);

@@ -79,14 +79,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rms_norm_impl(
     const at::Tensor& x, const std::optional<at::Tensor>& residual, const std::optional<at::Tensor>& weight,
     const Eps& eps, double weight_offset, bool weight_in_input_dtype, const std::optional<at::Tensor>& global_scale,
     int64_t sf_vec_size, bool sf_use_ue8m0, bool is_sf_swizzled_layout, bool is_sf_8x4_layout,
-    bool is_global_scale_inversed) {
+    bool is_global_scale_inversed, bool sum_in_float32 = false) {
   FusedProblem p = fused::prepare_fused(x, "x", global_scale, sf_vec_size, sf_use_ue8m0, is_sf_swizzled_layout,
                                         is_sf_8x4_layout);
   if (residual) fused::check_like(*residual, "residual", x, "x");
   fused::check_affine(weight, "weight", x);
   const c10::cuda::CUDAGuard guard(x.device());
-  FusedLaunch a =
-      base_launch(residual ? FusedOp::kAddRmsNorm : FusedOp::kRmsNorm, p, sf_use_ue8m0, is_global_scale_inversed);
+  const FusedOp op = !residual ? FusedOp::kRmsNorm : sum_in_float32 ? FusedOp::kAddRmsNormFloat32Sum : FusedOp::kAddRmsNorm;
+  FusedLaunch a = base_launch(op, p, sf_use_ue8m0, is_global_scale_inversed);
   at::Tensor sum;
   std::vector<at::Tensor> keep;
   if (a.out.m > 0 && a.out.k > 0) {
@@ -133,18 +133,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> add_rms_norm_quantize_cuda(
     const at::Tensor& x, const at::Tensor& residual, const std::optional<at::Tensor>& weight, double eps,
     double weight_offset, bool weight_in_input_dtype, const std::optional<at::Tensor>& global_scale,
     int64_t sf_vec_size, bool sf_use_ue8m0, bool is_sf_swizzled_layout, bool is_sf_8x4_layout,
-    bool is_global_scale_inversed) {
+    bool is_global_scale_inversed, bool sum_in_float32) {
   return rms_norm_impl(x, residual, weight, Eps{eps}, weight_offset, weight_in_input_dtype, global_scale,
-                       sf_vec_size, sf_use_ue8m0, is_sf_swizzled_layout, is_sf_8x4_layout, is_global_scale_inversed);
+                       sf_vec_size, sf_use_ue8m0, is_sf_swizzled_layout, is_sf_8x4_layout, is_global_scale_inversed,
+                       sum_in_float32);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> add_rms_norm_quantize_eps_tensor_cuda(
     const at::Tensor& x, const at::Tensor& residual, const std::optional<at::Tensor>& weight, const at::Tensor& eps,
     double weight_offset, bool weight_in_input_dtype, const std::optional<at::Tensor>& global_scale,
     int64_t sf_vec_size, bool sf_use_ue8m0, bool is_sf_swizzled_layout, bool is_sf_8x4_layout,
-    bool is_global_scale_inversed) {
+    bool is_global_scale_inversed, bool sum_in_float32) {
   return rms_norm_impl(x, residual, weight, eps_of(eps, x), weight_offset, weight_in_input_dtype, global_scale,
-                       sf_vec_size, sf_use_ue8m0, is_sf_swizzled_layout, is_sf_8x4_layout, is_global_scale_inversed);
+                       sf_vec_size, sf_use_ue8m0, is_sf_swizzled_layout, is_sf_8x4_layout, is_global_scale_inversed,
+                       sum_in_float32);
 }
 
 std::tuple<at::Tensor, at::Tensor> layer_norm_quantize_cuda(const at::Tensor& x, const std::optional<at::Tensor>& weight,

@@ -6,7 +6,15 @@
 
 namespace fp4op::cuda {
 
-enum class FusedOp : int { kRmsNorm = 0, kAddRmsNorm = 1, kLayerNorm = 2, kActivation = 3, kGatedActivation = 4 };
+// kAddRmsNormFloat32Sum: add_rms_norm normalizing the float32 sum x + residual (sum_out its rounding)
+enum class FusedOp : int {
+  kRmsNorm = 0,
+  kAddRmsNorm = 1,
+  kLayerNorm = 2,
+  kActivation = 3,
+  kGatedActivation = 4,
+  kAddRmsNormFloat32Sum = 5
+};
 
 struct FusedLaunch {
   FusedOp op;
@@ -19,7 +27,7 @@ struct FusedLaunch {
   int64_t y_row_stride;
   const void* weight;           // [k] or nullptr, 16-byte aligned
   const void* bias;             // [k] or nullptr (layer norm), 16-byte aligned
-  void* sum_out;                // add_rms_norm: x + residual, [m, k] contiguous
+  void* sum_out;                // add_rms_norm: x + residual rounded to the input dtype, [m, k] contiguous
   float eps;
   const float* eps_device;      // RMSNorm: eps read on the device instead (a float32 tensor), or nullptr
   float weight_offset;
