@@ -14,7 +14,8 @@ import torch
 import fp4op  # noqa: F401  (registers the ops)
 from fp4op import layouts
 
-OPS = ("rms_norm", "add_rms_norm", "layer_norm", "silu_and_mul", "gelu_and_mul", "silu", "gelu")
+OPS = ("rms_norm", "add_rms_norm", "add_rms_norm_float32_sum", "layer_norm", "silu_and_mul", "gelu_and_mul", "silu",
+       "gelu")
 
 
 def run(op, x, w, gs, q):
@@ -23,6 +24,8 @@ def run(op, x, w, gs, q):
         return ops.rms_norm_quantize(x, w, 1e-6, **q)
     if op == "add_rms_norm":
         return ops.add_rms_norm_quantize(x, x.flip(0), w, 1e-5, **q)
+    if op == "add_rms_norm_float32_sum":
+        return ops.add_rms_norm_quantize(x, x.flip(0) * 0.01, w, 1e-5, 0.0, True, **q, sum_in_float32=True)
     if op == "layer_norm":
         return ops.layer_norm_quantize(x, w, w, 1e-5, **q)
     half = x.shape[-1] // 2
