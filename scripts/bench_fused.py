@@ -71,6 +71,13 @@ def hf_llama_rms_norm(x, w):
     return w * h.to(x.dtype)
 
 
+def vllm_add_rms_norm(x, r, w):
+    """vLLM RMSNorm.forward_native with a residual: the add in float32, the float32 sum normalized."""
+    s = x.to(torch.float32) + r.to(torch.float32)
+    h = s * torch.rsqrt(s.pow(2).mean(-1, keepdim=True) + EPS)
+    return h.to(x.dtype) * w
+
+
 def cases(m: int, k: int, dtype: torch.dtype, gs: torch.Tensor):
     """(name, fused call, model-dtype computation, its inputs, bytes read + written by the fused op)."""
     dev = "cuda"
@@ -88,6 +95,9 @@ def cases(m: int, k: int, dtype: torch.dtype, gs: torch.Tensor):
            hf_llama_rms_norm, (x, w), m * k * e + q_bytes)
     yield ("add_rms_norm", lambda: OPS.add_rms_norm_quantize(x, residual, w, EPS, global_scale=gs),
            lambda x, r, w: F.rms_norm(x + r, (k,), w, EPS), (x, residual, w), 3 * m * k * e + q_bytes)
+    yield ("add_rms_norm_vllm", lambda: OPS.add_rms_norm_quantize(x, residual, w, EPS, 0.0, True, global_scale=gs,
+                                                               sum_in_float32=True),
+           vllm_add_rms_norm, (x, residual, w), 3 * m * k * e + q_bytes)
     yield ("layer_norm", lambda: OPS.layer_norm_quantize(x, w, b, EPS, global_scale=gs),
            lambda x, w, b: F.layer_norm(x, (k,), w, b, EPS), (x, w, b), m * k * e + q_bytes)
     yield ("silu_and_mul", lambda: OPS.silu_and_mul_quantize(gate, up, global_scale=gs),

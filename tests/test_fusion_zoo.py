@@ -608,7 +608,8 @@ def run_zoo(zoo, dtype, mode="no_grad", dynamic=False, shapes=(TOKENS,)):
 
 
 # torch 2.11's Inductor does not round its own (unfused) code like eager even with emulate_precision_casts:
-# there the unfused quantizes of test_zoo_never_fuses differ from eager in about 6% of blocks. The
+# there the unfused quantizes of test_zoo_never_fuses differ from eager in about 6% of blocks, and its
+# joint-graph pass folds a float32 -> bf16 -> float32 cast chain into nothing (vllm_llama below). The
 # per-quantize comparison needs torch 2.14; the fused ops themselves are compared with eager on every
 # version (test_fused_ops.py, test_fusion_rules.py, test_fusion_models.py).
 INDUCTOR_ROUNDS_LIKE_EAGER = TorchVersion(torch.__version__) >= (2, 14)
@@ -691,13 +692,17 @@ ZOOS = {
     ),
     # vLLM's Llama: the first input norm plain, the three norms after it add the residual in float32
     # (the next residual its rounding), the final one drops that residual; sliced SiluAndMul. Left: the
-    # o_proj inputs.
+    # o_proj inputs. (torch 2.11's Inductor folds `s.to(bf16).to(float32)` into `s` in its joint-graph
+    # pass `pointless_convert`, dropping the rounding that the residual carries from norm to norm: the
+    # compiled model, fused or not, differs from eager there, and only the first norm and the MLPs fuse.)
     "vllm_llama": (
         [VllmLlamaModel],
         torch.bfloat16, "nvfp4", "no_grad",
         {"rms_norm_quantize[meta]": 1, "add_rms_norm_quantize[float32_sum,meta]": 3,
-         "add_rms_norm_quantize[float32_sum,meta,sum_unused]": 1, "silu_and_mul_quantize[silu]": 2},
-        2,
+         "add_rms_norm_quantize[float32_sum,meta,sum_unused]": 1, "silu_and_mul_quantize[silu]": 2}
+        if INDUCTOR_ROUNDS_LIKE_EAGER
+        else {"rms_norm_quantize[meta]": 1, "silu_and_mul_quantize[silu]": 2},
+        2 if INDUCTOR_ROUNDS_LIKE_EAGER else 6,
     ),
 }
 

@@ -631,8 +631,12 @@ cudaError_t launch_norm_recipe(const FusedLaunch& a, const LaunchStream& stream)
   // reading the row twice, the second time from L2 (H100, kernel lab run 16, 8192x16384: RMSNorm NVFP4
   // 226 -> 163 us, LayerNorm NVFP4 253 -> 219 us, RMSNorm MXFP4 172 -> 156 us; same bits, the same team
   // reduces the row). add_rms_norm holds them: streaming reads back the sum it wrote (323 vs 337 us).
-  constexpr bool kHoldTwo = !(OP == FusedOp::kRmsNorm && UE8M0);
-  constexpr bool kHoldFour = OP == FusedOp::kAddRmsNorm;  // (kAddRmsNormFloat32Sum holds two streams a block)
+  // kAddRmsNormFloat32Sum holds x and the residual: two MXFP4 blocks of both take 172-190 registers (one
+  // CTA an SM), four 240-254, so MXFP4 rows of more than 256 blocks are read twice (8192x16384: 375 us,
+  // the rounded sum held 317 us); four NVFP4 blocks take 128 (8192x16384 bf16 NVFP4: read twice 470 us,
+  // held 343 us, the rounded sum 322 us; H100, CUDA events, L2 flushed)
+  constexpr bool kHoldTwo = !(OP == FusedOp::kRmsNorm && UE8M0) && !(OP == FusedOp::kAddRmsNormFloat32Sum && UE8M0);
+  constexpr bool kHoldFour = OP == FusedOp::kAddRmsNorm || (OP == FusedOp::kAddRmsNormFloat32Sum && !UE8M0);
   if (cols <= kThreads) return launch_norm_config<OP, D, UE8M0, 1>(a, cols, pad_items, stream);
   // Few rows of 3-8 passes take the cluster kernel, while its CTAs fit one an SM (H100, bf16 NVFP4, kernel
   // lab runs 31, 34, 35: K = 12288-16384 at M = 1-44, e.g. 1x16384 RMSNorm 5.6 -> 3.4 us, LayerNorm 6.9
