@@ -27,6 +27,10 @@ the pass writes the product as the patterns do first (pass_manager.canonicalize_
 last dim written as its index (``mean(2)`` of 3-D activations) becomes ``mean(-1)`` in a last round
 (pass_manager.canonicalize_mean_dims).
 
+F.rms_norm of a non-contiguous x (a transposed or permuted activation) decomposes with a contiguous
+clone before its conversion back to the model dtype: the "torch" forms have rules traced with such an
+x (`strided`), as the matcher re-traces a candidate with its real strides.
+
 eps may also be a 0-d tensor graph input (a module's float eps under ``dynamic=True``): the fused ops'
 ``*_eps_tensor`` variants take it.
 
@@ -57,6 +61,8 @@ WEIGHT_ONLY_FORMS = ("gemma", "meta", "t5_right", "olmo2", "glm", "fp32_weight",
 INPUT_DTYPE_WEIGHT_FORMS = ("hf", "meta", "t5", "t5_right")
 # the weight forms written after a residual add in float32 (float32_sum_rms_norm_forms)
 FLOAT32_SUM_FORMS = ("meta", "hf", "olmo2")
+# the forms whose graph depends on x's strides (F.rms_norm's decomposition)
+STRIDED_FORMS = ("torch", "torch_fp32")
 
 
 def rms_norm_forms(x: torch.Tensor, weight: torch.Tensor | None, eps: float, form: str) -> torch.Tensor:
@@ -110,7 +116,15 @@ class RMSNormQuantize(FusionPattern):
     # dynamic=True passes a module's float eps as a 0-d tensor: the fused ops' *_eps_tensor variants take it
     tensor_scalars = ("eps",)
 
-    def __init__(self, form: str, with_weight: bool, residual: bool, float32_sum: bool = False, sum_used: bool = True):
+    def __init__(
+        self,
+        form: str,
+        with_weight: bool,
+        residual: bool,
+        float32_sum: bool = False,
+        sum_used: bool = True,
+        strided: bool = False,
+    ):
         if form not in FORMS or (float32_sum and form not in FLOAT32_SUM_FORMS):
             raise ValueError(f"fp4op.fusion: unknown RMSNorm form {form!r}{' (float32 sum)' if float32_sum else ''}")
         if form in WEIGHT_ONLY_FORMS and not with_weight:
@@ -119,17 +133,22 @@ class RMSNormQuantize(FusionPattern):
             raise ValueError("fp4op.fusion: a float32 sum needs the residual")
         if not sum_used and not float32_sum:
             raise ValueError("fp4op.fusion: only the float32-sum forms have a rule for an unused sum")
+        if strided and (form not in STRIDED_FORMS or residual):
+            raise ValueError(f"fp4op.fusion: no strided-input rule for the {form!r} form{' with a residual' if residual else ''}")
         self.form = form
         self.with_weight = with_weight
         self.residual = residual
         self.float32_sum = float32_sum
         self.sum_used = sum_used
+        self.strided = strided
         op = "add_rms_norm_quantize" if residual else "rms_norm_quantize"
         tags = ("float32_sum," if float32_sum else "") + form + ("" if with_weight else ",no_weight")
-        self.name = f"{op}[{tags}{'' if sum_used else ',sum_unused'}]"
+        tags += ("" if sum_used else ",sum_unused") + (",strided" if strided else "")
+        self.name = f"{op}[{tags}]"
 
     def tensor_inputs(self, dtype, device):
-        inputs = {"x": torch.empty(8, 32, dtype=dtype, device=device)}
+        x = torch.empty(32, 8, dtype=dtype, device=device).t() if self.strided else torch.empty(8, 32, dtype=dtype, device=device)
+        inputs = {"x": x}
         if self.residual:
             inputs["residual"] = torch.empty(8, 32, dtype=dtype, device=device)
         if self.with_weight:
@@ -180,10 +199,16 @@ def rules() -> list[FusionPattern]:
         for with_weight in (True, False)
         if with_weight or form == "hf"
     ]
+    strided = [
+        RMSNormQuantize(form, with_weight, False, strided=True)
+        for form in STRIDED_FORMS
+        for with_weight in (True, False)
+        if with_weight or form not in WEIGHT_ONLY_FORMS
+    ]
     return float32_sum + [
         RMSNormQuantize(form, with_weight, residual)
         for residual in (True, False)
         for form in FORMS
         for with_weight in (True, False)
         if with_weight or form not in WEIGHT_ONLY_FORMS
-    ]
+    ] + strided

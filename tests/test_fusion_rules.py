@@ -262,6 +262,42 @@ def test_eps_tensor_rank(eps_shape, fuses):
     assert_fp4_close(out, expected, 16, min_identical=0.999 if fuses else 0.5)
 
 
+def test_rms_norm_of_non_contiguous_inputs():
+    """F.rms_norm / nn.RMSNorm of a transposed or permuted activation (ConvNeXt-style channels-last):
+    its decomposition makes the output contiguous with a clone that the contiguous-input rules lack;
+    the strided rules fuse it, with eager's results."""
+    dtype = torch.bfloat16
+    gs = torch.tensor([100.0])
+    q = lambda y: torch.ops.fp4op.quantize(y, gs)  # noqa: E731
+    rms = nn.RMSNorm(K, eps=1e-6, dtype=dtype)
+    with torch.no_grad():
+        rms.weight.copy_(torch.randn(K) * 0.3 + 1)
+    w = torch.randn(K, dtype=dtype) * 0.5 + 1
+    xt = (torch.randn(K, M) * 3).to(dtype).t()  # [M, K], transposed
+    x3 = (torch.randn(16, 4, K) * 3).to(dtype).transpose(0, 1)  # [4, 16, K]
+    x4 = (torch.randn(2, K, 4, 8) * 3).to(dtype).permute(0, 2, 3, 1)  # [2, 4, 8, K], channels last
+
+    def fn(xt, x3, x4, w):
+        return [
+            q(F.rms_norm(xt, (K,), w, 1e-5)),
+            q(rms(x3)),
+            q(F.rms_norm(x4, (K,), None, 1e-6)),
+            q(F.rms_norm(x3.float(), (K,), w.float(), 1e-6).to(dtype)),
+        ]
+
+    out, record = compile_fused(fn, xt, x3, x4, w)
+    assert dict(record.matches) == {
+        "rms_norm_quantize[torch,strided]": 2,
+        "rms_norm_quantize[torch,no_weight,strided]": 1,
+        "rms_norm_quantize[torch_fp32,strided]": 1,
+    }
+    assert "fp4op.quantize.default" not in fp4_ops(record.after)
+    with torch.no_grad():
+        expected = fn(xt, x3, x4, w)
+    for got, want in zip(out, expected):
+        assert_fp4_close(got, want, 16)
+
+
 class _ActivationQuantizer(nn.Module):
     """An FP4 activation quantizer as checkpoints carry it: a stored input_scale, its inverse the global scale
     (computed in forward, i.e. after the residual add in program order)."""
