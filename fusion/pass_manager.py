@@ -193,6 +193,39 @@ def canonicalize_variances(graph: torch.fx.Graph) -> int:
     return changed
 
 
+def restore_zero_eps(graph: torch.fx.Graph) -> int:
+    """Put back a norm's ``+ eps`` where eps is 0.0; returns how many. Inductor drops ``x + 0.0`` before
+    the pass runs, so a norm written with eps 0 (``rsqrt(h.pow(2).mean(-1) + 0.0)``, ``F.layer_norm(...,
+    eps=0.0)``) reaches it as ``rsqrt(mean)`` or ``rsqrt(var)``, which the patterns (traced with an eps)
+    lack. Only where the rsqrt reads a mean of squares or var_mean's variance: those are +0 or more (or
+    NaN), so adding 0.0 changes no value (it would turn a -0 into +0, and rsqrt(-0) is -inf)."""
+    restored = 0
+    for node in list(graph.find_nodes(op="call_function", target=torch.ops.aten.rsqrt.default)):
+        arg = node.args[0] if len(node.args) == 1 and not node.kwargs else None
+        if not isinstance(arg, torch.fx.Node):
+            continue
+        mean_of_squares = (
+            arg.target is torch.ops.aten.mean.dim
+            and isinstance(arg.args[0], torch.fx.Node)
+            and arg.args[0].target is torch.ops.aten.pow.Tensor_Scalar
+            and arg.args[0].args[1] == 2
+        )
+        variance = (
+            arg.target is operator.getitem
+            and arg.args[1] == 0
+            and isinstance(arg.args[0], torch.fx.Node)
+            and arg.args[0].target is torch.ops.aten.var_mean.correction
+        )
+        if not (mean_of_squares or variance):
+            continue
+        with graph.inserting_before(node):
+            plus_eps = graph.call_function(torch.ops.aten.add.Tensor, (arg, 0.0))
+        plus_eps.meta = dict(arg.meta)
+        node.replace_input_with(arg, plus_eps)
+        restored += 1
+    return restored
+
+
 def canonicalize_mean_dims(graph: torch.fx.Graph) -> int:
     """Write a mean over the last dim as the hand-written norm patterns do, ``dim=-1``; returns how many
     nodes changed: ``h.pow(2).mean(2, keepdim=True)`` of a 3-D ``h`` reduces the same elements as
@@ -722,6 +755,7 @@ class FusionPass(CustomGraphPass):
         if quantizes:
             hoist_scalar_conversions(graph)
             canonicalize_variances(graph)
+            restore_zero_eps(graph)
             for node in quantizes:
                 q = quantize_args_of(node)
                 val = node.args[0].meta.get("val") if isinstance(node.args[0], torch.fx.Node) else None
@@ -737,6 +771,7 @@ class FusionPass(CustomGraphPass):
                 # and only without producer copies, which undo_unfused_copies must find as it made them.
                 if not copies.outputs and merge_duplicate_conversions(graph):
                     canonicalize_variances(graph)  # x.float() * x.float() is a square only now
+                    restore_zero_eps(graph)
                     self.patterns.apply(graph)
                 # A last round for the means over the last dim written as its index: only after the
                 # others, whose F.rms_norm forms decompose to that index and match only as traced. (It

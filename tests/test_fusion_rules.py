@@ -460,6 +460,73 @@ def test_canonicalize_mean_dims(mean, dims, changed):
     assert torch.equal(gm(x), want)
 
 
+@pytest.mark.parametrize(
+    "norm, restored",
+    [
+        (lambda h: torch.rsqrt(h.pow(2).mean(-1, keepdim=True)), 1),  # RMSNorm, eps 0
+        (lambda h: torch.rsqrt(torch.var_mean(h, -1, correction=0, keepdim=True)[0]), 1),  # LayerNorm, eps 0
+        (lambda h: torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6), 0),  # an eps: nothing to restore
+        (lambda h: torch.rsqrt(h.mean(-1, keepdim=True)), 0),  # not squares: may be -0, rsqrt(-0) = -inf
+        (lambda h: torch.rsqrt(h.pow(3).mean(-1, keepdim=True)), 0),
+    ],
+)
+def test_restore_zero_eps(norm, restored):
+    """Inductor drops `+ 0.0`; the pass puts it back only after a mean of squares or a variance (never
+    -0), so the graph computes the same, -0 inputs included."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from fp4op.fusion.pass_manager import restore_zero_eps
+
+    x = torch.randn(2, 3, 8)
+    x[0, 0] = -0.0
+    gm = make_fx(norm)(x)
+    want = gm(x)
+    assert restore_zero_eps(gm.graph) == restored
+    gm.recompile()
+    assert torch.equal(gm(x).view(torch.int32), want.view(torch.int32))  # bits: NaNs, the sign of inf
+
+
+def test_zero_eps_norms_fuse():
+    """"Any eps" includes 0.0: the hand-written RMSNorm (alone and after a residual add, the variance as
+    pow or a product), F.rms_norm and F.layer_norm with eps 0 fuse, with eager's results."""
+    dtype = torch.bfloat16
+    gs = torch.tensor([100.0])
+    q = lambda y: torch.ops.fp4op.quantize(y, gs)  # noqa: E731
+    x = [(torch.randn(M, K) * 3).to(dtype) for _ in range(7)]
+
+    def gpt_fast_zero_eps(x, w):
+        h = x.float()
+        return (h * torch.rsqrt((h * h).mean(-1, keepdim=True) + 0.0)).to(dtype) * w
+    r, w, b = torch.randn(M, K).to(dtype), torch.randn(K).to(dtype) * 0.5 + 1, torch.randn(K).to(dtype) * 0.1
+
+    def fn(x, r, w, b):
+        s = x[1] + r
+        return [
+            q(hf_rms(x[0], w, 0.0)),
+            (*q(hf_rms(s, w, 0.0)), s * 2),
+            q(w * (x[2].float() * torch.rsqrt((x[2].float() * x[2].float()).mean(-1, keepdim=True) + 0.0)).to(dtype)),
+            q(gpt_fast_zero_eps(x[6], w)),
+            q(F.rms_norm(x[3], (K,), w, 0.0)),
+            q(F.layer_norm(x[4], (K,), w, b, 0.0)),
+            q(F.layer_norm(x[5], (K,), None, None, 0.0)),
+        ]
+
+    out, record = compile_fused(fn, x, r, w, b)
+    assert dict(record.matches) == {
+        "rms_norm_quantize[hf]": 2,
+        "rms_norm_quantize[meta]": 1,
+        "add_rms_norm_quantize[hf]": 1,
+        "rms_norm_quantize[torch]": 1,
+        "layer_norm_quantize[weight,bias]": 1,
+        "layer_norm_quantize[no_affine]": 1,
+    }
+    with torch.no_grad():
+        expected = fn(x, r, w, b)
+    for got, want in zip(out, expected):
+        assert_fp4_close(got, want, 16)
+        assert_same_outputs(got[2:], want[2:])
+
+
 def test_producer_copies_with_the_mean_written_as_the_last_index():
     """3-D activations whose norm takes its mean over dim 2 (the last, written as its index), read by the
     q/k/v quantizes with different global scales: the copies fuse in the pass's last round, where the
