@@ -193,6 +193,25 @@ def canonicalize_variances(graph: torch.fx.Graph) -> int:
     return changed
 
 
+def canonicalize_rsqrt_products(graph: torch.fx.Graph) -> int:
+    """Write ``rsqrt(...) * h`` as the patterns do, ``h * rsqrt(...)``; returns how many products changed.
+    A product of two tensors is commutative bit for bit (IEEE multiplication, the same type promotion)."""
+    swapped = 0
+    for node in graph.find_nodes(op="call_function", target=torch.ops.aten.mul.Tensor):
+        if len(node.args) != 2 or node.kwargs:
+            continue
+        left, right = node.args
+        if (
+            isinstance(left, torch.fx.Node)
+            and left.target is torch.ops.aten.rsqrt.default
+            and isinstance(right, torch.fx.Node)
+            and right.target is not torch.ops.aten.rsqrt.default
+        ):
+            node.args = (right, left)
+            swapped += 1
+    return swapped
+
+
 def restore_zero_eps(graph: torch.fx.Graph) -> int:
     """Put back a norm's ``+ eps`` where eps is 0.0; returns how many. Inductor drops ``x + 0.0`` before
     the pass runs, so a norm written with eps 0 (``rsqrt(h.pow(2).mean(-1) + 0.0)``, ``F.layer_norm(...,
@@ -756,6 +775,7 @@ class FusionPass(CustomGraphPass):
             hoist_scalar_conversions(graph)
             canonicalize_variances(graph)
             restore_zero_eps(graph)
+            canonicalize_rsqrt_products(graph)
             for node in quantizes:
                 q = quantize_args_of(node)
                 val = node.args[0].meta.get("val") if isinstance(node.args[0], torch.fx.Node) else None

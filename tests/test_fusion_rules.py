@@ -64,6 +64,7 @@ def _norm_chains(rms_module):
         ("add_rms_norm_quantize[float32_sum,hf]", lambda x, r, w, b: _res32(x, r, lambda h: w * h.to(x.dtype))),
         ("add_rms_norm_quantize[float32_sum,olmo2]", lambda x, r, w, b: _res32(x, r, lambda h: (w * h).to(x.dtype))),
         ("add_rms_norm_quantize[float32_sum,hf,no_weight]", lambda x, r, w, b: _res32(x, r, lambda h: h.to(x.dtype))),
+        ("rms_norm_quantize[hf]", lambda x, r, w, b: _rsqrt_on_the_left(x, w)),
         (
             "add_rms_norm_quantize[float32_sum,meta,sum_unused]",
             lambda x, r, w, b: _res32(x, r, lambda h: h.to(x.dtype) * w, eps=3e-5)[0],
@@ -74,6 +75,12 @@ def _norm_chains(rms_module):
 def _res(x, r, norm):
     s = x + r
     return norm(s), s * 2  # the sum is reused (the next residual)
+
+
+def _rsqrt_on_the_left(x, w):
+    """The Hugging Face form with the product written `rsqrt(var + eps) * h`."""
+    h = x.to(torch.float32)
+    return w * (torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6) * h).to(x.dtype)
 
 
 def _res32(x, r, weighted, eps=1e-6):
