@@ -195,7 +195,8 @@ def canonicalize_variances(graph: torch.fx.Graph) -> int:
 
 def canonicalize_rsqrt_products(graph: torch.fx.Graph) -> int:
     """Write ``rsqrt(...) * h`` as the patterns do, ``h * rsqrt(...)``; returns how many products changed.
-    A product of two tensors is commutative bit for bit (IEEE multiplication, the same type promotion)."""
+    A product of two tensors commutes bit for bit (IEEE multiplication, the same type promotion; only
+    which NaN payload a NaN times a NaN carries may differ, which torch does not define)."""
     swapped = 0
     for node in graph.find_nodes(op="call_function", target=torch.ops.aten.mul.Tensor):
         if len(node.args) != 2 or node.kwargs:

@@ -35,9 +35,10 @@ eps may also be a 0-d tensor graph input (a module's float eps under ``dynamic=T
 ``*_eps_tensor`` variants take it.
 
 With `residual`, the norm's input is ``x + residual`` and that sum is also an output (the next
-residual), which fp4op.add_rms_norm_quantize returns. vLLM's RMSNorm (``forward_native``; nano-vllm and
-others alike) adds in float32 instead: ``s = x.float() + residual.float()``, the next residual
-``s.to(dtype)``, and ``s`` itself normalized (`FLOAT32_SUM_FORMS`: ``h.to(dtype) * weight`` as vLLM,
+residual), which fp4op.add_rms_norm_quantize returns. vLLM's RMSNorm (nano-vllm and others alike) adds in
+float32 instead: ``s = x.float() + residual.float()``, or ``x.float() + residual`` with the residual
+promoted by the add (later vLLM versions; `promoted`), the next residual ``s.to(dtype)``, and ``s`` itself
+normalized (`FLOAT32_SUM_FORMS`: ``h.to(dtype) * weight`` as vLLM,
 ``weight * h.to(dtype)``, ``(weight * h).to(dtype)``, or no weight): add_rms_norm_quantize with
 ``sum_in_float32=True``; also where the next residual is not used (vLLM's final norm,
 ``hidden_states, _ = self.norm(hidden_states, residual)``).
@@ -94,11 +95,12 @@ def rms_norm_forms(x: torch.Tensor, weight: torch.Tensor | None, eps: float, for
 
 
 def float32_sum_rms_norm_forms(
-    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor | None, eps: float, form: str
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor | None, eps: float, form: str, promoted: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """vLLM's residual RMSNorm: the sum in float32, normalized as it is, weighted in one of the
-    `FLOAT32_SUM_FORMS`; returns (output, next residual)."""
-    s = x.to(torch.float32) + residual.to(torch.float32)
+    """vLLM's residual RMSNorm: the sum in float32 (`promoted`: the residual converted by the add's type
+    promotion, not by a cast), normalized as it is, weighted in one of the `FLOAT32_SUM_FORMS`; returns
+    (output, next residual)."""
+    s = x.to(torch.float32) + (residual if promoted else residual.to(torch.float32))
     h = s * torch.rsqrt(s.pow(2).mean(-1, keepdim=True) + eps)
     if weight is None:
         out = h.to(x.dtype)
@@ -124,6 +126,7 @@ class RMSNormQuantize(FusionPattern):
         float32_sum: bool = False,
         sum_used: bool = True,
         strided: bool = False,
+        promoted: bool = False,
     ):
         if form not in FORMS or (float32_sum and form not in FLOAT32_SUM_FORMS):
             raise ValueError(f"fp4op.fusion: unknown RMSNorm form {form!r}{' (float32 sum)' if float32_sum else ''}")
@@ -131,8 +134,8 @@ class RMSNormQuantize(FusionPattern):
             raise ValueError(f"fp4op.fusion: the {form!r} RMSNorm form needs the weight (without one: the 'hf' form)")
         if float32_sum and not residual:
             raise ValueError("fp4op.fusion: a float32 sum needs the residual")
-        if not sum_used and not float32_sum:
-            raise ValueError("fp4op.fusion: only the float32-sum forms have a rule for an unused sum")
+        if (not sum_used or promoted) and not float32_sum:
+            raise ValueError("fp4op.fusion: an unused or promoted sum is a float32-sum form's")
         if strided and (form not in STRIDED_FORMS or residual):
             raise ValueError(f"fp4op.fusion: no strided-input rule for the {form!r} form{' with a residual' if residual else ''}")
         self.form = form
@@ -141,8 +144,10 @@ class RMSNormQuantize(FusionPattern):
         self.float32_sum = float32_sum
         self.sum_used = sum_used
         self.strided = strided
+        self.promoted = promoted
         op = "add_rms_norm_quantize" if residual else "rms_norm_quantize"
-        tags = ("float32_sum," if float32_sum else "") + form + ("" if with_weight else ",no_weight")
+        tags = ("float32_sum," if float32_sum else "") + ("promoted," if promoted else "") + form
+        tags += "" if with_weight else ",no_weight"
         tags += ("" if sum_used else ",sum_unused") + (",strided" if strided else "")
         self.name = f"{op}[{tags}]"
 
@@ -157,7 +162,7 @@ class RMSNormQuantize(FusionPattern):
 
     def pattern(self, x, eps, weight=None, residual=None, global_scale=None):
         if self.float32_sum:
-            out, total = float32_sum_rms_norm_forms(x, residual, weight, eps, self.form)
+            out, total = float32_sum_rms_norm_forms(x, residual, weight, eps, self.form, self.promoted)
             return (out, total) if self.sum_used else out
         if self.residual:
             x = x + residual
@@ -193,7 +198,8 @@ class RMSNormQuantize(FusionPattern):
 def rules() -> list[FusionPattern]:
     """Residual forms first: they anchor at the same quantize and cover more of the graph."""
     float32_sum = [
-        RMSNormQuantize(form, with_weight, True, float32_sum=True, sum_used=sum_used)
+        RMSNormQuantize(form, with_weight, True, float32_sum=True, sum_used=sum_used, promoted=promoted)
+        for promoted in (False, True)
         for sum_used in (True, False)
         for form in FLOAT32_SUM_FORMS
         for with_weight in (True, False)

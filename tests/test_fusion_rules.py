@@ -66,6 +66,14 @@ def _norm_chains(rms_module):
         ("add_rms_norm_quantize[float32_sum,hf,no_weight]", lambda x, r, w, b: _res32(x, r, lambda h: h.to(x.dtype))),
         ("rms_norm_quantize[hf]", lambda x, r, w, b: _rsqrt_on_the_left(x, w)),
         (
+            "add_rms_norm_quantize[float32_sum,promoted,meta]",
+            lambda x, r, w, b: _res32(x, r, lambda h: h.to(x.dtype) * w, promoted=True),
+        ),
+        (
+            "add_rms_norm_quantize[float32_sum,promoted,hf,no_weight,sum_unused]",
+            lambda x, r, w, b: _res32(x, r, lambda h: h.to(x.dtype), promoted=True)[0],
+        ),
+        (
             "add_rms_norm_quantize[float32_sum,meta,sum_unused]",
             lambda x, r, w, b: _res32(x, r, lambda h: h.to(x.dtype) * w, eps=3e-5)[0],
         ),
@@ -83,9 +91,10 @@ def _rsqrt_on_the_left(x, w):
     return w * (torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6) * h).to(x.dtype)
 
 
-def _res32(x, r, weighted, eps=1e-6):
-    """vLLM's RMSNorm with a residual: the sum in float32, its rounding the next residual (reused)."""
-    s = x.to(torch.float32) + r.to(torch.float32)
+def _res32(x, r, weighted, eps=1e-6, promoted=False):
+    """vLLM's RMSNorm with a residual: the sum in float32 (promoted: `x.float() + residual`, as later vLLM
+    versions write it), its rounding the next residual (reused)."""
+    s = x.to(torch.float32) + (r if promoted else r.to(torch.float32))
     residual = s.to(x.dtype)
     h = s * torch.rsqrt(s.pow(2).mean(dim=-1, keepdim=True) + eps)
     return weighted(h), residual * 2
