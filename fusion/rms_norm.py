@@ -79,38 +79,36 @@ def rms_norm_forms(x: torch.Tensor, weight: torch.Tensor | None, eps: float, for
         if form == "glm":
             return (weight * h).to(x.dtype)
         return weight * h.to(weight.dtype) if form == "t5" else h.to(weight.dtype) * weight
-    h = x.to(torch.float32)
+    return _normalize_float32(x.to(torch.float32), weight, eps, form, x)
+
+
+def _normalize_float32(
+    h: torch.Tensor, weight: torch.Tensor | None, eps: float, form: str, like: torch.Tensor
+) -> torch.Tensor:
+    """The forms that normalize a float32 `h` (x converted, or vLLM's float32 sum), weighted as `form`
+    writes it and converted to the dtype of `like`."""
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
     if form == "hf":
-        return h.to(x.dtype) if weight is None else weight * h.to(x.dtype)
+        return h.to(like.dtype) if weight is None else weight * h.to(like.dtype)
     if form == "meta":
-        return h.type_as(x) * weight
+        return h.type_as(like) * weight
     if form == "olmo2":
-        return (weight * h).to(x.dtype)
+        return (weight * h).to(like.dtype)
     if form == "fp32_weight":
-        return (h * weight.float()).to(x.dtype)
+        return (h * weight.float()).to(like.dtype)
     if weight is not None:
         h = h * (1.0 + weight.float())
-    return h.type_as(x)
+    return h.type_as(like)
 
 
 def float32_sum_rms_norm_forms(
     x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor | None, eps: float, form: str, promoted: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """vLLM's residual RMSNorm: the sum in float32 (`promoted`: the residual converted by the add's type
-    promotion, not by a cast), normalized as it is, weighted in one of the `FLOAT32_SUM_FORMS`; returns
-    (output, next residual)."""
+    promotion, not by a cast), normalized as it is, weighted in one of the `FLOAT32_SUM_FORMS` (without a
+    weight: "hf"); returns (output, next residual)."""
     s = x.to(torch.float32) + (residual if promoted else residual.to(torch.float32))
-    h = s * torch.rsqrt(s.pow(2).mean(-1, keepdim=True) + eps)
-    if weight is None:
-        out = h.to(x.dtype)
-    elif form == "meta":
-        out = h.to(x.dtype) * weight
-    elif form == "hf":
-        out = weight * h.to(x.dtype)
-    else:
-        out = (weight * h).to(x.dtype)
-    return out, s.to(x.dtype)
+    return _normalize_float32(s, weight, eps, form, x), s.to(x.dtype)
 
 
 class RMSNormQuantize(FusionPattern):
@@ -152,8 +150,9 @@ class RMSNormQuantize(FusionPattern):
         self.name = f"{op}[{tags}]"
 
     def tensor_inputs(self, dtype, device):
-        x = torch.empty(32, 8, dtype=dtype, device=device).t() if self.strided else torch.empty(8, 32, dtype=dtype, device=device)
-        inputs = {"x": x}
+        # strided: a transposed x of the same shape
+        x = torch.empty(32, 8, dtype=dtype, device=device)
+        inputs = {"x": x.t() if self.strided else x.view(8, 32)}
         if self.residual:
             inputs["residual"] = torch.empty(8, 32, dtype=dtype, device=device)
         if self.with_weight:

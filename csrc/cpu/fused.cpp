@@ -123,16 +123,11 @@ void rms_norm_rows(FusedProblem& p, const QuantizeParams& qp, const at::Tensor& 
         // (sum_in_float32: the float32 sum is)
         const uint16_t* res = row_ptr(rr, r);
         uint16_t* sum_row = sum_bits + r * k;
-        if (sum_in_float32) {
-          for (int64_t i = 0; i < k; ++i) {  // vectorized
-            v[i] = add_rn(v[i], widen(res[i], D));
-            sum_row[i] = narrow_exact(fused::round_to(v[i], D), D);
-          }
-        } else {
-          for (int64_t i = 0; i < k; ++i) {  // vectorized
-            v[i] = fused::round_to(add_rn(v[i], widen(res[i], D)), D);
-            sum_row[i] = narrow_exact(v[i], D);
-          }
+        for (int64_t i = 0; i < k; ++i) {  // vectorized
+          const float sum = add_rn(v[i], widen(res[i], D));
+          const float rounded = fused::round_to(sum, D);
+          sum_row[i] = narrow_exact(rounded, D);
+          v[i] = sum_in_float32 ? sum : rounded;
         }
       }
       const float mean_sq = div_rn(lane_sum(k, [&](int64_t i) { return mul_rn(v[i], v[i]); }), float(k));

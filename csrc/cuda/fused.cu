@@ -635,7 +635,7 @@ cudaError_t launch_norm_recipe(const FusedLaunch& a, const LaunchStream& stream)
   // CTA an SM), four 240-254, so MXFP4 rows of more than 256 blocks are read twice (8192x16384: 375 us,
   // the rounded sum held 317 us); four NVFP4 blocks take 128 (8192x16384 bf16 NVFP4: read twice 470 us,
   // held 343 us, the rounded sum 322 us; H100, CUDA events, L2 flushed)
-  constexpr bool kHoldTwo = !(OP == FusedOp::kRmsNorm && UE8M0) && !(OP == FusedOp::kAddRmsNormFloat32Sum && UE8M0);
+  constexpr bool kHoldTwo = !(UE8M0 && (OP == FusedOp::kRmsNorm || OP == FusedOp::kAddRmsNormFloat32Sum));
   constexpr bool kHoldFour = OP == FusedOp::kAddRmsNorm || (OP == FusedOp::kAddRmsNormFloat32Sum && !UE8M0);
   if (cols <= kThreads) return launch_norm_config<OP, D, UE8M0, 1>(a, cols, pad_items, stream);
   // Few rows of 3-8 passes take the cluster kernel, while its CTAs fit one an SM (H100, bf16 NVFP4, kernel
