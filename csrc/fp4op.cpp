@@ -1,5 +1,5 @@
 // The fp4op operator library: schemas of the ops. Kernels are registered per backend in csrc/cpu and
-// csrc/cuda; fake (meta) kernels and autograd in fp4op/ops.py.
+// csrc/cuda, autograd in csrc/autograd.cpp; fake (meta) kernels in fp4op/ops.py.
 #include <Python.h>
 #include <torch/library.h>
 

@@ -39,21 +39,9 @@ from __future__ import annotations
 import torch
 
 from . import _C  # noqa: F401  (loading the library registers the schemas and kernels)
-from .ops import _no_context, _not_differentiable, check_recipe, fake_quantize_outputs
+from .ops import check_recipe, fake_quantize_outputs
 
 _MODEL_DTYPES = (torch.float16, torch.bfloat16)
-
-FUSED_OPS = (
-    "rms_norm_quantize",
-    "add_rms_norm_quantize",
-    "rms_norm_quantize_eps_tensor",
-    "add_rms_norm_quantize_eps_tensor",
-    "layer_norm_quantize",
-    "silu_and_mul_quantize",
-    "gelu_and_mul_quantize",
-    "silu_quantize",
-    "gelu_quantize",
-)
 
 
 def _check_model_dtype(t: torch.Tensor, name: str) -> None:
@@ -262,9 +250,3 @@ def _gelu_quantize_fake(
     )
     _check_approximate(approximate)
     return out
-
-
-# The quantized outputs are integer tensors; the residual sum of add_rms_norm_quantize is a by-product
-# for inference graphs. None of them carries a useful gradient.
-for _name in FUSED_OPS:
-    torch.library.register_autograd(f"fp4op::{_name}", _not_differentiable(_name), setup_context=_no_context)

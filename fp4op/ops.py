@@ -1,5 +1,5 @@
 """Python side of the ops registered in csrc/fp4op.cpp: fake (meta) kernels for tracing and
-torch.compile, and autograd registrations that make the ops explicitly non-differentiable."""
+torch.compile. (Autograd: csrc/autograd.cpp, in C++: none of the ops is differentiable.)"""
 
 from __future__ import annotations
 
@@ -162,24 +162,3 @@ def check_dequantize_args(
         raise ValueError(f"fp4op: output_dtype must be float32, bfloat16 or float16, got {output_dtype}")
     check_global_scale(global_scale, sf_use_ue8m0, m, x_q.device)
     return output_dtype
-
-
-def _no_context(ctx, inputs, output):
-    pass
-
-
-def _not_differentiable(name):
-    def backward(ctx, *grads):
-        raise RuntimeError(
-            f"fp4op.{name} is not differentiable: quantization has no useful gradient. For quantization-"
-            "aware training, use a straight-through estimator around the op explicitly."
-        )
-
-    return backward
-
-
-# Outputs of quantize are integer tensors and never require grad; dequantize's output does not
-# either (its inputs are codes and scales). Registering autograd states that and silences the
-# "autograd kernel was not registered" fallback.
-torch.library.register_autograd("fp4op::quantize", _not_differentiable("quantize"), setup_context=_no_context)
-torch.library.register_autograd("fp4op::dequantize", _not_differentiable("dequantize"), setup_context=_no_context)

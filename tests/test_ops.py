@@ -159,6 +159,29 @@ def test_input_requiring_grad(dtype):
     assert torch.equal(x_q, want[0]) and torch.equal(sf, want[1])
 
 
+def test_every_op_has_a_cpp_autograd_kernel():
+    # A Python autograd kernel (torch.library.register_autograd) would run on every call, under no_grad
+    # too, and add about 10 us of host time to each quantize: every op's is csrc/autograd.cpp's.
+    names = sorted(n for n in torch._C._dispatch_get_all_op_names() if n.startswith("fp4op::"))
+    assert "fp4op::quantize" in names and "fp4op::add_rms_norm_quantize" in names
+    for name in names:
+        autograd = [line for line in torch._C._dispatch_dump(name).splitlines() if line.startswith("Autograd")]
+        assert len(autograd) == 1 and "csrc/autograd.cpp" in autograd[0], (name, autograd)
+
+
+def test_no_grad_keeps_outputs_free_of_history():
+    x = random_input((7, 64), torch.bfloat16).requires_grad_()
+    r = random_input((7, 64), torch.bfloat16).requires_grad_()
+    gs = make_global_scale(x.detach(), "scalar")
+    with torch.no_grad():
+        outs = torch.ops.fp4op.add_rms_norm_quantize(x, r, None, 1e-6, global_scale=gs)
+    assert all(not t.requires_grad and t.grad_fn is None for t in outs)
+    outs = torch.ops.fp4op.add_rms_norm_quantize(x, r, None, 1e-6, global_scale=gs)
+    assert [t.requires_grad for t in outs] == [False, False, True]
+    with pytest.raises(RuntimeError, match="add_rms_norm_quantize is not differentiable"):
+        outs[2].float().sum().backward()
+
+
 def test_dequantize_backward_raises_clear_error():
     x = random_input((7, 64), torch.bfloat16)
     gs = make_global_scale(x, "scalar")
