@@ -138,6 +138,52 @@ def restore_launch_options(graph: torch.fx.Graph) -> None:
             node.kwargs = {}
 
 
+# post-grad graphs hold a model's views as reshapes (Inductor's view_to_reshape)
+_ROW_VIEWS = (torch.ops.aten.reshape.default, torch.ops.aten.view.default, torch.ops.aten._unsafe_view.default)
+
+
+def quantize_before_row_views(graph: torch.fx.Graph, quantizes: list[torch.fx.Node]) -> int:
+    """Quantize a tensor before a view that only regroups its rows, and view the codes instead; returns
+    how many quantizes moved. ``quantize(h.view(-1, K))`` (a router or a projection reading the norm
+    output flattened to tokens, as MoE blocks write it) gives the same bytes as ``quantize(h)`` with
+    its codes viewed: the op quantizes rows of the last dim, in row order, and the scale factors
+    depend only on the number of rows and K (a per-row global scale lists the same rows). The norm or
+    activation then meets its quantize, and the rules see it. Only views that keep the last dim, and
+    where K is static (the codes' view names K / 2)."""
+    moved = 0
+    for node in quantizes:
+        view = node.args[0]
+        if not (isinstance(view, torch.fx.Node) and view.target in _ROW_VIEWS and isinstance(view.args[0], torch.fx.Node)):
+            continue
+        source = view.args[0]
+        source_val, view_val, out_val = source.meta.get("val"), view.meta.get("val"), node.meta.get("val")
+        if not (isinstance(source_val, torch.Tensor) and isinstance(view_val, torch.Tensor) and isinstance(out_val, tuple)):
+            continue
+        k = source_val.shape[-1] if source_val.dim() > 0 else None
+        if not isinstance(k, int) or view_val.dim() == 0 or view_val.shape[-1] != k or k % 2:
+            continue
+        codes = [u for u in node.users if u.target is operator.getitem and u.args[1] == 0]
+        if len(codes) > 1:
+            continue
+        codes_val, codes_shape = out_val[0], [*view.args[1][:-1], k // 2]
+        node.replace_input_with(view, source)
+        if not view.users:  # else the source keeps a reader besides the quantize, and cannot fuse
+            graph.erase_node(view)
+        node.meta["val"] = (codes_val.view(*source_val.shape[:-1], k // 2), *out_val[1:])
+        if "eager_input_vals" in node.meta:  # the input layout Inductor keeps for the op: the source's
+            args, kwargs = node.meta["eager_input_vals"]
+            node.meta["eager_input_vals"] = ((source_val, *args[1:]), kwargs)
+        if codes:
+            getitem = codes[0]
+            with graph.inserting_after(getitem):
+                codes_view = graph.call_function(torch.ops.aten.reshape.default, (getitem, codes_shape))
+            getitem.replace_all_uses_with(codes_view, delete_user_cb=lambda user: user is not codes_view)
+            codes_view.meta = dict(getitem.meta)
+            getitem.meta["val"] = node.meta["val"][0]
+        moved += 1
+    return moved
+
+
 def merge_duplicate_quantizes(graph: torch.fx.Graph, quantizes: list[torch.fx.Node]) -> list[torch.fx.Node]:
     """Merge quantize calls with identical arguments (same input node, same global-scale node, same
     flags) into one: the op is pure, and a norm/activation output read by several layers (q/k/v or
@@ -769,7 +815,9 @@ class FusionPass(CustomGraphPass):
 
     def __call__(self, graph: torch.fx.Graph) -> None:
         before = op_counts(graph)
-        quantizes = merge_duplicate_quantizes(graph, canonicalize_quantize(graph))
+        quantizes = canonicalize_quantize(graph)
+        quantize_before_row_views(graph, quantizes)
+        quantizes = merge_duplicate_quantizes(graph, quantizes)
         matches: collections.Counter = collections.Counter()
         fused_copies = 0
         if quantizes:

@@ -314,6 +314,46 @@ def test_rms_norm_of_non_contiguous_inputs():
         assert_fp4_close(got, want, 16)
 
 
+@pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
+def test_row_views_between_norm_and_quantize(dynamic):
+    """A norm/activation output flattened to tokens before its quantize (``h.view(-1, K)``, as MoE
+    blocks feed their router) fuses: the quantize moves before the view and its codes are viewed, the
+    same bytes. A view that splits the last dim quantizes other rows and stays unfused, and so does a
+    viewed output that is also read elsewhere."""
+    dtype = torch.bfloat16
+    gs = torch.tensor([100.0])
+    q = lambda y: torch.ops.fp4op.quantize(y, gs)  # noqa: E731
+    x, y, z, g, u = ((torch.randn(4, 16, K) * 3).to(dtype) for _ in range(5))
+    w = (torch.randn(K) * 0.5 + 1).to(dtype)
+
+    def fn(x, y, z, g, u, w):
+        kept = F.rms_norm(z, (K,), w, 1e-6).reshape(-1, K)
+        return [
+            q(hf_rms(x, w, 1e-6).view(-1, K)),
+            q(F.layer_norm(y, (K,), w, None, 1e-5).reshape(64, K)),
+            q((F.silu(g) * u).view(64, K)),
+            q(F.rms_norm(x, (K,), None, 1e-5).view(4, 16, 2, K // 2)),  # rows of K / 2
+            q(kept),
+            kept,
+        ]
+
+    out, record = compile_fused(fn, x, y, z, g, u, w, dynamic=dynamic)
+    assert dict(record.matches) == {
+        "rms_norm_quantize[hf]": 1,
+        "layer_norm_quantize[weight]": 1,
+        "silu_and_mul_quantize[silu]": 1,
+    }, dict(record.matches)
+    assert fp4_ops(record.after).get("fp4op.quantize.default") == 2
+    with torch.no_grad():
+        expected = fn(x, y, z, g, u, w)
+    for got, want in zip(out[:5], expected[:5]):
+        assert got[0].shape == want[0].shape
+        assert_fp4_close(got, want, 16)
+    for got, want in zip(out[3:5], expected[3:5]):  # unfused: the same op on the same values
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert torch.equal(out[5], expected[5])
+
+
 class _ActivationQuantizer(nn.Module):
     """An FP4 activation quantizer as checkpoints carry it: a stored input_scale, its inverse the global scale
     (computed in forward, i.e. after the residual add in program order)."""
