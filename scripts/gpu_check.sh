@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Everything the GPU machine does in one call: build, GPU tests, sanitizers, benchmarks.
 # Usage (on the device machine, from the repo root): bash scripts/gpu_check.sh [stage ...]
-# Stages: build smoke tests sanitize bench quickbench fused demo dequant ncu lab fuzzlong (default: build smoke tests sanitize
+# Stages: build smoke tests sanitize bench quickbench fused host demo dequant ncu lab fuzzlong (default: build smoke tests sanitize
 # bench fused demo). Logs and results go to $OUT.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -39,6 +39,7 @@ for s in $stages; do
     bench) run bench $PY benchmarks/bench_quantize.py --suite full --out-dir "$LOGS" ;;
     quickbench) run quickbench $PY benchmarks/bench_quantize.py --suite quick --skip-peers --out-dir "$LOGS" ;;
     fused) run fused $PY scripts/bench_fused.py --out "$LOGS/bench_fused.json" ;;
+    host) run host $PY benchmarks/bench_host.py --out-dir "$LOGS" ;;
     demo) run demo timeout 180 $PY examples/demo.py ;;
     dequant)  # benchmarks/bench_dequantize.py; DEQ_REF=DIR: first the same with another commit's build, DIR a whole
               # tree inside the working tree (mkdir .deq_ref && git archive REF | tar -x -C .deq_ref), built in place,
