@@ -32,4 +32,6 @@ TORCH_LIBRARY_FRAGMENT(fp4op, m) {
         ") -> (Tensor, Tensor)");
   m.def("silu_quantize(Tensor x, " FP4OP_QUANTIZE_ARGS ") -> (Tensor, Tensor)");
   m.def("gelu_quantize(Tensor x, str approximate=\"none\", " FP4OP_QUANTIZE_ARGS ") -> (Tensor, Tensor)");
+  // Hugging Face's gelu_new (GPT-2): the tanh GELU written out, each op rounded to the model dtype as eager
+  m.def("gelu_new_quantize(Tensor x, " FP4OP_QUANTIZE_ARGS ") -> (Tensor, Tensor)");
 }

@@ -154,7 +154,26 @@ FP4OP_HD float gelu_f32(float x, GeluApprox approx) {
   return mul_rn(mul_rn(0.5f, x), add_rn(1.0f, tanhf(inner)));
 }
 
-enum class Activation : int { kSilu = 0, kGeluErf = 1, kGeluTanh = 2 };
+// kGeluNew: Hugging Face's gelu_new (GPT-2, minGPT's NewGELU), the tanh GELU written out op by op;
+// each op of a float16/bfloat16 tensor rounds (gelu_new_rounded). Not an activation_unrounded.
+enum class Activation : int { kSilu = 0, kGeluErf = 1, kGeluTanh = 2, kGeluNew = 3 };
+
+// gelu_new's constants as the ops take them: Python floats narrowed to float32 opmath.
+constexpr float kGeluNewSqrt2OverPi = float(0.7978845608028654);  // math.sqrt(2.0 / math.pi)
+constexpr float kGeluNewKappa = float(0.044715);
+
+// `0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))))` as eager
+// CUDA computes it for a float16/bfloat16 x: every op one kernel, float32 opmath rounded to the model
+// dtype at its end. torch's CUDA pow kernel for exponent 3 multiplies in the tensor's dtype,
+// (x * x) * x with two roundings; the scalars multiply as float32; tanh is CUDA's tanhf. (The CPU op
+// calls the same ATen ops instead: eager_activation in csrc/cpu/fused.cpp.)
+FP4OP_HD float gelu_new_rounded(float x, InputDtype dtype) {
+  const float half_x = round_to(mul_rn(x, 0.5f), dtype);
+  const float cube = round_to(mul_rn(round_to(mul_rn(x, x), dtype), x), dtype);
+  const float inner = round_to(add_rn(x, round_to(mul_rn(cube, kGeluNewKappa), dtype)), dtype);
+  const float t = round_to(tanhf(round_to(mul_rn(inner, kGeluNewSqrt2OverPi), dtype)), dtype);
+  return round_to(mul_rn(half_x, round_to(add_rn(t, 1.0f), dtype)), dtype);
+}
 
 // act(x) in float32, before the rounding to the model dtype: F.silu / F.gelu of a float16/bfloat16
 // tensor rounds this once.
@@ -297,9 +316,37 @@ __device__ __forceinline__ void silu_pair(float& lo, float& hi, InputDtype dtype
   unpack_pair(bits, lo, hi, dtype);
 }
 
-// act of both values rounded to the model dtype: round_to(activation_unrounded(x, act)).
+// gelu_new_rounded of both values, the roundings paired.
+__device__ __forceinline__ void gelu_new_pair(float& lo, float& hi, InputDtype dtype) {
+  float half_lo = mul_rn(lo, 0.5f), half_hi = mul_rn(hi, 0.5f);
+  round_pair(half_lo, half_hi, dtype);
+  float sq_lo = mul_rn(lo, lo), sq_hi = mul_rn(hi, hi);
+  round_pair(sq_lo, sq_hi, dtype);
+  float cube_lo = mul_rn(sq_lo, lo), cube_hi = mul_rn(sq_hi, hi);
+  round_pair(cube_lo, cube_hi, dtype);
+  cube_lo = mul_rn(cube_lo, kGeluNewKappa);
+  cube_hi = mul_rn(cube_hi, kGeluNewKappa);
+  round_pair(cube_lo, cube_hi, dtype);
+  float inner_lo = add_rn(lo, cube_lo), inner_hi = add_rn(hi, cube_hi);
+  round_pair(inner_lo, inner_hi, dtype);
+  inner_lo = mul_rn(inner_lo, kGeluNewSqrt2OverPi);
+  inner_hi = mul_rn(inner_hi, kGeluNewSqrt2OverPi);
+  round_pair(inner_lo, inner_hi, dtype);
+  float t_lo = tanhf(inner_lo), t_hi = tanhf(inner_hi);
+  round_pair(t_lo, t_hi, dtype);
+  t_lo = add_rn(t_lo, 1.0f);
+  t_hi = add_rn(t_hi, 1.0f);
+  round_pair(t_lo, t_hi, dtype);
+  lo = mul_rn(half_lo, t_lo);
+  hi = mul_rn(half_hi, t_hi);
+  round_pair(lo, hi, dtype);
+}
+
+// act of both values rounded to the model dtype: round_to(activation_unrounded(x, act)), or
+// gelu_new_rounded.
 __device__ __forceinline__ void activation_pair(float& lo, float& hi, Activation act, InputDtype dtype) {
   if (act == Activation::kSilu) return silu_pair(lo, hi, dtype);
+  if (act == Activation::kGeluNew) return gelu_new_pair(lo, hi, dtype);
   lo = activation_unrounded(lo, act);
   hi = activation_unrounded(hi, act);
   round_pair(lo, hi, dtype);

@@ -1,6 +1,5 @@
 """Python side of the fused "norm/activation + FP4 quantize" ops of csrc/fused.cpp: fake (meta) kernels
-for tracing and torch.compile, and autograd registrations that make the ops explicitly
-non-differentiable.
+for tracing and torch.compile. (Autograd: csrc/autograd.cpp; none of the ops is differentiable.)
 
 Each op returns ``(x_q, sf)`` exactly as ``torch.ops.fp4op.quantize`` of the norm/activation output
 computed in the input's dtype (float16/bfloat16) the way eager PyTorch computes it;
@@ -29,6 +28,11 @@ math is csrc/fused_math.h):
   formulas (CUDA's ``expf``/``erff``/``tanhf``); on CPU ``act`` is torch's own kernel (``at::silu`` /
   ``at::gelu`` of the view passed in): its vectorized builds (AVX2, AVX512) and their scalar tails
   compute exp/erf/tanh differently, and calling it is the only way to match every one bit for bit.
+* ``gelu_new_quantize``: Hugging Face's ``gelu_new`` (GPT-2, minGPT's NewGELU), the tanh GELU written
+  out, ``0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))))``,
+  with every op rounded to the input dtype as eager rounds it (not ``gelu_quantize(x, "tanh")``, which
+  rounds once): on CUDA torch's kernels' steps (csrc/fused_math.h, ``gelu_new_rounded``), on CPU the
+  same ATen ops.
 
 As in eager PyTorch, the CUDA kernels use ``rsqrtf`` and FMA where torch's CUDA kernels do, the CPU
 kernels an IEEE ``1 / sqrt``; only reduction order differs from eager.
@@ -221,6 +225,21 @@ def _gelu_and_mul_quantize_fake(
 
 @torch.library.register_fake("fp4op::silu_quantize")
 def _silu_quantize_fake(
+    x,
+    global_scale=None,
+    sf_vec_size=16,
+    sf_use_ue8m0=False,
+    is_sf_swizzled_layout=True,
+    is_sf_8x4_layout=False,
+    is_global_scale_inversed=False,
+):
+    return _fake_quantize_outputs(
+        x, "x", global_scale, sf_vec_size, sf_use_ue8m0, is_sf_swizzled_layout, is_sf_8x4_layout
+    )
+
+
+@torch.library.register_fake("fp4op::gelu_new_quantize")
+def _gelu_new_quantize_fake(
     x,
     global_scale=None,
     sf_vec_size=16,

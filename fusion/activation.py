@@ -4,10 +4,15 @@
   gate and up may come from anything (two projections, chunk, split, slicing of one projection) ->
   fp4op.silu_and_mul_quantize / fp4op.gelu_and_mul_quantize;
 * plain: ``F.silu(x)`` / ``nn.SiLU``, ``F.gelu(x, approximate=...)`` / ``nn.GELU`` ->
-  fp4op.silu_quantize / fp4op.gelu_quantize.
+  fp4op.silu_quantize / fp4op.gelu_quantize;
+* Hugging Face's ``gelu_new`` (GPT-2's activation, minGPT's NewGELU), the tanh GELU written out
+  (``torch.pow(x, 3.0)`` or ``x ** 3``) -> fp4op.gelu_new_quantize, which rounds after every op as
+  eager does.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -18,9 +23,16 @@ from .pass_manager import FusionPattern, QuantizeArgs, same_model_dtype, same_sh
 ACTIVATIONS = ("silu", "gelu", "gelu_tanh")
 
 
+def gelu_new(x: torch.Tensor) -> torch.Tensor:
+    """transformers' NewGELUActivation.forward (and minGPT's NewGELU), as written there."""
+    return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))))
+
+
 def _activation(kind: str, x: torch.Tensor) -> torch.Tensor:
     if kind == "silu":
         return F.silu(x)
+    if kind == "gelu_new":
+        return gelu_new(x)
     return F.gelu(x, approximate="tanh" if kind == "gelu_tanh" else "none")
 
 
@@ -57,7 +69,7 @@ class ActivationAndMulQuantize(FusionPattern):
 class ActivationQuantize(FusionPattern):
     def __init__(self, kind: str):
         self.kind = kind
-        fused = "silu_quantize" if kind == "silu" else "gelu_quantize"
+        fused = {"silu": "silu_quantize", "gelu_new": "gelu_new_quantize"}.get(kind, "gelu_quantize")
         self.name = f"{fused}[{kind}]"
 
     def tensor_inputs(self, dtype, device):
@@ -69,6 +81,8 @@ class ActivationQuantize(FusionPattern):
     def replacement(self, q: QuantizeArgs, x, global_scale=None):
         if self.kind == "silu":
             return torch.ops.fp4op.silu_quantize(x, *q.tail(global_scale))
+        if self.kind == "gelu_new":
+            return torch.ops.fp4op.gelu_new_quantize(x, *q.tail(global_scale))
         return torch.ops.fp4op.gelu_quantize(x, _approximate(self.kind), *q.tail(global_scale))
 
     def check(self, match: pm.Match) -> bool:
@@ -78,4 +92,4 @@ class ActivationQuantize(FusionPattern):
 def rules() -> list[FusionPattern]:
     """Gated rules first (they anchor at the same quantize as a plain rule would)."""
     gated = [ActivationAndMulQuantize(k, up_first) for k in ACTIVATIONS for up_first in (False, True)]
-    return [*gated, *(ActivationQuantize(k) for k in ACTIVATIONS)]
+    return [*gated, *(ActivationQuantize(k) for k in (*ACTIVATIONS, "gelu_new"))]

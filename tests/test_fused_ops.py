@@ -89,6 +89,8 @@ def eager_layer_norm(x, weight, bias, eps):
 def eager_act(name, x):
     if name == "silu":
         return F.silu(x)
+    if name == "gelu_new":
+        return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))))
     return F.gelu(x, approximate="tanh" if name == "gelu_tanh" else "none")
 
 
@@ -170,7 +172,7 @@ NORMS = (
     "layer_norm",
     "layer_norm_no_affine",
 )
-ACTIVATIONS = ("silu_and_mul", "gelu_and_mul", "gelu_tanh_and_mul", "silu", "gelu", "gelu_tanh")
+ACTIVATIONS = ("silu_and_mul", "gelu_and_mul", "gelu_tanh_and_mul", "silu", "gelu", "gelu_tanh", "gelu_new")
 
 # (M, K, eps): odd row counts, K = 16 * odd (NVFP4) or 32 * odd (MXFP4), 2048, 4096
 NORM_SHAPES = ((1, 2048, 1e-5), (7, None, 1e-6), (129, 4096, 3e-7))
@@ -234,6 +236,8 @@ def act_case(name, x, device):
     y = eager_act(name, x)
     if name == "silu":
         return OPS.silu_quantize, (x,), y
+    if name == "gelu_new":
+        return OPS.gelu_new_quantize, (x,), y
     return OPS.gelu_quantize, (x, "tanh" if name == "gelu_tanh" else "none"), y
 
 
@@ -450,6 +454,8 @@ def op_cases(device):
         (OPS.silu_quantize, (x,), nv),
         (OPS.gelu_quantize, (x2, "none"), mx),
         (OPS.gelu_quantize, (x, "tanh"), nv),
+        (OPS.gelu_new_quantize, (x,), nv),
+        (OPS.gelu_new_quantize, (x2,), mx),
     ]
 
 
@@ -631,24 +637,35 @@ def nvcc_path():
 def test_activation_math_every_input(tmp_path):
     """Every float16 and bfloat16 input through the kernels' activation math (tests/cuda/
     activation_exhaustive.cu): SiLU's fast path with its exact fallback, and the GELUs, equal the
-    float32 value eager computes rounded once; the fast path's error stays inside its stated bound."""
+    float32 value eager computes rounded once; the fast path's error stays inside its stated bound;
+    gelu_new's paired steps equal its one-value steps, and those equal eager torch's CUDA ops."""
     exe = tmp_path / "activation_exhaustive"
     source = Path(__file__).parent / "cuda" / "activation_exhaustive.cu"
     subprocess.run([nvcc_path(), "-O3", "-std=c++17", "-arch=native", "-o", str(exe), str(source)], check=True)
-    run = subprocess.run([str(exe)], capture_output=True, text=True, timeout=120)
+    gelu_new_values = tmp_path / "gelu_new.f32"
+    run = subprocess.run([str(exe), str(gelu_new_values)], capture_output=True, text=True, timeout=120)
     lines = run.stdout.splitlines()
-    assert len(lines) == 6, run.stdout + run.stderr
+    assert len(lines) == 8, run.stdout + run.stderr
     assert all(" checked 65536 mismatches 0 " in line for line in lines), run.stdout
     assert run.returncode == 0, run.stdout
+    # gelu_new, rounded op by op: the kernels' values equal eager torch's CUDA ops on every input
+    kernel = torch.from_file(str(gelu_new_values), size=2 * 65536, dtype=torch.float32).reshape(2, 65536)
+    bits = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16)
+    bits = torch.cat([bits[2**15:], bits[: 2**15]])  # bit patterns 0x0000..0xFFFF, the program's order
+    for row, dtype in enumerate((torch.bfloat16, torch.float16)):
+        eager = eager_act("gelu_new", bits.view(dtype).cuda()).float().cpu()
+        same = (kernel[row] == eager) | (kernel[row].isnan() & eager.isnan())
+        assert same.all(), (dtype, bits[~same][:8].tolist(), kernel[row][~same][:8], eager[~same][:8])
 
 
 @requires_cuda
 @pytest.mark.parametrize("recipe", RECIPES)
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("gated", (False, True), ids=("silu", "silu_and_mul"))
-def test_silu_every_input_equals_eager_cuda(gated, dtype, recipe):
-    """Every float16/bfloat16 bit pattern (NaN, inf and subnormals included) as a SiLU input: the fused
-    op's bytes equal eager CUDA F.silu (times up) followed by fp4op.quantize exactly, through both the
+@pytest.mark.parametrize("act", ("silu", "silu_and_mul", "gelu_new"))
+def test_every_activation_input_equals_eager_cuda(act, dtype, recipe):
+    """Every float16/bfloat16 bit pattern (NaN, inf and subnormals included) as a SiLU (or gelu_new)
+    input: the fused op's bytes equal eager CUDA F.silu (times up; gelu_new's ops) followed by
+    fp4op.quantize exactly, through both the
     split and the elementwise kernel and every layout (no reduction-order allowance: the kernels round
     torch's float32 value). FP4 codes hide most one-ulp differences in the activation, so the bit-for-bit
     guarantee of the activation itself is test_activation_math_every_input's; this is the end-to-end
@@ -659,13 +676,15 @@ def test_silu_every_input_equals_eager_cuda(gated, dtype, recipe):
     # 256 rows take the split kernel (small inputs), 64 copies of them the elementwise kernel
     for x in (every, every.repeat(64, 1)):
         up = make_input(x.shape, dtype, "cuda", seed=7).clamp(-4, 4)
-        y = F.silu(x) * up if gated else F.silu(x)
+        gated = act == "silu_and_mul"
+        y = F.silu(x) * up if gated else eager_act(act, x)
         # per row (a row spans 2 binades of bfloat16, a quarter of one of float16), so that every row's
         # blocks quantize to live codes; finite, so that only the inf/NaN blocks saturate
         gs = fp4op.nvfp4_global_scale(torch.nan_to_num(y, nan=0.0, posinf=0.0, neginf=0.0), per_row=True)
         for layout in LAYOUTS:
             kw = quantize_kwargs(recipe, layout, gs)
-            got = OPS.silu_and_mul_quantize(x, up, **kw) if gated else OPS.silu_quantize(x, **kw)
+            op = OPS.gelu_new_quantize if act == "gelu_new" else OPS.silu_quantize
+            got = OPS.silu_and_mul_quantize(x, up, **kw) if gated else op(x, **kw)
             want = OPS.quantize(y, **kw)
             assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), (x.shape, layout)
 

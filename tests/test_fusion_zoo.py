@@ -481,7 +481,8 @@ class BertOutputLayer(nn.Module):
 
 
 class NewGELUActivation(nn.Module):
-    """transformers gelu_new (GPT-2): computed op by op in the model dtype, not F.gelu(tanh)."""
+    """transformers gelu_new (GPT-2): computed op by op in the model dtype, not F.gelu(tanh);
+    fp4op.gelu_new_quantize rounds as it does."""
 
     def forward(self, input):
         return 0.5 * input * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (input + 0.044715 * torch.pow(input, 3.0))))
@@ -690,6 +691,14 @@ ZOOS = {
          "silu_and_mul_quantize[silu]": 4, "rms_norm_quantize[torch]": 1, "add_rms_norm_quantize[torch]": 1},
         1,
     ),
+    # GPT-2 MLP halves: nn.LayerNorm, then transformers' gelu_new written out (rounded op by op in
+    # float16, as eager), both fused; nothing left.
+    "gpt2_gelu_new_fp16": (
+        [_stack(lambda: nn.LayerNorm(D), GPT2NewGeluMLP)],
+        torch.float16, "nvfp4", "no_grad",
+        {"layer_norm_quantize[weight,bias]": 2, "gelu_new_quantize[gelu_new]": 2},
+        0,
+    ),
     # vLLM's Llama: the first input norm plain, the three norms after it add the residual in float32
     # (the next residual its rounding), the final one drops that residual; sliced SiluAndMul. Left: the
     # o_proj inputs. (torch 2.11's Inductor folds `s.to(bf16).to(float32)` into `s` in its joint-graph
@@ -807,7 +816,7 @@ def test_zoo_never_fuses():
     """bf16 models with float32 norm parameters (nn.RMSNorm, nn.LayerNorm); a norm output also returned;
     q/k/v with v_proj left unconverted (convert(exclude=...)) and q/k calibrated without tied scales (their
     quantizes differ, and the plain v_proj is a user of the norm output that is not a quantize); BERT
-    post-LN (the LayerNorm output is the next residual too); GPT-2 gelu_new; an activation output reused;
+    post-LN (the LayerNorm output is the next residual too); an activation output reused;
     an FP4Linear with a dynamic activation scale (its amax reads the norm output)."""
     makers = [
         lambda: Fp32NormWeight(nn.RMSNorm(D, eps=1e-6)),
@@ -815,13 +824,12 @@ def test_zoo_never_fuses():
         NormOutputReturned,
         QKVProjections,  # v_proj excluded, q/k scales not tied
         BertOutputLayer,
-        GPT2NewGeluMLP,
         ActivationReused,
         lambda: Fp32NormWeight(LlamaRMSNorm(D)),  # dynamic activation scale (bf16 weight)
     ]
     zoo = build_zoo(
         makers, torch.bfloat16, "nvfp4", tie_siblings=False, fp32_norms=(0, 1), exclude={3: ["v_proj"]},
-        dynamic_scale=(7,),
+        dynamic_scale=(6,),
     )
     runs = run_zoo(zoo, torch.bfloat16)
     # BERT's GELU -> output dense is a plain activation chain: it fuses

@@ -25,7 +25,7 @@ OPS = torch.ops.fp4op
 EPS = 1e-6
 NORMS = ("rms_norm", "add_rms_norm", "layer_norm")
 GATED = ("silu_and_mul", "gelu_and_mul")
-FUSED = (*NORMS, *GATED, "silu", "gelu")
+FUSED = (*NORMS, *GATED, "silu", "gelu", "gelu_new")
 # A small input has few blocks, so one block off by a rounding of the norm's reduction order moves the
 # identical-block fraction a lot: the per-element rule of assert_fp4_close is the check that matters here.
 MIN_IDENTICAL_SMALL = 0.9
@@ -74,6 +74,8 @@ def fused(op, x, c, **q):
         return OPS.gelu_and_mul_quantize(x, c["up"], "none", **q)
     if op == "silu":
         return OPS.silu_quantize(x, **q)
+    if op == "gelu_new":
+        return OPS.gelu_new_quantize(x, **q)
     return OPS.gelu_quantize(x, "tanh", **q)
 
 
@@ -88,7 +90,7 @@ def eager(op, x, c):
         return eager_layer_norm(x, c["weight"], c["bias"], EPS), None
     if op in GATED:
         return eager_act(op[: -len("_and_mul")], x) * c["up"], None
-    return eager_act("silu" if op == "silu" else "gelu_tanh", x), None
+    return eager_act({"silu": "silu", "gelu_new": "gelu_new"}.get(op, "gelu_tanh"), x), None
 
 
 def assert_equal(a, b):
@@ -442,6 +444,7 @@ SPECIFIC = {
     "silu_and_mul": {},
     "gelu_and_mul": {},
     "gelu": {"approximate": (case_approximate, (VE, "approximate must be 'none' or 'tanh'"))},
+    "gelu_new": {},
 }
 for _op in GATED:
     SPECIFIC[_op] = {

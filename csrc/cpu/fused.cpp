@@ -263,6 +263,11 @@ at::Tensor eager_activation(const at::Tensor& x, Activation act) {
     case Activation::kSilu: return at::silu(x);
     case Activation::kGeluErf: return at::gelu(x, "none");
     case Activation::kGeluTanh: return at::gelu(x, "tanh");
+    case Activation::kGeluNew: {
+      // the ops of `0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))))`
+      const at::Tensor inner = at::add(x, at::mul(at::pow(x, 3.0), 0.044715));
+      return at::mul(at::mul(x, 0.5), at::add(at::tanh(at::mul(inner, 0.7978845608028654)), 1.0));
+    }
   }
   TORCH_CHECK(false, "unknown activation");
 }
@@ -350,6 +355,14 @@ std::tuple<at::Tensor, at::Tensor> gelu_quantize_cpu(const at::Tensor& x, c10::s
                              is_sf_swizzled_layout, is_sf_8x4_layout, is_global_scale_inversed);
 }
 
+std::tuple<at::Tensor, at::Tensor> gelu_new_quantize_cpu(const at::Tensor& x, const std::optional<at::Tensor>& global_scale,
+                                                         int64_t sf_vec_size, bool sf_use_ue8m0,
+                                                         bool is_sf_swizzled_layout, bool is_sf_8x4_layout,
+                                                         bool is_global_scale_inversed) {
+  return activation_quantize(x, Activation::kGeluNew, global_scale, sf_vec_size, sf_use_ue8m0, is_sf_swizzled_layout,
+                             is_sf_8x4_layout, is_global_scale_inversed);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fp4op, CPU, m) {
@@ -362,6 +375,7 @@ TORCH_LIBRARY_IMPL(fp4op, CPU, m) {
   m.impl("gelu_and_mul_quantize", &gelu_and_mul_quantize_cpu);
   m.impl("silu_quantize", &silu_quantize_cpu);
   m.impl("gelu_quantize", &gelu_quantize_cpu);
+  m.impl("gelu_new_quantize", &gelu_new_quantize_cpu);
 }
 
 }  // namespace fp4op::cpu

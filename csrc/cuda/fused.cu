@@ -41,6 +41,7 @@ struct ActivationSource {
     switch (Activation(act)) {
       case Activation::kSilu: apply(f, Activation::kSilu); break;
       case Activation::kGeluErf: apply(f, Activation::kGeluErf); break;
+      case Activation::kGeluNew: apply(f, Activation::kGeluNew); break;
       default: apply(f, Activation::kGeluTanh); break;
     }
   }
@@ -67,7 +68,7 @@ struct GatedSource {
       Input<D>::widen(v[0][i], f + 8 * i);
       Input<D>::widen(v[1][i], up + 8 * i);
     }
-    switch (Activation(act)) {
+    switch (Activation(act)) {  // (gelu_new has no gated op)
       case Activation::kSilu: apply(f, up, Activation::kSilu); break;
       case Activation::kGeluErf: apply(f, up, Activation::kGeluErf); break;
       default: apply(f, up, Activation::kGeluTanh); break;

@@ -1,6 +1,9 @@
 // Every float16 and bfloat16 input through the fused kernels' activation math (csrc/fused_math.h):
 // activation_pair, which the kernels call, against round_to(activation_unrounded(x)), the float32 value
-// as eager torch computes it rounded once to the model dtype. silu_pair's fast path decides most
+// as eager torch computes it rounded once to the model dtype (gelu_new: against gelu_new_rounded, its
+// steps one value at a time; with a file argument the program also writes activation_pair's gelu_new
+// of every bfloat16 and then every float16 input there, 2 x 65536 float32 values, which the test
+// compares with eager torch on the GPU). silu_pair's fast path decides most
 // roundings without that value (its comment gives the bounds); this checks that it never decides one
 // wrongly, and that its measured error is inside the bound it relies on. Built in CI (.ci/run) and run
 // by tests/test_fused_ops.py::test_activation_math_every_input on a GPU (nvcc, no torch headers); prints
@@ -38,7 +41,9 @@ __global__ void check(Activation act, InputDtype dtype, Counts* counts) {
   fp4op::fused::activation_pair(got[0], got[1], act, dtype);
   for (int e = 0; e < 2; ++e) {
     atomicAdd(&counts->checked, 1ull);
-    const float exact = fp4op::fused::activation_unrounded(x[e], act);
+    const bool stepwise = act == Activation::kGeluNew;
+    const float exact = stepwise ? fp4op::fused::gelu_new_rounded(x[e], dtype)
+                                 : fp4op::fused::activation_unrounded(x[e], act);
     const float want = fp4op::fused::round_to(exact, dtype);
     if (!same(got[e], want)) {
       atomicAdd(&counts->mismatches, 1ull);
@@ -56,12 +61,41 @@ __global__ void check(Activation act, InputDtype dtype, Counts* counts) {
   }
 }
 
-int main() {
+__global__ void values(Activation act, InputDtype dtype, float* out) {
+  const uint32_t first = 2 * (blockIdx.x * blockDim.x + threadIdx.x);
+  if (first >= 65536) return;
+  float v[2] = {widen(first, dtype), widen(first + 1, dtype)};
+  fp4op::fused::activation_pair(v[0], v[1], act, dtype);
+  out[first] = v[0];
+  out[first + 1] = v[1];
+}
+
+// activation_pair's gelu_new of every bfloat16, then every float16 input, to `path`.
+int write_gelu_new(const char* path) {
+  static float host[2 * 65536];
+  float* out = nullptr;
+  if (cudaMalloc(&out, sizeof(host)) != cudaSuccess) return 2;
+  values<<<128, 256>>>(Activation::kGeluNew, InputDtype::kBFloat16, out);
+  values<<<128, 256>>>(Activation::kGeluNew, InputDtype::kFloat16, out + 65536);
+  if (cudaGetLastError() != cudaSuccess || cudaMemcpy(host, out, sizeof(host), cudaMemcpyDeviceToHost) != cudaSuccess) {
+    return 2;
+  }
+  cudaFree(out);
+  FILE* f = std::fopen(path, "wb");
+  const bool written = f != nullptr && std::fwrite(host, sizeof(float), 2 * 65536, f) == 2 * 65536;
+  if (f != nullptr) std::fclose(f);
+  return written ? 0 : 2;
+}
+
+int main(int argc, char** argv) {
   int failures = 0;
   const struct {
     Activation act;
     const char* name;
-  } acts[] = {{Activation::kSilu, "silu"}, {Activation::kGeluErf, "gelu"}, {Activation::kGeluTanh, "gelu_tanh"}};
+  } acts[] = {{Activation::kSilu, "silu"},
+              {Activation::kGeluErf, "gelu"},
+              {Activation::kGeluTanh, "gelu_tanh"},
+              {Activation::kGeluNew, "gelu_new"}};
   for (const auto& a : acts) {
     for (InputDtype dtype : {InputDtype::kBFloat16, InputDtype::kFloat16}) {
       const Counts start{0, 0, 0, 0, 0xFFFFFFFFu};
@@ -88,5 +122,6 @@ int main() {
       cudaFree(counts);
     }
   }
+  if (argc > 1 && write_gelu_new(argv[1]) != 0) return 2;
   return failures == 0 ? 0 : 1;
 }
