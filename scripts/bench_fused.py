@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -78,6 +79,11 @@ def vllm_add_rms_norm(x, r, w):
     return h.to(x.dtype) * w
 
 
+def gelu_new(x):
+    """transformers' NewGELUActivation (GPT-2)."""
+    return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))))
+
+
 def cases(m: int, k: int, dtype: torch.dtype, gs: torch.Tensor):
     """(name, fused call, model-dtype computation, its inputs, bytes read + written by the fused op)."""
     dev = "cuda"
@@ -105,6 +111,7 @@ def cases(m: int, k: int, dtype: torch.dtype, gs: torch.Tensor):
     yield ("gelu_tanh_and_mul", lambda: OPS.gelu_and_mul_quantize(gate, up, "tanh", global_scale=gs),
            lambda t: F.gelu(t[:, :k], approximate="tanh") * t[:, k:], (gate_up,), 2 * m * k * e + q_bytes)
     yield ("silu", lambda: OPS.silu_quantize(x, global_scale=gs), lambda x: F.silu(x), (x,), m * k * e + q_bytes)
+    yield ("gelu_new", lambda: OPS.gelu_new_quantize(x, global_scale=gs), gelu_new, (x,), m * k * e + q_bytes)
 
 
 def compiled_pair(model, gs: torch.Tensor):
