@@ -217,6 +217,35 @@ __device__ __forceinline__ void round_pair(float& lo, float& hi, InputDtype dtyp
   unpack_pair(pack_pair(lo, hi, dtype), lo, hi, dtype);
 }
 
+// Packed products and sums of two model-dtype pairs (one instruction for both values). Equal to eager's
+// float32 operation rounded to the model dtype: a product of two float16/bfloat16 values is exact in
+// float32 (also below float32's subnormal grid: rms_norm_input_dtype_pair), and a sum is inexact in
+// float32 only when the operands' exponents lie 14 (float16) / 17 (bfloat16) or more apart, where the
+// smaller one is far below half an ulp of the larger, which both roundings return.
+__device__ __forceinline__ uint32_t mul_pair(uint32_t a, uint32_t b, InputDtype dtype) {
+  uint32_t bits;
+  if (dtype == InputDtype::kBFloat16) {
+    const __nv_bfloat162 p = __hmul2(*reinterpret_cast<const __nv_bfloat162*>(&a), *reinterpret_cast<const __nv_bfloat162*>(&b));
+    bits = *reinterpret_cast<const uint32_t*>(&p);
+  } else {
+    const __half2 p = __hmul2(*reinterpret_cast<const __half2*>(&a), *reinterpret_cast<const __half2*>(&b));
+    bits = *reinterpret_cast<const uint32_t*>(&p);
+  }
+  return bits;
+}
+
+__device__ __forceinline__ uint32_t add_pair(uint32_t a, uint32_t b, InputDtype dtype) {
+  uint32_t bits;
+  if (dtype == InputDtype::kBFloat16) {
+    const __nv_bfloat162 p = __hadd2(*reinterpret_cast<const __nv_bfloat162*>(&a), *reinterpret_cast<const __nv_bfloat162*>(&b));
+    bits = *reinterpret_cast<const uint32_t*>(&p);
+  } else {
+    const __half2 p = __hadd2(*reinterpret_cast<const __half2*>(&a), *reinterpret_cast<const __half2*>(&b));
+    bits = *reinterpret_cast<const uint32_t*>(&p);
+  }
+  return bits;
+}
+
 // rms_norm_element's kInputDtype form of a pair, round(round(x * r) * w), with the weight factors
 // round(offset + w) given as the packed pair `w2`: one packed multiply in the model dtype instead of
 // widening both factors, a float32 product and a second rounding. The same bits: a product of two
@@ -226,17 +255,7 @@ __device__ __forceinline__ void round_pair(float& lo, float& hi, InputDtype dtyp
 // more than two 8-bit significands make.
 __device__ __forceinline__ void rms_norm_input_dtype_pair(float& lo, float& hi, float r, uint32_t w2,
                                                           InputDtype dtype) {
-  const uint32_t x2 = pack_pair(mul_rn(lo, r), mul_rn(hi, r), dtype);
-  uint32_t bits;
-  if (dtype == InputDtype::kBFloat16) {
-    const __nv_bfloat162 p = __hmul2(*reinterpret_cast<const __nv_bfloat162*>(&w2),
-                                     *reinterpret_cast<const __nv_bfloat162*>(&x2));
-    bits = *reinterpret_cast<const uint32_t*>(&p);
-  } else {
-    const __half2 p = __hmul2(*reinterpret_cast<const __half2*>(&w2), *reinterpret_cast<const __half2*>(&x2));
-    bits = *reinterpret_cast<const uint32_t*>(&p);
-  }
-  unpack_pair(bits, lo, hi, dtype);
+  unpack_pair(mul_pair(w2, pack_pair(mul_rn(lo, r), mul_rn(hi, r), dtype), dtype), lo, hi, dtype);
 }
 
 // rms_norm_element of each of `x` (replaced by the outputs), forms kNone and kFloat32 (kInputDtype:
@@ -316,30 +335,20 @@ __device__ __forceinline__ void silu_pair(float& lo, float& hi, InputDtype dtype
   unpack_pair(bits, lo, hi, dtype);
 }
 
-// gelu_new_rounded of both values, the roundings paired.
+// gelu_new_rounded of both values: the products and sums of two model-dtype values packed (mul_pair,
+// add_pair), the products by float32 constants and tanh in float32 with paired roundings.
 __device__ __forceinline__ void gelu_new_pair(float& lo, float& hi, InputDtype dtype) {
-  float half_lo = mul_rn(lo, 0.5f), half_hi = mul_rn(hi, 0.5f);
-  round_pair(half_lo, half_hi, dtype);
-  float sq_lo = mul_rn(lo, lo), sq_hi = mul_rn(hi, hi);
-  round_pair(sq_lo, sq_hi, dtype);
-  float cube_lo = mul_rn(sq_lo, lo), cube_hi = mul_rn(sq_hi, hi);
-  round_pair(cube_lo, cube_hi, dtype);
-  cube_lo = mul_rn(cube_lo, kGeluNewKappa);
-  cube_hi = mul_rn(cube_hi, kGeluNewKappa);
-  round_pair(cube_lo, cube_hi, dtype);
-  float inner_lo = add_rn(lo, cube_lo), inner_hi = add_rn(hi, cube_hi);
-  round_pair(inner_lo, inner_hi, dtype);
-  inner_lo = mul_rn(inner_lo, kGeluNewSqrt2OverPi);
-  inner_hi = mul_rn(inner_hi, kGeluNewSqrt2OverPi);
-  round_pair(inner_lo, inner_hi, dtype);
-  float t_lo = tanhf(inner_lo), t_hi = tanhf(inner_hi);
-  round_pair(t_lo, t_hi, dtype);
-  t_lo = add_rn(t_lo, 1.0f);
-  t_hi = add_rn(t_hi, 1.0f);
-  round_pair(t_lo, t_hi, dtype);
-  lo = mul_rn(half_lo, t_lo);
-  hi = mul_rn(half_hi, t_hi);
-  round_pair(lo, hi, dtype);
+  const uint32_t x = pack_pair(lo, hi, dtype);  // exact: lo and hi are model-dtype values
+  const uint32_t half = pack_pair(0.5f, 0.5f, dtype), one = pack_pair(1.0f, 1.0f, dtype);
+  const uint32_t half_x = mul_pair(x, half, dtype);
+  const uint32_t cube = mul_pair(mul_pair(x, x, dtype), x, dtype);
+  float a, b;
+  unpack_pair(cube, a, b, dtype);
+  const uint32_t inner = add_pair(x, pack_pair(mul_rn(a, kGeluNewKappa), mul_rn(b, kGeluNewKappa), dtype), dtype);
+  unpack_pair(inner, a, b, dtype);
+  unpack_pair(pack_pair(mul_rn(a, kGeluNewSqrt2OverPi), mul_rn(b, kGeluNewSqrt2OverPi), dtype), a, b, dtype);
+  const uint32_t t = pack_pair(tanhf(a), tanhf(b), dtype);
+  unpack_pair(mul_pair(half_x, add_pair(t, one, dtype), dtype), lo, hi, dtype);
 }
 
 // act of both values rounded to the model dtype: round_to(activation_unrounded(x, act)), or
