@@ -65,7 +65,7 @@ TORCH_LIBRARY_IMPL(fp4op, Autograd, m) {
   for (const char* name :
        {"quantize", "dequantize", "rms_norm_quantize", "add_rms_norm_quantize", "rms_norm_quantize_eps_tensor",
         "add_rms_norm_quantize_eps_tensor", "layer_norm_quantize", "silu_and_mul_quantize", "gelu_and_mul_quantize",
-        "silu_quantize", "gelu_quantize", "gelu_new_quantize"}) {
+        "silu_quantize", "gelu_quantize", "gelu_new_quantize", "relu_quantize"}) {
     m.impl(name, torch::CppFunction::makeFromBoxedFunction<&not_differentiable>());
   }
 }

@@ -34,4 +34,6 @@ TORCH_LIBRARY_FRAGMENT(fp4op, m) {
   m.def("gelu_quantize(Tensor x, str approximate=\"none\", " FP4OP_QUANTIZE_ARGS ") -> (Tensor, Tensor)");
   // Hugging Face's gelu_new (GPT-2): the tanh GELU written out, each op rounded to the model dtype as eager
   m.def("gelu_new_quantize(Tensor x, " FP4OP_QUANTIZE_ARGS ") -> (Tensor, Tensor)");
+  // F.relu(x), or with `squared` F.relu(x) ** 2 (the squared ReLU of Primer / Nemotron / modded-nanogpt)
+  m.def("relu_quantize(Tensor x, bool squared=False, " FP4OP_QUANTIZE_ARGS ") -> (Tensor, Tensor)");
 }

@@ -156,7 +156,10 @@ FP4OP_HD float gelu_f32(float x, GeluApprox approx) {
 
 // kGeluNew: Hugging Face's gelu_new (GPT-2, minGPT's NewGELU), the tanh GELU written out op by op;
 // each op of a float16/bfloat16 tensor rounds (gelu_new_rounded). Not an activation_unrounded.
-enum class Activation : int { kSilu = 0, kGeluErf = 1, kGeluTanh = 2, kGeluNew = 3 };
+enum class Activation : int { kSilu = 0, kGeluErf = 1, kGeluTanh = 2, kGeluNew = 3, kRelu = 4, kReluSquared = 5 };
+
+// torch.relu (clamp_min(x, 0)): a NaN stays NaN, -0 stays -0 (the minimum keeps x on a tie).
+FP4OP_HD float relu_f32(float x) { return x < 0.0f ? 0.0f : x; }
 
 // gelu_new's constants as the ops take them: Python floats narrowed to float32 opmath.
 constexpr float kGeluNewSqrt2OverPi = float(0.7978845608028654);  // math.sqrt(2.0 / math.pi)
@@ -175,12 +178,17 @@ FP4OP_HD float gelu_new_rounded(float x, InputDtype dtype) {
   return round_to(mul_rn(half_x, round_to(add_rn(t, 1.0f), dtype)), dtype);
 }
 
-// act(x) in float32, before the rounding to the model dtype: F.silu / F.gelu of a float16/bfloat16
-// tensor rounds this once.
+// act(x) in float32, before the rounding to the model dtype: F.silu / F.gelu / F.relu (squared) of a
+// float16/bfloat16 tensor rounds this once.
 FP4OP_HD float activation_unrounded(float x, Activation act) {
-  return act == Activation::kSilu      ? silu_f32(x)
-         : act == Activation::kGeluErf ? gelu_f32(x, GeluApprox::kNone)
-                                       : gelu_f32(x, GeluApprox::kTanh);
+  switch (act) {
+    case Activation::kSilu: return silu_f32(x);
+    case Activation::kGeluErf: return gelu_f32(x, GeluApprox::kNone);
+    case Activation::kRelu: return relu_f32(x);
+    // F.relu(x) ** 2 / torch.square: pow's exponent-2 kernel, x * x rounded once (exact in float32)
+    case Activation::kReluSquared: return mul_rn(relu_f32(x), relu_f32(x));
+    default: return gelu_f32(x, GeluApprox::kTanh);
+  }
 }
 
 #if defined(__CUDACC__)

@@ -28,6 +28,8 @@ math is csrc/fused_math.h):
   formulas (CUDA's ``expf``/``erff``/``tanhf``); on CPU ``act`` is torch's own kernel (``at::silu`` /
   ``at::gelu`` of the view passed in): its vectorized builds (AVX2, AVX512) and their scalar tails
   compute exp/erf/tanh differently, and calling it is the only way to match every one bit for bit.
+* ``relu_quantize``: ``F.relu(x)`` (exact; -0 stays -0 as in torch), with ``squared=True``
+  ``round(relu(x) * relu(x))`` (eager ``F.relu(x) ** 2`` / ``torch.square``; on CPU torch's ops).
 * ``gelu_new_quantize``: Hugging Face's ``gelu_new`` (GPT-2, minGPT's NewGELU), the tanh GELU written
   out, ``0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))))``,
   with every op rounded to the input dtype as eager rounds it (not ``gelu_quantize(x, "tanh")``, which
@@ -226,6 +228,22 @@ def _gelu_and_mul_quantize_fake(
 @torch.library.register_fake("fp4op::silu_quantize")
 def _silu_quantize_fake(
     x,
+    global_scale=None,
+    sf_vec_size=16,
+    sf_use_ue8m0=False,
+    is_sf_swizzled_layout=True,
+    is_sf_8x4_layout=False,
+    is_global_scale_inversed=False,
+):
+    return _fake_quantize_outputs(
+        x, "x", global_scale, sf_vec_size, sf_use_ue8m0, is_sf_swizzled_layout, is_sf_8x4_layout
+    )
+
+
+@torch.library.register_fake("fp4op::relu_quantize")
+def _relu_quantize_fake(
+    x,
+    squared=False,
     global_scale=None,
     sf_vec_size=16,
     sf_use_ue8m0=False,

@@ -7,7 +7,9 @@
   fp4op.silu_quantize / fp4op.gelu_quantize;
 * Hugging Face's ``gelu_new`` (GPT-2's activation, minGPT's NewGELU), the tanh GELU written out
   (``torch.pow(x, 3.0)`` or ``x ** 3``) -> fp4op.gelu_new_quantize, which rounds after every op as
-  eager does.
+  eager does;
+* ``F.relu(x)`` / ``nn.ReLU`` (OPT, T5 v1.0) and the squared ReLU ``F.relu(x) ** 2`` (also
+  ``.pow(2)``, ``torch.square``, ``r * r``; Primer, Nemotron, modded-nanogpt) -> fp4op.relu_quantize.
 """
 
 from __future__ import annotations
@@ -33,6 +35,13 @@ def _activation(kind: str, x: torch.Tensor) -> torch.Tensor:
         return F.silu(x)
     if kind == "gelu_new":
         return gelu_new(x)
+    if kind == "relu":
+        return F.relu(x)
+    if kind == "relu2":
+        return F.relu(x) ** 2
+    if kind == "relu2_mul":
+        r = F.relu(x)
+        return r * r
     return F.gelu(x, approximate="tanh" if kind == "gelu_tanh" else "none")
 
 
@@ -70,6 +79,7 @@ class ActivationQuantize(FusionPattern):
     def __init__(self, kind: str):
         self.kind = kind
         fused = {"silu": "silu_quantize", "gelu_new": "gelu_new_quantize"}.get(kind, "gelu_quantize")
+        fused = "relu_quantize" if kind.startswith("relu") else fused
         self.name = f"{fused}[{kind}]"
 
     def tensor_inputs(self, dtype, device):
@@ -83,6 +93,8 @@ class ActivationQuantize(FusionPattern):
             return torch.ops.fp4op.silu_quantize(x, *q.tail(global_scale))
         if self.kind == "gelu_new":
             return torch.ops.fp4op.gelu_new_quantize(x, *q.tail(global_scale))
+        if self.kind.startswith("relu"):
+            return torch.ops.fp4op.relu_quantize(x, self.kind != "relu", *q.tail(global_scale))
         return torch.ops.fp4op.gelu_quantize(x, _approximate(self.kind), *q.tail(global_scale))
 
     def check(self, match: pm.Match) -> bool:
@@ -92,4 +104,5 @@ class ActivationQuantize(FusionPattern):
 def rules() -> list[FusionPattern]:
     """Gated rules first (they anchor at the same quantize as a plain rule would)."""
     gated = [ActivationAndMulQuantize(k, up_first) for k in ACTIVATIONS for up_first in (False, True)]
-    return [*gated, *(ActivationQuantize(k) for k in (*ACTIVATIONS, "gelu_new"))]
+    plain = (*ACTIVATIONS, "gelu_new", "relu", "relu2", "relu2_mul")
+    return [*gated, *(ActivationQuantize(k) for k in plain)]

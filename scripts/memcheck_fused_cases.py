@@ -15,7 +15,7 @@ import fp4op  # noqa: F401  (registers the ops)
 from fp4op import layouts
 
 OPS = ("rms_norm", "add_rms_norm", "add_rms_norm_float32_sum", "layer_norm", "silu_and_mul", "gelu_and_mul", "silu",
-       "gelu", "gelu_new")
+       "gelu", "gelu_new", "relu", "relu2")
 
 
 def run(op, x, w, gs, q):
@@ -38,6 +38,8 @@ def run(op, x, w, gs, q):
         return ops.silu_quantize(x, **q)
     if op == "gelu_new":
         return ops.gelu_new_quantize(x, **q)
+    if op.startswith("relu"):
+        return ops.relu_quantize(x, op == "relu2", **q)
     return ops.gelu_quantize(x, "none", **q)
 
 

@@ -91,6 +91,10 @@ def eager_act(name, x):
         return F.silu(x)
     if name == "gelu_new":
         return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))))
+    if name == "relu":
+        return F.relu(x)
+    if name == "relu2":
+        return F.relu(x) ** 2
     return F.gelu(x, approximate="tanh" if name == "gelu_tanh" else "none")
 
 
@@ -172,7 +176,8 @@ NORMS = (
     "layer_norm",
     "layer_norm_no_affine",
 )
-ACTIVATIONS = ("silu_and_mul", "gelu_and_mul", "gelu_tanh_and_mul", "silu", "gelu", "gelu_tanh", "gelu_new")
+ACTIVATIONS = ("silu_and_mul", "gelu_and_mul", "gelu_tanh_and_mul", "silu", "gelu", "gelu_tanh", "gelu_new", "relu",
+               "relu2")
 
 # (M, K, eps): odd row counts, K = 16 * odd (NVFP4) or 32 * odd (MXFP4), 2048, 4096
 NORM_SHAPES = ((1, 2048, 1e-5), (7, None, 1e-6), (129, 4096, 3e-7))
@@ -238,6 +243,8 @@ def act_case(name, x, device):
         return OPS.silu_quantize, (x,), y
     if name == "gelu_new":
         return OPS.gelu_new_quantize, (x,), y
+    if name.startswith("relu"):
+        return OPS.relu_quantize, (x, name == "relu2"), y
     return OPS.gelu_quantize, (x, "tanh" if name == "gelu_tanh" else "none"), y
 
 
@@ -456,6 +463,8 @@ def op_cases(device):
         (OPS.gelu_quantize, (x, "tanh"), nv),
         (OPS.gelu_new_quantize, (x,), nv),
         (OPS.gelu_new_quantize, (x2,), mx),
+        (OPS.relu_quantize, (x,), nv),
+        (OPS.relu_quantize, (x2, True), mx),
     ]
 
 
@@ -645,7 +654,7 @@ def test_activation_math_every_input(tmp_path):
     gelu_new_values = tmp_path / "gelu_new.f32"
     run = subprocess.run([str(exe), str(gelu_new_values)], capture_output=True, text=True, timeout=120)
     lines = run.stdout.splitlines()
-    assert len(lines) == 8, run.stdout + run.stderr
+    assert len(lines) == 12, run.stdout + run.stderr
     assert all(" checked 65536 mismatches 0 " in line for line in lines), run.stdout
     assert run.returncode == 0, run.stdout
     # gelu_new, rounded op by op: the kernels' values equal eager torch's CUDA ops on every input
@@ -661,10 +670,10 @@ def test_activation_math_every_input(tmp_path):
 @requires_cuda
 @pytest.mark.parametrize("recipe", RECIPES)
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("act", ("silu", "silu_and_mul", "gelu_new"))
+@pytest.mark.parametrize("act", ("silu", "silu_and_mul", "gelu_new", "relu", "relu2"))
 def test_every_activation_input_equals_eager_cuda(act, dtype, recipe):
-    """Every float16/bfloat16 bit pattern (NaN, inf and subnormals included) as a SiLU (or gelu_new)
-    input: the fused op's bytes equal eager CUDA F.silu (times up; gelu_new's ops) followed by
+    """Every float16/bfloat16 bit pattern (NaN, inf and subnormals included) as a SiLU (gelu_new, ReLU,
+    squared ReLU) input: the fused op's bytes equal eager CUDA F.silu (times up; the others' ops) followed by
     fp4op.quantize exactly, through both the
     split and the elementwise kernel and every layout (no reduction-order allowance: the kernels round
     torch's float32 value). FP4 codes hide most one-ulp differences in the activation, so the bit-for-bit
@@ -683,8 +692,12 @@ def test_every_activation_input_equals_eager_cuda(act, dtype, recipe):
         gs = fp4op.nvfp4_global_scale(torch.nan_to_num(y, nan=0.0, posinf=0.0, neginf=0.0), per_row=True)
         for layout in LAYOUTS:
             kw = quantize_kwargs(recipe, layout, gs)
-            op = OPS.gelu_new_quantize if act == "gelu_new" else OPS.silu_quantize
-            got = OPS.silu_and_mul_quantize(x, up, **kw) if gated else op(x, **kw)
+            if gated:
+                got = OPS.silu_and_mul_quantize(x, up, **kw)
+            elif act.startswith("relu"):
+                got = OPS.relu_quantize(x, act == "relu2", **kw)
+            else:
+                got = (OPS.gelu_new_quantize if act == "gelu_new" else OPS.silu_quantize)(x, **kw)
             want = OPS.quantize(y, **kw)
             assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), (x.shape, layout)
 

@@ -123,6 +123,10 @@ def _activation_chains():
         ("gelu_quantize[gelu_tanh]", lambda g, u: gelu_tanh(g)),
         ("gelu_new_quantize[gelu_new]", lambda g, u: gelu_new(g)),
         ("gelu_new_quantize[gelu_new]", lambda g, u: 0.5 * g * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (g + 0.044715 * g**3)))),
+        ("relu_quantize[relu]", lambda g, u: nn.ReLU(inplace=True)(g * 1)),
+        ("relu_quantize[relu2]", lambda g, u: torch.square(F.relu(g))),
+        ("relu_quantize[relu2]", lambda g, u: F.relu(g).pow(2)),
+        ("relu_quantize[relu2_mul]", lambda g, u: (lambda r: r * r)(torch.relu(g))),
     ]
 
 

@@ -497,6 +497,33 @@ class GPT2NewGeluMLP(nn.Module):
         return self.c_proj(self.act(self.c_fc(x)))
 
 
+class OPTFeedForward(nn.Module):
+    """transformers OPTDecoderLayer's feed-forward after final_layer_norm: fc1, ReLU (ACT2FN["relu"]), fc2."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.activation_fn, self.fc2 = nn.Linear(D, 4 * D), nn.ReLU(), nn.Linear(4 * D, D)
+
+    def forward(self, x):
+        return self.fc2(self.activation_fn(self.fc1(x)))
+
+
+class SpeedrunMLP(nn.Module):
+    """modded-nanogpt's MLP: the squared ReLU (F.relu(x).square()); its blocks norm with F.rms_norm, no weight."""
+
+    def __init__(self):
+        super().__init__()
+        self.c_fc, self.c_proj = nn.Linear(D, 4 * D, bias=False), nn.Linear(4 * D, D, bias=False)
+
+    def forward(self, x):
+        return self.c_proj(F.relu(self.c_fc(x)).square())
+
+
+class WeightlessRMSNorm(nn.Module):
+    def forward(self, x):
+        return F.rms_norm(x, (x.size(-1),))
+
+
 class ActivationReused(nn.Module):
     """The activation output also feeds something else (an auxiliary statistic)."""
 
@@ -697,6 +724,15 @@ ZOOS = {
         [_stack(lambda: nn.LayerNorm(D), GPT2NewGeluMLP)],
         torch.float16, "nvfp4", "no_grad",
         {"layer_norm_quantize[weight,bias]": 2, "gelu_new_quantize[gelu_new]": 2},
+        0,
+    ),
+    # OPT feed-forward halves (LayerNorm, fc1, ReLU, fc2) and modded-nanogpt's (weightless F.rms_norm,
+    # the second after the residual add, squared ReLU), all fused; nothing left.
+    "opt_speedrun_relu": (
+        [_stack(lambda: nn.LayerNorm(D), OPTFeedForward), _stack(WeightlessRMSNorm, SpeedrunMLP)],
+        torch.bfloat16, "nvfp4", "no_grad",
+        {"layer_norm_quantize[weight,bias]": 2, "relu_quantize[relu]": 2, "rms_norm_quantize[torch,no_weight]": 1,
+         "add_rms_norm_quantize[torch,no_weight]": 1, "relu_quantize[relu2]": 2},
         0,
     ),
     # vLLM's Llama: the first input norm plain, the three norms after it add the residual in float32

@@ -25,7 +25,7 @@ OPS = torch.ops.fp4op
 EPS = 1e-6
 NORMS = ("rms_norm", "add_rms_norm", "layer_norm")
 GATED = ("silu_and_mul", "gelu_and_mul")
-FUSED = (*NORMS, *GATED, "silu", "gelu", "gelu_new")
+FUSED = (*NORMS, *GATED, "silu", "gelu", "gelu_new", "relu2")
 # A small input has few blocks, so one block off by a rounding of the norm's reduction order moves the
 # identical-block fraction a lot: the per-element rule of assert_fp4_close is the check that matters here.
 MIN_IDENTICAL_SMALL = 0.9
@@ -76,6 +76,8 @@ def fused(op, x, c, **q):
         return OPS.silu_quantize(x, **q)
     if op == "gelu_new":
         return OPS.gelu_new_quantize(x, **q)
+    if op == "relu2":
+        return OPS.relu_quantize(x, True, **q)
     return OPS.gelu_quantize(x, "tanh", **q)
 
 
@@ -90,7 +92,7 @@ def eager(op, x, c):
         return eager_layer_norm(x, c["weight"], c["bias"], EPS), None
     if op in GATED:
         return eager_act(op[: -len("_and_mul")], x) * c["up"], None
-    return eager_act({"silu": "silu", "gelu_new": "gelu_new"}.get(op, "gelu_tanh"), x), None
+    return eager_act(op if op in ("silu", "gelu_new", "relu2") else "gelu_tanh", x), None
 
 
 def assert_equal(a, b):
@@ -445,6 +447,7 @@ SPECIFIC = {
     "gelu_and_mul": {},
     "gelu": {"approximate": (case_approximate, (VE, "approximate must be 'none' or 'tanh'"))},
     "gelu_new": {},
+    "relu2": {},
 }
 for _op in GATED:
     SPECIFIC[_op] = {

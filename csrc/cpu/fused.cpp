@@ -268,6 +268,8 @@ at::Tensor eager_activation(const at::Tensor& x, Activation act) {
       const at::Tensor inner = at::add(x, at::mul(at::pow(x, 3.0), 0.044715));
       return at::mul(at::mul(x, 0.5), at::add(at::tanh(at::mul(inner, 0.7978845608028654)), 1.0));
     }
+    case Activation::kRelu: return at::relu(x);
+    case Activation::kReluSquared: return at::pow(at::relu(x), 2);
   }
   TORCH_CHECK(false, "unknown activation");
 }
@@ -363,6 +365,14 @@ std::tuple<at::Tensor, at::Tensor> gelu_new_quantize_cpu(const at::Tensor& x, co
                              is_sf_8x4_layout, is_global_scale_inversed);
 }
 
+std::tuple<at::Tensor, at::Tensor> relu_quantize_cpu(const at::Tensor& x, bool squared,
+                                                     const std::optional<at::Tensor>& global_scale,
+                                                     int64_t sf_vec_size, bool sf_use_ue8m0, bool is_sf_swizzled_layout,
+                                                     bool is_sf_8x4_layout, bool is_global_scale_inversed) {
+  return activation_quantize(x, squared ? Activation::kReluSquared : Activation::kRelu, global_scale, sf_vec_size,
+                             sf_use_ue8m0, is_sf_swizzled_layout, is_sf_8x4_layout, is_global_scale_inversed);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fp4op, CPU, m) {
@@ -376,6 +386,7 @@ TORCH_LIBRARY_IMPL(fp4op, CPU, m) {
   m.impl("silu_quantize", &silu_quantize_cpu);
   m.impl("gelu_quantize", &gelu_quantize_cpu);
   m.impl("gelu_new_quantize", &gelu_new_quantize_cpu);
+  m.impl("relu_quantize", &relu_quantize_cpu);
 }
 
 }  // namespace fp4op::cpu

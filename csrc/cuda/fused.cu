@@ -42,6 +42,8 @@ struct ActivationSource {
       case Activation::kSilu: apply(f, Activation::kSilu); break;
       case Activation::kGeluErf: apply(f, Activation::kGeluErf); break;
       case Activation::kGeluNew: apply(f, Activation::kGeluNew); break;
+      case Activation::kRelu: apply(f, Activation::kRelu); break;
+      case Activation::kReluSquared: apply(f, Activation::kReluSquared); break;
       default: apply(f, Activation::kGeluTanh); break;
     }
   }
@@ -68,7 +70,7 @@ struct GatedSource {
       Input<D>::widen(v[0][i], f + 8 * i);
       Input<D>::widen(v[1][i], up + 8 * i);
     }
-    switch (Activation(act)) {  // (gelu_new has no gated op)
+    switch (Activation(act)) {  // (gelu_new and the ReLUs have no gated op)
       case Activation::kSilu: apply(f, up, Activation::kSilu); break;
       case Activation::kGeluErf: apply(f, up, Activation::kGeluErf); break;
       default: apply(f, up, Activation::kGeluTanh); break;

@@ -245,6 +245,15 @@ std::tuple<at::Tensor, at::Tensor> gelu_new_quantize_cuda(const at::Tensor& x,
                          is_sf_swizzled_layout, is_sf_8x4_layout, is_global_scale_inversed);
 }
 
+std::tuple<at::Tensor, at::Tensor> relu_quantize_cuda(const at::Tensor& x, bool squared,
+                                                      const std::optional<at::Tensor>& global_scale,
+                                                      int64_t sf_vec_size, bool sf_use_ue8m0,
+                                                      bool is_sf_swizzled_layout, bool is_sf_8x4_layout,
+                                                      bool is_global_scale_inversed) {
+  return activation_impl(x, nullptr, squared ? Activation::kReluSquared : Activation::kRelu, global_scale,
+                         sf_vec_size, sf_use_ue8m0, is_sf_swizzled_layout, is_sf_8x4_layout, is_global_scale_inversed);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fp4op, CUDA, m) {
@@ -258,6 +267,7 @@ TORCH_LIBRARY_IMPL(fp4op, CUDA, m) {
   m.impl("silu_quantize", &silu_quantize_cuda);
   m.impl("gelu_quantize", &gelu_quantize_cuda);
   m.impl("gelu_new_quantize", &gelu_new_quantize_cuda);
+  m.impl("relu_quantize", &relu_quantize_cuda);
 }
 
 }  // namespace fp4op::cuda

@@ -95,7 +95,9 @@ int main(int argc, char** argv) {
   } acts[] = {{Activation::kSilu, "silu"},
               {Activation::kGeluErf, "gelu"},
               {Activation::kGeluTanh, "gelu_tanh"},
-              {Activation::kGeluNew, "gelu_new"}};
+              {Activation::kGeluNew, "gelu_new"},
+              {Activation::kRelu, "relu"},
+              {Activation::kReluSquared, "relu_squared"}};
   for (const auto& a : acts) {
     for (InputDtype dtype : {InputDtype::kBFloat16, InputDtype::kFloat16}) {
       const Counts start{0, 0, 0, 0, 0xFFFFFFFFu};
