@@ -158,8 +158,9 @@ FP4OP_HD float gelu_f32(float x, GeluApprox approx) {
 // each op of a float16/bfloat16 tensor rounds (gelu_new_rounded). Not an activation_unrounded.
 enum class Activation : int { kSilu = 0, kGeluErf = 1, kGeluTanh = 2, kGeluNew = 3, kRelu = 4, kReluSquared = 5 };
 
-// torch.relu (clamp_min(x, 0)): a NaN stays NaN, -0 stays -0 (the minimum keeps x on a tie).
-FP4OP_HD float relu_f32(float x) { return x < 0.0f ? 0.0f : x; }
+// torch.relu as its CUDA kernel computes it: a NaN stays NaN, -0 becomes +0. (torch's CPU kernel keeps
+// -0; the CPU op calls it, at::relu.)
+FP4OP_HD float relu_f32(float x) { return x <= 0.0f ? 0.0f : x; }
 
 // gelu_new's constants as the ops take them: Python floats narrowed to float32 opmath.
 constexpr float kGeluNewSqrt2OverPi = float(0.7978845608028654);  // math.sqrt(2.0 / math.pi)

@@ -28,7 +28,8 @@ math is csrc/fused_math.h):
   formulas (CUDA's ``expf``/``erff``/``tanhf``); on CPU ``act`` is torch's own kernel (``at::silu`` /
   ``at::gelu`` of the view passed in): its vectorized builds (AVX2, AVX512) and their scalar tails
   compute exp/erf/tanh differently, and calling it is the only way to match every one bit for bit.
-* ``relu_quantize``: ``F.relu(x)`` (exact; -0 stays -0 as in torch), with ``squared=True``
+* ``relu_quantize``: ``F.relu(x)`` (exact; -0 becomes +0 on CUDA and stays -0 on CPU, as torch's
+  kernels do), with ``squared=True``
   ``round(relu(x) * relu(x))`` (eager ``F.relu(x) ** 2`` / ``torch.square``; on CPU torch's ops).
 * ``gelu_new_quantize``: Hugging Face's ``gelu_new`` (GPT-2, minGPT's NewGELU), the tanh GELU written
   out, ``0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))))``,
