@@ -231,28 +231,22 @@ __device__ __forceinline__ void round_pair(float& lo, float& hi, InputDtype dtyp
 // float32 (also below float32's subnormal grid: rms_norm_input_dtype_pair), and a sum is inexact in
 // float32 only when the operands' exponents lie 14 (float16) / 17 (bfloat16) or more apart, where the
 // smaller one is far below half an ulp of the larger, which both roundings return.
-__device__ __forceinline__ uint32_t mul_pair(uint32_t a, uint32_t b, InputDtype dtype) {
-  uint32_t bits;
+template <typename Op>
+__device__ __forceinline__ uint32_t on_pairs(uint32_t a, uint32_t b, InputDtype dtype, Op op) {
   if (dtype == InputDtype::kBFloat16) {
-    const __nv_bfloat162 p = __hmul2(*reinterpret_cast<const __nv_bfloat162*>(&a), *reinterpret_cast<const __nv_bfloat162*>(&b));
-    bits = *reinterpret_cast<const uint32_t*>(&p);
-  } else {
-    const __half2 p = __hmul2(*reinterpret_cast<const __half2*>(&a), *reinterpret_cast<const __half2*>(&b));
-    bits = *reinterpret_cast<const uint32_t*>(&p);
+    const __nv_bfloat162 r = op(*reinterpret_cast<const __nv_bfloat162*>(&a), *reinterpret_cast<const __nv_bfloat162*>(&b));
+    return *reinterpret_cast<const uint32_t*>(&r);
   }
-  return bits;
+  const __half2 r = op(*reinterpret_cast<const __half2*>(&a), *reinterpret_cast<const __half2*>(&b));
+  return *reinterpret_cast<const uint32_t*>(&r);
+}
+
+__device__ __forceinline__ uint32_t mul_pair(uint32_t a, uint32_t b, InputDtype dtype) {
+  return on_pairs(a, b, dtype, [](auto x, auto y) { return __hmul2(x, y); });
 }
 
 __device__ __forceinline__ uint32_t add_pair(uint32_t a, uint32_t b, InputDtype dtype) {
-  uint32_t bits;
-  if (dtype == InputDtype::kBFloat16) {
-    const __nv_bfloat162 p = __hadd2(*reinterpret_cast<const __nv_bfloat162*>(&a), *reinterpret_cast<const __nv_bfloat162*>(&b));
-    bits = *reinterpret_cast<const uint32_t*>(&p);
-  } else {
-    const __half2 p = __hadd2(*reinterpret_cast<const __half2*>(&a), *reinterpret_cast<const __half2*>(&b));
-    bits = *reinterpret_cast<const uint32_t*>(&p);
-  }
-  return bits;
+  return on_pairs(a, b, dtype, [](auto x, auto y) { return __hadd2(x, y); });
 }
 
 // rms_norm_element's kInputDtype form of a pair, round(round(x * r) * w), with the weight factors
