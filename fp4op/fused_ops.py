@@ -226,8 +226,10 @@ def _gelu_and_mul_quantize_fake(
     return out
 
 
+# silu_quantize and gelu_new_quantize: x and the quantize arguments
 @torch.library.register_fake("fp4op::silu_quantize")
-def _silu_quantize_fake(
+@torch.library.register_fake("fp4op::gelu_new_quantize")
+def _activation_quantize_fake(
     x,
     global_scale=None,
     sf_vec_size=16,
@@ -245,21 +247,6 @@ def _silu_quantize_fake(
 def _relu_quantize_fake(
     x,
     squared=False,
-    global_scale=None,
-    sf_vec_size=16,
-    sf_use_ue8m0=False,
-    is_sf_swizzled_layout=True,
-    is_sf_8x4_layout=False,
-    is_global_scale_inversed=False,
-):
-    return _fake_quantize_outputs(
-        x, "x", global_scale, sf_vec_size, sf_use_ue8m0, is_sf_swizzled_layout, is_sf_8x4_layout
-    )
-
-
-@torch.library.register_fake("fp4op::gelu_new_quantize")
-def _gelu_new_quantize_fake(
-    x,
     global_scale=None,
     sf_vec_size=16,
     sf_use_ue8m0=False,
