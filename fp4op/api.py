@@ -23,6 +23,8 @@ def _prepare_global_scale(global_scale, sf_use_ue8m0: bool, device: torch.device
         return None
     if global_scale is None:
         return None  # the op raises the error
+    if type(global_scale) is torch.Tensor and global_scale.dtype is torch.float32 and global_scale.device == device:
+        return global_scale  # the common case, as the op takes it (its own checks follow)
     if not isinstance(global_scale, torch.Tensor):
         raise ValueError(f"fp4op: global_scale must be a torch.Tensor, got {type(global_scale).__name__}")
     ops.check_global_scale_dtype(global_scale)
@@ -35,6 +37,8 @@ def _prepare_global_scale(global_scale, sf_use_ue8m0: bool, device: torch.device
 
 def _check_sf_vec_size(sf_vec_size) -> int:
     """sf_vec_size as an int; anything but the integer 16 or 32 is NotImplementedError (SPEC.md)."""
+    if type(sf_vec_size) is int and sf_vec_size in (16, 32):
+        return sf_vec_size
     try:
         size = operator.index(sf_vec_size)  # ints and numpy integers, not floats or bools
     except TypeError:
@@ -46,6 +50,8 @@ def _check_sf_vec_size(sf_vec_size) -> int:
 
 def _check_flag(name: str, value) -> bool:
     """A boolean argument: Python/numpy booleans and the integers 0 and 1."""
+    if value is True or value is False:
+        return value
     if isinstance(value, (bool, int)) or (type(value).__module__ == "numpy" and type(value).__name__ in ("bool", "bool_")):
         if value in (0, 1):
             return bool(value)
@@ -133,7 +139,7 @@ def fp4_quantize(
     flags = (sf_vec_size, sf_use_ue8m0, is_sf_swizzled_layout, is_sf_8x4_layout, is_global_scale_inversed)
     # enable_pdl only when given: graphs then hold the plain call that the fusion rules match
     pdl = () if enable_pdl is None else (bool(enable_pdl),)
-    x_q, sf = torch.ops.fp4op.quantize(x, gs, *flags, *pdl)
+    x_q, sf = torch.ops.fp4op.quantize.default(x, gs, *flags, *pdl)
     if column_major:
         return x_q.t(), sf.t()
     return x_q, sf
