@@ -1,5 +1,6 @@
 """Python side of the fused "norm/activation + FP4 quantize" ops of csrc/fused.cpp: fake (meta) kernels
-for tracing and torch.compile. (Autograd: csrc/autograd.cpp; none of the ops is differentiable.)
+for tracing and torch.compile. (Autograd, csrc/autograd.cpp: the codes carry no gradient;
+add_rms_norm_quantize's next residual differentiates as the add x + residual.)
 
 Each op returns ``(x_q, sf)`` exactly as ``torch.ops.fp4op.quantize`` of the norm/activation output
 computed in the input's dtype (float16/bfloat16) the way eager PyTorch computes it;

@@ -1,5 +1,5 @@
 """Python side of the ops registered in csrc/fp4op.cpp: fake (meta) kernels for tracing and
-torch.compile. (Autograd: csrc/autograd.cpp, in C++: none of the ops is differentiable.)"""
+torch.compile. (Autograd: csrc/autograd.cpp, in C++; quantize and dequantize are not differentiable.)"""
 
 from __future__ import annotations
 
