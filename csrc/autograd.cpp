@@ -1,19 +1,17 @@
 // Autograd kernels of the fp4op ops. The quantized outputs are integer codes and scales, which carry no
-// gradient. The one floating output that a model computes anyway, add_rms_norm_quantize's next residual
-// x + residual, gets the add's gradient (both inputs receive it unchanged), so a fused graph
-// differentiates as the unfused one does. dequantize's values, the only other floating output, get a
-// grad_fn that raises a clear error if a backward reaches it.
+// gradient. The floating outputs differentiate as their formulas do: add_rms_norm_quantize's next
+// residual x + residual passes the gradient to both inputs unchanged (so a fused graph differentiates as
+// the unfused one does), and NVFP4 dequantize's values e2m1(q) * sf_dec / S in the global scale (a
+// learned scale). Nothing else is differentiable.
 // In C++ rather than torch.library.register_autograd: a Python autograd kernel runs on every call, grad
 // mode or not (no_grad included), and cost each quantize about 10 us of host time.
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/csrc/autograd/VariableTypeUtils.h>
-#include <torch/csrc/autograd/functions/basic_ops.h>
 #include <torch/csrc/autograd/functions/utils.h>
 #include <torch/library.h>
 
 #include <string>
 #include <type_traits>
-#include <vector>
 
 namespace fp4op {
 namespace {
@@ -41,41 +39,51 @@ struct ResidualSumBackward : public Node {
   std::string name() const override { return "fp4op::ResidualSumBackward"; }
 };
 
-// The op's tensor arguments that require grad (none outside grad mode).
-std::vector<at::Tensor> requiring_grad(const torch::jit::Stack& stack, size_t num_arguments) {
-  std::vector<at::Tensor> tensors;
-  if (!at::GradMode::is_enabled()) return tensors;
-  for (auto it = stack.end() - int64_t(num_arguments); it != stack.end(); ++it) {
-    if (it->isTensor() && it->toTensor().defined() && it->toTensor().requires_grad()) {
-      tensors.push_back(it->toTensor());
+// NVFP4 dequantize, out = c / S with S the global scale gs (or 1 / gs when inversed), in gs: d out / d gs
+// = -out / gs (out / gs inversed), summed over each row's values for a per-row scale and over all for
+// one scale, in float32, returned in gs's dtype. The output and gs are kept as detached aliases (the
+// output's own grad_fn holding it would be a reference cycle), with their versions checked.
+struct DequantizeBackward : public Node {
+  DequantizeBackward(torch::autograd::edge_list&& next_edges, const at::Tensor& out, const at::Tensor& gs,
+                     bool inversed)
+      : Node(std::move(next_edges)),
+        out_(out.detach()),
+        gs_(gs.detach()),
+        out_version_(out._version()),
+        gs_version_(gs._version()),
+        inversed_(inversed) {}
+  variable_list apply(variable_list&& grads) override {
+    if (!grads[0].defined()) return {at::Tensor()};
+    TORCH_CHECK(out_._version() == out_version_ && gs_._version() == gs_version_,
+                "fp4op.dequantize: its output or global_scale was modified in place before the backward, "
+                "which needs their values");
+    // the products summed per scale value: the values grouped by gs's elements (all of them for one
+    // scale, a row each for a per-row scale); sizes as SymInts, as AOTAutograd traces this with dynamic
+    // shapes
+    if (!gs_.unsafeGetTensorImpl()->has_symbolic_sizes_strides() && gs_.numel() == 0) {
+      return {at::zeros_like(gs_)};  // a per-row scale of no rows (the reshape below cannot infer -1)
     }
+    const at::Tensor products = grads[0].to(at::kFloat).mul(out_.to(at::kFloat));
+    const at::Tensor per_scale = products.reshape_symint({gs_.sym_numel(), -1}).sum(-1);
+    const at::Tensor grad = per_scale.div(gs_.to(at::kFloat).reshape({-1}));
+    return {(inversed_ ? grad : grad.neg()).reshape_symint(gs_.sym_sizes()).to(gs_.scalar_type())};
   }
-  return tensors;
-}
+  std::string name() const override { return "fp4op::DequantizeBackward"; }
+
+ private:
+  at::Tensor out_, gs_;
+  int64_t out_version_, gs_version_;
+  bool inversed_;
+};
 
 void run_below_autograd(const c10::OperatorHandle& op, c10::DispatchKeySet keys, torch::jit::Stack* stack) {
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   op.redispatchBoxed(keys & c10::after_ADInplaceOrView_keyset, stack);
 }
 
-void not_differentiable(const c10::OperatorHandle& op, c10::DispatchKeySet keys, torch::jit::Stack* stack) {
-  const auto& schema = op.schema();
-  const std::vector<at::Tensor> inputs = requiring_grad(*stack, schema.arguments().size());
+// The ops whose outputs are all integer codes and scales: nothing to record.
+void codes_only(const c10::OperatorHandle& op, c10::DispatchKeySet keys, torch::jit::Stack* stack) {
   run_below_autograd(op, keys, stack);
-  if (inputs.empty()) return;
-  const std::string message = "fp4op." + schema.name().substr(schema.name().find("::") + 2) +
-                              " is not differentiable: quantization has no useful gradient. For "
-                              "quantization-aware training, use a straight-through estimator around the op "
-                              "explicitly.";
-  const NodePtr node = make_node<torch::autograd::Error>(message, torch::autograd::collect_next_edges(inputs));
-  const size_t num_returns = schema.returns().size();
-  for (auto it = stack->end() - int64_t(num_returns); it != stack->end(); ++it) {
-    if (!it->isTensor()) continue;
-    at::Tensor output = it->toTensor();
-    if (output.defined() && torch::autograd::isDifferentiableType(output.scalar_type())) {
-      torch::autograd::set_history(output, node);
-    }
-  }
 }
 
 // add_rms_norm_quantize(x, residual, ...) -> (x_q, sf, next residual): only the next residual, x +
@@ -91,15 +99,31 @@ void residual_sum_differentiable(const c10::OperatorHandle& op, c10::DispatchKey
   torch::autograd::set_history(stack->back().toTensor(), node);
 }
 
+// dequantize(x_q, sf, global_scale, sf_vec_size, sf_use_ue8m0, ..., is_global_scale_inversed, ...): x_q
+// and sf are integer tensors; NVFP4 values differentiate in global_scale (DequantizeBackward), MXFP4
+// values do not depend on it.
+void dequantize_differentiable(const c10::OperatorHandle& op, c10::DispatchKeySet keys, torch::jit::Stack* stack) {
+  const auto args = stack->end() - int64_t(op.schema().arguments().size());
+  const at::Tensor gs = args[2].isTensor() ? args[2].toTensor() : at::Tensor();
+  const bool ue8m0 = args[4].toBool(), inversed = args[7].toBool();
+  const bool track = at::GradMode::is_enabled() && gs.defined() && gs.requires_grad() && !ue8m0;
+  run_below_autograd(op, keys, stack);
+  if (!track) return;
+  const at::Tensor out = stack->back().toTensor();
+  const NodePtr node = make_node<DequantizeBackward>(torch::autograd::collect_next_edges(gs), out, gs, inversed);
+  torch::autograd::set_history(out, node);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fp4op, Autograd, m) {
   for (const char* name :
-       {"quantize", "dequantize", "rms_norm_quantize", "rms_norm_quantize_eps_tensor", "layer_norm_quantize",
+       {"quantize", "rms_norm_quantize", "rms_norm_quantize_eps_tensor", "layer_norm_quantize",
         "silu_and_mul_quantize", "gelu_and_mul_quantize", "silu_quantize", "gelu_quantize", "gelu_new_quantize",
         "relu_quantize"}) {
-    m.impl(name, torch::CppFunction::makeFromBoxedFunction<&not_differentiable>());
+    m.impl(name, torch::CppFunction::makeFromBoxedFunction<&codes_only>());
   }
+  m.impl("dequantize", torch::CppFunction::makeFromBoxedFunction<&dequantize_differentiable>());
   for (const char* name : {"add_rms_norm_quantize", "add_rms_norm_quantize_eps_tensor"}) {
     m.impl(name, torch::CppFunction::makeFromBoxedFunction<&residual_sum_differentiable>());
   }

@@ -1,5 +1,6 @@
 """Python side of the ops registered in csrc/fp4op.cpp: fake (meta) kernels for tracing and
-torch.compile. (Autograd: csrc/autograd.cpp, in C++; quantize and dequantize are not differentiable.)"""
+torch.compile. (Autograd: csrc/autograd.cpp, in C++: quantize's codes carry no gradient; NVFP4
+dequantize differentiates in its global scale.)"""
 
 from __future__ import annotations
 
