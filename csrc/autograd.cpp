@@ -76,6 +76,11 @@ struct DequantizeBackward : public Node {
   bool inversed_;
 };
 
+// The op's arguments on the stack (its first argument; the rest follow).
+torch::jit::Stack::iterator arguments(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
+  return stack->end() - int64_t(op.schema().arguments().size());
+}
+
 void run_below_autograd(const c10::OperatorHandle& op, c10::DispatchKeySet keys, torch::jit::Stack* stack) {
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   op.redispatchBoxed(keys & c10::after_ADInplaceOrView_keyset, stack);
@@ -89,8 +94,7 @@ void codes_only(const c10::OperatorHandle& op, c10::DispatchKeySet keys, torch::
 // add_rms_norm_quantize(x, residual, ...) -> (x_q, sf, next residual): only the next residual, x +
 // residual, is differentiable, in x and residual.
 void residual_sum_differentiable(const c10::OperatorHandle& op, c10::DispatchKeySet keys, torch::jit::Stack* stack) {
-  const size_t num_arguments = op.schema().arguments().size();
-  const auto args = stack->end() - int64_t(num_arguments);
+  const auto args = arguments(op, stack);
   const at::Tensor x = args[0].toTensor(), residual = args[1].toTensor();
   const bool track = at::GradMode::is_enabled() && (x.requires_grad() || residual.requires_grad());
   run_below_autograd(op, keys, stack);
@@ -103,7 +107,7 @@ void residual_sum_differentiable(const c10::OperatorHandle& op, c10::DispatchKey
 // and sf are integer tensors; NVFP4 values differentiate in global_scale (DequantizeBackward), MXFP4
 // values do not depend on it.
 void dequantize_differentiable(const c10::OperatorHandle& op, c10::DispatchKeySet keys, torch::jit::Stack* stack) {
-  const auto args = stack->end() - int64_t(op.schema().arguments().size());
+  const auto args = arguments(op, stack);
   const at::Tensor gs = args[2].isTensor() ? args[2].toTensor() : at::Tensor();
   const bool ue8m0 = args[4].toBool(), inversed = args[7].toBool();
   const bool track = at::GradMode::is_enabled() && gs.defined() && gs.requires_grad() && !ue8m0;

@@ -162,9 +162,10 @@ enum class Activation : int { kSilu = 0, kGeluErf = 1, kGeluTanh = 2, kGeluNew =
 // -0; the CPU op calls it, at::relu.)
 FP4OP_HD float relu_f32(float x) { return x <= 0.0f ? 0.0f : x; }
 
-// gelu_new's constants as the ops take them: Python floats narrowed to float32 opmath.
-constexpr float kGeluNewSqrt2OverPi = float(0.7978845608028654);  // math.sqrt(2.0 / math.pi)
-constexpr float kGeluNewKappa = float(0.044715);
+// gelu_new's constants as the model code writes them, Python floats (the CPU op passes them to torch's
+// ops as such; the CUDA kernels' float32 opmath narrows them, as torch's CUDA kernels do).
+constexpr double kGeluNewSqrt2OverPi = 0.7978845608028654;  // math.sqrt(2.0 / math.pi)
+constexpr double kGeluNewKappa = 0.044715;
 
 // `0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))))` as eager
 // CUDA computes it for a float16/bfloat16 x: every op one kernel, float32 opmath rounded to the model
@@ -174,8 +175,8 @@ constexpr float kGeluNewKappa = float(0.044715);
 FP4OP_HD float gelu_new_rounded(float x, InputDtype dtype) {
   const float half_x = round_to(mul_rn(x, 0.5f), dtype);
   const float cube = round_to(mul_rn(round_to(mul_rn(x, x), dtype), x), dtype);
-  const float inner = round_to(add_rn(x, round_to(mul_rn(cube, kGeluNewKappa), dtype)), dtype);
-  const float t = round_to(tanhf(round_to(mul_rn(inner, kGeluNewSqrt2OverPi), dtype)), dtype);
+  const float inner = round_to(add_rn(x, round_to(mul_rn(cube, float(kGeluNewKappa)), dtype)), dtype);
+  const float t = round_to(tanhf(round_to(mul_rn(inner, float(kGeluNewSqrt2OverPi)), dtype)), dtype);
   return round_to(mul_rn(half_x, round_to(add_rn(t, 1.0f), dtype)), dtype);
 }
 
@@ -347,9 +348,10 @@ __device__ __forceinline__ void gelu_new_pair(float& lo, float& hi, InputDtype d
   const uint32_t cube = mul_pair(mul_pair(x, x, dtype), x, dtype);
   float a, b;
   unpack_pair(cube, a, b, dtype);
-  const uint32_t inner = add_pair(x, pack_pair(mul_rn(a, kGeluNewKappa), mul_rn(b, kGeluNewKappa), dtype), dtype);
+  constexpr float kappa = float(kGeluNewKappa), sqrt_2_over_pi = float(kGeluNewSqrt2OverPi);
+  const uint32_t inner = add_pair(x, pack_pair(mul_rn(a, kappa), mul_rn(b, kappa), dtype), dtype);
   unpack_pair(inner, a, b, dtype);
-  unpack_pair(pack_pair(mul_rn(a, kGeluNewSqrt2OverPi), mul_rn(b, kGeluNewSqrt2OverPi), dtype), a, b, dtype);
+  unpack_pair(pack_pair(mul_rn(a, sqrt_2_over_pi), mul_rn(b, sqrt_2_over_pi), dtype), a, b, dtype);
   const uint32_t t = pack_pair(tanhf(a), tanhf(b), dtype);
   unpack_pair(mul_pair(half_x, add_pair(t, one, dtype), dtype), lo, hi, dtype);
 }

@@ -75,12 +75,23 @@ class ActivationAndMulQuantize(FusionPattern):
         return same_model_dtype(match, ["gate", "up"]) and same_shape(tensor_meta(match, "gate"), tensor_meta(match, "up"))
 
 
+# plain activation kind -> (fused op, its arguments between x and the quantize arguments)
+PLAIN_OPS = {
+    "silu": ("silu_quantize", ()),
+    "gelu": ("gelu_quantize", ("none",)),
+    "gelu_tanh": ("gelu_quantize", ("tanh",)),
+    "gelu_new": ("gelu_new_quantize", ()),
+    "relu": ("relu_quantize", (False,)),
+    "relu2": ("relu_quantize", (True,)),
+    "relu2_mul": ("relu_quantize", (True,)),
+}
+
+
 class ActivationQuantize(FusionPattern):
     def __init__(self, kind: str):
         self.kind = kind
-        fused = {"silu": "silu_quantize", "gelu_new": "gelu_new_quantize"}.get(kind, "gelu_quantize")
-        fused = "relu_quantize" if kind.startswith("relu") else fused
-        self.name = f"{fused}[{kind}]"
+        self.op_name, self.op_args = PLAIN_OPS[kind]
+        self.name = f"{self.op_name}[{kind}]"
 
     def tensor_inputs(self, dtype, device):
         return {"x": torch.empty(8, 32, dtype=dtype, device=device)}
@@ -89,13 +100,7 @@ class ActivationQuantize(FusionPattern):
         return _activation(self.kind, x)
 
     def replacement(self, q: QuantizeArgs, x, global_scale=None):
-        if self.kind == "silu":
-            return torch.ops.fp4op.silu_quantize(x, *q.tail(global_scale))
-        if self.kind == "gelu_new":
-            return torch.ops.fp4op.gelu_new_quantize(x, *q.tail(global_scale))
-        if self.kind.startswith("relu"):
-            return torch.ops.fp4op.relu_quantize(x, self.kind != "relu", *q.tail(global_scale))
-        return torch.ops.fp4op.gelu_quantize(x, _approximate(self.kind), *q.tail(global_scale))
+        return getattr(torch.ops.fp4op, self.op_name)(x, *self.op_args, *q.tail(global_scale))
 
     def check(self, match: pm.Match) -> bool:
         return same_model_dtype(match, ["x"])
@@ -104,5 +109,4 @@ class ActivationQuantize(FusionPattern):
 def rules() -> list[FusionPattern]:
     """Gated rules first (they anchor at the same quantize as a plain rule would)."""
     gated = [ActivationAndMulQuantize(k, up_first) for k in ACTIVATIONS for up_first in (False, True)]
-    plain = (*ACTIVATIONS, "gelu_new", "relu", "relu2", "relu2_mul")
-    return [*gated, *(ActivationQuantize(k) for k in plain)]
+    return [*gated, *(ActivationQuantize(k) for k in PLAIN_OPS)]

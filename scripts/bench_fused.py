@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import statistics
 import subprocess
@@ -26,6 +25,7 @@ import torch.nn.functional as F
 
 import fp4op
 from fp4op import reference
+from fp4op.fusion.activation import gelu_new  # transformers' NewGELUActivation, as the rule matches it
 
 OPS = torch.ops.fp4op
 DEFAULT_SHAPES = ((8192, 8192), (8192, 16384), (4096, 4096), (16384, 2048), (128, 8192))
@@ -77,11 +77,6 @@ def vllm_add_rms_norm(x, r, w):
     s = x.to(torch.float32) + r.to(torch.float32)
     h = s * torch.rsqrt(s.pow(2).mean(-1, keepdim=True) + EPS)
     return h.to(x.dtype) * w
-
-
-def gelu_new(x):
-    """transformers' NewGELUActivation (GPT-2)."""
-    return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))))
 
 
 def cases(m: int, k: int, dtype: torch.dtype, gs: torch.Tensor):

@@ -265,8 +265,8 @@ at::Tensor eager_activation(const at::Tensor& x, Activation act) {
     case Activation::kGeluTanh: return at::gelu(x, "tanh");
     case Activation::kGeluNew: {
       // the ops of `0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))))`
-      const at::Tensor inner = at::add(x, at::mul(at::pow(x, 3.0), 0.044715));
-      return at::mul(at::mul(x, 0.5), at::add(at::tanh(at::mul(inner, 0.7978845608028654)), 1.0));
+      const at::Tensor inner = at::add(x, at::mul(at::pow(x, 3.0), fused::kGeluNewKappa));
+      return at::mul(at::mul(x, 0.5), at::add(at::tanh(at::mul(inner, fused::kGeluNewSqrt2OverPi)), 1.0));
     }
     case Activation::kRelu: return at::relu(x);
     case Activation::kReluSquared: return at::pow(at::relu(x), 2);
