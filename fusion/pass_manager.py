@@ -184,6 +184,166 @@ def quantize_before_row_views(graph: torch.fx.Graph, quantizes: list[torch.fx.No
     return moved
 
 
+_REDUCTIONS = frozenset(getattr(torch.ops.aten, name) for name in ("mean", "sum", "var_mean", "var", "amax", "amin"))
+
+
+def _first_val(node: torch.fx.Node) -> torch.Tensor | None:
+    """A node's tensor value (the first of a multi-output op's)."""
+    val = node.meta.get("val")
+    if isinstance(val, (tuple, list)) and val:
+        val = val[0]
+    return val if isinstance(val, torch.Tensor) else None
+
+
+def _known_contiguous(val: torch.Tensor) -> bool:
+    """Whether `val` is known to be contiguous (whatever its symbolic sizes)."""
+    from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+    expected = 1
+    for size, stride in reversed(list(zip(val.shape, val.stride()))):
+        if statically_known_true(size == 1):
+            continue
+        if not statically_known_true(stride == expected):
+            return False
+        expected = expected * size
+    return True
+
+
+def compute_sliced_rows_only(graph: torch.fx.Graph, quantizes: list[torch.fx.Node]) -> int:
+    """Compute a norm/activation on the rows a quantize reads instead of on all of them, so that it
+    meets its quantize: ``quantize(norm(x)[:, rows])`` becomes ``quantize(norm(x[:, rows]))``. Hugging
+    Face's causal LMs write it so: the final norm's output sliced to the last token(s) before lm_head
+    (``hidden_states[:, -logits_to_keep:, :]``; generate() keeps 1 at prefill). The same values: the
+    producer's ops (those of a private copy, `private_producer_cone`) are elementwise, or reduce with
+    keepdim over other dims than the sliced ones (the norms' statistics over the last dim), so each row's
+    result depends on that row alone; its inputs are sliced where they have the sliced dims (a weight or
+    a scalar has none), and a reduction over a sliced dim stays whole (it has no rows to slice). Only
+    slices (one or a chain, each of its own dim) of dims before the last, of a producer output read by
+    them alone. Returns how many quantizes now read their rows' own producer."""
+    from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+    moved = 0
+    for node in quantizes:
+        cuts = []  # the chain of slices from the quantize's input up to the producer, outermost first
+        source = node.args[0]
+        while (
+            isinstance(source, torch.fx.Node) and source.target is torch.ops.aten.slice.Tensor and not source.kwargs
+            and (not cuts or len(source.users) == 1)
+        ):
+            cuts.append(source)
+            source = source.args[0]
+        source_val = _first_val(source) if cuts and isinstance(source, torch.fx.Node) else None
+        if source_val is None or len(source.users) != 1:
+            continue
+        rank = source_val.dim()
+        # each cut as (its dim counted from the right, the source's size there, start, end, step), innermost first
+        steps = []
+        for cut in reversed(cuts):
+            dim, start, end, step = (list(cut.args[1:]) + [0, None, None, 1][len(cut.args) - 1 :])[:4]
+            from_right = rank - dim % rank if isinstance(dim, int) and rank else 0
+            steps.append((from_right, source_val.shape[rank - from_right] if from_right else None, start, end, step))
+        dims = [st[0] for st in steps]
+        if min(dims) < 2 or len(set(dims)) != len(dims):  # the quantized (last) dim, or one dim sliced twice
+            continue
+        cone = private_producer_cone(source)
+
+        def sliced_dims(n: Any) -> list[int] | None:
+            """For each cut, where `n` has its dim (None: it has none, e.g. a weight, or a broadcast size 1);
+            None if that is not known."""
+            if not isinstance(n, torch.fx.Node) or isinstance(n.meta.get("val"), (int, float, torch.SymInt, torch.SymFloat)):
+                return [None] * len(steps)  # a scalar
+            val = _first_val(n)
+            if val is None:
+                return None
+            where = []
+            for from_right, size, *_ in steps:
+                d = val.dim() - from_right
+                if d < 0 or statically_known_true(val.shape[d] == 1) and not statically_known_true(size == 1):
+                    where.append(None)
+                elif statically_known_true(val.shape[d] == size):
+                    where.append(d)
+                else:
+                    return None
+            return where
+
+        def row_local(member: torch.fx.Node) -> bool:
+            """Whether `member` computes each kept row from that row alone, or is kept whole: an elementwise op,
+            a reduction over other dims than the sliced ones (a norm's statistics over the last dim), or one
+            over a sliced dim (its output has none: computed on all rows as before). The rank kept."""
+            if getattr(member.target, "overloadpacket", None) not in _REDUCTIONS:
+                return True
+            in_val, out_val = _first_val(member.args[0]), _first_val(member)
+            reduced = member.args[1] if len(member.args) > 1 else member.kwargs.get("dim")
+            reduced = [reduced] if isinstance(reduced, int) else reduced
+            if in_val is None or out_val is None or out_val.dim() != in_val.dim() or not reduced:
+                return False
+            if all(d is None for d in sliced_dims(member)):
+                return True
+            return not {r % in_val.dim() for r in reduced} & set(sliced_dims(member.args[0]))
+
+        nodes = set(cone) | {a for m in cone for a in m.all_input_nodes}
+        if not cone or any(sliced_dims(n) is None for n in nodes) or not all(row_local(m) for m in cone):
+            continue
+
+        def sliced_val(val: Any, where: list[int | None]) -> Any:
+            if isinstance(val, (tuple, list)):
+                return type(val)(sliced_val(v, where) for v in val)
+            for d, (_, _, *args) in zip(where, steps):
+                if d is not None:
+                    args = [a.meta["val"] if isinstance(a, torch.fx.Node) else a for a in args]
+                    val = torch.ops.aten.slice.Tensor(val, d, *args)
+            return val
+
+        env: dict[torch.fx.Node, torch.fx.Node] = {}
+        outermost = cuts[0]
+
+        def rows_of(n: Any) -> Any:
+            """The kept rows of `n`: a copy of a cone member computed from its inputs' kept rows, a slice of
+            an input, or `n` itself where it has no rows (a weight, a statistic over a sliced dim)."""
+            if not isinstance(n, torch.fx.Node) or n in env:
+                return env.get(n, n)
+            where = sliced_dims(n)
+            if all(d is None for d in where):
+                return n
+            if n in cone:
+                args = torch.fx.map_arg((n.args, n.kwargs), rows_of)  # the inputs' rows first
+                with graph.inserting_before(outermost):
+                    rows = graph.create_node(n.op, n.target, *args)
+                rows.meta["val"] = sliced_val(n.meta["val"], where)
+                env[n] = rows
+                return rows
+            rows = n
+            for i, d in enumerate(where):
+                if d is not None:
+                    with graph.inserting_before(outermost):
+                        rows = graph.call_function(torch.ops.aten.slice.Tensor, (rows, d, *steps[i][2:]))
+                    only = [None] * len(where)
+                    only[i] = d
+                    rows.meta["val"] = sliced_val(_first_val(rows.args[0]), only)
+            if not _known_contiguous(rows.meta["val"]):
+                # the rows as a contiguous tensor, as the norms' decompositions make of a strided input (F.layer_norm
+                # clones one), so the rules, which trace them with contiguous inputs, see the same graph
+                with graph.inserting_before(outermost):
+                    rows = graph.call_function(
+                        torch.ops.aten.clone.default, (rows,), {"memory_format": torch.contiguous_format}
+                    )
+                rows.meta["val"] = rows.args[0].meta["val"].clone(memory_format=torch.contiguous_format)
+            env[n] = rows
+            return rows
+
+        order = {n: i for i, n in enumerate(graph.nodes)}
+        rows_of(source)
+        outermost.replace_all_uses_with(env[source])
+        for n in cuts + sorted(cone, key=order.__getitem__, reverse=True):
+            if not n.users:
+                graph.erase_node(n)
+        if "eager_input_vals" in node.meta:  # the input layout Inductor keeps for the op
+            args, kwargs = node.meta["eager_input_vals"]
+            node.meta["eager_input_vals"] = ((env[source].meta["val"], *args[1:]), kwargs)
+        moved += 1
+    return moved
+
+
 def merge_duplicate_quantizes(graph: torch.fx.Graph, quantizes: list[torch.fx.Node]) -> list[torch.fx.Node]:
     """Merge quantize calls with identical arguments (same input node, same global-scale node, same
     flags) into one: the op is pure, and a norm/activation output read by several layers (q/k/v or
@@ -817,6 +977,7 @@ class FusionPass(CustomGraphPass):
         before = op_counts(graph)
         quantizes = canonicalize_quantize(graph)
         quantize_before_row_views(graph, quantizes)
+        compute_sliced_rows_only(graph, quantizes)
         quantizes = merge_duplicate_quantizes(graph, quantizes)
         matches: collections.Counter = collections.Counter()
         fused_copies = 0

@@ -368,6 +368,54 @@ def test_row_views_between_norm_and_quantize(dynamic):
     assert torch.equal(out[5], expected[5])
 
 
+@pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
+def test_row_slices_between_norm_and_quantize(dynamic):
+    """A norm/activation output sliced to some rows before its quantize (Hugging Face causal LMs feed
+    lm_head ``hidden_states[:, -logits_to_keep:, :]``) fuses on those rows: the slice moves to the
+    producer's inputs that have rows (not the weights), so the norm is computed on the kept rows only.
+    A slice of the last dim and a sliced output also read elsewhere stay unfused; a statistic over the
+    sliced dim stays computed over all rows."""
+    dtype = torch.bfloat16
+    gs = torch.tensor([100.0])
+    q = lambda y: torch.ops.fp4op.quantize(y, gs)  # noqa: E731
+    x, r, y, g, u, z = ((torch.randn(3, 16, K) * 3).to(dtype) for _ in range(6))
+    w = (torch.randn(K) * 0.5 + 1).to(dtype)
+
+    n = torch.randint(-4, 5, (3, 16, K)).to(dtype)  # small integers: sums exact in any order
+
+    def fn(x, r, y, g, u, z, n, w):
+        kept = F.rms_norm(z, (K,), w, 1e-6)
+        h = x + r
+        return [
+            q(hf_rms(x, w, 1e-6)[:, -1:, :]),  # the last token
+            q(F.layer_norm(y, (K,), w, None, 1e-5)[:, 4:12]),
+            q((F.silu(g) * u)[1:, ::2]),  # batch rows, every other token
+            q(hf_rms(h, w, 1e-5)[:, -3:]),  # the input a residual sum, read again below
+            h,
+            q(F.rms_norm(x, (K,), None, 1e-5)[..., : K // 2]),  # half of each row: other blocks
+            q(kept[:, -1:]),
+            kept,
+            q((z - z.amax(1, keepdim=True))[:, -1:]),  # statistics over the sliced dim (exact ones)
+            q((n - n.float().sum(1, keepdim=True).to(dtype))[:, -2:]),
+        ]
+
+    out, record = compile_fused(fn, x, r, y, g, u, z, n, w, dynamic=dynamic)
+    assert dict(record.matches) == {
+        "rms_norm_quantize[hf]": 2,
+        "layer_norm_quantize[weight]": 1,
+        "silu_and_mul_quantize[silu]": 1,
+    }, dict(record.matches)
+    assert fp4_ops(record.after).get("fp4op.quantize.default") == 4  # the last four
+    with torch.no_grad():
+        expected = fn(x, r, y, g, u, z, n, w)
+    for i, (got, want) in enumerate(zip(out, expected)):
+        if isinstance(want, torch.Tensor):
+            assert torch.equal(got, want), i
+        else:
+            assert got[0].shape == want[0].shape, i
+            assert_fp4_close(got, want, 16)
+
+
 class _ActivationQuantizer(nn.Module):
     """An FP4 activation quantizer as checkpoints carry it: a stored input_scale, its inverse the global scale
     (computed in forward, i.e. after the residual add in program order)."""

@@ -284,7 +284,8 @@ class DecoderLayer(nn.Module):
 
 class Qwen3ForCausalLM(nn.Module):
     """One Llama-style decoder layer with Qwen3's q_norm/k_norm on the head dim and Qwen2's q/k/v biases,
-    the final norm and the LM head (the final norm reads the last residual sum)."""
+    the final norm and the LM head (the final norm reads the last residual sum). The head reads the last
+    token only, as transformers' causal LMs slice it (`logits_to_keep`, 1 in generate()'s prefill)."""
 
     def __init__(self):
         super().__init__()
@@ -292,10 +293,12 @@ class Qwen3ForCausalLM(nn.Module):
         self.norm = LlamaRMSNorm(D, eps=1e-5)
         self.lm_head = nn.Linear(D, 96, bias=False)
 
-    def forward(self, x):
+    def forward(self, x, logits_to_keep=1):
         for layer in self.layers:
             x = layer(x)
-        return self.lm_head(self.norm(x))
+        hidden_states = self.norm(x)
+        slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        return self.lm_head(hidden_states[:, slice_indices, :])
 
 
 class Gemma2FeedForwardHalf(nn.Module):
