@@ -195,6 +195,12 @@ def _first_val(node: torch.fx.Node) -> torch.Tensor | None:
     return val if isinstance(val, torch.Tensor) else None
 
 
+def _run_on_vals(node: torch.fx.Node) -> Any:
+    """`node`'s op applied to its inputs' meta values (fake tensors): the value it computes."""
+    args, kwargs = torch.fx.map_arg((node.args, node.kwargs), lambda n: n.meta["val"])
+    return node.target(*args, **kwargs)
+
+
 def _known_contiguous(val: torch.Tensor) -> bool:
     """Whether `val` is known to be contiguous (whatever its symbolic sizes)."""
     from torch.fx.experimental.symbolic_shapes import statically_known_true
@@ -285,15 +291,6 @@ def compute_sliced_rows_only(graph: torch.fx.Graph, quantizes: list[torch.fx.Nod
         if not cone or any(sliced_dims(n) is None for n in nodes) or not all(row_local(m) for m in cone):
             continue
 
-        def sliced_val(val: Any, where: list[int | None]) -> Any:
-            if isinstance(val, (tuple, list)):
-                return type(val)(sliced_val(v, where) for v in val)
-            for d, (_, _, *args) in zip(where, steps):
-                if d is not None:
-                    args = [a.meta["val"] if isinstance(a, torch.fx.Node) else a for a in args]
-                    val = torch.ops.aten.slice.Tensor(val, d, *args)
-            return val
-
         env: dict[torch.fx.Node, torch.fx.Node] = {}
         outermost = cuts[0]
 
@@ -309,17 +306,19 @@ def compute_sliced_rows_only(graph: torch.fx.Graph, quantizes: list[torch.fx.Nod
                 args = torch.fx.map_arg((n.args, n.kwargs), rows_of)  # the inputs' rows first
                 with graph.inserting_before(outermost):
                     rows = graph.create_node(n.op, n.target, *args)
-                rows.meta["val"] = sliced_val(n.meta["val"], where)
+                # the original's meta (Inductor's rounding barriers of emulate_precision_casts among it), with
+                # the value the op gives on the rows: a new tensor, not a view of the unsliced one (the rules'
+                # re-trace with these values must see the layouts the ops make)
+                rows.meta = {**n.meta, "val": _run_on_vals(rows)}
+                rows.meta.pop("tensor_meta", None)
                 env[n] = rows
                 return rows
             rows = n
-            for i, d in enumerate(where):
+            for d, (_, _, *args) in zip(where, steps):
                 if d is not None:
                     with graph.inserting_before(outermost):
-                        rows = graph.call_function(torch.ops.aten.slice.Tensor, (rows, d, *steps[i][2:]))
-                    only = [None] * len(where)
-                    only[i] = d
-                    rows.meta["val"] = sliced_val(_first_val(rows.args[0]), only)
+                        rows = graph.call_function(torch.ops.aten.slice.Tensor, (rows, d, *args))
+                    rows.meta["val"] = _run_on_vals(rows)
             if not _known_contiguous(rows.meta["val"]):
                 # the rows as a contiguous tensor, as the norms' decompositions make of a strided input (F.layer_norm
                 # clones one), so the rules, which trace them with contiguous inputs, see the same graph
@@ -327,7 +326,7 @@ def compute_sliced_rows_only(graph: torch.fx.Graph, quantizes: list[torch.fx.Nod
                     rows = graph.call_function(
                         torch.ops.aten.clone.default, (rows,), {"memory_format": torch.contiguous_format}
                     )
-                rows.meta["val"] = rows.args[0].meta["val"].clone(memory_format=torch.contiguous_format)
+                rows.meta["val"] = _run_on_vals(rows)
             env[n] = rows
             return rows
 

@@ -13,6 +13,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from torch.torch_version import TorchVersion
+
 import fp4op
 import fp4op.fusion as fusion
 from fp4op import layouts
@@ -414,6 +416,31 @@ def test_row_slices_between_norm_and_quantize(dynamic):
         else:
             assert got[0].shape == want[0].shape, i
             assert_fp4_close(got, want, 16)
+
+
+@pytest.mark.skipif(TorchVersion(torch.__version__) < (2, 14), reason="torch 2.11's Inductor rounds unlike eager")
+def test_row_slices_keep_the_producers_roundings():
+    """The rows' copies of the producer keep the originals' node metadata and take the values their ops
+    make: with emulate_precision_casts an unfused sliced chain still rounds like eager (Inductor's
+    rounding barriers travel with the nodes), and the final LayerNorm of a residual sum (pre-LN models'
+    head input) fuses, its copies' values contiguous tensors as the ops make them, not views."""
+    dtype = torch.bfloat16
+    gs = torch.tensor([100.0])
+    q = lambda y: torch.ops.fp4op.quantize(y, gs)  # noqa: E731
+    x, r = ((torch.randn(2, 32, K) * 2).to(dtype) for _ in range(2))
+    shift = (torch.randn(2, 1, K) * 2).to(dtype)
+    w, b = (torch.randn(K) * 0.1 + 1).to(dtype), (torch.randn(K) * 0.1).to(dtype)
+
+    def fn(x, r, shift, w, b):
+        return [q((hf_rms(x, w, 1e-6) + shift)[-1:]), q(F.layer_norm(x + r, (K,), w, b, 1e-5)[:, -1:])]
+
+    with torch._inductor.config.patch(emulate_precision_casts=True):
+        out, record = compile_fused(fn, x, r, shift, w, b)
+    assert dict(record.matches) == {"layer_norm_quantize[weight,bias]": 1}, dict(record.matches)
+    with torch.no_grad():
+        expected = fn(x, r, shift, w, b)
+    for got, want in zip(out, expected):
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
 
 class _ActivationQuantizer(nn.Module):
