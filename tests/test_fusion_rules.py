@@ -64,6 +64,11 @@ def _norm_chains(rms_module):
         ("layer_norm_quantize[weight,bias]", lambda x, r, w, b: F.layer_norm(x, (K,), w, b, 1e-5)),
         ("layer_norm_quantize[weight]", lambda x, r, w, b: F.layer_norm(x, (K,), w, None, 1e-6)),
         ("layer_norm_quantize[no_affine]", lambda x, r, w, b: F.layer_norm(x, (K,), None, None, 1e-5)),
+        # fairseq / open_clip: in float32 from the model-dtype input and parameters, converted back
+        (
+            "layer_norm_quantize[weight,bias,float32]",
+            lambda x, r, w, b: F.layer_norm(x.float(), (K,), w.float(), b.float(), 1e-5).type_as(x),
+        ),
         ("add_rms_norm_quantize[float32_sum,meta]", lambda x, r, w, b: _res32(x, r, lambda h: h.to(x.dtype) * w)),
         ("add_rms_norm_quantize[float32_sum,hf]", lambda x, r, w, b: _res32(x, r, lambda h: w * h.to(x.dtype))),
         ("add_rms_norm_quantize[float32_sum,olmo2]", lambda x, r, w, b: _res32(x, r, lambda h: (w * h).to(x.dtype))),
@@ -244,6 +249,7 @@ def test_never_fuse(device):
         if device == "cpu":  # eager CUDA layer_norm rejects an fp32 weight with bf16 activations
             outs.append(q(F.layer_norm(x[4], (K,), w32, w32, 1e-5)))  # fp32 weight, bf16 activations (mixed)
         outs.append(q(F.rms_norm(x32[0], (K,), w32, 1e-5).to(dtype)))  # fp32 activations
+        outs.append(q(F.layer_norm(x[4].float(), (K,), w32, w32, 1e-5).to(dtype)))  # in float32, fp32 weight
         outs.append(q(F.silu(g) * u1))  # broadcasting multiply
         outs.append(q(F.silu(x32[1]).to(dtype)))  # fp32 activation (a bf16 input upcast would be fine)
         outs.append(q(gelu_new(x32[1]).to(dtype)))  # gelu_new written out in float32 (one rounding)
@@ -258,7 +264,7 @@ def test_never_fuse(device):
     args = (x, x32, w, w32, g, u1)
     out, record = compile_fused(fn, *args)
     assert dict(record.matches) == {}
-    assert fp4_ops(record.after) == {"fp4op.quantize.default": 11 if device == "cpu" else 10}
+    assert fp4_ops(record.after) == {"fp4op.quantize.default": 12 if device == "cpu" else 11}
     with torch.no_grad():
         expected = fn(*args)
     for got, want in zip(out, expected):

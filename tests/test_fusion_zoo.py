@@ -967,6 +967,7 @@ FORMS = [
     ("rms_norm_quantize[torch,no_weight]", lambda x, r, w: F.rms_norm(x.float(), (K,), None, 1e-6).to(x.dtype)),
     ("rms_norm_quantize[torch]", lambda x, r, w: F.rms_norm(x, (K,), w, None)),
     ("layer_norm_quantize[no_affine]", lambda x, r, w: F.layer_norm(x.float(), (K,), None, None, 1e-5).to(x.dtype)),
+    ("layer_norm_quantize[weight,float32]", lambda x, r, w: F.layer_norm(x.float(), (K,), w.float(), None, 1e-6).to(x.dtype)),
     ("rms_norm_quantize[meta]", lambda x, r, w: _gpt_fast(x, w)),
     ("add_rms_norm_quantize[meta]", _res(_gpt_fast)),
     # the product of two conversions of x: a square once the pass has merged them
