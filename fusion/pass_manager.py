@@ -331,7 +331,13 @@ def compute_sliced_rows_only(graph: torch.fx.Graph, quantizes: list[torch.fx.Nod
             return rows
 
         order = {n: i for i, n in enumerate(graph.nodes)}
-        rows_of(source)
+        try:
+            rows_of(source)
+        except Exception:  # a value the fake execution cannot make: leave this quantize's graph as it was
+            log.debug("fp4op.fusion: rows of %s not computed", source, exc_info=True)
+            for created in reversed([n for n in graph.nodes if n not in order]):
+                graph.erase_node(created)
+            continue
         outermost.replace_all_uses_with(env[source])
         for n in cuts + sorted(cone, key=order.__getitem__, reverse=True):
             if not n.users:

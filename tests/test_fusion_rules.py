@@ -449,6 +449,37 @@ def test_row_slices_keep_the_producers_roundings():
         assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
 
+def test_row_slices_left_as_they_were_when_rows_cannot_be_computed(monkeypatch):
+    """Where the fake execution of a row copy fails midway, the copies made so far are removed and the
+    sliced chain compiles as it was written (unfused, the same results)."""
+    from fp4op.fusion import pass_manager
+
+    run_on_vals, calls = pass_manager._run_on_vals, []
+
+    def fail_on_the_third(node):
+        calls.append(node)
+        if len(calls) == 3:
+            raise RuntimeError("no value")
+        return run_on_vals(node)
+
+    monkeypatch.setattr(pass_manager, "_run_on_vals", fail_on_the_third)
+    gs = torch.tensor([100.0])
+    x = (torch.randn(3, 16, K) * 3).to(torch.bfloat16)
+    w = (torch.randn(K) * 0.5 + 1).to(torch.bfloat16)
+
+    def fn(x, w):
+        return torch.ops.fp4op.quantize(hf_rms(x, w, 1e-6)[:, -1:], gs)
+
+    out, record = compile_fused(fn, x, w)
+    assert len(calls) == 3
+    assert dict(record.matches) == {}
+    assert fp4_ops(record.after) == {"fp4op.quantize.default": 1}
+    assert record.after["aten.slice.Tensor"] == record.before["aten.slice.Tensor"] == 1
+    with torch.no_grad():
+        expected = fn(x, w)
+    assert_fp4_close(out, expected, 16, min_identical=0.5)  # Inductor's own norm: its rounding
+
+
 class _ActivationQuantizer(nn.Module):
     """An FP4 activation quantizer as checkpoints carry it: a stored input_scale, its inverse the global scale
     (computed in forward, i.e. after the residual add in program order)."""
