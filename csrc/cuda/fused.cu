@@ -102,9 +102,12 @@ cudaError_t launch_activation(const FusedLaunch& a, const LaunchStream& stream) 
 // ---- norms: a team of threads per row -------------------------------------------------------------------
 
 constexpr int kChunk = 8;  // elements of a 16-byte vector
+constexpr int kThreadsShift = 8;  // log2(kThreads)
+static_assert(1 << kThreadsShift == kThreads, "kThreadsShift");
 
 struct NormGeometry {
   int team;               // threads per row: 32, 64, 128 or 256
+  int team_shift;         // log2(team)
   int64_t row_groups;     // ceil(M / rows per CTA)
   int64_t row_ctas;       // CTAs working on rows; the CTAs after them zero the padding rows
 };
@@ -417,9 +420,10 @@ __global__ void __launch_bounds__(kThreads, (kNormMinCtasPerSm<OP, D, UE8M0, BPT
   __shared__ float smem[kThreads / 32];
   const float eps = a.eps_device != nullptr ? *a.eps_device : a.eps;
   // team: a power of two (team_for), so masks and shifts instead of integer divisions; the streaming
-  // kernel's is the CTA (a constant)
+  // kernel's is the CTA (a constant). The shift read from the launch, not computed: a register less
+  // (LayerNorm bf16 MXFP4, bounded to 64 registers, took a stack frame otherwise)
   const int team = BPT > 0 ? g.team : kThreads;
-  const int team_shift = __ffs(team) - 1;
+  const int team_shift = BPT > 0 ? g.team_shift : kThreadsShift;
   const int lane = int(threadIdx.x & unsigned(team - 1));
   const int rows_per_cta = kThreads >> team_shift;
   // the passes depend on g only: every thread reaches every shuffle and barrier
@@ -586,6 +590,7 @@ cudaError_t launch_norm_config(const FusedLaunch& a, int64_t cols, int64_t pad_i
   const QuantizeTarget& q = a.out;
   NormGeometry g{};
   g.team = BPT > 0 ? team_for<BPT>(cols) : kThreads;
+  while ((1 << g.team_shift) < g.team) ++g.team_shift;
   const int rows_per_cta = kThreads / g.team;
   g.row_groups = (q.m + rows_per_cta - 1) / rows_per_cta;
   const int ctas_per_sm = resident_ctas_per_sm<norm_kernel<OP, D, UE8M0, BPT>>();
