@@ -504,7 +504,7 @@ _COPYABLE_OPS = frozenset(
             "pow", "mean", "sum", "var_mean", "add", "sub", "mul", "div", "rsqrt", "sqrt", "neg", "reciprocal",
             "square",
             # activation pieces (a gated activation read by several quantizes)
-            "silu", "gelu", "sigmoid", "exp", "tanh", "erf",
+            "silu", "gelu", "sigmoid", "exp", "tanh", "erf", "relu",
         )
     ]
 )

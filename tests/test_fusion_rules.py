@@ -398,6 +398,7 @@ def test_row_slices_between_norm_and_quantize(dynamic):
             q(hf_rms(x, w, 1e-6)[:, -1:, :]),  # the last token
             q(F.layer_norm(y, (K,), w, None, 1e-5)[:, 4:12]),
             q((F.silu(g) * u)[1:, ::2]),  # batch rows, every other token
+            q((F.relu(g) ** 2)[:, -2:]),
             q(hf_rms(h, w, 1e-5)[:, -3:]),  # the input a residual sum, read again below
             h,
             q(F.rms_norm(x, (K,), None, 1e-5)[..., : K // 2]),  # half of each row: other blocks
@@ -412,6 +413,7 @@ def test_row_slices_between_norm_and_quantize(dynamic):
         "rms_norm_quantize[hf]": 2,
         "layer_norm_quantize[weight]": 1,
         "silu_and_mul_quantize[silu]": 1,
+        "relu_quantize[relu2]": 1,
     }, dict(record.matches)
     assert fp4_ops(record.after).get("fp4op.quantize.default") == 4  # the last four
     with torch.no_grad():
