@@ -2,8 +2,9 @@
 weight only (``nn.LayerNorm(bias=False)``) or neither (``elementwise_affine=False``), any eps; also
 computed in float32 from the model-dtype input and parameters and converted back
 (``F.layer_norm(x.float(), shape, w.float(), b.float(), eps).type_as(x)``, as fairseq and open_clip
-write it): torch's float32 kernel evaluates the bf16/fp16 one's formula on the same float32 values, so
-only the statistics' reduction order differs (without weight and bias the two graphs are the same)."""
+write it): torch's float32 kernel evaluates the bf16/fp16 one's formula on the same float32 values; only
+the row statistics are computed differently (rows with a large mean and a small spread can round apart
+from the bf16 kernel's, as the bf16 rule's fused op does; without weight and bias the graphs are the same)."""
 
 from __future__ import annotations
 
