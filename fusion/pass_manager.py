@@ -184,7 +184,8 @@ def quantize_before_row_views(graph: torch.fx.Graph, quantizes: list[torch.fx.No
     return moved
 
 
-_REDUCTIONS = frozenset(getattr(torch.ops.aten, name) for name in ("mean", "sum", "var_mean", "var", "amax", "amin"))
+# the reductions among _COPYABLE_OPS (a producer cone holds no other)
+_REDUCTIONS = frozenset(getattr(torch.ops.aten, name) for name in ("mean", "sum", "var_mean"))
 
 
 def _first_val(node: torch.fx.Node) -> torch.Tensor | None:
