@@ -62,11 +62,24 @@ def scaled_mm_supported(device: torch.device) -> bool:
     )
 
 
+def _autocast_input(x: torch.Tensor) -> torch.Tensor:
+    """The input nn.Linear computes with under torch.autocast: a floating-point input (float32 from a
+    norm that autocast runs in float32, say) cast to the autocast dtype, as F.linear's autocast kernel
+    casts it. Unchanged outside autocast, or where its dtype is not one FP4Linear computes in."""
+    device_type = x.device.type
+    if x.dtype in (torch.float32, *_MODEL_DTYPES) and torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        if dtype in _MODEL_DTYPES:
+            return x.to(dtype)
+    return x
+
+
 class FP4Linear(nn.Module):
     """y = x @ W^T + b with W stored in FP4 (NVFP4 or MXFP4) and x quantized per call.
 
     Build it from an nn.Linear with `FP4Linear.from_linear` (or `convert` a whole model). Inputs are
-    float16/bfloat16 ``[..., in_features]``; the output has the input's dtype.
+    float16/bfloat16 ``[..., in_features]``; the output has the input's dtype. Under torch.autocast a
+    float32/float16/bfloat16 input is cast to the autocast dtype first, as nn.Linear's is.
     """
 
     def __init__(
@@ -218,6 +231,7 @@ class FP4Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() < 1 or x.shape[-1] != self.in_features:
             raise ValueError(f"fp4op.nn.FP4Linear: expected input [..., {self.in_features}], got {tuple(x.shape)}")
+        x = _autocast_input(x)
         if x.dtype not in _MODEL_DTYPES:
             raise ValueError(f"fp4op.nn.FP4Linear: the input must be float16 or bfloat16, got {x.dtype}")
         gs = self._input_global_scale(x)

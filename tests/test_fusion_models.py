@@ -388,3 +388,42 @@ def test_graph_break_inside_block(brk, norm, act, expected):
     assert {k: v for k, v in fusion.match_counts().items() if v} == expected
     torch.testing.assert_close(out, eager, rtol=0.05, atol=0.05)
     assert ((eager.float() - full.float()).norm() / full.float().norm()).item() < 0.25
+
+
+def _fp4_model_calibrated_under_autocast(cls, model_dtype, device):
+    model = _randomize(cls()).to(device, model_dtype).eval()
+    fnn.convert(model, recipe="nvfp4")  # float32 weights quantized from bfloat16, the autocast dtype
+    with torch.no_grad(), fnn.calibrate(model), torch.autocast(device, dtype=torch.bfloat16):
+        model(torch.randn(2, 8, D, dtype=model_dtype, device=device))
+    return model
+
+
+# name, model dtype: (fused ops expected, quantizes left). A bfloat16 model under CUDA autocast runs
+# LayerNorm in float32 (x, weight and bias upcast) and FP4Linear casts that output back to bfloat16 as
+# nn.Linear would: the float32 LayerNorm rule fuses it (on CPU autocast LayerNorm stays in bfloat16).
+# A float32 model's norms run in float32 on float32 activations, which no fused kernel takes: only the
+# activation, on a bfloat16 FP4Linear output, fuses.
+AUTOCAST_MODELS = {
+    ("llama_decoder", torch.bfloat16): (3, 1),
+    ("gpt2_mlp", torch.bfloat16): (2, 0),
+    ("gpt2_mlp", torch.float32): (1, 1),
+}
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=requires_cuda)])
+@pytest.mark.parametrize("name,model_dtype", list(AUTOCAST_MODELS))
+def test_model_under_autocast(name, model_dtype, device):
+    cls, _ = MODELS[name]
+    fused, left = AUTOCAST_MODELS[(name, model_dtype)]
+    model = _fp4_model_calibrated_under_autocast(cls, model_dtype, device)
+    x = torch.randn(3, 8, D, dtype=model_dtype, device=device)
+    with torch.autocast(device, dtype=torch.bfloat16):
+        out, record = compile_fused(model, x)
+        with torch.no_grad():
+            eager = model(x)
+    assert sum(record.matches.values()) == fused, dict(record.matches)
+    assert record.after.get("fp4op.quantize.default", 0) == left
+    if device == "cuda" and name == "gpt2_mlp" and model_dtype == torch.bfloat16:
+        assert record.matches["layer_norm_quantize[weight,bias,float32]"] == 1
+    assert out.dtype == eager.dtype
+    torch.testing.assert_close(out, eager, rtol=0.05, atol=0.05)

@@ -183,6 +183,29 @@ def test_input_dtype_other_than_the_layers():
     torch.testing.assert_close(out, F.linear(x_dq, w, layer.bias.to(torch.float16)), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("autocast_dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("input_dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_autocast_casts_the_input_as_nn_linear_does(autocast_dtype, input_dtype):
+    # under torch.autocast nn.Linear computes in the autocast dtype whatever float dtype its input has
+    # (a LayerNorm's float32 output, say); FP4Linear quantizes that cast input
+    layer = fnn.FP4Linear.from_linear(nn.Linear(32, 8, dtype=torch.bfloat16), activation_scale="dynamic")
+    x = torch.randn(4, 32, dtype=input_dtype)
+    with torch.no_grad():
+        with torch.autocast("cpu", dtype=autocast_dtype):
+            out = layer(x)
+            assert nn.Linear(32, 8)(x).dtype == out.dtype == autocast_dtype
+        expected = layer(x.to(autocast_dtype))
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+
+
+def test_float32_input_outside_autocast_is_an_error():
+    layer = fnn.FP4Linear(32, 8)
+    with pytest.raises(ValueError, match="float16 or bfloat16"):
+        layer(torch.randn(2, 32))
+    with torch.autocast("cpu", enabled=False), pytest.raises(ValueError, match="float16 or bfloat16"):
+        layer(torch.randn(2, 32))
+
+
 @pytest.mark.parametrize("activation_scale", ["static", "dynamic"])
 @pytest.mark.parametrize("recipe", ["nvfp4", "mxfp4"])
 def test_empty_batch(recipe, activation_scale):
