@@ -427,3 +427,19 @@ def test_model_under_autocast(name, model_dtype, device):
         assert record.matches["layer_norm_quantize[weight,bias,float32]"] == 1
     assert out.dtype == eager.dtype
     torch.testing.assert_close(out, eager, rtol=0.05, atol=0.05)
+
+
+@requires_cuda
+def test_cuda_graphs_reduce_overhead():
+    # mode="reduce-overhead" (CUDA graphs) takes no options: the fusion comes through fusion.enabled()
+    model, _ = _fp4_model(LlamaDecoderLayer, device="cuda")
+    fusion.reset()
+    torch._dynamo.utils.counters.clear()
+    with fresh_compile_config(), torch.no_grad(), fusion.enabled():
+        compiled = torch.compile(model, mode="reduce-overhead")
+        for _ in range(4):  # warm-up, recording, replays
+            x = torch.randn(3, 8, D, dtype=torch.bfloat16, device="cuda")
+            out = compiled(x).clone()
+            torch.testing.assert_close(out, model(x), rtol=0.05, atol=0.05)
+    assert torch._dynamo.utils.counters["inductor"]["cudagraph_skips"] == 0
+    assert fusion.match_counts() == MODELS["llama_decoder"][1]
