@@ -25,19 +25,27 @@ Matmul:
 * ``"auto"`` (default): scaled_mm where the device supports it and the shapes fit its rules
   (in_features % 32 == 0, out_features % 16 == 0), emulated elsewhere.
 
-FP4Linear is an inference layer: quantization has no gradient.
+FP4Linear's FP4 weight and bias are frozen buffers. With grad enabled, an input that requires grad gets
+the gradient of x @ W^T, W the dequantized weight (the activation quantize taken as the identity, a
+straight-through estimator), so adapters (LoRA) before or beside FP4 layers train as on QLoRA-style
+4-bit bases.
+
+Calibration (`calibrate`) records the largest finite input magnitude of each layer (NaN/inf elements
+and empty inputs are skipped) and ties sibling layers that read the very same tensor object.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fnmatch
+import itertools
 import warnings
 from typing import Iterable, Iterator
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.weak import WeakIdKeyDictionary
 
 from . import api, layouts
 
@@ -67,19 +75,51 @@ def _autocast_input(x: torch.Tensor) -> torch.Tensor:
     norm that autocast runs in float32, say) cast to the autocast dtype, as F.linear's autocast kernel
     casts it. Unchanged outside autocast, or where its dtype is not one FP4Linear computes in."""
     device_type = x.device.type
-    if x.dtype in (torch.float32, *_MODEL_DTYPES) and torch.is_autocast_enabled(device_type):
+    if (
+        x.dtype in (torch.float32, *_MODEL_DTYPES)
+        and torch.amp.is_autocast_available(device_type)  # not "meta", say
+        and torch.is_autocast_enabled(device_type)
+    ):
         dtype = torch.get_autocast_dtype(device_type)
         if dtype in _MODEL_DTYPES:
             return x.to(dtype)
     return x
 
 
+class _StraightThroughInput(torch.autograd.Function):
+    """`out` (the layer's output, computed without gradient) with the input gradient of x @ W^T, W the
+    dequantized weight: the activation quantize taken as the identity (a straight-through estimator),
+    as 4-bit base layers are trained through in QLoRA-style adapter training. The FP4 weight and the
+    bias are buffers: no gradient. W is dequantized again in the backward rather than kept."""
+
+    @staticmethod
+    def forward(ctx, x, out, weight_q, weight_sf, weight_global_scale, sf_vec_size, sf_use_ue8m0, dtype):
+        ctx.save_for_backward(weight_q, weight_sf, weight_global_scale)
+        ctx.recipe = (sf_vec_size, sf_use_ue8m0, dtype, x.dtype)
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        weight_q, weight_sf, weight_global_scale = ctx.saved_tensors
+        sf_vec_size, sf_use_ue8m0, dtype, x_dtype = ctx.recipe
+        weight = torch.ops.fp4op.dequantize(
+            weight_q, weight_sf, weight_global_scale, sf_vec_size, sf_use_ue8m0, True, False, False, dtype
+        )
+        return (grad_out.to(dtype) @ weight).to(x_dtype), None, None, None, None, None, None, None
+
+
 class FP4Linear(nn.Module):
     """y = x @ W^T + b with W stored in FP4 (NVFP4 or MXFP4) and x quantized per call.
 
     Build it from an nn.Linear with `FP4Linear.from_linear` (or `convert` a whole model). Inputs are
-    float16/bfloat16 ``[..., in_features]``; the output has the input's dtype. Under torch.autocast a
-    float32/float16/bfloat16 input is cast to the autocast dtype first, as nn.Linear's is.
+    ``[..., in_features]``: float16/bfloat16 are quantized as they are; float32/float64 are cast to the
+    layer's `dtype` first (the output cast back); under torch.autocast a float32/float16/bfloat16 input
+    is cast to the autocast dtype, as nn.Linear's is. The output has the (cast) input's dtype.
+
+    Model-wide casts (``model.half()``, ``.to(torch.bfloat16)``) change the layer's `dtype` and bias;
+    the float32 global scales move with the model but keep their bits. The FP4 weight is frozen (a
+    buffer); with grad enabled an input that requires grad gets the gradient of x @ W^T with W the
+    dequantized weight (the activation quantize taken as the identity: `_StraightThroughInput`).
     """
 
     def __init__(
@@ -103,10 +143,10 @@ class FP4Linear(nn.Module):
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"fp4op.nn: {name} must be a non-negative int, got {value!r}")
         self.sf_vec_size, self.sf_use_ue8m0 = RECIPES[recipe]
-        if in_features % self.sf_vec_size:
+        if in_features == 0 or in_features % self.sf_vec_size:
             raise ValueError(
-                f"fp4op.nn: in_features ({in_features}) must be a multiple of the {recipe} block size "
-                f"{self.sf_vec_size}"
+                f"fp4op.nn: in_features ({in_features}) must be a positive multiple of the {recipe} block "
+                f"size {self.sf_vec_size}"
             )
         self.in_features, self.out_features = in_features, out_features
         self.recipe, self.activation_scale, self.matmul = recipe, activation_scale, matmul
@@ -122,9 +162,18 @@ class FP4Linear(nn.Module):
         self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device) if bias else None)
         self._calibrated = False
         self._scale_tied = False  # input_global_scale shared with sibling layers (calibrate)
-        self._calibrating = False
+        self._reset_calibration_state()
+
+    def _reset_calibration_state(self) -> None:
+        self._calibrating: _CalibrationPass | None = None
         self._observed_amax: torch.Tensor | None = None
         self._observed_inputs: list[tuple] = []
+
+    def __getstate__(self):
+        # a copy (deepcopy, pickle) made inside `calibrate` is not part of that pass
+        state = self.__dict__.copy()
+        state.update(_calibrating=None, _observed_amax=None, _observed_inputs=[])
+        return state
 
     # ---- construction ------------------------------------------------------------------------------
 
@@ -159,6 +208,9 @@ class FP4Linear(nn.Module):
         if not weight.dtype.is_floating_point or weight.dtype == getattr(torch, "float4_e2m1fn_x2", None):
             raise ValueError(f"fp4op.nn: weight must be a floating-point tensor, got {weight.dtype}")
         weight = weight.to(self.weight_q.device, self.dtype).contiguous()
+        if weight.device.type != "meta" and not bool(torch.isfinite(weight).all()):
+            # NVFP4: the global scale 448 * 6 / amax would be 0 or NaN, every output non-finite
+            raise ValueError("fp4op.nn: the weight has infinite or NaN elements (after the cast to the layer's dtype)")
         gs = None if self.sf_use_ue8m0 else api.nvfp4_global_scale(weight)
         w_q, w_sf = torch.ops.fp4op.quantize(weight, gs, self.sf_vec_size, self.sf_use_ue8m0)
         self.weight_q.copy_(w_q)
@@ -175,16 +227,60 @@ class FP4Linear(nn.Module):
         if not _usable_amax(amax):
             # the scale 448 * 6 / amax would be infinite, zero, negative or NaN: every later output garbage
             raise ValueError(f"fp4op.nn: the input amax must be finite and positive, got {amax.item()}")
+        self._untie_scale()  # this layer's scale alone, not its siblings'
+        self._set_input_scale(amax)
+
+    def _set_input_scale(self, amax: torch.Tensor) -> None:
         self.input_global_scale.copy_(_FP4_MAX_TIMES_E4M3_MAX / amax)
         self._calibrated = True
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        key = prefix + "input_global_scale"
-        if getattr(self, "_scale_tied", False) and key in state_dict:  # (absent in modules pickled before it)
-            # calibrate() tied this buffer to its siblings' (one tensor): loading copies into it, so
-            # each layer's value would overwrite the others'. The checkpoint's value is this layer's own.
+    def _untie_scale(self) -> None:
+        if getattr(self, "_scale_tied", False):  # (absent in modules pickled before it)
             self.input_global_scale = self.input_global_scale.clone()
             self._scale_tied = False
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        key = prefix + "input_global_scale"
+        if getattr(self, "_scale_tied", False) and key in destination:
+            # each layer's own tensor: savers that refuse shared storage (safetensors) and loaders that
+            # keep one of several aliased keys see separate values
+            destination[key] = destination[key].clone()
+
+    def _apply(self, fn, recurse=True):
+        # The global scales are float32 by definition: a model-wide cast (.half(), .to(torch.bfloat16))
+        # would round them (an fp16 448 * 6 / amax overflows for amax < 0.041) and silently change every
+        # output. They go through `fn` as raw bytes (uint8: moved, never converted).
+        scales = {}
+        for name in ("weight_global_scale", "input_global_scale"):
+            t = self._buffers.get(name)
+            if t is not None:
+                scales[name] = t
+                self._buffers[name] = t.view(torch.uint8)
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            for name, original in scales.items():
+                moved = self._buffers[name]
+                self._buffers[name] = (
+                    moved.view(torch.float32) if moved.dtype == torch.uint8 else original.to(moved.device)
+                )
+        # the model dtype follows the cast, as the bias does (a cast to float32 keeps the layer's)
+        probe = self.bias if self.bias is not None else torch.empty(0, dtype=self.dtype, device=self.weight_q.device)
+        try:
+            dtype = probe.dtype if self.bias is not None else fn(probe).dtype
+        except Exception:  # a function meant for the module's own tensors only
+            dtype = self.dtype
+        if dtype in _MODEL_DTYPES:
+            self.dtype = dtype
+        return self
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        key = prefix + "input_global_scale"
+        if key in state_dict:
+            # calibrate() tied this buffer to its siblings' (one tensor): loading copies into it, so
+            # each layer's value would overwrite the others'. The checkpoint's value is this layer's own.
+            self._untie_scale()
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         if self.input_global_scale is not None and key in state_dict:
             scale = self.input_global_scale
@@ -211,10 +307,11 @@ class FP4Linear(nn.Module):
     def _input_global_scale(self, x: torch.Tensor) -> torch.Tensor | None:
         if self.sf_use_ue8m0:
             return None
-        if self._calibrating:
-            # which tensor this call read (it is alive while its sibling layers read it too)
-            self._observed_inputs.append((x.data_ptr(), tuple(x.shape), tuple(x.stride()), x.dtype, x._version))
-            amax = x.detach().abs().amax().to(torch.float32).reshape(1)
+        if self._calibrating and x.numel() > 0:  # (an MoE expert may get no tokens)
+            self._observed_inputs.append(self._calibrating.input_key(x))
+            # the largest finite magnitude: a NaN/inf element does not discard the batches before it
+            magnitude = x.detach().abs()
+            amax = torch.where(torch.isfinite(magnitude), magnitude, 0).amax().to(torch.float32).reshape(1)
             self._observed_amax = amax if self._observed_amax is None else torch.maximum(self._observed_amax, amax)
         if self.activation_scale == "static" and self._calibrated:
             return self.input_global_scale
@@ -223,17 +320,38 @@ class FP4Linear(nn.Module):
     def _use_scaled_mm(self, x: torch.Tensor) -> bool:
         if self.matmul == "emulated":
             return False
-        if self.matmul == "scaled_mm":
-            return True
         # torch._scaled_mm's FP4 shape rules: the packed K and N divisible by 16
-        return scaled_mm_supported(x.device) and self.in_features % 32 == 0 and self.out_features % 16 == 0
+        fits = scaled_mm_supported(x.device) and self.in_features % 32 == 0 and self.out_features % 16 == 0
+        if self.matmul == "scaled_mm" and not fits:
+            raise ValueError(
+                "fp4op.nn.FP4Linear: matmul='scaled_mm' needs a CUDA GPU of capability 10.0+ and in_features % 32 "
+                f"== 0, out_features % 16 == 0 (device {x.device}, in_features {self.in_features}, out_features "
+                f"{self.out_features}); matmul='auto' falls back to the emulation"
+            )
+        return fits
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() < 1 or x.shape[-1] != self.in_features:
             raise ValueError(f"fp4op.nn.FP4Linear: expected input [..., {self.in_features}], got {tuple(x.shape)}")
         x = _autocast_input(x)
+        out_dtype = x.dtype
+        if x.dtype in (torch.float32, torch.float64):
+            x = x.to(self.dtype)
         if x.dtype not in _MODEL_DTYPES:
-            raise ValueError(f"fp4op.nn.FP4Linear: the input must be float16 or bfloat16, got {x.dtype}")
+            raise ValueError(
+                f"fp4op.nn.FP4Linear: the input must be float16, bfloat16, float32 or float64, got {x.dtype}"
+            )
+        if torch.is_grad_enabled() and x.requires_grad:
+            with torch.no_grad():
+                out = self._forward_quantized(x)
+            out = _StraightThroughInput.apply(
+                x, out, self.weight_q, self.weight_sf, self.weight_global_scale, self.sf_vec_size,
+                self.sf_use_ue8m0, self.dtype,
+            )
+            return out.to(out_dtype)
+        return self._forward_quantized(x).to(out_dtype)
+
+    def _forward_quantized(self, x: torch.Tensor) -> torch.Tensor:
         gs = self._input_global_scale(x)
         # quantize at the input's rank (no reshape between the producer and the quantize: the fusion
         # rules see the norm/activation output directly)
@@ -342,16 +460,16 @@ def calibrate(model: nn.Module, tie_siblings: bool = True) -> Iterator[None]:
     still fuses, as one fused op per layer, each recomputing the norm.
     """
     layers = [m for m in model.modules() if isinstance(m, FP4Linear) and m.input_global_scale is not None]
+    calibration = _CalibrationPass()
     for layer in layers:
-        layer._calibrating = True
-        layer._observed_amax = None
-        layer._observed_inputs = []
+        layer._reset_calibration_state()
+        layer._calibrating = calibration
     try:
         yield
     finally:
         groups: dict[tuple, list[FP4Linear]] = {}
         for layer in layers:
-            layer._calibrating = False
+            layer._calibrating = None
             if layer._observed_amax is None:
                 continue
             key = tuple(layer._observed_inputs) if tie_siblings else (id(layer),)
@@ -366,14 +484,34 @@ def calibrate(model: nn.Module, tie_siblings: bool = True) -> Iterator[None]:
                     stacklevel=3,
                 )
                 continue
+            siblings[0]._untie_scale()  # a tie of an earlier pass ends here
             shared = siblings[0].input_global_scale
             for layer in siblings:
                 layer.input_global_scale = shared  # the same tensor object (a buffer of each layer)
                 layer._scale_tied = len(siblings) > 1
-                layer.set_input_amax(amax)
+            siblings[0]._set_input_scale(amax)
+            for layer in siblings[1:]:
+                layer._calibrated = True
         for layer in layers:
-            layer._observed_amax = None
-            layer._observed_inputs = []
+            layer._reset_calibration_state()
+
+
+class _CalibrationPass:
+    """Tells the inputs of one `calibrate` pass apart: a tensor object gets a number for as long as it
+    lives, so a later tensor at a freed one's address (and of its shape) is not taken for it."""
+
+    def __init__(self):
+        self._numbers: WeakIdKeyDictionary = WeakIdKeyDictionary()
+        self._next = itertools.count()
+
+    def input_key(self, x: torch.Tensor) -> tuple:
+        number = self._numbers.get(x)
+        if number is None:
+            number = self._numbers[x] = next(self._next)
+        # the version: the same tensor written in place between two reads is another input (inference
+        # tensors keep no version and cannot be written outside inference mode)
+        version = 0 if x.is_inference() else x._version
+        return (number, version)
 
 
 __all__ = ["FP4Linear", "convert", "calibrate", "scaled_mm_supported", "RECIPES"]

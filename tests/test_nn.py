@@ -21,7 +21,7 @@ def _reference_linear(x, layer, gs):
     x_q, x_sf = reference.quantize(x, gs, vec, ue8m0)
     x_dq = reference.dequantize(x_q, x_sf, gs, vec, ue8m0).to(x.dtype)
     w_dq = reference.dequantize(layer.weight_q, layer.weight_sf, layer.weight_global_scale, vec, ue8m0).to(x.dtype)
-    return F.linear(x_dq, w_dq, layer.bias)
+    return F.linear(x_dq, w_dq, None if layer.bias is None else layer.bias.to(x.dtype))
 
 
 @pytest.mark.parametrize("recipe", ["nvfp4", "mxfp4"])
@@ -161,7 +161,7 @@ def test_more_errors():
     with pytest.raises(ValueError, match="out_features"):
         fnn.FP4Linear(32, -8)
     layer = fnn.FP4Linear(32, 8)
-    with pytest.raises(ValueError, match="float16 or bfloat16"):
+    with pytest.raises(ValueError, match="float16, bfloat16"):
         layer(torch.randn(2, 32).to(torch.float8_e4m3fn))
     with pytest.raises(ValueError, match="expected input"):
         layer(torch.tensor(1.0, dtype=torch.bfloat16))
@@ -198,12 +198,86 @@ def test_autocast_casts_the_input_as_nn_linear_does(autocast_dtype, input_dtype)
     torch.testing.assert_close(out, expected, rtol=0, atol=0)
 
 
-def test_float32_input_outside_autocast_is_an_error():
+@pytest.mark.parametrize("input_dtype", [torch.float32, torch.float64])
+def test_float_input_computes_in_the_layers_dtype(input_dtype):
+    # a converted float32 model keeps taking its float32 inputs: quantized from the layer's dtype, the
+    # output cast back, as nn.Linear returns its input's dtype
+    layer = fnn.FP4Linear.from_linear(nn.Linear(32, 8), activation_scale="dynamic")
+    assert layer.dtype == torch.bfloat16
+    x = torch.randn(2, 32, dtype=input_dtype)
+    with torch.no_grad(), torch.autocast("cpu", enabled=False):
+        out = layer(x)
+        assert out.dtype == input_dtype
+        torch.testing.assert_close(out, layer(x.to(torch.bfloat16)).to(input_dtype), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("cast", ["half", "bfloat16", "to_float16", "float"])
+def test_model_casts_keep_the_float32_scales(cast):
+    # .half() on a converted model: the global scales keep their float32 bits (in float16 448 * 6 / amax
+    # overflows for amax < 0.041: the weight dequantized to zeros), the layer's dtype and bias follow
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(1024, 64, dtype=torch.bfloat16))
+    model[0].weight.data *= 0.03 / model[0].weight.data.abs().max()
+    fnn.convert(model)
+    with torch.no_grad(), fnn.calibrate(model):
+        model(torch.randn(4, 1024, dtype=torch.bfloat16))
+    layer = model[0]
+    scales = (layer.weight_global_scale.clone(), layer.input_global_scale.clone())
+    assert scales[0].item() > 65504  # beyond float16
+    weight = layer.weight.float()
+    {"half": model.half, "bfloat16": model.bfloat16, "to_float16": lambda: model.to(torch.float16),
+     "float": model.float}[cast]()
+    assert layer.weight_global_scale.dtype == layer.input_global_scale.dtype == torch.float32
+    assert torch.equal(layer.weight_global_scale, scales[0]) and torch.equal(layer.input_global_scale, scales[1])
+    expected_dtype = {"half": torch.float16, "to_float16": torch.float16}.get(cast, torch.bfloat16)
+    assert layer.dtype == expected_dtype and layer.weight.dtype == expected_dtype
+    # the same weight values (exact in either 16-bit dtype: E2M1 codes times an E4M3 scale / S)
+    torch.testing.assert_close(layer.weight.float(), weight, rtol=2**-7, atol=0)
+    x = torch.randn(4, 1024, dtype=expected_dtype)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), _reference_linear(x, layer, layer.input_global_scale), rtol=0, atol=0)
+
+
+def test_input_gradient_straight_through_the_quantize():
+    # with grad enabled, the input gets the gradient of x @ W^T (W dequantized): the activation quantize
+    # taken as the identity; the FP4 weight and the bias are buffers, frozen
+    layer = fnn.FP4Linear.from_linear(nn.Linear(64, 16, dtype=torch.bfloat16))
+    with torch.no_grad(), fnn.calibrate(layer):
+        layer(torch.randn(3, 64, dtype=torch.bfloat16))
+    for scale in ("static", "dynamic"):
+        layer._calibrated = scale == "static"
+        x = torch.randn(2, 3, 64, dtype=torch.bfloat16, requires_grad=True)
+        out = layer(x)
+        assert out.requires_grad
+        with torch.no_grad():
+            torch.testing.assert_close(out, layer(x), rtol=0, atol=0)
+        grad_out = torch.randn_like(out)
+        out.backward(grad_out)
+        torch.testing.assert_close(x.grad, grad_out @ layer.weight, rtol=0, atol=0)
+    # a float32 input under autocast: the gradient flows back through the cast
+    x = torch.randn(3, 64, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        layer(x).sum().backward()
+    assert x.grad.dtype == torch.float32 and x.grad.abs().sum() > 0
+
+
+def test_more_construction_and_weight_errors():
+    with pytest.raises(ValueError, match="positive multiple"):
+        fnn.FP4Linear(0, 8)
     layer = fnn.FP4Linear(32, 8)
-    with pytest.raises(ValueError, match="float16 or bfloat16"):
-        layer(torch.randn(2, 32))
-    with torch.autocast("cpu", enabled=False), pytest.raises(ValueError, match="float16 or bfloat16"):
-        layer(torch.randn(2, 32))
+    for bad in (float("inf"), float("nan")):
+        weight = torch.randn(8, 32)
+        weight[3, 5] = bad
+        with pytest.raises(ValueError, match="infinite or NaN"):
+            layer.set_weight(weight)
+    with pytest.raises(ValueError, match="scaled_mm"):  # no sm_100 GPU: a clear error, not torch's
+        fnn.FP4Linear(32, 8, matmul="scaled_mm")(torch.randn(2, 32, dtype=torch.bfloat16))
+
+
+def test_meta_device_forward():
+    # shape inference and FLOP counting run models on the meta device, as nn.Linear allows
+    layer = fnn.FP4Linear(64, 32, device="meta")
+    assert layer(torch.empty(4, 64, dtype=torch.bfloat16, device="meta")).shape == (4, 32)
 
 
 @pytest.mark.parametrize("activation_scale", ["static", "dynamic"])
@@ -238,6 +312,70 @@ def test_calibration_without_usable_amax_keeps_dynamic_scale(batch):
     y = torch.randn(4, 32, dtype=torch.bfloat16)
     with torch.no_grad():
         torch.testing.assert_close(model(y), _reference_linear(y, model[0], fp4op.nvfp4_global_scale(y)), rtol=0, atol=0)
+
+
+def test_calibration_tells_a_new_tensor_at_a_freed_address_apart():
+    # sibling tying keys on the tensor objects a pass read, not on their addresses: a tensor allocated
+    # where a freed one lived (same shape, same address) is another input
+    calibration = fnn._CalibrationPass()
+    first = torch.randn(8, 32)
+    key, address = calibration.input_key(first), first.data_ptr()
+    assert calibration.input_key(first) == key
+    del first
+    for _ in range(50):
+        second = torch.randn(8, 32)
+        assert calibration.input_key(second) != key
+        if second.data_ptr() == address:
+            break
+    second.add_(1)  # written in place: another input too
+    assert calibration.input_key(second) != calibration.input_key(torch.randn(1))
+
+
+def test_calibration_under_inference_mode_empty_inputs_and_nan_batches():
+    experts = nn.ModuleList(nn.Linear(32, 8, dtype=torch.bfloat16) for _ in range(2))
+    fnn.convert(experts)
+    with torch.inference_mode(), fnn.calibrate(experts):
+        experts[0](torch.randn(4, 32, dtype=torch.bfloat16) * 3)
+        experts[1](torch.empty(0, 32, dtype=torch.bfloat16))  # an expert that got no tokens
+        nan_batch = torch.full((4, 32), float("nan"), dtype=torch.bfloat16)
+        nan_batch[0, 0] = 1.0
+        experts[0](nan_batch)  # the finite elements count; the batch before is not discarded
+    assert experts[0]._calibrated and not experts[1]._calibrated
+    assert experts[0].input_global_scale.item() < 448 * 6 / 2  # amax from the first batch (> 2)
+
+
+def test_copy_made_while_calibrating_is_not_calibrating():
+    import copy
+
+    layer = fnn.FP4Linear.from_linear(nn.Linear(32, 8, dtype=torch.bfloat16))
+    with torch.no_grad(), fnn.calibrate(layer):
+        layer(torch.randn(2, 32, dtype=torch.bfloat16))
+        clone = copy.deepcopy(layer)
+    for _ in range(3):
+        with torch.no_grad():
+            clone(torch.randn(2, 32, dtype=torch.bfloat16))
+    assert not clone._calibrating and clone._observed_inputs == [] and clone._observed_amax is None
+
+
+def test_tied_scales_are_saved_apart_and_set_apart():
+    class QKV(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q, self.k = (nn.Linear(32, 32, dtype=torch.bfloat16) for _ in range(2))
+
+        def forward(self, x):
+            return self.q(x) + self.k(x)
+
+    model = fnn.convert(QKV())
+    with torch.no_grad(), fnn.calibrate(model):
+        model(torch.randn(3, 32, dtype=torch.bfloat16))
+    assert model.q.input_global_scale is model.k.input_global_scale
+    state = model.state_dict()
+    assert state["q.input_global_scale"].data_ptr() != state["k.input_global_scale"].data_ptr()
+    k_scale = model.k.input_global_scale.item()
+    model.q.set_input_amax(100.0)  # q's own scale; k keeps its calibrated one
+    assert model.k.input_global_scale.item() == k_scale
+    assert model.q.input_global_scale.item() == pytest.approx(448 * 6 / 100)
 
 
 def test_checkpoint_into_tied_siblings_keeps_each_layers_scale():
