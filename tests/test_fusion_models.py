@@ -443,3 +443,31 @@ def test_cuda_graphs_reduce_overhead():
             torch.testing.assert_close(out, model(x), rtol=0.05, atol=0.05)
     assert torch._dynamo.utils.counters["inductor"]["cudagraph_skips"] == 0
     assert fusion.match_counts() == MODELS["llama_decoder"][1]
+
+
+def test_training_graph_keeps_every_gradient():
+    # Training through FP4 layers (trainable norm weights, or adapters): a norm output that needs its
+    # gradient (FP4Linear passes x's gradient straight through its quantize) must stay in the graph, so
+    # the compiled model's gradients are eager's; the activations after FP4 layers still fuse.
+    torch.manual_seed(0)
+    model, _ = _fp4_model(LlamaDecoderLayer)
+    x = torch.randn(3, 8, D, dtype=torch.bfloat16)
+    params = [p for p in model.parameters() if p.requires_grad]
+    assert params  # the norm weights
+
+    def grads(fn):
+        xg = x.clone().requires_grad_(True)
+        out = fn(xg)
+        return (out, *torch.autograd.grad(out.float().square().sum(), [xg, *params]))
+
+    eager = grads(model)
+    fusion.reset()
+    # Inductor's unfused norms rounded as eager's (else a rounding apart flips FP4 codes)
+    with fresh_compile_config(), torch._inductor.config.patch(emulate_precision_casts=True):
+        compiled = grads(torch.compile(model, options=fusion.compile_options()))
+    for got, want in zip(compiled, eager):
+        assert got.abs().sum() > 0
+        torch.testing.assert_close(got, want, rtol=0.1, atol=0.1)
+    counts = fusion.match_counts()
+    assert not any(k.startswith(("rms_norm", "add_rms_norm")) for k in counts), counts
+    assert counts.get("silu_and_mul_quantize[silu]") == 1
