@@ -445,13 +445,14 @@ def test_cuda_graphs_reduce_overhead():
     assert fusion.match_counts() == MODELS["llama_decoder"][1]
 
 
-def test_training_graph_keeps_every_gradient():
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=requires_cuda)])
+def test_training_graph_keeps_every_gradient(device):
     # Training through FP4 layers (trainable norm weights, or adapters): a norm output that needs its
     # gradient (FP4Linear passes x's gradient straight through its quantize) must stay in the graph, so
     # the compiled model's gradients are eager's; the activations after FP4 layers still fuse.
     torch.manual_seed(0)
-    model, _ = _fp4_model(LlamaDecoderLayer)
-    x = torch.randn(3, 8, D, dtype=torch.bfloat16)
+    model, _ = _fp4_model(LlamaDecoderLayer, device=device)
+    x = torch.randn(3, 8, D, dtype=torch.bfloat16, device=device)
     params = [p for p in model.parameters() if p.requires_grad]
     assert params  # the norm weights
 

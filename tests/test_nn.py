@@ -430,3 +430,22 @@ def test_cuda_matmul_paths(recipe):
         if fnn.scaled_mm_supported(torch.device("cuda")):
             fast = fnn.FP4Linear.from_linear(linear, recipe=recipe, matmul="scaled_mm")
             torch.testing.assert_close(fast(x.cuda()), gpu(x.cuda()), rtol=2e-2, atol=2e-2)
+
+
+@requires_cuda
+def test_cuda_move_keeps_the_scales_and_results():
+    # a model converted and calibrated on the CPU, then moved: the float32 scales travel as raw bytes
+    model = nn.Sequential(nn.Linear(64, 32, dtype=torch.bfloat16))
+    fnn.convert(model)
+    x = torch.randn(4, 64, dtype=torch.bfloat16)
+    with torch.no_grad(), fnn.calibrate(model):
+        model(x)
+    scales = (model[0].weight_global_scale.clone(), model[0].input_global_scale.clone())
+    with torch.no_grad():
+        on_cpu = model(x)
+        model.cuda()
+        assert model[0].weight_global_scale.device.type == "cuda"
+        assert model[0].weight_global_scale.dtype == torch.float32
+        assert torch.equal(model[0].weight_global_scale.cpu(), scales[0])
+        assert torch.equal(model[0].input_global_scale.cpu(), scales[1])
+        torch.testing.assert_close(model(x.cuda()).cpu(), on_cpu, rtol=0.01, atol=0.01)
