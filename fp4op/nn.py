@@ -205,18 +205,25 @@ class FP4Linear(nn.Module):
         448 * 6 / amax(weight))."""
         if tuple(weight.shape) != (self.out_features, self.in_features):
             raise ValueError(f"fp4op.nn: weight must have shape {(self.out_features, self.in_features)}, got {tuple(weight.shape)}")
+        w_q, w_sf, gs = self._quantized_weight(weight)
+        self.weight_q.copy_(w_q)
+        self.weight_sf.copy_(w_sf)
+        if gs is not None:
+            self.weight_global_scale.copy_(gs)
+
+    @torch.no_grad()
+    def _quantized_weight(self, weight: torch.Tensor, device: torch.device | None = None):
+        """(codes, 128x4 scale factors, NVFP4 global scale or None) of `weight` in the layer's dtype, on
+        `device` (default the layer's)."""
         if not weight.dtype.is_floating_point or weight.dtype == getattr(torch, "float4_e2m1fn_x2", None):
             raise ValueError(f"fp4op.nn: weight must be a floating-point tensor, got {weight.dtype}")
-        weight = weight.to(self.weight_q.device, self.dtype).contiguous()
+        weight = weight.detach().to(device or self.weight_q.device, self.dtype).contiguous()
         if weight.device.type != "meta" and not bool(torch.isfinite(weight).all()):
             # NVFP4: the global scale 448 * 6 / amax would be 0 or NaN, every output non-finite
             raise ValueError("fp4op.nn: the weight has infinite or NaN elements (after the cast to the layer's dtype)")
         gs = None if self.sf_use_ue8m0 else api.nvfp4_global_scale(weight)
         w_q, w_sf = torch.ops.fp4op.quantize(weight, gs, self.sf_vec_size, self.sf_use_ue8m0)
-        self.weight_q.copy_(w_q)
-        self.weight_sf.copy_(w_sf)
-        if gs is not None:
-            self.weight_global_scale.copy_(gs)
+        return w_q, w_sf, gs
 
     @torch.no_grad()
     def set_input_amax(self, amax: torch.Tensor | float) -> None:
@@ -275,13 +282,34 @@ class FP4Linear(nn.Module):
             self.dtype = dtype
         return self
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
         key = prefix + "input_global_scale"
+        if prefix + "weight" in state_dict and prefix + "weight_q" not in state_dict:
+            # an nn.Linear's checkpoint (the model converted before its weights were loaded): its weight
+            # quantized into this layer's buffers, where the layer lives or, for a meta layer loaded with
+            # assign=True, where the checkpoint does; the static scale "not calibrated" (dynamic until
+            # calibrated: these inputs are not the ones any earlier calibration saw)
+            weight = state_dict.pop(prefix + "weight")
+            device = weight.device if self.weight_q.device.type == "meta" else self.weight_q.device
+            if tuple(weight.shape) != (self.out_features, self.in_features):
+                error_msgs.append(
+                    f"size mismatch for {prefix}weight: copying a param with shape {tuple(weight.shape)} from "
+                    f"checkpoint, the shape in current model is {(self.out_features, self.in_features)}."
+                )
+            else:
+                codes, sf, gs = self._quantized_weight(weight, device)
+                state_dict[prefix + "weight_q"], state_dict[prefix + "weight_sf"] = codes, sf
+                if gs is not None:
+                    state_dict[prefix + "weight_global_scale"] = gs
+            if self.input_global_scale is not None:
+                state_dict[key] = torch.zeros(1, device=device)
         if key in state_dict:
             # calibrate() tied this buffer to its siblings' (one tensor): loading copies into it, so
             # each layer's value would overwrite the others'. The checkpoint's value is this layer's own.
             self._untie_scale()
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
         if self.input_global_scale is not None and key in state_dict:
             scale = self.input_global_scale
             self._calibrated = bool(scale.device.type != "meta" and _usable_amax(scale))

@@ -449,3 +449,35 @@ def test_cuda_move_keeps_the_scales_and_results():
         assert torch.equal(model[0].weight_global_scale.cpu(), scales[0])
         assert torch.equal(model[0].input_global_scale.cpu(), scales[1])
         torch.testing.assert_close(model(x.cuda()).cpu(), on_cpu, rtol=0.01, atol=0.01)
+
+
+@pytest.mark.parametrize("assign_on_meta", [False, True])
+def test_load_an_nn_linear_checkpoint_into_a_converted_model(assign_on_meta):
+    # convert first, load the original weights after (or build on the meta device, convert, load with
+    # assign=True): the weight is quantized on load, as set_weight would; no static scale in such a
+    # checkpoint (the layer keeps the dynamic scale until calibrated), so strict loading passes
+    torch.manual_seed(0)
+    original = nn.Sequential(nn.Linear(64, 32, dtype=torch.bfloat16), nn.ReLU(), nn.Linear(32, 16))
+    checkpoint = original.state_dict()
+    if assign_on_meta:
+        with torch.device("meta"):
+            model = nn.Sequential(nn.Linear(64, 32, dtype=torch.bfloat16), nn.ReLU(), nn.Linear(32, 16))
+        fnn.convert(model)
+        model.load_state_dict(checkpoint, assign=True)
+    else:
+        model = fnn.convert(nn.Sequential(nn.Linear(64, 32, dtype=torch.bfloat16), nn.ReLU(), nn.Linear(32, 16)))
+        model.load_state_dict(checkpoint)
+    expected = fnn.convert(original)
+    for got, want in zip(model[::2], expected[::2]):
+        assert torch.equal(got.weight_q, want.weight_q) and torch.equal(got.weight_sf, want.weight_sf)
+        assert torch.equal(got.weight_global_scale, want.weight_global_scale)
+        assert torch.equal(got.bias.to(want.bias.dtype), want.bias) and not got._calibrated
+    x = torch.randn(3, 64, dtype=torch.bfloat16)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), expected(x), rtol=0, atol=0)
+        with fnn.calibrate(model):  # the static scales (real tensors, also after a meta build) calibrate
+            model(x)
+    assert all(layer._calibrated and layer.input_global_scale.device.type == "cpu" for layer in model[::2])
+    bad = dict(checkpoint, **{"0.weight": torch.randn(32, 48)})
+    with pytest.raises(RuntimeError, match="size mismatch for 0.weight"):
+        fnn.convert(nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 16))).load_state_dict(bad)
