@@ -75,11 +75,10 @@ def _autocast_input(x: torch.Tensor) -> torch.Tensor:
     norm that autocast runs in float32, say) cast to the autocast dtype, as F.linear's autocast kernel
     casts it. Unchanged outside autocast, or where its dtype is not one FP4Linear computes in."""
     device_type = x.device.type
-    if (
-        x.dtype in (torch.float32, *_MODEL_DTYPES)
-        and torch.amp.is_autocast_available(device_type)  # not "meta", say
-        and torch.is_autocast_enabled(device_type)
-    ):
+    # the devices fp4op runs on (torch.is_autocast_enabled raises for "meta"; torch.amp's
+    # is_autocast_available would break torch 2.11's Dynamo graph, and the fusion with it)
+    autocast = device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type)
+    if autocast and x.dtype in (torch.float32, *_MODEL_DTYPES):
         dtype = torch.get_autocast_dtype(device_type)
         if dtype in _MODEL_DTYPES:
             return x.to(dtype)

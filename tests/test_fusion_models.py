@@ -467,8 +467,11 @@ def test_training_graph_keeps_every_gradient(device):
     with fresh_compile_config(), torch._inductor.config.patch(emulate_precision_casts=True):
         compiled = grads(torch.compile(model, options=fusion.compile_options()))
     for got, want in zip(compiled, eager):
+        # relative L2 distance: torch 2.11's Inductor rounds its unfused norms unlike eager even so, which
+        # flips FP4 codes (0.08 apart there, 0 on torch 2.14); a lost gradient path leaves zeros or
+        # unrelated values (1 or more apart)
         assert got.abs().sum() > 0
-        torch.testing.assert_close(got, want, rtol=0.1, atol=0.1)
+        assert ((got.float() - want.float()).norm() / want.float().norm()).item() < 0.25
     counts = fusion.match_counts()
     assert not any(k.startswith(("rms_norm", "add_rms_norm")) for k in counts), counts
     assert counts.get("silu_and_mul_quantize[silu]") == 1
