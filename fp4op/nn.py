@@ -32,6 +32,9 @@ straight-through estimator), so adapters (LoRA) before or beside FP4 layers trai
 
 Calibration (`calibrate`) records the largest finite input magnitude of each layer (NaN/inf elements
 and empty inputs are skipped) and ties sibling layers that read the very same tensor object.
+
+NaN inputs quantize as SPEC.md says (to the largest code of their block): with a static or MXFP4 scale a
+NaN element comes out finite; with the dynamic scale its NaN amax makes the whole output NaN.
 """
 
 from __future__ import annotations
@@ -89,13 +92,21 @@ class _StraightThroughInput(torch.autograd.Function):
     """`out` (the layer's output, computed without gradient) with the input gradient of x @ W^T, W the
     dequantized weight: the activation quantize taken as the identity (a straight-through estimator),
     as 4-bit base layers are trained through in QLoRA-style adapter training. The FP4 weight and the
-    bias are buffers: no gradient. W is dequantized again in the backward rather than kept."""
+    bias are buffers: no gradient. W is dequantized again in the backward rather than kept. The output
+    is a new tensor, not a view of `out` (a Function's view output could not be modified in place:
+    ReLU(inplace=True), ``y += r``), and the setup_context form serves torch.func (grad, vmap)."""
+
+    generate_vmap_rule = True
 
     @staticmethod
-    def forward(ctx, x, out, weight_q, weight_sf, weight_global_scale, sf_vec_size, sf_use_ue8m0, dtype):
+    def forward(x, out, weight_q, weight_sf, weight_global_scale, sf_vec_size, sf_use_ue8m0, dtype):
+        return out.clone()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, _, weight_q, weight_sf, weight_global_scale, sf_vec_size, sf_use_ue8m0, dtype = inputs
         ctx.save_for_backward(weight_q, weight_sf, weight_global_scale)
         ctx.recipe = (sf_vec_size, sf_use_ue8m0, dtype, x.dtype)
-        return out.view_as(out)
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -105,6 +116,27 @@ class _StraightThroughInput(torch.autograd.Function):
             weight_q, weight_sf, weight_global_scale, sf_vec_size, sf_use_ue8m0, True, False, False, dtype
         )
         return (grad_out.to(dtype) @ weight).to(x_dtype), None, None, None, None, None, None, None
+
+
+# A model-wide move of calibrate()'s shared scale tensor: the first sibling layer's `_apply` moves it,
+# the others get that same moved tensor (one scale object, so their identical quantizes still merge).
+# Keyed on the original tensor, for the one `_apply` function (a `.to()` call) that moved it.
+_MOVED_BUFFERS: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+def _moved_as_bytes(t: torch.Tensor, fn) -> torch.Tensor:
+    """`fn` (a model-wide `_apply` function) applied to `t` as raw bytes: moved (device, memory
+    sharing), never converted (.half(), .type(torch.float16))."""
+    memo = _MOVED_BUFFERS.get(t)
+    if memo is not None and memo[0] is fn:
+        return memo[1]
+    raw = t.view(torch.uint8)
+    moved = fn(raw)
+    if moved.dtype != torch.uint8 or moved.shape != raw.shape:
+        moved = raw.to(moved.device)
+    moved = moved.view(t.dtype)
+    _MOVED_BUFFERS[t] = (fn, moved)
+    return moved
 
 
 class FP4Linear(nn.Module):
@@ -254,23 +286,21 @@ class FP4Linear(nn.Module):
             destination[key] = destination[key].clone()
 
     def _apply(self, fn, recurse=True):
-        # The global scales are float32 by definition: a model-wide cast (.half(), .to(torch.bfloat16))
-        # would round them (an fp16 448 * 6 / amax overflows for amax < 0.041) and silently change every
-        # output. They go through `fn` as raw bytes (uint8: moved, never converted).
-        scales = {}
-        for name in ("weight_global_scale", "input_global_scale"):
-            t = self._buffers.get(name)
-            if t is not None:
-                scales[name] = t
-                self._buffers[name] = t.view(torch.uint8)
+        # The codes, block scales and float32 global scales are bytes of a format: a model-wide cast
+        # (.half(), .to(torch.bfloat16), .type()) would convert them (an fp16 448 * 6 / amax overflows
+        # for amax < 0.041: weights dequantized to zero). They go through `fn` as raw bytes, moved only.
+        byte_buffers = {}
+        for name in ("weight_q", "weight_sf", "weight_global_scale", "input_global_scale"):
+            if self._buffers.get(name) is not None:
+                byte_buffers[name] = self._buffers[name]
+                self._buffers[name] = None  # skipped by nn.Module._apply
         try:
             super()._apply(fn, recurse)
-        finally:
-            for name, original in scales.items():
-                moved = self._buffers[name]
-                self._buffers[name] = (
-                    moved.view(torch.float32) if moved.dtype == torch.uint8 else original.to(moved.device)
-                )
+            moved = {name: _moved_as_bytes(t, fn) for name, t in byte_buffers.items()}
+        except BaseException:
+            self._buffers.update(byte_buffers)
+            raise
+        self._buffers.update(moved)
         # the model dtype follows the cast, as the bias does (a cast to float32 keeps the layer's)
         probe = self.bias if self.bias is not None else torch.empty(0, dtype=self.dtype, device=self.weight_q.device)
         try:
@@ -291,18 +321,29 @@ class FP4Linear(nn.Module):
             # calibrated: these inputs are not the ones any earlier calibration saw)
             weight = state_dict.pop(prefix + "weight")
             device = weight.device if self.weight_q.device.type == "meta" else self.weight_q.device
+            quantized, problem = None, None
             if tuple(weight.shape) != (self.out_features, self.in_features):
-                error_msgs.append(
-                    f"size mismatch for {prefix}weight: copying a param with shape {tuple(weight.shape)} from "
-                    f"checkpoint, the shape in current model is {(self.out_features, self.in_features)}."
+                problem = (
+                    f"size mismatch for {prefix}weight: copying a param with shape {weight.shape} from checkpoint, "
+                    f"the shape in current model is {torch.Size((self.out_features, self.in_features))}."
                 )
             else:
-                codes, sf, gs = self._quantized_weight(weight, device)
-                state_dict[prefix + "weight_q"], state_dict[prefix + "weight_sf"] = codes, sf
-                if gs is not None:
-                    state_dict[prefix + "weight_global_scale"] = gs
-            if self.input_global_scale is not None:
+                try:
+                    quantized = self._quantized_weight(weight, device)
+                except ValueError as err:
+                    problem = f"While quantizing {prefix}weight: {err}"
+            if problem is not None:
+                # reported with torch's other loading errors; the layer's own values stand in for the
+                # quantized weight (no key reported missing, nothing changed)
+                error_msgs.append(problem)
+                quantized = (self.weight_q, self.weight_sf, self.weight_global_scale)
+                if self.input_global_scale is not None:
+                    state_dict[key] = self.input_global_scale
+            elif self.input_global_scale is not None:
                 state_dict[key] = torch.zeros(1, device=device)
+            for name, value in zip(("weight_q", "weight_sf", "weight_global_scale"), quantized):
+                if value is not None:
+                    state_dict[prefix + name] = value
         if key in state_dict:
             # calibrate() tied this buffer to its siblings' (one tensor): loading copies into it, so
             # each layer's value would overwrite the others'. The checkpoint's value is this layer's own.
@@ -316,7 +357,7 @@ class FP4Linear(nn.Module):
     @property
     def weight(self) -> torch.Tensor:
         """The weight this layer computes with: the FP4 weight dequantized to `dtype`, [out_features,
-        in_features], a new tensor at each access. Model code that reads ``linear.weight.dtype`` or
+        in_features], a new tensor at each access (in-place edits of it change nothing: assign instead). Model code that reads ``linear.weight.dtype`` or
         ``.device`` (Hugging Face T5 casts its input to ``wo.weight.dtype``) keeps working; assigning a
         tensor to ``weight`` quantizes it (`set_weight`)."""
         return self._dequantize(self.weight_q, self.weight_sf, self.weight_global_scale, self.dtype)
@@ -331,11 +372,12 @@ class FP4Linear(nn.Module):
 
     # ---- forward -----------------------------------------------------------------------------------
 
-    def _input_global_scale(self, x: torch.Tensor) -> torch.Tensor | None:
+    def _input_global_scale(self, x: torch.Tensor, source: torch.Tensor) -> torch.Tensor | None:
         if self.sf_use_ue8m0:
             return None
         if self._calibrating and x.numel() > 0:  # (an MoE expert may get no tokens)
-            self._observed_inputs.append(self._calibrating.input_key(x))
+            # siblings reading one tensor also read one cast of it (the fusion pass merges equal casts)
+            self._observed_inputs.append(self._calibrating.input_key(source))
             # the largest finite magnitude: a NaN/inf element does not discard the batches before it
             magnitude = x.detach().abs()
             amax = torch.where(torch.isfinite(magnitude), magnitude, 0).amax().to(torch.float32).reshape(1)
@@ -360,6 +402,7 @@ class FP4Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() < 1 or x.shape[-1] != self.in_features:
             raise ValueError(f"fp4op.nn.FP4Linear: expected input [..., {self.in_features}], got {tuple(x.shape)}")
+        source = x  # the tensor the layer was called with: what calibrate() ties siblings by
         x = _autocast_input(x)
         out_dtype = x.dtype
         if x.dtype in (torch.float32, torch.float64):
@@ -370,16 +413,16 @@ class FP4Linear(nn.Module):
             )
         if torch.is_grad_enabled() and x.requires_grad:
             with torch.no_grad():
-                out = self._forward_quantized(x)
+                out = self._forward_quantized(x, source)
             out = _StraightThroughInput.apply(
                 x, out, self.weight_q, self.weight_sf, self.weight_global_scale, self.sf_vec_size,
                 self.sf_use_ue8m0, self.dtype,
             )
             return out.to(out_dtype)
-        return self._forward_quantized(x).to(out_dtype)
+        return self._forward_quantized(x, source).to(out_dtype)
 
-    def _forward_quantized(self, x: torch.Tensor) -> torch.Tensor:
-        gs = self._input_global_scale(x)
+    def _forward_quantized(self, x: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
+        gs = self._input_global_scale(x, source)
         # quantize at the input's rank (no reshape between the producer and the quantize: the fusion
         # rules see the norm/activation output directly)
         x_q, x_sf = torch.ops.fp4op.quantize(x, gs, self.sf_vec_size, self.sf_use_ue8m0)

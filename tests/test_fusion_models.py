@@ -74,6 +74,22 @@ class FusedGateUpMLP(nn.Module):
         return x + self.down_proj(F.silu(gate) * up)
 
 
+class PreLNAttention(nn.Module):
+    """ViT / pre-LN encoder attention: one LayerNorm read by separate q, k and v projections."""
+
+    def __init__(self, heads=4):
+        super().__init__()
+        self.heads = heads
+        self.norm = nn.LayerNorm(D)
+        self.q, self.k, self.v, self.o = (nn.Linear(D, D) for _ in range(4))
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        h = self.norm(x)
+        q, k, v = (p(h).view(b, t, self.heads, -1).transpose(1, 2) for p in (self.q, self.k, self.v))
+        return x + self.o(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, t, D))
+
+
 def _randomize(model):
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -96,6 +112,7 @@ MODELS = {
     "llama_decoder": (LlamaDecoderLayer, {"rms_norm_quantize[hf]": 1, "add_rms_norm_quantize[hf]": 1, "silu_and_mul_quantize[silu]": 1}),
     "gpt2_mlp": (GPT2MLP, {"layer_norm_quantize[weight,bias]": 1, "gelu_quantize[gelu_tanh]": 1}),
     "fused_gate_up": (FusedGateUpMLP, {"rms_norm_quantize[torch]": 1, "silu_and_mul_quantize[silu]": 1}),
+    "preln_attention": (PreLNAttention, {"layer_norm_quantize[weight,bias]": 1}),
 }
 
 
@@ -407,6 +424,9 @@ AUTOCAST_MODELS = {
     ("llama_decoder", torch.bfloat16): (3, 1),
     ("gpt2_mlp", torch.bfloat16): (2, 0),
     ("gpt2_mlp", torch.float32): (1, 1),
+    # q, k and v cast the float32 LayerNorm output each: the casts merge, the tied scales make their
+    # quantizes one, which fuses with the norm
+    ("preln_attention", torch.bfloat16): (1, 1),
 }
 
 
@@ -423,7 +443,7 @@ def test_model_under_autocast(name, model_dtype, device):
             eager = model(x)
     assert sum(record.matches.values()) == fused, dict(record.matches)
     assert record.after.get("fp4op.quantize.default", 0) == left
-    if device == "cuda" and name == "gpt2_mlp" and model_dtype == torch.bfloat16:
+    if device == "cuda" and name in ("gpt2_mlp", "preln_attention") and model_dtype == torch.bfloat16:
         assert record.matches["layer_norm_quantize[weight,bias,float32]"] == 1
     assert out.dtype == eager.dtype
     torch.testing.assert_close(out, eager, rtol=0.05, atol=0.05)

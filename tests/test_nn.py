@@ -481,3 +481,67 @@ def test_load_an_nn_linear_checkpoint_into_a_converted_model(assign_on_meta):
     bad = dict(checkpoint, **{"0.weight": torch.randn(32, 48)})
     with pytest.raises(RuntimeError, match="size mismatch for 0.weight"):
         fnn.convert(nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 16))).load_state_dict(bad)
+
+
+def test_in_place_ops_on_outputs_and_torch_func_in_training():
+    # the straight-through output is a tensor of its own: in-place ops after the layer work as after
+    # nn.Linear, and torch.func's transforms run through it
+    layer = fnn.FP4Linear.from_linear(nn.Linear(32, 16, dtype=torch.bfloat16), activation_scale="dynamic")
+    x = torch.randn(4, 32, dtype=torch.bfloat16, requires_grad=True)
+    nn.Sequential(layer, nn.ReLU(inplace=True))(x).sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    out = layer(x)
+    out += 1
+    out.sum().backward()
+    grad = torch.func.grad(lambda v: layer(v).float().sum())(x.detach())
+    torch.testing.assert_close(grad, (torch.ones(4, 16, dtype=torch.bfloat16) @ layer.weight), rtol=0, atol=0)
+
+
+def _calibrated_qk(input_dtype=torch.bfloat16):
+    class QK(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q, self.k = (nn.Linear(32, 32, dtype=torch.bfloat16) for _ in range(2))
+
+        def forward(self, x):
+            return self.q(x) + self.k(x)
+
+    model = fnn.convert(QK())
+    with torch.no_grad(), fnn.calibrate(model):
+        model(torch.randn(3, 32, dtype=input_dtype))
+    return model
+
+
+def test_calibration_ties_siblings_of_a_float32_input():
+    # each layer casts the float32 input itself: the tie is on the tensor the layers were called with
+    model = _calibrated_qk(torch.float32)
+    assert model.q.input_global_scale is model.k.input_global_scale
+
+
+@pytest.mark.parametrize("cast", ["half", "to_cpu", "type_half", "share_memory"])
+def test_model_casts_and_moves_keep_the_tie_and_the_bytes(cast):
+    model = _calibrated_qk()
+    codes = model.q.weight_q.clone()
+    {"half": model.half, "to_cpu": lambda: model.to("cpu"), "type_half": lambda: model.type(torch.float16),
+     "share_memory": model.share_memory}[cast]()
+    assert model.q.input_global_scale is model.k.input_global_scale  # still one tensor: the quantizes merge
+    assert model.q.weight_q.dtype == torch.uint8 and torch.equal(model.q.weight_q, codes)
+    assert model.q.input_global_scale.dtype == torch.float32
+    with torch.no_grad():
+        model(torch.randn(2, 32, dtype=model.q.dtype))
+
+
+def test_bad_nn_linear_checkpoints_are_reported_like_torch_does():
+    model = fnn.convert(nn.Sequential(nn.Linear(64, 32, dtype=torch.bfloat16)))
+    with torch.no_grad(), fnn.calibrate(model):
+        model(torch.randn(2, 64, dtype=torch.bfloat16))
+    scale, codes = model[0].input_global_scale.clone(), model[0].weight_q.clone()
+    for weight, message in ((torch.randn(32, 48), "size mismatch for 0.weight"),
+                            (torch.ones(32, 64, dtype=torch.int32), "floating-point"),
+                            (torch.full((32, 64), float("inf")), "infinite or NaN")):
+        with pytest.raises(RuntimeError, match=message) as err:
+            model.load_state_dict({"0.weight": weight, "0.bias": torch.zeros(32)})
+        assert "Missing key" not in str(err.value)
+        # nothing changed: the codes and the calibrated scale stand
+        assert torch.equal(model[0].weight_q, codes) and torch.equal(model[0].input_global_scale, scale)
+        assert model[0]._calibrated
