@@ -350,17 +350,34 @@ def compute_sliced_rows_only(graph: torch.fx.Graph, quantizes: list[torch.fx.Nod
     return moved
 
 
+def _is_conversion(node: Any) -> bool:
+    return (
+        isinstance(node, torch.fx.Node)
+        and node.op == "call_function"
+        and node.target is torch.ops.prims.convert_element_type.default
+    )
+
+
 def merge_duplicate_quantizes(graph: torch.fx.Graph, quantizes: list[torch.fx.Node]) -> list[torch.fx.Node]:
     """Merge quantize calls with identical arguments (same input node, same global-scale node, same
     flags) into one: the op is pure, and a norm/activation output read by several layers (q/k/v or
-    gate/up projections) otherwise has several users and cannot fuse. Returns the remaining nodes."""
+    gate/up projections) otherwise has several users and cannot fuse. An input that is a dtype
+    conversion counts by what it converts: layers that each cast one float32 norm output (FP4Linear
+    under CUDA autocast, where LayerNorm runs in float32) read one tensor. Returns the remaining nodes."""
     first: dict[tuple, torch.fx.Node] = {}
     kept = []
     for node in quantizes:
-        key = node.args  # canonical: positional only
+        source = node.args[0]
+        if _is_conversion(source):
+            source_key = ("conversion", source.args, tuple(sorted(source.kwargs.items())))
+        else:
+            source_key = source
+        key = (source_key, *node.args[1:])  # canonical: positional only
         if key in first:
             _move_getitems(node, first[key])
             graph.erase_node(node)
+            if _is_conversion(source) and source is not first[key].args[0] and not source.users:
+                graph.erase_node(source)
         else:
             first[key] = node
             kept.append(node)

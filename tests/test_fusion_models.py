@@ -495,3 +495,33 @@ def test_training_graph_keeps_every_gradient(device):
     counts = fusion.match_counts()
     assert not any(k.startswith(("rms_norm", "add_rms_norm")) for k in counts), counts
     assert counts.get("silu_and_mul_quantize[silu]") == 1
+
+
+class Float32LayerNormQKV(nn.Module):
+    """A LayerNorm computed in float32 from bf16 (fairseq / open_clip's form, or CUDA autocast's) whose
+    float32 output q, k and v each receive: each FP4Linear casts it to bfloat16 itself."""
+
+    def __init__(self):
+        super().__init__()
+        self.norm = nn.LayerNorm(D)
+        self.q, self.k, self.v = (nn.Linear(D, D) for _ in range(3))
+
+    def forward(self, x):
+        h = F.layer_norm(x.float(), (D,), self.norm.weight.float(), self.norm.bias.float(), self.norm.eps)
+        return self.q(h) + self.k(h) * self.v(h)
+
+
+def test_layers_casting_one_float32_norm_output_share_its_fused_quantize():
+    # the three casts of one tensor count as one input: with their tied scales the three quantizes are
+    # one, which the float32 LayerNorm rule fuses (instead of three quantizes and an unfused norm)
+    model = _randomize(Float32LayerNormQKV()).to(torch.bfloat16).eval()
+    fnn.convert(model)
+    x = torch.randn(2, 8, D, dtype=torch.bfloat16)
+    with torch.no_grad(), fnn.calibrate(model):
+        model(x)
+    assert model.q.input_global_scale is model.k.input_global_scale is model.v.input_global_scale
+    out, record = compile_fused(model, x)
+    assert dict(record.matches) == {"layer_norm_quantize[weight,bias,float32]": 1}
+    assert "fp4op.quantize.default" not in record.after
+    with torch.no_grad():
+        torch.testing.assert_close(out, model(x), rtol=0.05, atol=0.05)

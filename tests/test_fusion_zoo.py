@@ -550,7 +550,7 @@ class TapLinear(fnn.FP4Linear):
 
     def forward(self, x):
         out = super().forward(x)
-        TAPS.append(torch.ops.fp4op.quantize(x, self._input_global_scale(x), self.sf_vec_size, self.sf_use_ue8m0))
+        TAPS.append(torch.ops.fp4op.quantize(x, self._input_global_scale(x, x), self.sf_vec_size, self.sf_use_ue8m0))
         return out
 
 
