@@ -357,9 +357,9 @@ class FP4Linear(nn.Module):
     @property
     def weight(self) -> torch.Tensor:
         """The weight this layer computes with: the FP4 weight dequantized to `dtype`, [out_features,
-        in_features], a new tensor at each access (in-place edits of it change nothing: assign instead). Model code that reads ``linear.weight.dtype`` or
-        ``.device`` (Hugging Face T5 casts its input to ``wo.weight.dtype``) keeps working; assigning a
-        tensor to ``weight`` quantizes it (`set_weight`)."""
+        in_features], a new tensor at each access (in-place edits of it change nothing: assign instead).
+        Model code that reads ``linear.weight.dtype`` or ``.device`` (Hugging Face T5 casts its input to
+        ``wo.weight.dtype``) keeps working; assigning a tensor to ``weight`` quantizes it (`set_weight`)."""
         return self._dequantize(self.weight_q, self.weight_sf, self.weight_global_scale, self.dtype)
 
     def __setattr__(self, name: str, value) -> None:
