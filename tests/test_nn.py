@@ -357,8 +357,8 @@ def test_copy_made_while_calibrating_is_not_calibrating():
     assert not clone._calibrating and clone._observed_inputs == [] and clone._observed_amax is None
 
 
-def test_tied_scales_are_saved_apart_and_set_apart():
-    class QKV(nn.Module):
+def _calibrated_qk(input_dtype=torch.bfloat16):
+    class QK(nn.Module):
         def __init__(self):
             super().__init__()
             self.q, self.k = (nn.Linear(32, 32, dtype=torch.bfloat16) for _ in range(2))
@@ -366,9 +366,14 @@ def test_tied_scales_are_saved_apart_and_set_apart():
         def forward(self, x):
             return self.q(x) + self.k(x)
 
-    model = fnn.convert(QKV())
+    model = fnn.convert(QK())
     with torch.no_grad(), fnn.calibrate(model):
-        model(torch.randn(3, 32, dtype=torch.bfloat16))
+        model(torch.randn(3, 32, dtype=input_dtype))
+    return model
+
+
+def test_tied_scales_are_saved_apart_and_set_apart():
+    model = _calibrated_qk()
     assert model.q.input_global_scale is model.k.input_global_scale
     state = model.state_dict()
     assert state["q.input_global_scale"].data_ptr() != state["k.input_global_scale"].data_ptr()
@@ -495,21 +500,6 @@ def test_in_place_ops_on_outputs_and_torch_func_in_training():
     out.sum().backward()
     grad = torch.func.grad(lambda v: layer(v).float().sum())(x.detach())
     torch.testing.assert_close(grad, (torch.ones(4, 16, dtype=torch.bfloat16) @ layer.weight), rtol=0, atol=0)
-
-
-def _calibrated_qk(input_dtype=torch.bfloat16):
-    class QK(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.q, self.k = (nn.Linear(32, 32, dtype=torch.bfloat16) for _ in range(2))
-
-        def forward(self, x):
-            return self.q(x) + self.k(x)
-
-    model = fnn.convert(QK())
-    with torch.no_grad(), fnn.calibrate(model):
-        model(torch.randn(3, 32, dtype=input_dtype))
-    return model
 
 
 def test_calibration_ties_siblings_of_a_float32_input():
