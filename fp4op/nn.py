@@ -88,6 +88,11 @@ def _autocast_input(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def _dequantize_swizzled(q, sf, gs, sf_vec_size: int, sf_use_ue8m0: bool, dtype: torch.dtype) -> torch.Tensor:
+    """An FP4Linear operand (codes, 128x4-swizzled scales, NVFP4 global scale) dequantized to `dtype`."""
+    return torch.ops.fp4op.dequantize(q, sf, gs, sf_vec_size, sf_use_ue8m0, True, False, False, dtype)
+
+
 class _StraightThroughInput(torch.autograd.Function):
     """`out` (the layer's output, computed without gradient) with the input gradient of x @ W^T, W the
     dequantized weight: the activation quantize taken as the identity (a straight-through estimator),
@@ -112,9 +117,7 @@ class _StraightThroughInput(torch.autograd.Function):
     def backward(ctx, grad_out):
         weight_q, weight_sf, weight_global_scale = ctx.saved_tensors
         sf_vec_size, sf_use_ue8m0, dtype, x_dtype = ctx.recipe
-        weight = torch.ops.fp4op.dequantize(
-            weight_q, weight_sf, weight_global_scale, sf_vec_size, sf_use_ue8m0, True, False, False, dtype
-        )
+        weight = _dequantize_swizzled(weight_q, weight_sf, weight_global_scale, sf_vec_size, sf_use_ue8m0, dtype)
         return (grad_out.to(dtype) @ weight).to(x_dtype), None, None, None, None, None, None, None
 
 
@@ -302,11 +305,13 @@ class FP4Linear(nn.Module):
             raise
         self._buffers.update(moved)
         # the model dtype follows the cast, as the bias does (a cast to float32 keeps the layer's)
-        probe = self.bias if self.bias is not None else torch.empty(0, dtype=self.dtype, device=self.weight_q.device)
-        try:
-            dtype = probe.dtype if self.bias is not None else fn(probe).dtype
-        except Exception:  # a function meant for the module's own tensors only
-            dtype = self.dtype
+        if self.bias is not None:
+            dtype = self.bias.dtype
+        else:
+            try:
+                dtype = fn(torch.empty(0, dtype=self.dtype, device=self.weight_q.device)).dtype
+            except Exception:  # a function meant for the module's own tensors only
+                dtype = self.dtype
         if dtype in _MODEL_DTYPES:
             self.dtype = dtype
         return self
@@ -434,9 +439,7 @@ class FP4Linear(nn.Module):
         return out.reshape(*x.shape[:-1], self.out_features)
 
     def _dequantize(self, q: torch.Tensor, sf: torch.Tensor, gs: torch.Tensor | None, dtype: torch.dtype):
-        return torch.ops.fp4op.dequantize(
-            q, sf, gs, self.sf_vec_size, self.sf_use_ue8m0, True, False, False, dtype
-        )
+        return _dequantize_swizzled(q, sf, gs, self.sf_vec_size, self.sf_use_ue8m0, dtype)
 
     def _emulated_mm(self, x_q, x_sf, gs, dtype):
         x = self._dequantize(x_q, x_sf, gs, dtype)

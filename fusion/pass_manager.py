@@ -358,6 +358,11 @@ def _is_conversion(node: Any) -> bool:
     )
 
 
+def _conversion_key(node: torch.fx.Node) -> tuple:
+    """What a dtype conversion computes: equal keys, equal values (the op is pure)."""
+    return (node.args, tuple(sorted(node.kwargs.items())))
+
+
 def merge_duplicate_quantizes(graph: torch.fx.Graph, quantizes: list[torch.fx.Node]) -> list[torch.fx.Node]:
     """Merge quantize calls with identical arguments (same input node, same global-scale node, same
     flags) into one: the op is pure, and a norm/activation output read by several layers (q/k/v or
@@ -368,15 +373,12 @@ def merge_duplicate_quantizes(graph: torch.fx.Graph, quantizes: list[torch.fx.No
     kept = []
     for node in quantizes:
         source = node.args[0]
-        if _is_conversion(source):
-            source_key = ("conversion", source.args, tuple(sorted(source.kwargs.items())))
-        else:
-            source_key = source
+        source_key = ("conversion", *_conversion_key(source)) if _is_conversion(source) else source
         key = (source_key, *node.args[1:])  # canonical: positional only
         if key in first:
             _move_getitems(node, first[key])
             graph.erase_node(node)
-            if _is_conversion(source) and source is not first[key].args[0] and not source.users:
+            if _is_conversion(source) and not source.users:  # a duplicate conversion read by this quantize only
                 graph.erase_node(source)
         else:
             first[key] = node
@@ -393,7 +395,7 @@ def merge_duplicate_conversions(graph: torch.fx.Graph) -> int:
     merged = 0
     # graph order: the first of a key comes before its duplicates
     for node in graph.find_nodes(op="call_function", target=torch.ops.prims.convert_element_type.default):
-        key = (node.args, tuple(sorted(node.kwargs.items())))
+        key = _conversion_key(node)
         if key in first:
             node.replace_all_uses_with(first[key])
             graph.erase_node(node)
