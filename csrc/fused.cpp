@@ -30,6 +30,10 @@ TORCH_LIBRARY_FRAGMENT(fp4op, m) {
   m.def("silu_and_mul_quantize(Tensor gate, Tensor up, " FP4OP_QUANTIZE_ARGS ") -> (Tensor, Tensor)");
   m.def("gelu_and_mul_quantize(Tensor gate, Tensor up, str approximate=\"none\", " FP4OP_QUANTIZE_ARGS
         ") -> (Tensor, Tensor)");
+  // gelu_new(gate) * up (T5 v1.1 / Flan-T5's gated-gelu) and F.relu(gate) * up (or squared) * up
+  m.def("gelu_new_and_mul_quantize(Tensor gate, Tensor up, " FP4OP_QUANTIZE_ARGS ") -> (Tensor, Tensor)");
+  m.def("relu_and_mul_quantize(Tensor gate, Tensor up, bool squared=False, " FP4OP_QUANTIZE_ARGS
+        ") -> (Tensor, Tensor)");
   m.def("silu_quantize(Tensor x, " FP4OP_QUANTIZE_ARGS ") -> (Tensor, Tensor)");
   m.def("gelu_quantize(Tensor x, str approximate=\"none\", " FP4OP_QUANTIZE_ARGS ") -> (Tensor, Tensor)");
   // Hugging Face's gelu_new (GPT-2): the tanh GELU written out, each op rounded to the model dtype as eager

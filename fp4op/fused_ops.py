@@ -37,6 +37,9 @@ math is csrc/fused_math.h):
   with every op rounded to the input dtype as eager rounds it (not ``gelu_quantize(x, "tanh")``, which
   rounds once): on CUDA torch's kernels' steps (csrc/fused_math.h, ``gelu_new_rounded``), on CPU the
   same ATen ops.
+* ``gelu_new_and_mul_quantize`` / ``relu_and_mul_quantize``: ``round(gelu_new(gate) * up)`` (T5 v1.1 /
+  Flan-T5's gated-gelu) and ``round(relu(gate) * up)`` (with ``squared=True``
+  ``round(round(relu(gate) ** 2) * up)``), the activation as in the plain ops above.
 
 As in eager PyTorch, the CUDA kernels use ``rsqrtf`` and FMA where torch's CUDA kernels do, the CPU
 kernels an IEEE ``1 / sqrt``; only reduction order differs from eager. The row statistics are plain
@@ -234,6 +237,35 @@ def _gelu_and_mul_quantize_fake(
     out = _gated_fake(gate, up, global_scale, sf_vec_size, sf_use_ue8m0, is_sf_swizzled_layout, is_sf_8x4_layout)
     _check_approximate(approximate)
     return out
+
+
+@torch.library.register_fake("fp4op::gelu_new_and_mul_quantize")
+def _gelu_new_and_mul_quantize_fake(
+    gate,
+    up,
+    global_scale=None,
+    sf_vec_size=16,
+    sf_use_ue8m0=False,
+    is_sf_swizzled_layout=True,
+    is_sf_8x4_layout=False,
+    is_global_scale_inversed=False,
+):
+    return _gated_fake(gate, up, global_scale, sf_vec_size, sf_use_ue8m0, is_sf_swizzled_layout, is_sf_8x4_layout)
+
+
+@torch.library.register_fake("fp4op::relu_and_mul_quantize")
+def _relu_and_mul_quantize_fake(
+    gate,
+    up,
+    squared=False,
+    global_scale=None,
+    sf_vec_size=16,
+    sf_use_ue8m0=False,
+    is_sf_swizzled_layout=True,
+    is_sf_8x4_layout=False,
+    is_global_scale_inversed=False,
+):
+    return _gated_fake(gate, up, global_scale, sf_vec_size, sf_use_ue8m0, is_sf_swizzled_layout, is_sf_8x4_layout)
 
 
 # silu_quantize and gelu_new_quantize: x and the quantize arguments

@@ -2,7 +2,9 @@
 
 * gated: ``F.silu(gate) * up`` and ``F.gelu(gate, approximate=...) * up`` (also ``up * act(gate)``);
   gate and up may come from anything (two projections, chunk, split, slicing of one projection) ->
-  fp4op.silu_and_mul_quantize / fp4op.gelu_and_mul_quantize;
+  fp4op.silu_and_mul_quantize / fp4op.gelu_and_mul_quantize; the same with ``gelu_new`` (T5 v1.1 /
+  Flan-T5's gated-gelu) and ``F.relu`` / the squared ReLU below -> fp4op.gelu_new_and_mul_quantize /
+  fp4op.relu_and_mul_quantize;
 * plain: ``F.silu(x)`` / ``nn.SiLU``, ``F.gelu(x, approximate=...)`` / ``nn.GELU`` ->
   fp4op.silu_quantize / fp4op.gelu_quantize;
 * Hugging Face's ``gelu_new`` (GPT-2's activation, minGPT's NewGELU), the tanh GELU written out
@@ -22,7 +24,6 @@ from torch._inductor import pattern_matcher as pm
 
 from .pass_manager import FusionPattern, QuantizeArgs, same_model_dtype, same_shape, tensor_meta
 
-ACTIVATIONS = ("silu", "gelu", "gelu_tanh")
 
 
 def gelu_new(x: torch.Tensor) -> torch.Tensor:
@@ -45,8 +46,16 @@ def _activation(kind: str, x: torch.Tensor) -> torch.Tensor:
     return F.gelu(x, approximate="tanh" if kind == "gelu_tanh" else "none")
 
 
-def _approximate(kind: str) -> str:
-    return "tanh" if kind == "gelu_tanh" else "none"
+# gated activation kind -> (fused op, its arguments between gate, up and the quantize arguments)
+GATED_OPS = {
+    "silu": ("silu_and_mul_quantize", ()),
+    "gelu": ("gelu_and_mul_quantize", ("none",)),
+    "gelu_tanh": ("gelu_and_mul_quantize", ("tanh",)),
+    "gelu_new": ("gelu_new_and_mul_quantize", ()),
+    "relu": ("relu_and_mul_quantize", (False,)),
+    "relu2": ("relu_and_mul_quantize", (True,)),
+    "relu2_mul": ("relu_and_mul_quantize", (True,)),
+}
 
 
 class ActivationAndMulQuantize(FusionPattern):
@@ -55,8 +64,8 @@ class ActivationAndMulQuantize(FusionPattern):
     def __init__(self, kind: str, up_first: bool):
         self.kind = kind
         self.up_first = up_first
-        fused = "silu_and_mul_quantize" if kind == "silu" else "gelu_and_mul_quantize"
-        self.name = f"{fused}[{kind}{',up*act' if up_first else ''}]"
+        self.op_name, self.op_args = GATED_OPS[kind]
+        self.name = f"{self.op_name}[{kind}{',up*act' if up_first else ''}]"
 
     def tensor_inputs(self, dtype, device):
         return {n: torch.empty(8, 32, dtype=dtype, device=device) for n in ("gate", "up")}
@@ -66,13 +75,16 @@ class ActivationAndMulQuantize(FusionPattern):
         return up * a if self.up_first else a * up
 
     def replacement(self, q: QuantizeArgs, gate, up, global_scale=None):
-        if self.kind == "silu":
-            return torch.ops.fp4op.silu_and_mul_quantize(gate, up, *q.tail(global_scale))
-        return torch.ops.fp4op.gelu_and_mul_quantize(gate, up, _approximate(self.kind), *q.tail(global_scale))
+        return getattr(torch.ops.fp4op, self.op_name)(gate, up, *self.op_args, *q.tail(global_scale))
 
     def check(self, match: pm.Match) -> bool:
-        # same dtype and the same shape: a broadcasting multiply is not what the kernel computes
-        return same_model_dtype(match, ["gate", "up"]) and same_shape(tensor_meta(match, "gate"), tensor_meta(match, "up"))
+        # same dtype and the same shape: a broadcasting multiply is not what the kernel computes; and up
+        # not act(gate) itself (`r * r` of a ReLU is the squared-ReLU rule's, which leaves no ReLU behind)
+        return (
+            same_model_dtype(match, ["gate", "up"])
+            and same_shape(tensor_meta(match, "gate"), tensor_meta(match, "up"))
+            and match.kwargs["up"] not in match.nodes
+        )
 
 
 # plain activation kind -> (fused op, its arguments between x and the quantize arguments)
@@ -108,5 +120,5 @@ class ActivationQuantize(FusionPattern):
 
 def rules() -> list[FusionPattern]:
     """Gated rules first (they anchor at the same quantize as a plain rule would)."""
-    gated = [ActivationAndMulQuantize(k, up_first) for k in ACTIVATIONS for up_first in (False, True)]
+    gated = [ActivationAndMulQuantize(k, up_first) for k in GATED_OPS for up_first in (False, True)]
     return [*gated, *(ActivationQuantize(k) for k in PLAIN_OPS)]

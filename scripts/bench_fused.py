@@ -105,6 +105,8 @@ def cases(m: int, k: int, dtype: torch.dtype, gs: torch.Tensor):
            lambda t: F.silu(t[:, :k]) * t[:, k:], (gate_up,), 2 * m * k * e + q_bytes)
     yield ("gelu_tanh_and_mul", lambda: OPS.gelu_and_mul_quantize(gate, up, "tanh", global_scale=gs),
            lambda t: F.gelu(t[:, :k], approximate="tanh") * t[:, k:], (gate_up,), 2 * m * k * e + q_bytes)
+    yield ("gelu_new_and_mul", lambda: OPS.gelu_new_and_mul_quantize(gate, up, global_scale=gs),
+           lambda t: gelu_new(t[:, :k]) * t[:, k:], (gate_up,), 2 * m * k * e + q_bytes)
     yield ("silu", lambda: OPS.silu_quantize(x, global_scale=gs), lambda x: F.silu(x), (x,), m * k * e + q_bytes)
     yield ("gelu_new", lambda: OPS.gelu_new_quantize(x, global_scale=gs), gelu_new, (x,), m * k * e + q_bytes)
 

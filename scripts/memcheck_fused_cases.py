@@ -14,8 +14,8 @@ import torch
 import fp4op  # noqa: F401  (registers the ops)
 from fp4op import layouts
 
-OPS = ("rms_norm", "add_rms_norm", "add_rms_norm_float32_sum", "layer_norm", "silu_and_mul", "gelu_and_mul", "silu",
-       "gelu", "gelu_new", "relu", "relu2")
+OPS = ("rms_norm", "add_rms_norm", "add_rms_norm_float32_sum", "layer_norm", "silu_and_mul", "gelu_and_mul",
+       "gelu_new_and_mul", "relu2_and_mul", "silu", "gelu", "gelu_new", "relu", "relu2")
 
 
 def run(op, x, w, gs, q):
@@ -34,6 +34,10 @@ def run(op, x, w, gs, q):
         return ops.silu_and_mul_quantize(gate, up, **q)
     if op == "gelu_and_mul":
         return ops.gelu_and_mul_quantize(gate, up, "tanh", **q)
+    if op == "gelu_new_and_mul":
+        return ops.gelu_new_and_mul_quantize(gate, up, **q)
+    if op == "relu2_and_mul":
+        return ops.relu_and_mul_quantize(gate, up, True, **q)
     if op == "silu":
         return ops.silu_quantize(x, **q)
     if op == "gelu_new":

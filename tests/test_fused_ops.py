@@ -176,8 +176,8 @@ NORMS = (
     "layer_norm",
     "layer_norm_no_affine",
 )
-ACTIVATIONS = ("silu_and_mul", "gelu_and_mul", "gelu_tanh_and_mul", "silu", "gelu", "gelu_tanh", "gelu_new", "relu",
-               "relu2")
+ACTIVATIONS = ("silu_and_mul", "gelu_and_mul", "gelu_tanh_and_mul", "gelu_new_and_mul", "relu_and_mul", "relu2_and_mul",
+               "silu", "gelu", "gelu_tanh", "gelu_new", "relu", "relu2")
 
 # (M, K, eps): odd row counts, K = 16 * odd (NVFP4) or 32 * odd (MXFP4), 2048, 4096
 NORM_SHAPES = ((1, 2048, 1e-5), (7, None, 1e-6), (129, 4096, 3e-7))
@@ -229,15 +229,23 @@ def norm_case(name, x, eps, device):
     return OPS.layer_norm_quantize, (x, weight, bias, eps), eager_layer_norm(x, weight, bias, eps), None
 
 
+def gated_op(act, gate, up):
+    """(fused op, its arguments) of eager_act(act, gate) * up."""
+    if act == "silu":
+        return OPS.silu_and_mul_quantize, (gate, up)
+    if act == "gelu_new":
+        return OPS.gelu_new_and_mul_quantize, (gate, up)
+    if act.startswith("relu"):
+        return OPS.relu_and_mul_quantize, (gate, up, act == "relu2")
+    return OPS.gelu_and_mul_quantize, (gate, up, "tanh" if act == "gelu_tanh" else "none")
+
+
 def act_case(name, x, device):
     if name.endswith("_and_mul"):
         # up without outliers, so that float16 products stay finite
         up = torch.randn(x.shape, generator=torch.Generator().manual_seed(5)).to(x.dtype).to(device)
         act = name[: -len("_and_mul")]
-        y = eager_act(act, x) * up
-        if act == "silu":
-            return OPS.silu_and_mul_quantize, (x, up), y
-        return OPS.gelu_and_mul_quantize, (x, up, "tanh" if act == "gelu_tanh" else "none"), y
+        return (*gated_op(act, x, up), eager_act(act, x) * up)
     y = eager_act(name, x)
     if name == "silu":
         return OPS.silu_quantize, (x,), y
@@ -458,6 +466,10 @@ def op_cases(device):
         (OPS.silu_and_mul_quantize, (x2, x2), mx),
         (OPS.gelu_and_mul_quantize, (x, x, "tanh"), eightx4),
         (OPS.gelu_and_mul_quantize, (x2, x2), mx),
+        (OPS.gelu_new_and_mul_quantize, (x, x.flip(1)), nv),
+        (OPS.gelu_new_and_mul_quantize, (x2, x2), eightx4),
+        (OPS.relu_and_mul_quantize, (x, x.flip(1)), nv),
+        (OPS.relu_and_mul_quantize, (x2, x2, True), mx),
         (OPS.silu_quantize, (x,), nv),
         (OPS.gelu_quantize, (x2, "none"), mx),
         (OPS.gelu_quantize, (x, "tanh"), nv),
@@ -670,12 +682,12 @@ def test_activation_math_every_input(tmp_path):
 @requires_cuda
 @pytest.mark.parametrize("recipe", RECIPES)
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("act", ("silu", "silu_and_mul", "gelu_new", "relu", "relu2"))
+@pytest.mark.parametrize("act", ("silu", "silu_and_mul", "gelu_new", "gelu_new_and_mul", "relu", "relu2", "relu2_and_mul"))
 def test_every_activation_input_equals_eager_cuda(act, dtype, recipe):
     """Every float16/bfloat16 bit pattern (NaN, inf and subnormals included) as a SiLU (gelu_new, ReLU,
-    squared ReLU) input: the fused op's bytes equal eager CUDA F.silu (times up; the others' ops) followed by
-    fp4op.quantize exactly, through both the
-    split and the elementwise kernel and every layout (no reduction-order allowance: the kernels round
+    squared ReLU; plain or gated) input: the fused op's bytes equal eager CUDA's ops (F.silu, ..., times
+    up where gated) followed by fp4op.quantize exactly, through both the split and the elementwise kernel
+    and every layout (no reduction-order allowance: the kernels round
     torch's float32 value). FP4 codes hide most one-ulp differences in the activation, so the bit-for-bit
     guarantee of the activation itself is test_activation_math_every_input's; this is the end-to-end
     check. (The ~10 bfloat16 rows of values below 2^-117, all subnormals among them, get an infinite
@@ -685,15 +697,17 @@ def test_every_activation_input_equals_eager_cuda(act, dtype, recipe):
     # 256 rows take the split kernel (small inputs), 64 copies of them the elementwise kernel
     for x in (every, every.repeat(64, 1)):
         up = make_input(x.shape, dtype, "cuda", seed=7).clamp(-4, 4)
-        gated = act == "silu_and_mul"
-        y = F.silu(x) * up if gated else eager_act(act, x)
+        gated = act.endswith("_and_mul")
+        base = act.removesuffix("_and_mul")
+        y = eager_act(base, x) * up if gated else eager_act(act, x)
         # per row (a row spans 2 binades of bfloat16, a quarter of one of float16), so that every row's
         # blocks quantize to live codes; finite, so that only the inf/NaN blocks saturate
         gs = fp4op.nvfp4_global_scale(torch.nan_to_num(y, nan=0.0, posinf=0.0, neginf=0.0), per_row=True)
         for layout in LAYOUTS:
             kw = quantize_kwargs(recipe, layout, gs)
             if gated:
-                got = OPS.silu_and_mul_quantize(x, up, **kw)
+                op, args = gated_op(base, x, up)
+                got = op(*args, **kw)
             elif act.startswith("relu"):
                 got = OPS.relu_quantize(x, act == "relu2", **kw)
             else:

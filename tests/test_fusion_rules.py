@@ -125,6 +125,12 @@ def _activation_chains():
         ("gelu_and_mul_quantize[gelu]", lambda g, u: F.gelu(g) * u),
         ("gelu_and_mul_quantize[gelu_tanh]", lambda g, u: F.gelu(g, approximate="tanh") * u),
         ("gelu_and_mul_quantize[gelu_tanh,up*act]", lambda g, u: u * gelu_tanh(g)),
+        # T5 v1.1 / Flan-T5's gated-gelu (T5DenseGatedActDense: act(wi_0(h)) * wi_1(h))
+        ("gelu_new_and_mul_quantize[gelu_new]", lambda g, u: gelu_new(g) * u),
+        ("gelu_new_and_mul_quantize[gelu_new,up*act]", lambda g, u: u * gelu_new(g)),
+        ("relu_and_mul_quantize[relu]", lambda g, u: F.relu(g) * u),
+        ("relu_and_mul_quantize[relu2]", lambda g, u: torch.square(F.relu(g)) * u),
+        ("relu_and_mul_quantize[relu2_mul,up*act]", lambda g, u: u * (lambda r: r * r)(torch.relu(g))),
         ("silu_quantize[silu]", lambda g, u: F.silu(g)),
         ("gelu_quantize[gelu]", lambda g, u: nn.GELU()(g)),
         ("gelu_quantize[gelu_tanh]", lambda g, u: gelu_tanh(g)),

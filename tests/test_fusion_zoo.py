@@ -321,7 +321,7 @@ class Gemma2FeedForwardHalf(nn.Module):
 
 
 class T5LayerFF(nn.Module):
-    """transformers T5 v1.1 gated-GELU feed-forward layer."""
+    """transformers T5 v1.1 / Flan-T5 gated-GELU feed-forward layer (dense_act_fn "gelu_new")."""
 
     def __init__(self):
         super().__init__()
@@ -329,7 +329,7 @@ class T5LayerFF(nn.Module):
         self.wi_0 = nn.Linear(D, H, bias=False)
         self.wi_1 = nn.Linear(D, H, bias=False)
         self.wo = nn.Linear(H, D, bias=False)
-        self.act = nn.GELU(approximate="tanh")
+        self.act = NewGELUActivation()
 
     def forward(self, hidden_states):
         forwarded_states = self.layer_norm(hidden_states)
@@ -706,7 +706,8 @@ ZOOS = {
             _stack(lambda: ReferenceRMSNorm(D), ReferenceFeedForward),
         ],
         torch.bfloat16, "nvfp4", "inference_mode",
-        {"rms_norm_quantize[gemma]": 1, "add_rms_norm_quantize[gemma]": 1, "gelu_and_mul_quantize[gelu_tanh]": 4,
+        {"rms_norm_quantize[gemma]": 1, "add_rms_norm_quantize[gemma]": 1, "gelu_and_mul_quantize[gelu_tanh]": 2,
+         "gelu_new_and_mul_quantize[gelu_new]": 2,
          "rms_norm_quantize[t5]": 1, "add_rms_norm_quantize[t5]": 1,
          "rms_norm_quantize[meta]": 1, "add_rms_norm_quantize[meta]": 1, "silu_and_mul_quantize[silu]": 2},
         0,

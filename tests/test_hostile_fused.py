@@ -24,7 +24,7 @@ from test_hostile import DEVICES, NIE, VE, _x, child_main, verdict_cache
 OPS = torch.ops.fp4op
 EPS = 1e-6
 NORMS = ("rms_norm", "add_rms_norm", "layer_norm")
-GATED = ("silu_and_mul", "gelu_and_mul")
+GATED = ("silu_and_mul", "gelu_and_mul", "gelu_new_and_mul", "relu2_and_mul")
 FUSED = (*NORMS, *GATED, "silu", "gelu", "gelu_new", "relu2")
 # A small input has few blocks, so one block off by a rounding of the norm's reduction order moves the
 # identical-block fraction a lot: the per-element rule of assert_fp4_close is the check that matters here.
@@ -72,6 +72,10 @@ def fused(op, x, c, **q):
         return OPS.silu_and_mul_quantize(x, c["up"], **q)
     if op == "gelu_and_mul":
         return OPS.gelu_and_mul_quantize(x, c["up"], "none", **q)
+    if op == "gelu_new_and_mul":
+        return OPS.gelu_new_and_mul_quantize(x, c["up"], **q)
+    if op == "relu2_and_mul":
+        return OPS.relu_and_mul_quantize(x, c["up"], True, **q)
     if op == "silu":
         return OPS.silu_quantize(x, **q)
     if op == "gelu_new":
@@ -443,8 +447,7 @@ SPECIFIC = {
     "rms_norm": {**_affine_cases("weight"), **EPS_TENSOR_CASES},
     "add_rms_norm": {**_affine_cases("weight"), **_like_x_cases("residual"), **EPS_TENSOR_CASES},
     "layer_norm": {**_affine_cases("weight"), **_affine_cases("bias")},
-    "silu_and_mul": {},
-    "gelu_and_mul": {},
+
     "gelu": {"approximate": (case_approximate, (VE, "approximate must be 'none' or 'tanh'"))},
     "gelu_new": {},
     "relu2": {},

@@ -219,6 +219,24 @@ std::tuple<at::Tensor, at::Tensor> gelu_and_mul_quantize_cuda(const at::Tensor& 
                          is_sf_swizzled_layout, is_sf_8x4_layout, is_global_scale_inversed);
 }
 
+std::tuple<at::Tensor, at::Tensor> gelu_new_and_mul_quantize_cuda(const at::Tensor& gate, const at::Tensor& up,
+                                                                  const std::optional<at::Tensor>& global_scale,
+                                                                  int64_t sf_vec_size, bool sf_use_ue8m0,
+                                                                  bool is_sf_swizzled_layout, bool is_sf_8x4_layout,
+                                                                  bool is_global_scale_inversed) {
+  return activation_impl(gate, &up, Activation::kGeluNew, global_scale, sf_vec_size, sf_use_ue8m0,
+                         is_sf_swizzled_layout, is_sf_8x4_layout, is_global_scale_inversed);
+}
+
+std::tuple<at::Tensor, at::Tensor> relu_and_mul_quantize_cuda(const at::Tensor& gate, const at::Tensor& up,
+                                                              bool squared, const std::optional<at::Tensor>& global_scale,
+                                                              int64_t sf_vec_size, bool sf_use_ue8m0,
+                                                              bool is_sf_swizzled_layout, bool is_sf_8x4_layout,
+                                                              bool is_global_scale_inversed) {
+  return activation_impl(gate, &up, squared ? Activation::kReluSquared : Activation::kRelu, global_scale,
+                         sf_vec_size, sf_use_ue8m0, is_sf_swizzled_layout, is_sf_8x4_layout, is_global_scale_inversed);
+}
+
 std::tuple<at::Tensor, at::Tensor> silu_quantize_cuda(const at::Tensor& x, const std::optional<at::Tensor>& global_scale,
                                                       int64_t sf_vec_size, bool sf_use_ue8m0,
                                                       bool is_sf_swizzled_layout, bool is_sf_8x4_layout,
@@ -264,6 +282,8 @@ TORCH_LIBRARY_IMPL(fp4op, CUDA, m) {
   m.impl("layer_norm_quantize", &layer_norm_quantize_cuda);
   m.impl("silu_and_mul_quantize", &silu_and_mul_quantize_cuda);
   m.impl("gelu_and_mul_quantize", &gelu_and_mul_quantize_cuda);
+  m.impl("gelu_new_and_mul_quantize", &gelu_new_and_mul_quantize_cuda);
+  m.impl("relu_and_mul_quantize", &relu_and_mul_quantize_cuda);
   m.impl("silu_quantize", &silu_quantize_cuda);
   m.impl("gelu_quantize", &gelu_quantize_cuda);
   m.impl("gelu_new_quantize", &gelu_new_quantize_cuda);
