@@ -43,7 +43,7 @@ import contextlib
 import fnmatch
 import itertools
 import warnings
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, NamedTuple
 
 import torch
 import torch.nn as nn
@@ -221,7 +221,14 @@ class FP4Linear(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> "FP4Linear":
         """Quantize `linear`'s weight (in `dtype`, default the weight's dtype, float32 weights become
-        bfloat16) and copy its bias."""
+        bfloat16) and copy its bias. `linear`: an nn.Linear, or transformers' Conv1D (GPT-2)."""
+        if not isinstance(linear, (nn.Linear, _LinearView)):
+            view = _linear_view(linear)
+            if view is None:
+                raise TypeError(
+                    f"fp4op.nn: FP4Linear.from_linear takes an nn.Linear or transformers' Conv1D, got {type(linear).__name__}"
+                )
+            linear = view
         w = linear.weight.detach()
         dtype = dtype or (w.dtype if w.dtype in _MODEL_DTYPES else torch.bfloat16)
         layer = cls(
@@ -480,6 +487,34 @@ def _excluded(name: str, exclude: Iterable[str]) -> bool:
     return any(name == pattern or fnmatch.fnmatchcase(name, pattern) for pattern in exclude)
 
 
+class _LinearView(NamedTuple):
+    """What FP4Linear.from_linear reads of a layer: y = x @ weight.T + bias."""
+
+    in_features: int
+    out_features: int
+    weight: torch.Tensor  # [out_features, in_features]
+    bias: torch.Tensor | None
+
+
+def _from_transformers(module: nn.Module, name: str) -> bool:
+    return type(module).__name__ == name and type(module).__module__.startswith("transformers.")
+
+
+def _linear_view(module: nn.Module) -> nn.Linear | _LinearView | None:
+    """`module` as a linear layer if it computes one: nn.Linear itself, transformers' FalconLinear (an
+    nn.Linear whose forward writes `x @ weight.T + bias` out) and transformers' Conv1D (GPT-2 and its
+    kin: weight [in, out], `addmm(bias, x, weight)`); None for anything else (other nn.Linear
+    subclasses may compute something else: LoRA, bitsandbytes' quantized layers)."""
+    if type(module) is nn.Linear or (isinstance(module, nn.Linear) and _from_transformers(module, "FalconLinear")):
+        return module
+    if _from_transformers(module, "Conv1D"):
+        weight, bias = getattr(module, "weight", None), getattr(module, "bias", None)
+        nx, nf = getattr(module, "nx", None), getattr(module, "nf", None)
+        if isinstance(weight, torch.Tensor) and tuple(weight.shape) == (nx, nf):
+            return _LinearView(nx, nf, weight.detach().t(), None if bias is None else bias.detach())
+    return None
+
+
 def convert(
     model: nn.Module,
     recipe: str = "nvfp4",
@@ -488,10 +523,11 @@ def convert(
     matmul: str = "auto",
     dtype: torch.dtype | None = None,
 ) -> nn.Module:
-    """Replace, in place, every nn.Linear of `model` by an FP4Linear; returns `model`.
+    """Replace, in place, every nn.Linear of `model` by an FP4Linear; returns `model`. transformers'
+    FalconLinear and Conv1D (GPT-2's, weight stored [in, out]) are linear layers too and are replaced.
 
-    Skipped: subclasses of nn.Linear (their forward may differ: Falcon's FalconLinear) and other
-    linear-like modules (GPT-2's Conv1D), layers whose in_features is not a multiple of the recipe's
+    Skipped: other subclasses of nn.Linear (their forward may differ: LoRA, bitsandbytes' quantized
+    layers) and other linear-like modules, layers whose in_features is not a multiple of the recipe's
     block (16 for NVFP4, 32 for MXFP4), and layers whose qualified name (as in
     ``model.named_modules()``) matches an entry of `exclude` exactly or as an fnmatch pattern (e.g.
     ``"lm_head"``, ``"*.gate"``).
@@ -502,16 +538,17 @@ def convert(
     # every name of each layer: a module used at several places (shared) is replaced at all of them by
     # one FP4Linear, or, if one of its names is excluded, at none
     names: dict[int, list[str]] = {}
-    linears: dict[int, nn.Linear] = {}
+    linears: dict[int, nn.Linear | _LinearView] = {}
     for name, module in model.named_modules(remove_duplicate=False):
-        if type(module) is nn.Linear and module.in_features % block == 0:
+        linear = _linear_view(module)
+        if linear is not None and linear.in_features % block == 0:
             names.setdefault(id(module), []).append(name)
-            linears[id(module)] = module
+            linears[id(module)] = linear
     for key, linear in linears.items():
         if any(_excluded(name, exclude) for name in names[key]):
             continue
         if "" in names[key]:
-            raise ValueError("fp4op.nn.convert: the model itself is an nn.Linear; use FP4Linear.from_linear")
+            raise ValueError("fp4op.nn.convert: the model itself is a linear layer; use FP4Linear.from_linear")
         layer = FP4Linear.from_linear(linear, recipe, activation_scale, matmul, dtype)
         for name in names[key]:
             parent_name, _, child = name.rpartition(".")

@@ -141,6 +141,76 @@ def test_convert_swaps_skips_and_excludes():
     assert fp32[0].dtype == torch.bfloat16
 
 
+class Conv1D(nn.Module):
+    """transformers.pytorch_utils.Conv1D as written there (GPT-2's c_attn/c_fc/c_proj): weight [in, out]."""
+
+    def __init__(self, nf, nx):
+        super().__init__()
+        self.nf, self.nx = nf, nx
+        self.weight = nn.Parameter(torch.empty(nx, nf))
+        self.bias = nn.Parameter(torch.zeros(nf))
+        nn.init.normal_(self.weight, std=0.02)
+
+    def forward(self, x):
+        size_out = x.size()[:-1] + (self.nf,)
+        x = torch.addmm(self.bias, x.view(-1, x.size(-1)), self.weight)
+        return x.view(size_out)
+
+
+class FalconLinear(nn.Linear):
+    """transformers' FalconLinear as written there."""
+
+    def forward(self, input):
+        hidden_states = input @ self.weight.T
+        return hidden_states if self.bias is None else hidden_states + self.bias
+
+
+class LoraLinear(nn.Linear):
+    """An nn.Linear subclass whose forward is not a linear layer's of its weight: left alone."""
+
+    def forward(self, input):
+        return super().forward(input) + input[..., : self.out_features]
+
+
+Conv1D.__module__ = "transformers.pytorch_utils"
+FalconLinear.__module__ = "transformers.models.falcon.modeling_falcon"
+
+
+@pytest.mark.parametrize("recipe", ["nvfp4", "mxfp4"])
+def test_convert_transformers_linear_layers(recipe):
+    """GPT-2's Conv1D and Falcon's FalconLinear are linear layers: replaced, computing what an
+    FP4Linear of the same nn.Linear computes; other nn.Linear subclasses are left alone."""
+    torch.manual_seed(0)
+    conv, falcon = Conv1D(96, 64), FalconLinear(64, 32)
+    model = nn.Sequential(conv, nn.GELU(), Conv1D(64, 96), falcon, LoraLinear(32, 32)).to(torch.bfloat16)
+    as_linear = []
+    for m in (model[0], model[2], model[3]):
+        w = m.weight.detach().t() if isinstance(m, Conv1D) else m.weight.detach()
+        ref = nn.Linear(w.shape[1], w.shape[0], dtype=torch.bfloat16)
+        with torch.no_grad():
+            ref.weight.copy_(w)
+            ref.bias.copy_(m.bias)
+        as_linear.append(fnn.FP4Linear.from_linear(ref, recipe, matmul="emulated"))
+    x = torch.randn(3, 5, 64, dtype=torch.bfloat16)
+    with torch.no_grad():
+        eager = model(x)
+    fnn.convert(model, recipe, matmul="emulated")
+    assert [type(m).__name__ for m in model] == ["FP4Linear", "GELU", "FP4Linear", "FP4Linear", "LoraLinear"]
+    assert (model[0].in_features, model[0].out_features) == (64, 96)
+    with torch.no_grad():
+        out = model(x)
+        want = model[4](as_linear[2](as_linear[1](model[1](as_linear[0](x)))))
+        assert torch.equal(out, want)
+        assert (out.float() - eager.float()).norm() / eager.float().norm() < 0.2
+    # from_linear takes a Conv1D too, and names what it cannot take
+    conv = Conv1D(16, 32)
+    layer = fnn.FP4Linear.from_linear(conv)
+    assert (layer.in_features, layer.out_features) == (32, 16)
+    assert (layer.weight.float() - conv.weight.t()).norm() / conv.weight.norm() < 0.15
+    with pytest.raises(TypeError, match="Conv1D"):
+        fnn.FP4Linear.from_linear(nn.Conv1d(32, 16, 1))
+
+
 def test_errors():
     with pytest.raises(ValueError, match="recipe"):
         fnn.FP4Linear(32, 8, recipe="int4")
