@@ -196,6 +196,9 @@ class FP4Linear(nn.Module):
         self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device) if bias else None)
         self._calibrated = False
         self._scale_tied = False  # input_global_scale shared with sibling layers (calibrate)
+        # converted from transformers' Conv1D: the checkpoints _load_from_state_dict quantizes store the
+        # weight [in_features, out_features]
+        self._checkpoint_weight_transposed = False
         self._reset_calibration_state()
 
     def _reset_calibration_state(self) -> None:
@@ -238,6 +241,7 @@ class FP4Linear(nn.Module):
         layer.set_weight(w.to(dtype))
         if linear.bias is not None:
             layer.bias.copy_(linear.bias.detach().to(dtype))
+        layer._checkpoint_weight_transposed = getattr(linear, "checkpoint_weight_transposed", False)
         return layer
 
     @torch.no_grad()
@@ -333,15 +337,18 @@ class FP4Linear(nn.Module):
             # calibrated: these inputs are not the ones any earlier calibration saw)
             weight = state_dict.pop(prefix + "weight")
             device = weight.device if self.weight_q.device.type == "meta" else self.weight_q.device
+            stored = (self.out_features, self.in_features)
+            if self._checkpoint_weight_transposed:
+                stored = stored[::-1]
             quantized, problem = None, None
-            if tuple(weight.shape) != (self.out_features, self.in_features):
+            if tuple(weight.shape) != stored:
                 problem = (
                     f"size mismatch for {prefix}weight: copying a param with shape {weight.shape} from checkpoint, "
-                    f"the shape in current model is {torch.Size((self.out_features, self.in_features))}."
+                    f"the shape in current model is {torch.Size(stored)}."
                 )
             else:
                 try:
-                    quantized = self._quantized_weight(weight, device)
+                    quantized = self._quantized_weight(weight.t() if self._checkpoint_weight_transposed else weight, device)
                 except ValueError as err:
                     problem = f"While quantizing {prefix}weight: {err}"
             if problem is not None:
@@ -494,6 +501,7 @@ class _LinearView(NamedTuple):
     out_features: int
     weight: torch.Tensor  # [out_features, in_features]
     bias: torch.Tensor | None
+    checkpoint_weight_transposed: bool  # the layer's checkpoints store weight [in_features, out_features]
 
 
 def _from_transformers(module: nn.Module, name: str) -> bool:
@@ -511,7 +519,7 @@ def _linear_view(module: nn.Module) -> nn.Linear | _LinearView | None:
         weight, bias = getattr(module, "weight", None), getattr(module, "bias", None)
         nx, nf = getattr(module, "nx", None), getattr(module, "nf", None)
         if isinstance(weight, torch.Tensor) and tuple(weight.shape) == (nx, nf):
-            return _LinearView(nx, nf, weight.detach().t(), None if bias is None else bias.detach())
+            return _LinearView(nx, nf, weight.detach().t(), None if bias is None else bias.detach(), True)
     return None
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn as nn
@@ -209,6 +211,27 @@ def test_convert_transformers_linear_layers(recipe):
     assert (layer.weight.float() - conv.weight.t()).norm() / conv.weight.norm() < 0.15
     with pytest.raises(TypeError, match="Conv1D"):
         fnn.FP4Linear.from_linear(nn.Conv1d(32, 16, 1))
+
+
+def test_conv1d_checkpoint_loads_into_a_converted_model():
+    """A GPT-2 checkpoint (Conv1D weights stored [in, out]) loads into the converted model as its own
+    conversion: square layers too (a transposed load would pass the shape check), and into a model
+    built on the meta device with assign=True."""
+    torch.manual_seed(0)
+    source = nn.Sequential(Conv1D(64, 64), Conv1D(96, 64)).to(torch.bfloat16)
+    checkpoint = source.state_dict()
+    direct = fnn.convert(copy.deepcopy(source))
+    loaded = fnn.convert(nn.Sequential(Conv1D(64, 64), Conv1D(96, 64)).to(torch.bfloat16))
+    loaded.load_state_dict(checkpoint)
+    with torch.device("meta"):
+        on_meta = fnn.convert(nn.Sequential(Conv1D(64, 64), Conv1D(96, 64)).to(torch.bfloat16))
+    on_meta.load_state_dict(checkpoint, assign=True)
+    for model in (loaded, on_meta):
+        for got, want in zip(model, direct):
+            assert torch.equal(got.weight_q, want.weight_q) and torch.equal(got.weight_sf, want.weight_sf)
+            assert torch.equal(got.bias, want.bias)
+    with pytest.raises(RuntimeError, match=r"size mismatch for 1.weight.*\[64, 96\]"):
+        loaded.load_state_dict({**checkpoint, "1.weight": checkpoint["1.weight"].t()})
 
 
 def test_errors():
