@@ -31,13 +31,16 @@ TORCH_LIBRARY_FRAGMENT(fp4op, m) {
   m.def("gelu_and_mul_quantize(Tensor gate, Tensor up, str approximate=\"none\", " FP4OP_QUANTIZE_ARGS
         ") -> (Tensor, Tensor)");
   // gelu_new(gate) * up (T5 v1.1 / Flan-T5's gated-gelu) and F.relu(gate) * up (or squared) * up
-  m.def("gelu_new_and_mul_quantize(Tensor gate, Tensor up, " FP4OP_QUANTIZE_ARGS ") -> (Tensor, Tensor)");
+  m.def("gelu_new_and_mul_quantize(Tensor gate, Tensor up, " FP4OP_QUANTIZE_ARGS
+        ", Tensor? sqrt_2_over_pi=None) -> (Tensor, Tensor)");
   m.def("relu_and_mul_quantize(Tensor gate, Tensor up, bool squared=False, " FP4OP_QUANTIZE_ARGS
         ") -> (Tensor, Tensor)");
   m.def("silu_quantize(Tensor x, " FP4OP_QUANTIZE_ARGS ") -> (Tensor, Tensor)");
   m.def("gelu_quantize(Tensor x, str approximate=\"none\", " FP4OP_QUANTIZE_ARGS ") -> (Tensor, Tensor)");
-  // Hugging Face's gelu_new (GPT-2): the tanh GELU written out, each op rounded to the model dtype as eager
-  m.def("gelu_new_quantize(Tensor x, " FP4OP_QUANTIZE_ARGS ") -> (Tensor, Tensor)");
+  // Hugging Face's gelu_new (GPT-2): the tanh GELU written out, each op rounded to the model dtype as eager.
+  // sqrt_2_over_pi: its factor math.sqrt(2.0 / math.pi) as a one-element tensor (torch.compile(dynamic=True)
+  // lifts math.pi into a graph input and computes the factor in the graph); None: that constant.
+  m.def("gelu_new_quantize(Tensor x, " FP4OP_QUANTIZE_ARGS ", Tensor? sqrt_2_over_pi=None) -> (Tensor, Tensor)");
   // F.relu(x), or with `squared` F.relu(x) ** 2 (the squared ReLU of Primer / Nemotron / modded-nanogpt)
   m.def("relu_quantize(Tensor x, bool squared=False, " FP4OP_QUANTIZE_ARGS ") -> (Tensor, Tensor)");
 }

@@ -43,18 +43,21 @@ inline void check_affine(const std::optional<at::Tensor>& p, const char* name, c
                     x.device());
 }
 
-// The eps of the *_eps_tensor RMSNorm ops: one floating-point element, on the CPU or on x's
-// device. Its value is its float32 rounding, as in `mean(x^2) + eps` with a float32 mean.
-inline void check_eps_tensor(const at::Tensor& eps, const at::Tensor& x) {
-  TORCH_CHECK_VALUE(eps.numel() == 1, "fp4op: eps must have one element, got shape ", shape(eps.sizes()));
-  TORCH_CHECK_VALUE(at::isFloatingType(eps.scalar_type()), "fp4op: eps must be a floating-point tensor, got ",
-                    eps.scalar_type());
-  TORCH_CHECK_VALUE(eps.device().is_cpu() || eps.device() == x.device(), "fp4op: eps is on ", eps.device(),
-                    " but x is on ", x.device(), " (eps must be on the CPU or on x's device)");
+// A float argument given as a tensor (Dynamo passes Python floats as 0-d tensors under dynamic=True):
+// the eps of the *_eps_tensor RMSNorm ops, gelu_new's sqrt_2_over_pi. One floating-point element, on
+// the CPU or on x's device; its value is its float32 rounding, as float32 opmath takes it.
+inline void check_scalar_tensor(const at::Tensor& t, const char* name, const at::Tensor& x) {
+  TORCH_CHECK_VALUE(t.numel() == 1, "fp4op: ", name, " must have one element, got shape ", shape(t.sizes()));
+  TORCH_CHECK_VALUE(at::isFloatingType(t.scalar_type()), "fp4op: ", name, " must be a floating-point tensor, got ",
+                    t.scalar_type());
+  TORCH_CHECK_VALUE(t.device().is_cpu() || t.device() == x.device(), "fp4op: ", name, " is on ", t.device(),
+                    " but x is on ", x.device(), " (", name, " must be on the CPU or on x's device)");
 }
 
-// The value of a checked eps tensor on the CPU (its float32 rounding is taken where it is used).
-inline double cpu_eps_value(const at::Tensor& eps) { return eps.item<double>(); }
+inline void check_eps_tensor(const at::Tensor& eps, const at::Tensor& x) { check_scalar_tensor(eps, "eps", x); }
+
+// The value of a checked scalar tensor on the CPU (its float32 rounding is taken where it is used).
+inline double cpu_scalar_value(const at::Tensor& t) { return t.item<double>(); }
 
 inline bool has(const std::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
 

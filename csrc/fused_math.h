@@ -166,6 +166,9 @@ FP4OP_HD float relu_f32(float x) { return x <= 0.0f ? 0.0f : x; }
 // ops as such; the CUDA kernels' float32 opmath narrows them, as torch's CUDA kernels do).
 constexpr double kGeluNewSqrt2OverPi = 0.7978845608028654;  // math.sqrt(2.0 / math.pi)
 constexpr double kGeluNewKappa = 0.044715;
+// sqrt(2 / pi) as the kernels multiply by it (float32 opmath). The ops also take it as a tensor: under
+// torch.compile(dynamic=True) Dynamo lifts math.pi into a graph input and computes the factor in the graph.
+constexpr float kGeluNewCoef = float(kGeluNewSqrt2OverPi);
 
 // `0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))))` as eager
 // CUDA computes it for a float16/bfloat16 x: every op one kernel, float32 opmath rounded to the model
@@ -340,27 +343,29 @@ __device__ __forceinline__ void silu_pair(float& lo, float& hi, InputDtype dtype
 }
 
 // gelu_new_rounded of both values: the products and sums of two model-dtype values packed (mul_pair,
-// add_pair), the products by float32 constants and tanh in float32 with paired roundings.
-__device__ __forceinline__ void gelu_new_pair(float& lo, float& hi, InputDtype dtype) {
+// add_pair), the products by float32 constants and tanh in float32 with paired roundings; `coef` is
+// sqrt(2 / pi) (kGeluNewCoef, or the value the op was given).
+__device__ __forceinline__ void gelu_new_pair(float& lo, float& hi, InputDtype dtype, float coef) {
   const uint32_t x = pack_pair(lo, hi, dtype);  // exact: lo and hi are model-dtype values
   const uint32_t half = pack_pair(0.5f, 0.5f, dtype), one = pack_pair(1.0f, 1.0f, dtype);
   const uint32_t half_x = mul_pair(x, half, dtype);
   const uint32_t cube = mul_pair(mul_pair(x, x, dtype), x, dtype);
   float a, b;
   unpack_pair(cube, a, b, dtype);
-  constexpr float kappa = float(kGeluNewKappa), sqrt_2_over_pi = float(kGeluNewSqrt2OverPi);
+  constexpr float kappa = float(kGeluNewKappa);
   const uint32_t inner = add_pair(x, pack_pair(mul_rn(a, kappa), mul_rn(b, kappa), dtype), dtype);
   unpack_pair(inner, a, b, dtype);
-  unpack_pair(pack_pair(mul_rn(a, sqrt_2_over_pi), mul_rn(b, sqrt_2_over_pi), dtype), a, b, dtype);
+  unpack_pair(pack_pair(mul_rn(a, coef), mul_rn(b, coef), dtype), a, b, dtype);
   const uint32_t t = pack_pair(tanhf(a), tanhf(b), dtype);
   unpack_pair(mul_pair(half_x, add_pair(t, one, dtype), dtype), lo, hi, dtype);
 }
 
 // act of both values rounded to the model dtype: round_to(activation_unrounded(x, act)), or
-// gelu_new_rounded.
-__device__ __forceinline__ void activation_pair(float& lo, float& hi, Activation act, InputDtype dtype) {
+// gelu_new_rounded (with gelu_new_coef its sqrt(2 / pi)).
+__device__ __forceinline__ void activation_pair(float& lo, float& hi, Activation act, InputDtype dtype,
+                                                float gelu_new_coef) {
   if (act == Activation::kSilu) return silu_pair(lo, hi, dtype);
-  if (act == Activation::kGeluNew) return gelu_new_pair(lo, hi, dtype);
+  if (act == Activation::kGeluNew) return gelu_new_pair(lo, hi, dtype, gelu_new_coef);
   lo = activation_unrounded(lo, act);
   hi = activation_unrounded(hi, act);
   round_pair(lo, hi, dtype);
@@ -368,10 +373,11 @@ __device__ __forceinline__ void activation_pair(float& lo, float& hi, Activation
 
 // act(x) in the model dtype for each of `x` (replaced by the outputs).
 template <int N>
-__device__ __forceinline__ void activation_elements(float (&x)[N], Activation act, InputDtype dtype) {
+__device__ __forceinline__ void activation_elements(float (&x)[N], Activation act, InputDtype dtype,
+                                                    float gelu_new_coef) {
   static_assert(N % 2 == 0, "pairs");
 #pragma unroll
-  for (int e = 0; e < N; e += 2) activation_pair(x[e], x[e + 1], act, dtype);
+  for (int e = 0; e < N; e += 2) activation_pair(x[e], x[e + 1], act, dtype, gelu_new_coef);
 }
 
 // F.silu(gate) * up (or GELU) in the model dtype, round(round(act(gate)) * up), for each of `gate`
@@ -381,9 +387,9 @@ __device__ __forceinline__ void activation_elements(float (&x)[N], Activation ac
 // registers instead of 78, 4 CTAs an SM instead of 3; kernel lab run 38.)
 template <int N>
 __device__ __forceinline__ void gated_elements(float (&gate)[N], const float (&up)[N], Activation act,
-                                               InputDtype dtype) {
+                                               InputDtype dtype, float gelu_new_coef) {
   static_assert(N % 2 == 0, "pairs");
-  activation_elements(gate, act, dtype);
+  activation_elements(gate, act, dtype, gelu_new_coef);
 #pragma unroll
   for (int e = 0; e < N; e += 2) {
     float lo = mul_rn(gate[e], up[e]), hi = mul_rn(gate[e + 1], up[e + 1]);

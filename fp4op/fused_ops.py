@@ -36,7 +36,9 @@ math is csrc/fused_math.h):
   out, ``0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))))``,
   with every op rounded to the input dtype as eager rounds it (not ``gelu_quantize(x, "tanh")``, which
   rounds once): on CUDA torch's kernels' steps (csrc/fused_math.h, ``gelu_new_rounded``), on CPU the
-  same ATen ops.
+  same ATen ops. ``sqrt_2_over_pi`` (last): that factor as a one-element tensor (on the CPU or on x's
+  device; its float32 rounding), for ``torch.compile(dynamic=True)``, where Dynamo lifts ``math.pi``
+  into a graph input and computes the factor in the graph; None: the constant.
 * ``gelu_new_and_mul_quantize`` / ``relu_and_mul_quantize``: ``round(gelu_new(gate) * up)`` (T5 v1.1 /
   Flan-T5's gated-gelu) and ``round(relu(gate) * up)`` (with ``squared=True``
   ``round(round(relu(gate) ** 2) * up)``), the activation as in the plain ops above.
@@ -93,13 +95,20 @@ def _check_affine(p: torch.Tensor | None, name: str, x: torch.Tensor) -> None:
         raise ValueError(f"fp4op: {name} is on {p.device} but x is on {x.device}")
 
 
+def _check_scalar_tensor(t: torch.Tensor, name: str, x: torch.Tensor) -> None:
+    """A float argument given as a one-element tensor (eps, sqrt_2_over_pi), as the C++ check_scalar_tensor."""
+    if t.numel() != 1:
+        raise ValueError(f"fp4op: {name} must have one element, got shape {list(t.shape)}")
+    if not t.dtype.is_floating_point:
+        raise ValueError(f"fp4op: {name} must be a floating-point tensor, got {t.dtype}")
+    if t.device.type != "cpu" and t.device != x.device:
+        raise ValueError(
+            f"fp4op: {name} is on {t.device} but x is on {x.device} ({name} must be on the CPU or on x's device)"
+        )
+
+
 def _check_eps_tensor(eps: torch.Tensor, x: torch.Tensor) -> None:
-    if eps.numel() != 1:
-        raise ValueError(f"fp4op: eps must have one element, got shape {list(eps.shape)}")
-    if not eps.dtype.is_floating_point:
-        raise ValueError(f"fp4op: eps must be a floating-point tensor, got {eps.dtype}")
-    if eps.device.type != "cpu" and eps.device != x.device:
-        raise ValueError(f"fp4op: eps is on {eps.device} but x is on {x.device} (eps must be on the CPU or on x's device)")
+    _check_scalar_tensor(eps, "eps", x)
 
 
 def _check_approximate(approximate: str) -> None:
@@ -249,8 +258,12 @@ def _gelu_new_and_mul_quantize_fake(
     is_sf_swizzled_layout=True,
     is_sf_8x4_layout=False,
     is_global_scale_inversed=False,
+    sqrt_2_over_pi=None,
 ):
-    return _gated_fake(gate, up, global_scale, sf_vec_size, sf_use_ue8m0, is_sf_swizzled_layout, is_sf_8x4_layout)
+    out = _gated_fake(gate, up, global_scale, sf_vec_size, sf_use_ue8m0, is_sf_swizzled_layout, is_sf_8x4_layout)
+    if sqrt_2_over_pi is not None:
+        _check_scalar_tensor(sqrt_2_over_pi, "sqrt_2_over_pi", gate)
+    return out
 
 
 @torch.library.register_fake("fp4op::relu_and_mul_quantize")
@@ -268,10 +281,8 @@ def _relu_and_mul_quantize_fake(
     return _gated_fake(gate, up, global_scale, sf_vec_size, sf_use_ue8m0, is_sf_swizzled_layout, is_sf_8x4_layout)
 
 
-# silu_quantize and gelu_new_quantize: x and the quantize arguments
 @torch.library.register_fake("fp4op::silu_quantize")
-@torch.library.register_fake("fp4op::gelu_new_quantize")
-def _activation_quantize_fake(
+def _silu_quantize_fake(
     x,
     global_scale=None,
     sf_vec_size=16,
@@ -283,6 +294,25 @@ def _activation_quantize_fake(
     return _fake_quantize_outputs(
         x, "x", global_scale, sf_vec_size, sf_use_ue8m0, is_sf_swizzled_layout, is_sf_8x4_layout
     )
+
+
+@torch.library.register_fake("fp4op::gelu_new_quantize")
+def _gelu_new_quantize_fake(
+    x,
+    global_scale=None,
+    sf_vec_size=16,
+    sf_use_ue8m0=False,
+    is_sf_swizzled_layout=True,
+    is_sf_8x4_layout=False,
+    is_global_scale_inversed=False,
+    sqrt_2_over_pi=None,
+):
+    out = _fake_quantize_outputs(
+        x, "x", global_scale, sf_vec_size, sf_use_ue8m0, is_sf_swizzled_layout, is_sf_8x4_layout
+    )
+    if sqrt_2_over_pi is not None:
+        _check_scalar_tensor(sqrt_2_over_pi, "sqrt_2_over_pi", x)
+    return out
 
 
 @torch.library.register_fake("fp4op::relu_quantize")

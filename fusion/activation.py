@@ -9,7 +9,8 @@
   fp4op.silu_quantize / fp4op.gelu_quantize;
 * Hugging Face's ``gelu_new`` (GPT-2's activation, minGPT's NewGELU), the tanh GELU written out
   (``torch.pow(x, 3.0)`` or ``x ** 3``) -> fp4op.gelu_new_quantize, which rounds after every op as
-  eager does;
+  eager does; under ``dynamic=True`` its factor ``math.sqrt(2.0 / math.pi)`` arrives as a 0-d tensor
+  (Dynamo lifts ``math.pi``), which the op then takes as ``sqrt_2_over_pi``;
 * ``F.relu(x)`` / ``nn.ReLU`` (OPT, T5 v1.0) and the squared ReLU ``F.relu(x) ** 2`` (also
   ``.pow(2)``, ``torch.square``, ``r * r``; Primer, Nemotron, modded-nanogpt) -> fp4op.relu_quantize.
 """
@@ -22,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch._inductor import pattern_matcher as pm
 
-from .pass_manager import FusionPattern, QuantizeArgs, same_model_dtype, same_shape, tensor_meta
+from .pass_manager import FusionPattern, QuantizeArgs, same_model_dtype, same_shape, scalar_tensor, tensor_meta
 
 
 
@@ -31,11 +32,17 @@ def gelu_new(x: torch.Tensor) -> torch.Tensor:
     return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))))
 
 
-def _activation(kind: str, x: torch.Tensor) -> torch.Tensor:
+def _gelu_new_coef_tensor(x: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
+    """gelu_new as torch.compile(dynamic=True) traces it: Dynamo lifts math.pi into a graph input, so
+    the factor sqrt(2 / pi) is a 0-d tensor computed in the graph, multiplied in as a tensor."""
+    return 0.5 * x * (1.0 + torch.tanh((x + 0.044715 * torch.pow(x, 3.0)) * coef))
+
+
+def _activation(kind: str, x: torch.Tensor, coef: torch.Tensor | None = None) -> torch.Tensor:
     if kind == "silu":
         return F.silu(x)
     if kind == "gelu_new":
-        return gelu_new(x)
+        return gelu_new(x) if coef is None else _gelu_new_coef_tensor(x, coef)
     if kind == "relu":
         return F.relu(x)
     if kind == "relu2":
@@ -58,24 +65,41 @@ GATED_OPS = {
 }
 
 
-class ActivationAndMulQuantize(FusionPattern):
-    """act(gate) * up (or up * act(gate) with `up_first`)."""
+def _coef_inputs(coef_tensor: bool) -> dict[str, torch.Tensor]:
+    return {"coef": torch.empty((), dtype=torch.float32)} if coef_tensor else {}
 
-    def __init__(self, kind: str, up_first: bool):
+
+def _coef_ok(match: pm.Match, x_name: str) -> bool:
+    """The coefficient a coef_tensor rule binds acts as a scalar and lives where the op reads it."""
+    coef, x = match.kwargs.get("coef"), tensor_meta(match, x_name)
+    return scalar_tensor(coef) and coef.meta["val"].device.type in ("cpu", x.device.type)
+
+
+def _coef_kwargs(coef) -> dict:
+    return {} if coef is None else {"sqrt_2_over_pi": coef}
+
+
+class ActivationAndMulQuantize(FusionPattern):
+    """act(gate) * up (or up * act(gate) with `up_first`); `coef_tensor`: gelu_new with its factor a
+    0-d tensor (see _gelu_new_coef_tensor)."""
+
+    def __init__(self, kind: str, up_first: bool, coef_tensor: bool = False):
         self.kind = kind
         self.up_first = up_first
+        self.coef_tensor = coef_tensor
         self.op_name, self.op_args = GATED_OPS[kind]
-        self.name = f"{self.op_name}[{kind}{',up*act' if up_first else ''}]"
+        self.name = f"{self.op_name}[{kind}{',coef_tensor' if coef_tensor else ''}{',up*act' if up_first else ''}]"
 
     def tensor_inputs(self, dtype, device):
-        return {n: torch.empty(8, 32, dtype=dtype, device=device) for n in ("gate", "up")}
+        return {**{n: torch.empty(8, 32, dtype=dtype, device=device) for n in ("gate", "up")}, **_coef_inputs(self.coef_tensor)}
 
-    def pattern(self, gate, up, global_scale=None):
-        a = _activation(self.kind, gate)
+    def pattern(self, gate, up, coef=None, global_scale=None):
+        a = _activation(self.kind, gate, coef)
         return up * a if self.up_first else a * up
 
-    def replacement(self, q: QuantizeArgs, gate, up, global_scale=None):
-        return getattr(torch.ops.fp4op, self.op_name)(gate, up, *self.op_args, *q.tail(global_scale))
+    def replacement(self, q: QuantizeArgs, gate, up, coef=None, global_scale=None):
+        op = getattr(torch.ops.fp4op, self.op_name)
+        return op(gate, up, *self.op_args, *q.tail(global_scale), **_coef_kwargs(coef))
 
     def check(self, match: pm.Match) -> bool:
         # same dtype and the same shape: a broadcasting multiply is not what the kernel computes; and up
@@ -84,6 +108,7 @@ class ActivationAndMulQuantize(FusionPattern):
             same_model_dtype(match, ["gate", "up"])
             and same_shape(tensor_meta(match, "gate"), tensor_meta(match, "up"))
             and match.kwargs["up"] not in match.nodes
+            and (not self.coef_tensor or _coef_ok(match, "gate"))
         )
 
 
@@ -100,25 +125,29 @@ PLAIN_OPS = {
 
 
 class ActivationQuantize(FusionPattern):
-    def __init__(self, kind: str):
+    def __init__(self, kind: str, coef_tensor: bool = False):
         self.kind = kind
+        self.coef_tensor = coef_tensor
         self.op_name, self.op_args = PLAIN_OPS[kind]
-        self.name = f"{self.op_name}[{kind}]"
+        self.name = f"{self.op_name}[{kind}{',coef_tensor' if coef_tensor else ''}]"
 
     def tensor_inputs(self, dtype, device):
-        return {"x": torch.empty(8, 32, dtype=dtype, device=device)}
+        return {"x": torch.empty(8, 32, dtype=dtype, device=device), **_coef_inputs(self.coef_tensor)}
 
-    def pattern(self, x, global_scale=None):
-        return _activation(self.kind, x)
+    def pattern(self, x, coef=None, global_scale=None):
+        return _activation(self.kind, x, coef)
 
-    def replacement(self, q: QuantizeArgs, x, global_scale=None):
-        return getattr(torch.ops.fp4op, self.op_name)(x, *self.op_args, *q.tail(global_scale))
+    def replacement(self, q: QuantizeArgs, x, coef=None, global_scale=None):
+        op = getattr(torch.ops.fp4op, self.op_name)
+        return op(x, *self.op_args, *q.tail(global_scale), **_coef_kwargs(coef))
 
     def check(self, match: pm.Match) -> bool:
-        return same_model_dtype(match, ["x"])
+        return same_model_dtype(match, ["x"]) and (not self.coef_tensor or _coef_ok(match, "x"))
 
 
 def rules() -> list[FusionPattern]:
     """Gated rules first (they anchor at the same quantize as a plain rule would)."""
     gated = [ActivationAndMulQuantize(k, up_first) for k in GATED_OPS for up_first in (False, True)]
-    return [*gated, *(ActivationQuantize(k) for k in PLAIN_OPS)]
+    gated += [ActivationAndMulQuantize("gelu_new", up_first, coef_tensor=True) for up_first in (False, True)]
+    plain = [ActivationQuantize(k) for k in PLAIN_OPS] + [ActivationQuantize("gelu_new", coef_tensor=True)]
+    return gated + plain

@@ -475,6 +475,10 @@ def op_cases(device):
         (OPS.gelu_quantize, (x, "tanh"), nv),
         (OPS.gelu_new_quantize, (x,), nv),
         (OPS.gelu_new_quantize, (x2,), mx),
+        # sqrt_2_over_pi as a tensor: a 0-d float32 CPU scalar (what the dynamic=True graph computes), one
+        # float64 element on x's device
+        (OPS.gelu_new_quantize, (x,), {**nv, "sqrt_2_over_pi": torch.tensor(0.7978845608028654)}),
+        (OPS.gelu_new_and_mul_quantize, (x2, x2.flip(0)), {**mx, "sqrt_2_over_pi": torch.tensor([0.75], dtype=torch.float64, device=device)}),
         (OPS.relu_quantize, (x,), nv),
         (OPS.relu_quantize, (x2, True), mx),
     ]
@@ -585,6 +589,33 @@ def check_eps_tensor_overloads(device, eps_device):
 
 def test_eps_tensor_overloads():
     check_eps_tensor_overloads("cpu", "cpu")
+
+
+def gelu_new_with(x, coef):
+    """gelu_new with its factor sqrt(2 / pi) replaced by the Python float `coef`."""
+    return 0.5 * x * (1.0 + torch.tanh(coef * (x + 0.044715 * torch.pow(x, 3.0))))
+
+
+def check_gelu_new_coef_tensor(device, coef_device):
+    """gelu_new's ops with sqrt_2_over_pi a tensor compute gelu_new with that factor's float32 value,
+    bit for bit as eager does with it as a Python float; the constant's tensor gives the default's bytes."""
+    x, u = make_input((7, 96), torch.bfloat16, device), make_input((7, 96), torch.bfloat16, device, seed=5)
+    gs = torch.tensor([30.0], device=device)
+    constant = math.sqrt(2.0 / math.pi)
+    for value, dtype, shape in ((constant, torch.float32, ()), (constant, torch.float64, ()), (0.75, torch.float32, (1,)),
+                                (0.1, torch.float64, (1, 1)), (1.5, torch.bfloat16, ())):
+        coef = torch.full(shape, value, dtype=dtype, device=coef_device)
+        c = float(coef.to(torch.float32).item())
+        got = OPS.gelu_new_quantize(x, gs, sqrt_2_over_pi=coef)
+        assert all(torch.equal(a, b) for a, b in zip(got, OPS.quantize(gelu_new_with(x, c), gs))), (value, dtype)
+        got = OPS.gelu_new_and_mul_quantize(x, u, gs, sqrt_2_over_pi=coef)
+        assert all(torch.equal(a, b) for a, b in zip(got, OPS.quantize(gelu_new_with(x, c) * u, gs))), (value, dtype)
+        if value == constant:
+            assert all(torch.equal(a, b) for a, b in zip(got, OPS.gelu_new_and_mul_quantize(x, u, gs)))
+
+
+def test_gelu_new_coef_tensor():
+    check_gelu_new_coef_tensor("cpu", "cpu")
 
 
 def test_not_differentiable():
@@ -749,6 +780,30 @@ def test_cuda_decode_rows_match_batch_rows(name, k):
 @pytest.mark.parametrize("eps_device", ["cpu", "cuda"])
 def test_eps_tensor_overloads_cuda(eps_device):
     check_eps_tensor_overloads("cuda", eps_device)
+
+
+@requires_cuda
+@pytest.mark.parametrize("coef_device", ["cpu", "cuda"])
+def test_gelu_new_coef_tensor_cuda(coef_device):
+    check_gelu_new_coef_tensor("cuda", coef_device)
+
+
+@requires_cuda
+def test_gelu_new_coef_on_device_in_cuda_graph():
+    """A sqrt_2_over_pi tensor on x's device is read by the kernel: a captured graph follows its value."""
+    x, gs = make_input((33, 128), torch.bfloat16, "cuda"), torch.tensor([30.0], device="cuda")
+    coef = torch.tensor(0.5, device="cuda")
+
+    def fn():
+        return OPS.gelu_new_quantize(x, gs, sqrt_2_over_pi=coef)
+
+    graph, graph_out = capture_cuda_graph(fn)
+    for value in (0.5, math.sqrt(2.0 / math.pi), 2.0):
+        coef.fill_(value)
+        graph.replay()
+        torch.cuda.synchronize()
+        want = OPS.quantize(gelu_new_with(x, float(coef.item())), gs)
+        assert all(torch.equal(a, b) for a, b in zip(graph_out, want)), value
 
 
 @requires_cuda

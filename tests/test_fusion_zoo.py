@@ -1105,6 +1105,34 @@ def test_dynamic_activation_forms():
                 assert torch.equal(a, e)
 
 
+def test_dynamic_gelu_new_forms():
+    """dynamic=True with Dynamo's defaults: transformers' gelu_new reads math.pi, which Dynamo lifts into
+    a graph input, so its factor sqrt(2 / pi) is a 0-d tensor computed in the graph; the gelu_new rules
+    take it (the ops' sqrt_2_over_pi): GPT-2's MLP activation and T5 v1.1's gated one fuse, one graph
+    for every M, the bytes equal eager's."""
+    act = NewGELUActivation()
+
+    def fn(x, g, u):
+        return _q(act(x)), _q(act(g) * u)
+
+    def args(m):
+        return tuple(torch.randn(m, 256, dtype=torch.bfloat16) * 3 for _ in range(3))
+
+    fusion.reset()
+    with fresh_compile_config(), torch.no_grad():
+        compiled = torch.compile(fn, dynamic=True, options=fusion.compile_options())
+        results = [(compiled(*a), fn(*a)) for a in (args(64), args(40), args(7))]
+    assert len(fusion.fusion_pass().records) == 1
+    assert nonzero(fusion.match_counts()) == {
+        "gelu_new_quantize[gelu_new,coef_tensor]": 1,
+        "gelu_new_and_mul_quantize[gelu_new,coef_tensor]": 1,
+    }
+    assert "fp4op.quantize.default" not in graph_ops()
+    for got, want in results:
+        for g, w in zip(got, want):
+            assert torch.equal(g[0], w[0]) and torch.equal(g[1], w[1])
+
+
 # ---- one norm output read by several quantizes that do not merge ----------------------------------------
 
 

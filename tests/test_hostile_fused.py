@@ -443,13 +443,29 @@ EPS_TENSOR_CASES = {
     "eps_tensor_strided": (lambda op, d: _eps_tensor_answer(op, d, lambda d: torch.tensor([1.0, EPS], device=d)[1]), "ok"),
 }
 
+def _coef_call(op, d, coef):
+    """gelu_new's op (plain or gated) on a good input with sqrt_2_over_pi = coef(d)."""
+    x = _x(d)
+    return fused(op, x, companions(op, x), global_scale=torch.ones(1, device=d), sqrt_2_over_pi=coef(d))
+
+
+COEF_TENSOR_CASES = {
+    "coef_two": (lambda op, d: _coef_call(op, d, lambda d: torch.full((2,), 0.8, device=d)),
+                 (VE, "sqrt_2_over_pi must have one element")),
+    "coef_int": (lambda op, d: _coef_call(op, d, lambda d: torch.tensor(1, device=d)),
+                 (VE, "sqrt_2_over_pi must be a floating-point")),
+    "coef_meta": (lambda op, d: _coef_call(op, d, lambda d: torch.tensor(0.8, device="meta")),
+                  (VE, "sqrt_2_over_pi is on meta")),
+    "coef_nan": (lambda op, d: _coef_call(op, d, lambda d: torch.tensor(float("nan"), device=d)), "ok"),
+}
+
 SPECIFIC = {
     "rms_norm": {**_affine_cases("weight"), **EPS_TENSOR_CASES},
     "add_rms_norm": {**_affine_cases("weight"), **_like_x_cases("residual"), **EPS_TENSOR_CASES},
     "layer_norm": {**_affine_cases("weight"), **_affine_cases("bias")},
 
     "gelu": {"approximate": (case_approximate, (VE, "approximate must be 'none' or 'tanh'"))},
-    "gelu_new": {},
+    "gelu_new": dict(COEF_TENSOR_CASES),
     "relu2": {},
 }
 for _op in GATED:
@@ -460,6 +476,7 @@ for _op in GATED:
         "gate_one_dim_up_two_dim": (case_gate_one_dim_up_two_dim, (VE, "up must have the shape of gate")),
     }
 SPECIFIC["gelu_and_mul"]["approximate"] = SPECIFIC["gelu"]["approximate"]
+SPECIFIC["gelu_new_and_mul"].update(COEF_TENSOR_CASES)
 
 
 # ---- GPU only: tensors on different devices. A CUDA tensor anywhere in the arguments sends the call to

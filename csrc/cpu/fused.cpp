@@ -183,7 +183,7 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_quantize_eps_tensor_cpu(
     bool weight_in_input_dtype, const std::optional<at::Tensor>& global_scale, int64_t sf_vec_size,
     bool sf_use_ue8m0, bool is_sf_swizzled_layout, bool is_sf_8x4_layout, bool is_global_scale_inversed) {
   fused::check_eps_tensor(eps, x);
-  return rms_norm_quantize_cpu(x, weight, fused::cpu_eps_value(eps), weight_offset, weight_in_input_dtype,
+  return rms_norm_quantize_cpu(x, weight, fused::cpu_scalar_value(eps), weight_offset, weight_in_input_dtype,
                                global_scale, sf_vec_size, sf_use_ue8m0, is_sf_swizzled_layout, is_sf_8x4_layout,
                                is_global_scale_inversed);
 }
@@ -194,7 +194,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> add_rms_norm_quantize_eps_tensor_
     int64_t sf_vec_size, bool sf_use_ue8m0, bool is_sf_swizzled_layout, bool is_sf_8x4_layout,
     bool is_global_scale_inversed, bool sum_in_float32) {
   fused::check_eps_tensor(eps, x);
-  return add_rms_norm_quantize_cpu(x, residual, weight, fused::cpu_eps_value(eps), weight_offset,
+  return add_rms_norm_quantize_cpu(x, residual, weight, fused::cpu_scalar_value(eps), weight_offset,
                                    weight_in_input_dtype, global_scale, sf_vec_size, sf_use_ue8m0,
                                    is_sf_swizzled_layout, is_sf_8x4_layout, is_global_scale_inversed,
                                    sum_in_float32);
@@ -257,7 +257,7 @@ std::tuple<at::Tensor, at::Tensor> layer_norm_quantize_cpu(const at::Tensor& x, 
 // promise (AVX2 and AVX512 builds vectorize erf, tanh and exp with different polynomials, their scalar
 // tails use the C library, and the DEFAULT build rounds every step). The quantize then reads the
 // activation back from memory: on CPU the fusion saves the graph's other kernels, not this pass.
-at::Tensor eager_activation(const at::Tensor& x, Activation act) {
+at::Tensor eager_activation(const at::Tensor& x, Activation act, double gelu_new_coef) {
   at::NoGradGuard no_grad;  // a temporary: no autograd graph for it
   switch (act) {
     case Activation::kSilu: return at::silu(x);
@@ -266,7 +266,7 @@ at::Tensor eager_activation(const at::Tensor& x, Activation act) {
     case Activation::kGeluNew: {
       // the ops of `0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))))`
       const at::Tensor inner = at::add(x, at::mul(at::pow(x, 3.0), fused::kGeluNewKappa));
-      return at::mul(at::mul(x, 0.5), at::add(at::tanh(at::mul(inner, fused::kGeluNewSqrt2OverPi)), 1.0));
+      return at::mul(at::mul(x, 0.5), at::add(at::tanh(at::mul(inner, gelu_new_coef)), 1.0));
     }
     case Activation::kRelu: return at::relu(x);
     case Activation::kReluSquared: return at::pow(at::relu(x), 2);
@@ -274,14 +274,22 @@ at::Tensor eager_activation(const at::Tensor& x, Activation act) {
   TORCH_CHECK(false, "unknown activation");
 }
 
+// gelu_new's sqrt(2 / pi): the tensor the op was given (checked, on the CPU here), or the constant
+double gelu_new_coef_of(const std::optional<at::Tensor>& sqrt_2_over_pi, const at::Tensor& x) {
+  if (!fused::has(sqrt_2_over_pi)) return fused::kGeluNewSqrt2OverPi;
+  fused::check_scalar_tensor(*sqrt_2_over_pi, "sqrt_2_over_pi", x);
+  return fused::cpu_scalar_value(*sqrt_2_over_pi);
+}
+
 std::tuple<at::Tensor, at::Tensor> activation_quantize(const at::Tensor& x, Activation act,
                                                        const std::optional<at::Tensor>& global_scale,
                                                        int64_t sf_vec_size, bool sf_use_ue8m0,
                                                        bool is_sf_swizzled_layout, bool is_sf_8x4_layout,
-                                                       bool is_global_scale_inversed) {
+                                                       bool is_global_scale_inversed,
+                                                       double gelu_new_coef = fused::kGeluNewSqrt2OverPi) {
   FusedProblem p = fused::prepare_fused(x, "x", global_scale, sf_vec_size, sf_use_ue8m0, is_sf_swizzled_layout,
                                         is_sf_8x4_layout);
-  const Rows yr = fused::rows_of(eager_activation(x, act));
+  const Rows yr = fused::rows_of(eager_activation(x, act, gelu_new_coef));
   const InputDtype dtype = p.dtype;
   const int64_t k = p.shape.k;
   const QuantizeParams qp = quantize_params(p, sf_use_ue8m0, is_global_scale_inversed);
@@ -294,11 +302,12 @@ std::tuple<at::Tensor, at::Tensor> activation_quantize(const at::Tensor& x, Acti
 std::tuple<at::Tensor, at::Tensor> gated_quantize(const at::Tensor& gate, const at::Tensor& up, Activation act,
                                                   const std::optional<at::Tensor>& global_scale, int64_t sf_vec_size,
                                                   bool sf_use_ue8m0, bool is_sf_swizzled_layout,
-                                                  bool is_sf_8x4_layout, bool is_global_scale_inversed) {
+                                                  bool is_sf_8x4_layout, bool is_global_scale_inversed,
+                                                  double gelu_new_coef = fused::kGeluNewSqrt2OverPi) {
   FusedProblem p = fused::prepare_fused(gate, "gate", global_scale, sf_vec_size, sf_use_ue8m0,
                                         is_sf_swizzled_layout, is_sf_8x4_layout);
   fused::check_like(up, "up", gate, "gate");
-  const Rows ar = fused::rows_of(eager_activation(gate, act));
+  const Rows ar = fused::rows_of(eager_activation(gate, act, gelu_new_coef));
   const Rows ur = fused::rows_of(up);
   const InputDtype dtype = p.dtype;
   const int64_t k = p.shape.k;
@@ -346,9 +355,11 @@ std::tuple<at::Tensor, at::Tensor> gelu_new_and_mul_quantize_cpu(const at::Tenso
                                                                  const std::optional<at::Tensor>& global_scale,
                                                                  int64_t sf_vec_size, bool sf_use_ue8m0,
                                                                  bool is_sf_swizzled_layout, bool is_sf_8x4_layout,
-                                                                 bool is_global_scale_inversed) {
+                                                                 bool is_global_scale_inversed,
+                                                                 const std::optional<at::Tensor>& sqrt_2_over_pi) {
   return gated_quantize(gate, up, Activation::kGeluNew, global_scale, sf_vec_size, sf_use_ue8m0,
-                        is_sf_swizzled_layout, is_sf_8x4_layout, is_global_scale_inversed);
+                        is_sf_swizzled_layout, is_sf_8x4_layout, is_global_scale_inversed,
+                        gelu_new_coef_of(sqrt_2_over_pi, gate));
 }
 
 std::tuple<at::Tensor, at::Tensor> relu_and_mul_quantize_cpu(const at::Tensor& gate, const at::Tensor& up, bool squared,
@@ -378,9 +389,10 @@ std::tuple<at::Tensor, at::Tensor> gelu_quantize_cpu(const at::Tensor& x, c10::s
 std::tuple<at::Tensor, at::Tensor> gelu_new_quantize_cpu(const at::Tensor& x, const std::optional<at::Tensor>& global_scale,
                                                          int64_t sf_vec_size, bool sf_use_ue8m0,
                                                          bool is_sf_swizzled_layout, bool is_sf_8x4_layout,
-                                                         bool is_global_scale_inversed) {
+                                                         bool is_global_scale_inversed,
+                                                         const std::optional<at::Tensor>& sqrt_2_over_pi) {
   return activation_quantize(x, Activation::kGeluNew, global_scale, sf_vec_size, sf_use_ue8m0, is_sf_swizzled_layout,
-                             is_sf_8x4_layout, is_global_scale_inversed);
+                             is_sf_8x4_layout, is_global_scale_inversed, gelu_new_coef_of(sqrt_2_over_pi, x));
 }
 
 std::tuple<at::Tensor, at::Tensor> relu_quantize_cpu(const at::Tensor& x, bool squared,

@@ -346,10 +346,17 @@ int resident_ctas_per_sm() {
 
 // The inputs of an elementwise quantize: up to two row-major streams (x, or gate and up) of the same
 // shape; row r of stream s starts at in[s] + r * row_stride[s] elements, rows are 16-byte aligned.
+// What the fused activations' sources read (the plain quantize's ignores it).
+struct ActivationArgs {
+  int kind;                           // fp4op::fused::Activation
+  float gelu_new_coef;                // gelu_new's sqrt(2 / pi), float32
+  const float* gelu_new_coef_device;  // or that factor read by the kernel (a float32 tensor), or nullptr
+};
+
 struct ElementwiseArgs {
   const void* in[2];
   int64_t row_stride[2];
-  int activation;  // fp4op::fused::Activation, for the fused activations
+  ActivationArgs activation;
   QuantizeTarget out;
 };
 

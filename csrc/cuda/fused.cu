@@ -27,6 +27,11 @@ using fused::RmsWeight;
 
 // ---- activations: elementwise sources ----------------------------------------------------------------
 
+// gelu_new's sqrt(2 / pi) as the op was given it (read after the PDL wait, as the sources run after it).
+__device__ __forceinline__ float gelu_new_coef(const ActivationArgs& act) {
+  return act.gelu_new_coef_device != nullptr ? __ldg(act.gelu_new_coef_device) : act.gelu_new_coef;
+}
+
 template <InputDtype D>
 struct ActivationSource {
   static constexpr int kStreams = 1;
@@ -34,14 +39,14 @@ struct ActivationSource {
   static constexpr bool kSectorWalk = false;
   static constexpr int kElementBytes = 2;
   template <int L, int V>
-  __device__ __forceinline__ static void produce(const uint4 (&v)[1][L], int act, float (&f)[V]) {
+  __device__ __forceinline__ static void produce(const uint4 (&v)[1][L], const ActivationArgs& act, float (&f)[V]) {
 #pragma unroll
     for (int i = 0; i < L; ++i) Input<D>::widen(v[0][i], f + 8 * i);
     // one branch per block on the (uniform) activation, not one per element
-    switch (Activation(act)) {
+    switch (Activation(act.kind)) {
       case Activation::kSilu: apply(f, Activation::kSilu); break;
       case Activation::kGeluErf: apply(f, Activation::kGeluErf); break;
-      case Activation::kGeluNew: apply(f, Activation::kGeluNew); break;
+      case Activation::kGeluNew: apply(f, Activation::kGeluNew, gelu_new_coef(act)); break;
       case Activation::kRelu: apply(f, Activation::kRelu); break;
       case Activation::kReluSquared: apply(f, Activation::kReluSquared); break;
       default: apply(f, Activation::kGeluTanh); break;
@@ -52,8 +57,8 @@ struct ActivationSource {
     return amax_of(f);
   }
   template <int V>
-  __device__ __forceinline__ static void apply(float (&f)[V], Activation act) {
-    fused::activation_elements(f, act, D);
+  __device__ __forceinline__ static void apply(float (&f)[V], Activation act, float coef = fused::kGeluNewCoef) {
+    fused::activation_elements(f, act, D, coef);
   }
 };
 
@@ -66,7 +71,7 @@ struct GatedSource {
   static constexpr bool kSectorWalk = false;  // as ActivationSource
   static constexpr int kElementBytes = 2;
   template <int L, int V>
-  __device__ __forceinline__ static void produce(const uint4 (&v)[2][L], int act, float (&f)[V]) {
+  __device__ __forceinline__ static void produce(const uint4 (&v)[2][L], const ActivationArgs& act, float (&f)[V]) {
     float up[V];
 #pragma unroll
     for (int i = 0; i < L; ++i) {
@@ -74,13 +79,13 @@ struct GatedSource {
       Input<D>::widen(v[1][i], up + 8 * i);
     }
     if constexpr (kOtherActivations) {
-      switch (Activation(act)) {
-        case Activation::kGeluNew: apply(f, up, Activation::kGeluNew); break;
+      switch (Activation(act.kind)) {
+        case Activation::kGeluNew: apply(f, up, Activation::kGeluNew, gelu_new_coef(act)); break;
         case Activation::kRelu: apply(f, up, Activation::kRelu); break;
         default: apply(f, up, Activation::kReluSquared); break;
       }
     } else {
-      switch (Activation(act)) {
+      switch (Activation(act.kind)) {
         case Activation::kSilu: apply(f, up, Activation::kSilu); break;
         case Activation::kGeluErf: apply(f, up, Activation::kGeluErf); break;
         default: apply(f, up, Activation::kGeluTanh); break;
@@ -92,8 +97,9 @@ struct GatedSource {
     return amax_of(f);
   }
   template <int V>
-  __device__ __forceinline__ static void apply(float (&f)[V], const float (&up)[V], Activation act) {
-    fused::gated_elements(f, up, act, D);
+  __device__ __forceinline__ static void apply(float (&f)[V], const float (&up)[V], Activation act,
+                                               float coef = fused::kGeluNewCoef) {
+    fused::gated_elements(f, up, act, D, coef);
   }
 };
 
@@ -104,7 +110,7 @@ cudaError_t launch_activation(const FusedLaunch& a, const LaunchStream& stream) 
   e.row_stride[0] = a.x_row_stride;
   e.in[1] = a.y;
   e.row_stride[1] = a.y_row_stride;
-  e.activation = a.activation;
+  e.activation = {a.activation, a.gelu_new_coef, a.gelu_new_coef_device};
   e.out = a.out;
   if (a.op != FusedOp::kGatedActivation) return launch_elementwise<ActivationSource<D>>(e, stream);
   switch (Activation(a.activation)) {

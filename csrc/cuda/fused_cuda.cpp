@@ -71,7 +71,7 @@ struct Eps {
 
 Eps eps_of(const at::Tensor& eps, const at::Tensor& x) {
   fused::check_eps_tensor(eps, x);
-  if (eps.device().is_cpu()) return {fused::cpu_eps_value(eps), at::Tensor()};
+  if (eps.device().is_cpu()) return {fused::cpu_scalar_value(eps), at::Tensor()};
   return {0.0, eps.reshape({1}).to(at::kFloat).contiguous()};
 }
 
@@ -175,7 +175,8 @@ std::tuple<at::Tensor, at::Tensor> activation_impl(const at::Tensor& x, const at
                                                    const std::optional<at::Tensor>& global_scale,
                                                    int64_t sf_vec_size, bool sf_use_ue8m0,
                                                    bool is_sf_swizzled_layout, bool is_sf_8x4_layout,
-                                                   bool is_global_scale_inversed) {
+                                                   bool is_global_scale_inversed,
+                                                   const std::optional<at::Tensor>& sqrt_2_over_pi = std::nullopt) {
   const char* name = up ? "gate" : "x";
   FusedProblem p = fused::prepare_fused(x, name, global_scale, sf_vec_size, sf_use_ue8m0, is_sf_swizzled_layout,
                                         is_sf_8x4_layout);
@@ -189,6 +190,18 @@ std::tuple<at::Tensor, at::Tensor> activation_impl(const at::Tensor& x, const at
     if (up) set_rows(*up, &a.y, &a.y_row_stride, keep);
   }
   a.activation = int(act);
+  // gelu_new's sqrt(2 / pi): the constant, or the tensor given (read here on the CPU, by the kernel on x's device)
+  a.gelu_new_coef = fused::kGeluNewCoef;
+  at::Tensor coef_device;
+  if (fused::has(sqrt_2_over_pi)) {
+    fused::check_scalar_tensor(*sqrt_2_over_pi, "sqrt_2_over_pi", x);
+    if (sqrt_2_over_pi->device().is_cpu()) {
+      a.gelu_new_coef = float(fused::cpu_scalar_value(*sqrt_2_over_pi));
+    } else {
+      coef_device = sqrt_2_over_pi->reshape({1}).to(at::kFloat).contiguous();
+      a.gelu_new_coef_device = coef_device.data_ptr<float>();
+    }
+  }
   run(a, p);
   return {p.x_q, p.sf};
 }
@@ -223,9 +236,10 @@ std::tuple<at::Tensor, at::Tensor> gelu_new_and_mul_quantize_cuda(const at::Tens
                                                                   const std::optional<at::Tensor>& global_scale,
                                                                   int64_t sf_vec_size, bool sf_use_ue8m0,
                                                                   bool is_sf_swizzled_layout, bool is_sf_8x4_layout,
-                                                                  bool is_global_scale_inversed) {
+                                                                  bool is_global_scale_inversed,
+                                                                  const std::optional<at::Tensor>& sqrt_2_over_pi) {
   return activation_impl(gate, &up, Activation::kGeluNew, global_scale, sf_vec_size, sf_use_ue8m0,
-                         is_sf_swizzled_layout, is_sf_8x4_layout, is_global_scale_inversed);
+                         is_sf_swizzled_layout, is_sf_8x4_layout, is_global_scale_inversed, sqrt_2_over_pi);
 }
 
 std::tuple<at::Tensor, at::Tensor> relu_and_mul_quantize_cuda(const at::Tensor& gate, const at::Tensor& up,
@@ -258,9 +272,10 @@ std::tuple<at::Tensor, at::Tensor> gelu_new_quantize_cuda(const at::Tensor& x,
                                                           const std::optional<at::Tensor>& global_scale,
                                                           int64_t sf_vec_size, bool sf_use_ue8m0,
                                                           bool is_sf_swizzled_layout, bool is_sf_8x4_layout,
-                                                          bool is_global_scale_inversed) {
+                                                          bool is_global_scale_inversed,
+                                                          const std::optional<at::Tensor>& sqrt_2_over_pi) {
   return activation_impl(x, nullptr, Activation::kGeluNew, global_scale, sf_vec_size, sf_use_ue8m0,
-                         is_sf_swizzled_layout, is_sf_8x4_layout, is_global_scale_inversed);
+                         is_sf_swizzled_layout, is_sf_8x4_layout, is_global_scale_inversed, sqrt_2_over_pi);
 }
 
 std::tuple<at::Tensor, at::Tensor> relu_quantize_cuda(const at::Tensor& x, bool squared,

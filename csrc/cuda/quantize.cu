@@ -15,7 +15,7 @@ struct PlainSource {
   static constexpr bool kSectorWalk = true;  // swizzled layouts: sector_walk_kernel where it applies
   static constexpr int kElementBytes = D == InputDtype::kFloat8E4M3 ? 1 : 2;
   template <int L, int V>
-  __device__ __forceinline__ static void produce(const uint4 (&v)[1][L], int, float (&f)[V]) {
+  __device__ __forceinline__ static void produce(const uint4 (&v)[1][L], const ActivationArgs&, float (&f)[V]) {
 #pragma unroll
     for (int i = 0; i < L; ++i) Input<D>::widen(v[0][i], f + i * Input<D>::kPerVector);
   }

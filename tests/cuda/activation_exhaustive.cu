@@ -38,7 +38,7 @@ __global__ void check(Activation act, InputDtype dtype, Counts* counts) {
   if (first >= 65536) return;
   const float x[2] = {widen(first, dtype), widen(first + 1, dtype)};
   float got[2] = {x[0], x[1]};
-  fp4op::fused::activation_pair(got[0], got[1], act, dtype);
+  fp4op::fused::activation_pair(got[0], got[1], act, dtype, fp4op::fused::kGeluNewCoef);
   for (int e = 0; e < 2; ++e) {
     atomicAdd(&counts->checked, 1ull);
     const bool stepwise = act == Activation::kGeluNew;
@@ -65,7 +65,7 @@ __global__ void values(Activation act, InputDtype dtype, float* out) {
   const uint32_t first = 2 * (blockIdx.x * blockDim.x + threadIdx.x);
   if (first >= 65536) return;
   float v[2] = {widen(first, dtype), widen(first + 1, dtype)};
-  fp4op::fused::activation_pair(v[0], v[1], act, dtype);
+  fp4op::fused::activation_pair(v[0], v[1], act, dtype, fp4op::fused::kGeluNewCoef);
   out[first] = v[0];
   out[first + 1] = v[1];
 }
