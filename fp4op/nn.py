@@ -534,8 +534,11 @@ def convert(
     """Replace, in place, every nn.Linear of `model` by an FP4Linear; returns `model`. transformers'
     FalconLinear and Conv1D (GPT-2's, weight stored [in, out]) are linear layers too and are replaced.
 
+    An nn.TransformerEncoderLayer with a converted linear1/linear2 has its inference fast path turned
+    off (that path reads the weights and never calls the layers' forward).
+
     Skipped: other subclasses of nn.Linear (their forward may differ: LoRA, bitsandbytes' quantized
-    layers) and other linear-like modules, layers whose in_features is not a multiple of the recipe's
+    layers; nn.MultiheadAttention's out_proj) and other linear-like modules, layers whose in_features is not a multiple of the recipe's
     block (16 for NVFP4, 32 for MXFP4), and layers whose qualified name (as in
     ``model.named_modules()``) matches an entry of `exclude` exactly or as an fnmatch pattern (e.g.
     ``"lm_head"``, ``"*.gate"``).
@@ -562,6 +565,15 @@ def convert(
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
             setattr(parent, child, layer)
+    for module in model.modules():
+        # nn.TransformerEncoderLayer's inference fast path (eval, no grad) runs one fused kernel on
+        # linear1/linear2's `.weight`, never calling their forward: an FP4Linear there would compute with
+        # its dequantized weight and unquantized activations. A zero activation_relu_or_gelu is one of the
+        # conditions that turns that path (and nn.TransformerEncoder's) off; the regular forward runs.
+        if isinstance(module, nn.TransformerEncoderLayer) and any(
+            isinstance(getattr(module, n, None), FP4Linear) for n in ("linear1", "linear2")
+        ):
+            module.activation_relu_or_gelu = 0
     return model
 
 

@@ -234,6 +234,23 @@ def test_conv1d_checkpoint_loads_into_a_converted_model():
         loaded.load_state_dict({**checkpoint, "1.weight": checkpoint["1.weight"].t()})
 
 
+@pytest.mark.parametrize("stacked", [False, True])
+def test_convert_turns_off_the_transformer_encoder_fast_path(stacked, monkeypatch):
+    """nn.TransformerEncoderLayer's eval/no-grad fast path reads linear1/linear2's weights in one fused
+    kernel and never calls their forward: after convert the FP4Linears run there (their activations
+    quantized). (Counted by patching forward: a hook would itself turn the fast path off.)"""
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(64, 4, 128, batch_first=True, dropout=0.0)
+    model = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False) if stacked else layer
+    model = fnn.convert(model.to(torch.bfloat16).eval(), activation_scale="dynamic")
+    calls = []
+    forward = fnn.FP4Linear.forward
+    monkeypatch.setattr(fnn.FP4Linear, "forward", lambda self, x: calls.append(1) or forward(self, x))
+    with torch.no_grad():
+        out = model(torch.randn(2, 8, 64, dtype=torch.bfloat16))
+    assert len(calls) == (4 if stacked else 2) and out.shape == (2, 8, 64)
+
+
 def test_errors():
     with pytest.raises(ValueError, match="recipe"):
         fnn.FP4Linear(32, 8, recipe="int4")
