@@ -41,6 +41,9 @@ TORCH_LIBRARY_FRAGMENT(fp4op, m) {
   // sqrt_2_over_pi: its factor math.sqrt(2.0 / math.pi) as a one-element tensor (torch.compile(dynamic=True)
   // lifts math.pi into a graph input and computes the factor in the graph); None: that constant.
   m.def("gelu_new_quantize(Tensor x, " FP4OP_QUANTIZE_ARGS ", Tensor? sqrt_2_over_pi=None) -> (Tensor, Tensor)");
+  // x * torch.sigmoid(alpha * x), each op rounded as eager: QuickGELU (CLIP, OpenCLIP; alpha=1.702) and
+  // SiLU written out (`x * torch.sigmoid(x)`, alpha=1.0), which eager rounds twice where F.silu rounds once
+  m.def("sigmoid_mul_quantize(Tensor x, float alpha=1.0, " FP4OP_QUANTIZE_ARGS ") -> (Tensor, Tensor)");
   // F.relu(x), or with `squared` F.relu(x) ** 2 (the squared ReLU of Primer / Nemotron / modded-nanogpt)
   m.def("relu_quantize(Tensor x, bool squared=False, " FP4OP_QUANTIZE_ARGS ") -> (Tensor, Tensor)");
 }

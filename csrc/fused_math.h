@@ -155,8 +155,17 @@ FP4OP_HD float gelu_f32(float x, GeluApprox approx) {
 }
 
 // kGeluNew: Hugging Face's gelu_new (GPT-2, minGPT's NewGELU), the tanh GELU written out op by op;
-// each op of a float16/bfloat16 tensor rounds (gelu_new_rounded). Not an activation_unrounded.
-enum class Activation : int { kSilu = 0, kGeluErf = 1, kGeluTanh = 2, kGeluNew = 3, kRelu = 4, kReluSquared = 5 };
+// each op of a float16/bfloat16 tensor rounds (gelu_new_rounded). kSigmoidMul: x * sigmoid(alpha * x),
+// also op by op (sigmoid_mul_rounded). Neither is an activation_unrounded.
+enum class Activation : int {
+  kSilu = 0,
+  kGeluErf = 1,
+  kGeluTanh = 2,
+  kGeluNew = 3,
+  kRelu = 4,
+  kReluSquared = 5,
+  kSigmoidMul = 6
+};
 
 // torch.relu as its CUDA kernel computes it: a NaN stays NaN, -0 becomes +0. (torch's CPU kernel keeps
 // -0; the CPU op calls it, at::relu.)
@@ -181,6 +190,19 @@ FP4OP_HD float gelu_new_rounded(float x, InputDtype dtype) {
   const float inner = round_to(add_rn(x, round_to(mul_rn(cube, float(kGeluNewKappa)), dtype)), dtype);
   const float t = round_to(tanhf(round_to(mul_rn(inner, float(kGeluNewSqrt2OverPi)), dtype)), dtype);
   return round_to(mul_rn(half_x, round_to(add_rn(t, 1.0f), dtype)), dtype);
+}
+
+// torch.sigmoid as torch's CUDA kernel computes it, 1 / (1 + exp(-x)) in float32 (the CPU op calls
+// torch's own kernel).
+FP4OP_HD float sigmoid_f32(float x) { return div_rn(1.0f, add_rn(1.0f, expf(-x))); }
+
+// `x * torch.sigmoid(alpha * x)` as eager CUDA computes it for a float16/bfloat16 x, each op rounded to
+// the model dtype: QuickGELU (CLIP, OpenCLIP, Hugging Face's QuickGELUActivation) with alpha = 1.702,
+// SiLU written out (`x * torch.sigmoid(x)`: alpha = 1, whose product is exact) with 1. alpha multiplies
+// as float32, as a Python float scalar does.
+FP4OP_HD float sigmoid_mul_rounded(float x, float alpha, InputDtype dtype) {
+  const float s = round_to(sigmoid_f32(round_to(mul_rn(x, alpha), dtype)), dtype);
+  return round_to(mul_rn(x, s), dtype);
 }
 
 // act(x) in float32, before the rounding to the model dtype: F.silu / F.gelu / F.relu (squared) of a
@@ -361,11 +383,16 @@ __device__ __forceinline__ void gelu_new_pair(float& lo, float& hi, InputDtype d
 }
 
 // act of both values rounded to the model dtype: round_to(activation_unrounded(x, act)), or
-// gelu_new_rounded (with gelu_new_coef its sqrt(2 / pi)).
+// gelu_new_rounded (with coef its sqrt(2 / pi)), or sigmoid_mul_rounded (coef its alpha).
 __device__ __forceinline__ void activation_pair(float& lo, float& hi, Activation act, InputDtype dtype,
-                                                float gelu_new_coef) {
+                                                float coef) {
   if (act == Activation::kSilu) return silu_pair(lo, hi, dtype);
-  if (act == Activation::kGeluNew) return gelu_new_pair(lo, hi, dtype, gelu_new_coef);
+  if (act == Activation::kGeluNew) return gelu_new_pair(lo, hi, dtype, coef);
+  if (act == Activation::kSigmoidMul) {
+    lo = sigmoid_mul_rounded(lo, coef, dtype);
+    hi = sigmoid_mul_rounded(hi, coef, dtype);
+    return;
+  }
   lo = activation_unrounded(lo, act);
   hi = activation_unrounded(hi, act);
   round_pair(lo, hi, dtype);
@@ -374,10 +401,10 @@ __device__ __forceinline__ void activation_pair(float& lo, float& hi, Activation
 // act(x) in the model dtype for each of `x` (replaced by the outputs).
 template <int N>
 __device__ __forceinline__ void activation_elements(float (&x)[N], Activation act, InputDtype dtype,
-                                                    float gelu_new_coef) {
+                                                    float coef) {
   static_assert(N % 2 == 0, "pairs");
 #pragma unroll
-  for (int e = 0; e < N; e += 2) activation_pair(x[e], x[e + 1], act, dtype, gelu_new_coef);
+  for (int e = 0; e < N; e += 2) activation_pair(x[e], x[e + 1], act, dtype, coef);
 }
 
 // F.silu(gate) * up (or GELU) in the model dtype, round(round(act(gate)) * up), for each of `gate`
@@ -387,9 +414,9 @@ __device__ __forceinline__ void activation_elements(float (&x)[N], Activation ac
 // registers instead of 78, 4 CTAs an SM instead of 3; kernel lab run 38.)
 template <int N>
 __device__ __forceinline__ void gated_elements(float (&gate)[N], const float (&up)[N], Activation act,
-                                               InputDtype dtype, float gelu_new_coef) {
+                                               InputDtype dtype, float coef) {
   static_assert(N % 2 == 0, "pairs");
-  activation_elements(gate, act, dtype, gelu_new_coef);
+  activation_elements(gate, act, dtype, coef);
 #pragma unroll
   for (int e = 0; e < N; e += 2) {
     float lo = mul_rn(gate[e], up[e]), hi = mul_rn(gate[e + 1], up[e + 1]);

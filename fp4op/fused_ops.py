@@ -39,6 +39,11 @@ math is csrc/fused_math.h):
   same ATen ops. ``sqrt_2_over_pi`` (last): that factor as a one-element tensor (on the CPU or on x's
   device; its float32 rounding), for ``torch.compile(dynamic=True)``, where Dynamo lifts ``math.pi``
   into a graph input and computes the factor in the graph; None: the constant.
+* ``sigmoid_mul_quantize``: ``x * torch.sigmoid(alpha * x)`` with each op rounded as eager rounds it,
+  ``round(x * round(sigmoid(round(alpha * x))))``: QuickGELU (CLIP, OpenCLIP, Hugging Face's
+  ``quick_gelu``; alpha = 1.702) and SiLU written out (``x * torch.sigmoid(x)``, alpha = 1: its
+  ``alpha * x`` is exact), which differs from ``silu_quantize`` (F.silu rounds once); sigmoid on CUDA
+  as torch's kernel, ``1 / (1 + exp(-x))``, on CPU torch's ops.
 * ``gelu_new_and_mul_quantize`` / ``relu_and_mul_quantize``: ``round(gelu_new(gate) * up)`` (T5 v1.1 /
   Flan-T5's gated-gelu) and ``round(relu(gate) * up)`` (with ``squared=True``
   ``round(round(relu(gate) ** 2) * up)``), the activation as in the plain ops above.
@@ -313,6 +318,22 @@ def _gelu_new_quantize_fake(
     if sqrt_2_over_pi is not None:
         _check_scalar_tensor(sqrt_2_over_pi, "sqrt_2_over_pi", x)
     return out
+
+
+@torch.library.register_fake("fp4op::sigmoid_mul_quantize")
+def _sigmoid_mul_quantize_fake(
+    x,
+    alpha=1.0,
+    global_scale=None,
+    sf_vec_size=16,
+    sf_use_ue8m0=False,
+    is_sf_swizzled_layout=True,
+    is_sf_8x4_layout=False,
+    is_global_scale_inversed=False,
+):
+    return _fake_quantize_outputs(
+        x, "x", global_scale, sf_vec_size, sf_use_ue8m0, is_sf_swizzled_layout, is_sf_8x4_layout
+    )
 
 
 @torch.library.register_fake("fp4op::relu_quantize")

@@ -11,6 +11,9 @@
   (``torch.pow(x, 3.0)`` or ``x ** 3``) -> fp4op.gelu_new_quantize, which rounds after every op as
   eager does; under ``dynamic=True`` its factor ``math.sqrt(2.0 / math.pi)`` arrives as a 0-d tensor
   (Dynamo lifts ``math.pi``), which the op then takes as ``sqrt_2_over_pi``;
+* ``x * torch.sigmoid(1.702 * x)`` (QuickGELU: CLIP, OpenCLIP, Hugging Face's ``quick_gelu``) and
+  ``x * torch.sigmoid(x)`` (SiLU written out; also ``sigmoid(...) * x``) -> fp4op.sigmoid_mul_quantize,
+  which rounds after each op as eager does;
 * ``F.relu(x)`` / ``nn.ReLU`` (OPT, T5 v1.0) and the squared ReLU ``F.relu(x) ** 2`` (also
   ``.pow(2)``, ``torch.square``, ``r * r``; Primer, Nemotron, modded-nanogpt) -> fp4op.relu_quantize.
 """
@@ -38,9 +41,20 @@ def _gelu_new_coef_tensor(x: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
     return 0.5 * x * (1.0 + torch.tanh((x + 0.044715 * torch.pow(x, 3.0)) * coef))
 
 
+QUICK_GELU_ALPHA = 1.702
+
+
 def _activation(kind: str, x: torch.Tensor, coef: torch.Tensor | None = None) -> torch.Tensor:
     if kind == "silu":
         return F.silu(x)
+    if kind == "quick_gelu":
+        return x * torch.sigmoid(QUICK_GELU_ALPHA * x)
+    if kind == "quick_gelu_sigmoid_first":
+        return torch.sigmoid(QUICK_GELU_ALPHA * x) * x
+    if kind == "silu_written":
+        return x * torch.sigmoid(x)
+    if kind == "silu_written_sigmoid_first":
+        return torch.sigmoid(x) * x
     if kind == "gelu_new":
         return gelu_new(x) if coef is None else _gelu_new_coef_tensor(x, coef)
     if kind == "relu":
@@ -118,6 +132,10 @@ PLAIN_OPS = {
     "gelu": ("gelu_quantize", ("none",)),
     "gelu_tanh": ("gelu_quantize", ("tanh",)),
     "gelu_new": ("gelu_new_quantize", ()),
+    "quick_gelu": ("sigmoid_mul_quantize", (QUICK_GELU_ALPHA,)),
+    "quick_gelu_sigmoid_first": ("sigmoid_mul_quantize", (QUICK_GELU_ALPHA,)),
+    "silu_written": ("sigmoid_mul_quantize", (1.0,)),
+    "silu_written_sigmoid_first": ("sigmoid_mul_quantize", (1.0,)),
     "relu": ("relu_quantize", (False,)),
     "relu2": ("relu_quantize", (True,)),
     "relu2_mul": ("relu_quantize", (True,)),

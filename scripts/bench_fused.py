@@ -109,6 +109,8 @@ def cases(m: int, k: int, dtype: torch.dtype, gs: torch.Tensor):
            lambda t: gelu_new(t[:, :k]) * t[:, k:], (gate_up,), 2 * m * k * e + q_bytes)
     yield ("silu", lambda: OPS.silu_quantize(x, global_scale=gs), lambda x: F.silu(x), (x,), m * k * e + q_bytes)
     yield ("gelu_new", lambda: OPS.gelu_new_quantize(x, global_scale=gs), gelu_new, (x,), m * k * e + q_bytes)
+    yield ("quick_gelu", lambda: OPS.sigmoid_mul_quantize(x, 1.702, global_scale=gs),
+           lambda x: x * torch.sigmoid(1.702 * x), (x,), m * k * e + q_bytes)
 
 
 def compiled_pair(model, gs: torch.Tensor):

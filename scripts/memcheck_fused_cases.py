@@ -15,7 +15,7 @@ import fp4op  # noqa: F401  (registers the ops)
 from fp4op import layouts
 
 OPS = ("rms_norm", "add_rms_norm", "add_rms_norm_float32_sum", "layer_norm", "silu_and_mul", "gelu_and_mul",
-       "gelu_new_and_mul", "relu2_and_mul", "silu", "gelu", "gelu_new", "relu", "relu2")
+       "gelu_new_and_mul", "relu2_and_mul", "silu", "gelu", "gelu_new", "relu", "relu2", "quick_gelu")
 
 
 def run(op, x, w, gs, q):
@@ -44,6 +44,8 @@ def run(op, x, w, gs, q):
         return ops.gelu_new_quantize(x, **q)
     if op.startswith("relu"):
         return ops.relu_quantize(x, op == "relu2", **q)
+    if op == "quick_gelu":
+        return ops.sigmoid_mul_quantize(x, 1.702, **q)
     return ops.gelu_quantize(x, "none", **q)
 
 

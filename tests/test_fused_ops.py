@@ -95,6 +95,10 @@ def eager_act(name, x):
         return F.relu(x)
     if name == "relu2":
         return F.relu(x) ** 2
+    if name == "quick_gelu":
+        return x * torch.sigmoid(1.702 * x)
+    if name == "silu_written":
+        return x * torch.sigmoid(x)
     return F.gelu(x, approximate="tanh" if name == "gelu_tanh" else "none")
 
 
@@ -177,7 +181,7 @@ NORMS = (
     "layer_norm_no_affine",
 )
 ACTIVATIONS = ("silu_and_mul", "gelu_and_mul", "gelu_tanh_and_mul", "gelu_new_and_mul", "relu_and_mul", "relu2_and_mul",
-               "silu", "gelu", "gelu_tanh", "gelu_new", "relu", "relu2")
+               "silu", "gelu", "gelu_tanh", "gelu_new", "relu", "relu2", "quick_gelu", "silu_written")
 
 # (M, K, eps): odd row counts, K = 16 * odd (NVFP4) or 32 * odd (MXFP4), 2048, 4096
 NORM_SHAPES = ((1, 2048, 1e-5), (7, None, 1e-6), (129, 4096, 3e-7))
@@ -253,6 +257,8 @@ def act_case(name, x, device):
         return OPS.gelu_new_quantize, (x,), y
     if name.startswith("relu"):
         return OPS.relu_quantize, (x, name == "relu2"), y
+    if name in ("quick_gelu", "silu_written"):
+        return OPS.sigmoid_mul_quantize, (x, 1.702 if name == "quick_gelu" else 1.0), y
     return OPS.gelu_quantize, (x, "tanh" if name == "gelu_tanh" else "none"), y
 
 
@@ -481,6 +487,8 @@ def op_cases(device):
         (OPS.gelu_new_and_mul_quantize, (x2, x2.flip(0)), {**mx, "sqrt_2_over_pi": torch.tensor([0.75], dtype=torch.float64, device=device)}),
         (OPS.relu_quantize, (x,), nv),
         (OPS.relu_quantize, (x2, True), mx),
+        (OPS.sigmoid_mul_quantize, (x, 1.702), nv),
+        (OPS.sigmoid_mul_quantize, (x2,), mx),
     ]
 
 
@@ -690,30 +698,34 @@ def test_activation_math_every_input(tmp_path):
     """Every float16 and bfloat16 input through the kernels' activation math (tests/cuda/
     activation_exhaustive.cu): SiLU's fast path with its exact fallback, and the GELUs, equal the
     float32 value eager computes rounded once; the fast path's error stays inside its stated bound;
-    gelu_new's paired steps equal its one-value steps, and those equal eager torch's CUDA ops."""
+    gelu_new's and sigmoid_mul's paired steps equal their one-value steps, and those equal eager torch's
+    CUDA ops (gelu_new, QuickGELU, SiLU written out)."""
     exe = tmp_path / "activation_exhaustive"
     source = Path(__file__).parent / "cuda" / "activation_exhaustive.cu"
     subprocess.run([nvcc_path(), "-O3", "-std=c++17", "-arch=native", "-o", str(exe), str(source)], check=True)
-    gelu_new_values = tmp_path / "gelu_new.f32"
-    run = subprocess.run([str(exe), str(gelu_new_values)], capture_output=True, text=True, timeout=120)
+    written = tmp_path / "stepwise.f32"
+    run = subprocess.run([str(exe), str(written)], capture_output=True, text=True, timeout=120)
     lines = run.stdout.splitlines()
-    assert len(lines) == 12, run.stdout + run.stderr
+    assert len(lines) == 14, run.stdout + run.stderr
     assert all(" checked 65536 mismatches 0 " in line for line in lines), run.stdout
     assert run.returncode == 0, run.stdout
-    # gelu_new, rounded op by op: the kernels' values equal eager torch's CUDA ops on every input
-    kernel = torch.from_file(str(gelu_new_values), size=2 * 65536, dtype=torch.float32).reshape(2, 65536)
+    # rounded op by op: the kernels' values equal eager torch's CUDA ops on every input
+    kernel = torch.from_file(str(written), size=6 * 65536, dtype=torch.float32).reshape(3, 2, 65536)
     bits = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16)
     bits = torch.cat([bits[2**15:], bits[: 2**15]])  # bit patterns 0x0000..0xFFFF, the program's order
-    for row, dtype in enumerate((torch.bfloat16, torch.float16)):
-        eager = eager_act("gelu_new", bits.view(dtype).cuda()).float().cpu()
-        same = (kernel[row] == eager) | (kernel[row].isnan() & eager.isnan())
-        assert same.all(), (dtype, bits[~same][:8].tolist(), kernel[row][~same][:8], eager[~same][:8])
+    for i, act in enumerate(("gelu_new", "quick_gelu", "silu_written")):
+        for row, dtype in enumerate((torch.bfloat16, torch.float16)):
+            eager = eager_act(act, bits.view(dtype).cuda()).float().cpu()
+            got = kernel[i, row]
+            same = (got == eager) | (got.isnan() & eager.isnan())
+            assert same.all(), (act, dtype, bits[~same][:8].tolist(), got[~same][:8], eager[~same][:8])
 
 
 @requires_cuda
 @pytest.mark.parametrize("recipe", RECIPES)
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("act", ("silu", "silu_and_mul", "gelu_new", "gelu_new_and_mul", "relu", "relu2", "relu2_and_mul"))
+@pytest.mark.parametrize("act", ("silu", "silu_and_mul", "gelu_new", "gelu_new_and_mul", "relu", "relu2", "relu2_and_mul",
+                                 "quick_gelu", "silu_written"))
 def test_every_activation_input_equals_eager_cuda(act, dtype, recipe):
     """Every float16/bfloat16 bit pattern (NaN, inf and subnormals included) as a SiLU (gelu_new, ReLU,
     squared ReLU; plain or gated) input: the fused op's bytes equal eager CUDA's ops (F.silu, ..., times
@@ -741,6 +753,8 @@ def test_every_activation_input_equals_eager_cuda(act, dtype, recipe):
                 got = op(*args, **kw)
             elif act.startswith("relu"):
                 got = OPS.relu_quantize(x, act == "relu2", **kw)
+            elif act in ("quick_gelu", "silu_written"):
+                got = OPS.sigmoid_mul_quantize(x, 1.702 if act == "quick_gelu" else 1.0, **kw)
             else:
                 got = (OPS.gelu_new_quantize if act == "gelu_new" else OPS.silu_quantize)(x, **kw)
             want = OPS.quantize(y, **kw)

@@ -136,6 +136,11 @@ def _activation_chains():
         ("gelu_quantize[gelu_tanh]", lambda g, u: gelu_tanh(g)),
         ("gelu_new_quantize[gelu_new]", lambda g, u: gelu_new(g)),
         ("gelu_new_quantize[gelu_new]", lambda g, u: 0.5 * g * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (g + 0.044715 * g**3)))),
+        # QuickGELU (CLIP / OpenCLIP / transformers' QuickGELUActivation) and SiLU written out
+        ("sigmoid_mul_quantize[quick_gelu]", lambda g, u: g * torch.sigmoid(1.702 * g)),
+        ("sigmoid_mul_quantize[quick_gelu_sigmoid_first]", lambda g, u: torch.sigmoid(g * 1.702) * g),
+        ("sigmoid_mul_quantize[silu_written]", lambda g, u: g * torch.sigmoid(g)),
+        ("sigmoid_mul_quantize[silu_written_sigmoid_first]", lambda g, u: g.sigmoid() * g),
         ("relu_quantize[relu]", lambda g, u: nn.ReLU(inplace=True)(g * 1)),
         ("relu_quantize[relu2]", lambda g, u: torch.square(F.relu(g))),
         ("relu_quantize[relu2]", lambda g, u: F.relu(g).pow(2)),
@@ -261,6 +266,7 @@ def test_never_fuse(device):
         outs.append(q(gelu_new(x32[1]).to(dtype)))  # gelu_new written out in float32 (one rounding)
         a = F.gelu(x[7])
         outs.append((*q(a), a.sum()))  # the activation output has another user
+        outs.append(q(x[7] * torch.sigmoid(1.702 * x[6])))  # x * sigmoid(alpha * y): not QuickGELU of one tensor
         s = x[5].float() + x[6].float()  # vLLM's Gemma form in float16: the float32 sum is the next residual
         h = s * torch.rsqrt(s.pow(2).mean(-1, keepdim=True) + 1e-6)
         outs.append((*q(h.to(dtype) * w), s))
@@ -270,7 +276,7 @@ def test_never_fuse(device):
     args = (x, x32, w, w32, g, u1)
     out, record = compile_fused(fn, *args)
     assert dict(record.matches) == {}
-    assert fp4_ops(record.after) == {"fp4op.quantize.default": 12 if device == "cpu" else 11}
+    assert fp4_ops(record.after) == {"fp4op.quantize.default": 13 if device == "cpu" else 12}
     with torch.no_grad():
         expected = fn(*args)
     for got, want in zip(out, expected):

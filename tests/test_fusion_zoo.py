@@ -500,6 +500,22 @@ class GPT2NewGeluMLP(nn.Module):
         return self.c_proj(self.act(self.c_fc(x)))
 
 
+class QuickGELUActivation(nn.Module):
+    """transformers' QuickGELUActivation (CLIP, as OpenAI's and OpenCLIP's QuickGELU write it)."""
+
+    def forward(self, input):
+        return input * torch.sigmoid(1.702 * input)
+
+
+class CLIPMLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.activation_fn, self.fc2 = nn.Linear(D, 4 * D), QuickGELUActivation(), nn.Linear(4 * D, D)
+
+    def forward(self, hidden_states):
+        return self.fc2(self.activation_fn(self.fc1(hidden_states)))
+
+
 class OPTFeedForward(nn.Module):
     """transformers OPTDecoderLayer's feed-forward after final_layer_norm: fc1, ReLU (ACT2FN["relu"]), fc2."""
 
@@ -728,6 +744,14 @@ ZOOS = {
         [_stack(lambda: nn.LayerNorm(D), GPT2NewGeluMLP)],
         torch.float16, "nvfp4", "no_grad",
         {"layer_norm_quantize[weight,bias]": 2, "gelu_new_quantize[gelu_new]": 2},
+        0,
+    ),
+    # CLIP encoder MLP halves: nn.LayerNorm, then QuickGELU (x * sigmoid(1.702 * x), rounded op by op in
+    # bfloat16, as eager), both fused; nothing left.
+    "clip_quick_gelu": (
+        [_stack(lambda: nn.LayerNorm(D), CLIPMLP)],
+        torch.bfloat16, "nvfp4", "no_grad",
+        {"layer_norm_quantize[weight,bias]": 2, "sigmoid_mul_quantize[quick_gelu]": 2},
         0,
     ),
     # OPT feed-forward halves (LayerNorm, fc1, ReLU, fc2) and modded-nanogpt's (weightless F.rms_norm,

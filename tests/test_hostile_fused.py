@@ -25,7 +25,7 @@ OPS = torch.ops.fp4op
 EPS = 1e-6
 NORMS = ("rms_norm", "add_rms_norm", "layer_norm")
 GATED = ("silu_and_mul", "gelu_and_mul", "gelu_new_and_mul", "relu2_and_mul")
-FUSED = (*NORMS, *GATED, "silu", "gelu", "gelu_new", "relu2")
+FUSED = (*NORMS, *GATED, "silu", "gelu", "gelu_new", "relu2", "quick_gelu")
 # A small input has few blocks, so one block off by a rounding of the norm's reduction order moves the
 # identical-block fraction a lot: the per-element rule of assert_fp4_close is the check that matters here.
 MIN_IDENTICAL_SMALL = 0.9
@@ -82,6 +82,8 @@ def fused(op, x, c, **q):
         return OPS.gelu_new_quantize(x, **q)
     if op == "relu2":
         return OPS.relu_quantize(x, True, **q)
+    if op == "quick_gelu":
+        return OPS.sigmoid_mul_quantize(x, 1.702, **q)
     return OPS.gelu_quantize(x, "tanh", **q)
 
 
@@ -96,7 +98,7 @@ def eager(op, x, c):
         return eager_layer_norm(x, c["weight"], c["bias"], EPS), None
     if op in GATED:
         return eager_act(op[: -len("_and_mul")], x) * c["up"], None
-    return eager_act(op if op in ("silu", "gelu_new", "relu2") else "gelu_tanh", x), None
+    return eager_act(op if op in ("silu", "gelu_new", "relu2", "quick_gelu") else "gelu_tanh", x), None
 
 
 def assert_equal(a, b):
@@ -467,6 +469,7 @@ SPECIFIC = {
     "gelu": {"approximate": (case_approximate, (VE, "approximate must be 'none' or 'tanh'"))},
     "gelu_new": dict(COEF_TENSOR_CASES),
     "relu2": {},
+    "quick_gelu": {},
 }
 for _op in GATED:
     SPECIFIC[_op] = {

@@ -257,7 +257,7 @@ std::tuple<at::Tensor, at::Tensor> layer_norm_quantize_cpu(const at::Tensor& x, 
 // promise (AVX2 and AVX512 builds vectorize erf, tanh and exp with different polynomials, their scalar
 // tails use the C library, and the DEFAULT build rounds every step). The quantize then reads the
 // activation back from memory: on CPU the fusion saves the graph's other kernels, not this pass.
-at::Tensor eager_activation(const at::Tensor& x, Activation act, double gelu_new_coef) {
+at::Tensor eager_activation(const at::Tensor& x, Activation act, double coef) {
   at::NoGradGuard no_grad;  // a temporary: no autograd graph for it
   switch (act) {
     case Activation::kSilu: return at::silu(x);
@@ -266,10 +266,12 @@ at::Tensor eager_activation(const at::Tensor& x, Activation act, double gelu_new
     case Activation::kGeluNew: {
       // the ops of `0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))))`
       const at::Tensor inner = at::add(x, at::mul(at::pow(x, 3.0), fused::kGeluNewKappa));
-      return at::mul(at::mul(x, 0.5), at::add(at::tanh(at::mul(inner, gelu_new_coef)), 1.0));
+      return at::mul(at::mul(x, 0.5), at::add(at::tanh(at::mul(inner, coef)), 1.0));
     }
     case Activation::kRelu: return at::relu(x);
     case Activation::kReluSquared: return at::pow(at::relu(x), 2);
+    // `x * torch.sigmoid(alpha * x)`; alpha = 1 (SiLU written out) has no `1.0 * x` op, an exact product
+    case Activation::kSigmoidMul: return at::mul(x, at::sigmoid(at::mul(x, coef)));
   }
   TORCH_CHECK(false, "unknown activation");
 }
@@ -286,10 +288,10 @@ std::tuple<at::Tensor, at::Tensor> activation_quantize(const at::Tensor& x, Acti
                                                        int64_t sf_vec_size, bool sf_use_ue8m0,
                                                        bool is_sf_swizzled_layout, bool is_sf_8x4_layout,
                                                        bool is_global_scale_inversed,
-                                                       double gelu_new_coef = fused::kGeluNewSqrt2OverPi) {
+                                                       double coef = fused::kGeluNewSqrt2OverPi) {
   FusedProblem p = fused::prepare_fused(x, "x", global_scale, sf_vec_size, sf_use_ue8m0, is_sf_swizzled_layout,
                                         is_sf_8x4_layout);
-  const Rows yr = fused::rows_of(eager_activation(x, act, gelu_new_coef));
+  const Rows yr = fused::rows_of(eager_activation(x, act, coef));
   const InputDtype dtype = p.dtype;
   const int64_t k = p.shape.k;
   const QuantizeParams qp = quantize_params(p, sf_use_ue8m0, is_global_scale_inversed);
@@ -303,11 +305,11 @@ std::tuple<at::Tensor, at::Tensor> gated_quantize(const at::Tensor& gate, const 
                                                   const std::optional<at::Tensor>& global_scale, int64_t sf_vec_size,
                                                   bool sf_use_ue8m0, bool is_sf_swizzled_layout,
                                                   bool is_sf_8x4_layout, bool is_global_scale_inversed,
-                                                  double gelu_new_coef = fused::kGeluNewSqrt2OverPi) {
+                                                  double coef = fused::kGeluNewSqrt2OverPi) {
   FusedProblem p = fused::prepare_fused(gate, "gate", global_scale, sf_vec_size, sf_use_ue8m0,
                                         is_sf_swizzled_layout, is_sf_8x4_layout);
   fused::check_like(up, "up", gate, "gate");
-  const Rows ar = fused::rows_of(eager_activation(gate, act, gelu_new_coef));
+  const Rows ar = fused::rows_of(eager_activation(gate, act, coef));
   const Rows ur = fused::rows_of(up);
   const InputDtype dtype = p.dtype;
   const int64_t k = p.shape.k;
@@ -395,6 +397,15 @@ std::tuple<at::Tensor, at::Tensor> gelu_new_quantize_cpu(const at::Tensor& x, co
                              is_sf_8x4_layout, is_global_scale_inversed, gelu_new_coef_of(sqrt_2_over_pi, x));
 }
 
+std::tuple<at::Tensor, at::Tensor> sigmoid_mul_quantize_cpu(const at::Tensor& x, double alpha,
+                                                            const std::optional<at::Tensor>& global_scale,
+                                                            int64_t sf_vec_size, bool sf_use_ue8m0,
+                                                            bool is_sf_swizzled_layout, bool is_sf_8x4_layout,
+                                                            bool is_global_scale_inversed) {
+  return activation_quantize(x, Activation::kSigmoidMul, global_scale, sf_vec_size, sf_use_ue8m0,
+                             is_sf_swizzled_layout, is_sf_8x4_layout, is_global_scale_inversed, alpha);
+}
+
 std::tuple<at::Tensor, at::Tensor> relu_quantize_cpu(const at::Tensor& x, bool squared,
                                                      const std::optional<at::Tensor>& global_scale,
                                                      int64_t sf_vec_size, bool sf_use_ue8m0, bool is_sf_swizzled_layout,
@@ -418,6 +429,7 @@ TORCH_LIBRARY_IMPL(fp4op, CPU, m) {
   m.impl("silu_quantize", &silu_quantize_cpu);
   m.impl("gelu_quantize", &gelu_quantize_cpu);
   m.impl("gelu_new_quantize", &gelu_new_quantize_cpu);
+  m.impl("sigmoid_mul_quantize", &sigmoid_mul_quantize_cpu);
   m.impl("relu_quantize", &relu_quantize_cpu);
 }
 

@@ -349,8 +349,8 @@ int resident_ctas_per_sm() {
 // What the fused activations' sources read (the plain quantize's ignores it).
 struct ActivationArgs {
   int kind;                           // fp4op::fused::Activation
-  float gelu_new_coef;                // gelu_new's sqrt(2 / pi), float32
-  const float* gelu_new_coef_device;  // or that factor read by the kernel (a float32 tensor), or nullptr
+  float coef;                // the activation's factor: gelu_new's sqrt(2 / pi), sigmoid_mul's alpha
+  const float* coef_device;  // or that factor read by the kernel (a float32 tensor), or nullptr
 };
 
 struct ElementwiseArgs {

@@ -176,7 +176,8 @@ std::tuple<at::Tensor, at::Tensor> activation_impl(const at::Tensor& x, const at
                                                    int64_t sf_vec_size, bool sf_use_ue8m0,
                                                    bool is_sf_swizzled_layout, bool is_sf_8x4_layout,
                                                    bool is_global_scale_inversed,
-                                                   const std::optional<at::Tensor>& sqrt_2_over_pi = std::nullopt) {
+                                                   const std::optional<at::Tensor>& sqrt_2_over_pi = std::nullopt,
+                                                   double alpha = 1.0) {
   const char* name = up ? "gate" : "x";
   FusedProblem p = fused::prepare_fused(x, name, global_scale, sf_vec_size, sf_use_ue8m0, is_sf_swizzled_layout,
                                         is_sf_8x4_layout);
@@ -190,16 +191,17 @@ std::tuple<at::Tensor, at::Tensor> activation_impl(const at::Tensor& x, const at
     if (up) set_rows(*up, &a.y, &a.y_row_stride, keep);
   }
   a.activation = int(act);
-  // gelu_new's sqrt(2 / pi): the constant, or the tensor given (read here on the CPU, by the kernel on x's device)
-  a.gelu_new_coef = fused::kGeluNewCoef;
+  // the activation's factor: sigmoid_mul's alpha; gelu_new's sqrt(2 / pi), the constant or the tensor
+  // given (read here on the CPU, by the kernel on x's device)
+  a.activation_coef = act == Activation::kSigmoidMul ? float(alpha) : fused::kGeluNewCoef;
   at::Tensor coef_device;
   if (fused::has(sqrt_2_over_pi)) {
     fused::check_scalar_tensor(*sqrt_2_over_pi, "sqrt_2_over_pi", x);
     if (sqrt_2_over_pi->device().is_cpu()) {
-      a.gelu_new_coef = float(fused::cpu_scalar_value(*sqrt_2_over_pi));
+      a.activation_coef = float(fused::cpu_scalar_value(*sqrt_2_over_pi));
     } else {
       coef_device = sqrt_2_over_pi->reshape({1}).to(at::kFloat).contiguous();
-      a.gelu_new_coef_device = coef_device.data_ptr<float>();
+      a.activation_coef_device = coef_device.data_ptr<float>();
     }
   }
   run(a, p);
@@ -278,6 +280,15 @@ std::tuple<at::Tensor, at::Tensor> gelu_new_quantize_cuda(const at::Tensor& x,
                          is_sf_swizzled_layout, is_sf_8x4_layout, is_global_scale_inversed, sqrt_2_over_pi);
 }
 
+std::tuple<at::Tensor, at::Tensor> sigmoid_mul_quantize_cuda(const at::Tensor& x, double alpha,
+                                                             const std::optional<at::Tensor>& global_scale,
+                                                             int64_t sf_vec_size, bool sf_use_ue8m0,
+                                                             bool is_sf_swizzled_layout, bool is_sf_8x4_layout,
+                                                             bool is_global_scale_inversed) {
+  return activation_impl(x, nullptr, Activation::kSigmoidMul, global_scale, sf_vec_size, sf_use_ue8m0,
+                         is_sf_swizzled_layout, is_sf_8x4_layout, is_global_scale_inversed, std::nullopt, alpha);
+}
+
 std::tuple<at::Tensor, at::Tensor> relu_quantize_cuda(const at::Tensor& x, bool squared,
                                                       const std::optional<at::Tensor>& global_scale,
                                                       int64_t sf_vec_size, bool sf_use_ue8m0,
@@ -302,6 +313,7 @@ TORCH_LIBRARY_IMPL(fp4op, CUDA, m) {
   m.impl("silu_quantize", &silu_quantize_cuda);
   m.impl("gelu_quantize", &gelu_quantize_cuda);
   m.impl("gelu_new_quantize", &gelu_new_quantize_cuda);
+  m.impl("sigmoid_mul_quantize", &sigmoid_mul_quantize_cuda);
   m.impl("relu_quantize", &relu_quantize_cuda);
 }
 

@@ -33,8 +33,8 @@ struct FusedLaunch {
   float weight_offset;
   int rms_weight;               // fp4op::fused::RmsWeight
   int activation;               // fp4op::fused::Activation
-  float gelu_new_coef;          // gelu_new's sqrt(2 / pi)
-  const float* gelu_new_coef_device;  // or that factor read on the device (a float32 tensor), or nullptr
+  float activation_coef;        // the activation's factor: gelu_new's sqrt(2 / pi), sigmoid_mul's alpha
+  const float* activation_coef_device;  // or that factor read on the device (a float32 tensor), or nullptr
   QuantizeTarget out;
 };
 

@@ -1,9 +1,10 @@
 // Every float16 and bfloat16 input through the fused kernels' activation math (csrc/fused_math.h):
 // activation_pair, which the kernels call, against round_to(activation_unrounded(x)), the float32 value
-// as eager torch computes it rounded once to the model dtype (gelu_new: against gelu_new_rounded, its
-// steps one value at a time; with a file argument the program also writes activation_pair's gelu_new
-// of every bfloat16 and then every float16 input there, 2 x 65536 float32 values, which the test
-// compares with eager torch on the GPU). silu_pair's fast path decides most
+// as eager torch computes it rounded once to the model dtype (gelu_new, sigmoid_mul: against
+// gelu_new_rounded / sigmoid_mul_rounded, their steps one value at a time; with a file argument the
+// program also writes activation_pair's gelu_new, sigmoid_mul with alpha 1.702 (QuickGELU) and with
+// alpha 1 (SiLU written out), each of every bfloat16 and then every float16 input, 6 x 65536 float32
+// values, which the test compares with eager torch on the GPU). silu_pair's fast path decides most
 // roundings without that value (its comment gives the bounds); this checks that it never decides one
 // wrongly, and that its measured error is inside the bound it relies on. Built in CI (.ci/run) and run
 // by tests/test_fused_ops.py::test_activation_math_every_input on a GPU (nvcc, no torch headers); prints
@@ -33,17 +34,24 @@ __device__ float widen(uint32_t bits, InputDtype dtype) {
 __device__ bool same(float a, float b) { return (a != a && b != b) || __float_as_uint(a) == __float_as_uint(b); }
 
 // Thread i takes the inputs 2i and 2i + 1 as one pair, as the kernels pair neighbouring elements.
+constexpr float kQuickGeluAlpha = 1.702f;
+
+// the factor activation_pair takes for `act`
+__host__ __device__ float coef_of(Activation act) {
+  return act == Activation::kSigmoidMul ? kQuickGeluAlpha : fp4op::fused::kGeluNewCoef;
+}
+
 __global__ void check(Activation act, InputDtype dtype, Counts* counts) {
   const uint32_t first = 2 * (blockIdx.x * blockDim.x + threadIdx.x);
   if (first >= 65536) return;
   const float x[2] = {widen(first, dtype), widen(first + 1, dtype)};
   float got[2] = {x[0], x[1]};
-  fp4op::fused::activation_pair(got[0], got[1], act, dtype, fp4op::fused::kGeluNewCoef);
+  fp4op::fused::activation_pair(got[0], got[1], act, dtype, coef_of(act));
   for (int e = 0; e < 2; ++e) {
     atomicAdd(&counts->checked, 1ull);
-    const bool stepwise = act == Activation::kGeluNew;
-    const float exact = stepwise ? fp4op::fused::gelu_new_rounded(x[e], dtype)
-                                 : fp4op::fused::activation_unrounded(x[e], act);
+    const float exact = act == Activation::kGeluNew      ? fp4op::fused::gelu_new_rounded(x[e], dtype)
+                        : act == Activation::kSigmoidMul ? fp4op::fused::sigmoid_mul_rounded(x[e], kQuickGeluAlpha, dtype)
+                                                         : fp4op::fused::activation_unrounded(x[e], act);
     const float want = fp4op::fused::round_to(exact, dtype);
     if (!same(got[e], want)) {
       atomicAdd(&counts->mismatches, 1ull);
@@ -61,28 +69,40 @@ __global__ void check(Activation act, InputDtype dtype, Counts* counts) {
   }
 }
 
-__global__ void values(Activation act, InputDtype dtype, float* out) {
+__global__ void values(Activation act, float coef, InputDtype dtype, float* out) {
   const uint32_t first = 2 * (blockIdx.x * blockDim.x + threadIdx.x);
   if (first >= 65536) return;
   float v[2] = {widen(first, dtype), widen(first + 1, dtype)};
-  fp4op::fused::activation_pair(v[0], v[1], act, dtype, fp4op::fused::kGeluNewCoef);
+  fp4op::fused::activation_pair(v[0], v[1], act, dtype, coef);
   out[first] = v[0];
   out[first + 1] = v[1];
 }
 
-// activation_pair's gelu_new of every bfloat16, then every float16 input, to `path`.
-int write_gelu_new(const char* path) {
-  static float host[2 * 65536];
+// activation_pair's gelu_new, QuickGELU and SiLU written out, each of every bfloat16, then every
+// float16 input, to `path`.
+int write_values(const char* path) {
+  static float host[6 * 65536];
   float* out = nullptr;
   if (cudaMalloc(&out, sizeof(host)) != cudaSuccess) return 2;
-  values<<<128, 256>>>(Activation::kGeluNew, InputDtype::kBFloat16, out);
-  values<<<128, 256>>>(Activation::kGeluNew, InputDtype::kFloat16, out + 65536);
+  const struct {
+    Activation act;
+    float coef;
+  } written[] = {{Activation::kGeluNew, fp4op::fused::kGeluNewCoef},
+                 {Activation::kSigmoidMul, kQuickGeluAlpha},
+                 {Activation::kSigmoidMul, 1.0f}};
+  float* next = out;
+  for (const auto& w : written) {
+    for (InputDtype dtype : {InputDtype::kBFloat16, InputDtype::kFloat16}) {
+      values<<<128, 256>>>(w.act, w.coef, dtype, next);
+      next += 65536;
+    }
+  }
   if (cudaGetLastError() != cudaSuccess || cudaMemcpy(host, out, sizeof(host), cudaMemcpyDeviceToHost) != cudaSuccess) {
     return 2;
   }
   cudaFree(out);
   FILE* f = std::fopen(path, "wb");
-  const bool written = f != nullptr && std::fwrite(host, sizeof(float), 2 * 65536, f) == 2 * 65536;
+  const bool written = f != nullptr && std::fwrite(host, sizeof(float), 6 * 65536, f) == 6 * 65536;
   if (f != nullptr) std::fclose(f);
   return written ? 0 : 2;
 }
@@ -97,7 +117,8 @@ int main(int argc, char** argv) {
               {Activation::kGeluTanh, "gelu_tanh"},
               {Activation::kGeluNew, "gelu_new"},
               {Activation::kRelu, "relu"},
-              {Activation::kReluSquared, "relu_squared"}};
+              {Activation::kReluSquared, "relu_squared"},
+              {Activation::kSigmoidMul, "quick_gelu"}};
   for (const auto& a : acts) {
     for (InputDtype dtype : {InputDtype::kBFloat16, InputDtype::kFloat16}) {
       const Counts start{0, 0, 0, 0, 0xFFFFFFFFu};
@@ -124,6 +145,6 @@ int main(int argc, char** argv) {
       cudaFree(counts);
     }
   }
-  if (argc > 1 && write_gelu_new(argv[1]) != 0) return 2;
+  if (argc > 1 && write_values(argv[1]) != 0) return 2;
   return failures == 0 ? 0 : 1;
 }
