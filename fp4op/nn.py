@@ -538,10 +538,10 @@ def convert(
     off (that path reads the weights and never calls the layers' forward).
 
     Skipped: other subclasses of nn.Linear (their forward may differ: LoRA, bitsandbytes' quantized
-    layers; nn.MultiheadAttention's out_proj) and other linear-like modules, layers whose in_features is not a multiple of the recipe's
-    block (16 for NVFP4, 32 for MXFP4), and layers whose qualified name (as in
-    ``model.named_modules()``) matches an entry of `exclude` exactly or as an fnmatch pattern (e.g.
-    ``"lm_head"``, ``"*.gate"``).
+    layers; nn.MultiheadAttention's out_proj) and other linear-like modules, layers whose in_features
+    is not a multiple of the recipe's block (16 for NVFP4, 32 for MXFP4), and layers whose qualified
+    name (as in ``model.named_modules()``) matches an entry of `exclude` exactly or as an fnmatch
+    pattern (e.g. ``"lm_head"``, ``"*.gate"``).
     """
     _check_choice("recipe", recipe, RECIPES)
     exclude = () if exclude is None else (exclude,) if isinstance(exclude, str) else tuple(exclude)

@@ -29,7 +29,6 @@ from torch._inductor import pattern_matcher as pm
 from .pass_manager import FusionPattern, QuantizeArgs, same_model_dtype, same_shape, scalar_tensor, tensor_meta
 
 
-
 def gelu_new(x: torch.Tensor) -> torch.Tensor:
     """transformers' NewGELUActivation.forward (and minGPT's NewGELU), as written there."""
     return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))))
@@ -105,7 +104,8 @@ class ActivationAndMulQuantize(FusionPattern):
         self.name = f"{self.op_name}[{kind}{',coef_tensor' if coef_tensor else ''}{',up*act' if up_first else ''}]"
 
     def tensor_inputs(self, dtype, device):
-        return {**{n: torch.empty(8, 32, dtype=dtype, device=device) for n in ("gate", "up")}, **_coef_inputs(self.coef_tensor)}
+        inputs = {n: torch.empty(8, 32, dtype=dtype, device=device) for n in ("gate", "up")}
+        return {**inputs, **_coef_inputs(self.coef_tensor)}
 
     def pattern(self, gate, up, coef=None, global_scale=None):
         a = _activation(self.kind, gate, coef)
