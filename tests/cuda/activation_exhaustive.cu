@@ -87,13 +87,13 @@ int write_values(const char* path) {
   const struct {
     Activation act;
     float coef;
-  } written[] = {{Activation::kGeluNew, fp4op::fused::kGeluNewCoef},
-                 {Activation::kSigmoidMul, kQuickGeluAlpha},
-                 {Activation::kSigmoidMul, 1.0f}};
+  } kinds[] = {{Activation::kGeluNew, fp4op::fused::kGeluNewCoef},
+               {Activation::kSigmoidMul, kQuickGeluAlpha},
+               {Activation::kSigmoidMul, 1.0f}};
   float* next = out;
-  for (const auto& w : written) {
+  for (const auto& kind : kinds) {
     for (InputDtype dtype : {InputDtype::kBFloat16, InputDtype::kFloat16}) {
-      values<<<128, 256>>>(w.act, w.coef, dtype, next);
+      values<<<128, 256>>>(kind.act, kind.coef, dtype, next);
       next += 65536;
     }
   }
