@@ -713,6 +713,76 @@ def hoist_scalar_conversions(graph: torch.fx.Graph) -> None:
             anchor = node
 
 
+def _input_size_sources(graph: torch.fx.Graph) -> dict:
+    """Each size symbol of the graph's inputs -> (the input, its dim; None for a SymInt input)."""
+    import sympy
+
+    sources: dict = {}
+    for p in graph.find_nodes(op="placeholder"):
+        val = p.meta.get("val")
+        if isinstance(val, torch.SymInt) and isinstance(val.node.expr, sympy.Symbol):
+            sources.setdefault(val.node.expr, (p, None))
+        elif isinstance(val, torch.Tensor):
+            for i, size in enumerate(val.shape):
+                if isinstance(size, torch.SymInt) and isinstance(size.node.expr, sympy.Symbol):
+                    sources.setdefault(size.node.expr, (p, i))
+    return sources
+
+
+def _size_from_inputs(graph: torch.fx.Graph, expr, sources: dict):
+    """An FX value computing the size expression `expr` (integers, input size symbols, their sums and
+    products) from the graph inputs, inserted at the current insertion point; None for other forms."""
+    import sympy
+
+    if isinstance(expr, sympy.Integer):
+        return int(expr)
+    if isinstance(expr, sympy.Symbol):
+        source, dim = sources[expr]
+        if dim is None:
+            return source
+        node = graph.call_function(torch.ops.aten.sym_size.int, (source, dim))
+        node.meta["val"] = source.meta["val"].shape[dim]
+        return node
+    if not isinstance(expr, (sympy.Mul, sympy.Add)):
+        return None
+    combine = operator.mul if isinstance(expr, sympy.Mul) else operator.add
+    terms = [_size_from_inputs(graph, arg, sources) for arg in expr.args]
+    if any(t is None for t in terms):
+        return None
+    value = terms[0]
+    for term in terms[1:]:
+        node = graph.call_function(combine, (value, term))
+        vals = [t.meta["val"] if isinstance(t, torch.fx.Node) else t for t in (value, term)]
+        node.meta["val"] = combine(*vals)
+        value = node
+    return value
+
+
+def size_reads_from_inputs(graph: torch.fx.Graph) -> bool:
+    """Compute the sizes the graph reads of intermediate tensors (``aten.sym_size.int``) from its inputs'
+    sizes instead. Under ``dynamic=True`` ``torch.zeros_like(h)`` of a norm output flattened to rows
+    (``h = norm(x).view(-1, D)``, as MoE blocks write) reads ``sym_size(view, 0)``: a user of the norm
+    output besides the quantize, which would keep the rules from fusing it. The size is an expression of
+    input sizes (``s0 * s1``), rebuilt from them; the view, left unread, goes. True where a read moved."""
+    sources = _input_size_sources(graph)
+    moved = False
+    for node in list(graph.find_nodes(op="call_function", target=torch.ops.aten.sym_size.int)):
+        tensor, val = node.args[0], node.meta.get("val")
+        if not isinstance(tensor, torch.fx.Node) or tensor.op == "placeholder" or not isinstance(val, torch.SymInt):
+            continue
+        expr = val.node.expr
+        if not expr.free_symbols <= sources.keys():
+            continue
+        with graph.inserting_before(node):
+            size = _size_from_inputs(graph, expr, sources)
+        if size is None:
+            continue
+        node.replace_all_uses_with(size)
+        graph.erase_node(node)
+        moved = True
+    return moved
+
+
 def _movable(node: torch.fx.Node) -> bool:
     """A node whose place among its neighbours does not matter: pure, and no random numbers (their order
     sets what each draws)."""
@@ -1008,6 +1078,8 @@ class FusionPass(CustomGraphPass):
         fused_copies = 0
         if quantizes:
             hoist_scalar_conversions(graph)
+            if size_reads_from_inputs(graph):
+                graph.eliminate_dead_code()
             canonicalize_variances(graph)
             restore_zero_eps(graph)
             canonicalize_rsqrt_products(graph)

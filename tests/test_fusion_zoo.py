@@ -1129,6 +1129,29 @@ def test_dynamic_activation_forms():
                 assert torch.equal(a, e)
 
 
+def test_dynamic_flattened_norm_whose_size_is_read():
+    """dynamic=True, a norm output flattened to rows whose size the model also reads (``zeros_like(h)``, as
+    MoE blocks write: a sym_size read of the view in the graph): the read is taken from the input sizes
+    and the norm fuses, one graph for every M, the bytes equal eager's."""
+    w = torch.randn(D, dtype=torch.bfloat16) + 1
+
+    def fn(x):
+        h = F.rms_norm(x, (D,), w, 1e-6).view(-1, D)
+        x_q, sf = _q(h)
+        return x_q, sf, torch.zeros_like(h), h.shape[0] * 2
+
+    fusion.reset()
+    with fresh_compile_config(), torch.no_grad():
+        compiled = torch.compile(fn, dynamic=True, options=fusion.compile_options())
+        results = [(compiled(x), fn(x)) for x in (torch.randn(b, 5, D, dtype=torch.bfloat16) for b in (4, 3))]
+    assert len(fusion.fusion_pass().records) == 1
+    assert nonzero(fusion.match_counts()) == {"rms_norm_quantize[torch]": 1}
+    assert "fp4op.quantize.default" not in graph_ops()
+    for got, want in results:
+        assert_fp4_close(got[:2], want[:2])
+        assert torch.equal(got[2], want[2]) and got[3] == want[3]
+
+
 def test_dynamic_gelu_new_forms():
     """dynamic=True with Dynamo's defaults: transformers' gelu_new reads math.pi, which Dynamo (torch
     2.14; 2.11 keeps it a constant) lifts into a graph input, so its factor sqrt(2 / pi) is a 0-d tensor
