@@ -36,6 +36,7 @@ import operator
 import os
 from typing import Any, Callable, Sequence
 
+import sympy
 import torch
 from torch._dynamo.utils import counters
 from torch._inductor import pattern_matcher as pm
@@ -715,8 +716,6 @@ def hoist_scalar_conversions(graph: torch.fx.Graph) -> None:
 
 def _input_size_sources(graph: torch.fx.Graph) -> dict:
     """Each size symbol of the graph's inputs -> (the input, its dim; None for a SymInt input)."""
-    import sympy
-
     sources: dict = {}
     for p in graph.find_nodes(op="placeholder"):
         val = p.meta.get("val")
@@ -729,11 +728,18 @@ def _input_size_sources(graph: torch.fx.Graph) -> dict:
     return sources
 
 
-def _size_from_inputs(graph: torch.fx.Graph, expr, sources: dict):
-    """An FX value computing the size expression `expr` (integers, input size symbols, their sums and
-    products) from the graph inputs, inserted at the current insertion point; None for other forms."""
-    import sympy
+def _buildable_size(expr, sources: dict) -> bool:
+    """`expr` is an integer, an input size symbol, or sums and products of those."""
+    if isinstance(expr, sympy.Integer):
+        return True
+    if isinstance(expr, sympy.Symbol):
+        return expr in sources
+    return isinstance(expr, (sympy.Mul, sympy.Add)) and all(_buildable_size(arg, sources) for arg in expr.args)
 
+
+def _size_from_inputs(graph: torch.fx.Graph, expr, sources: dict):
+    """An FX value computing the _buildable_size expression `expr` from the graph inputs, inserted at
+    the current insertion point."""
     if isinstance(expr, sympy.Integer):
         return int(expr)
     if isinstance(expr, sympy.Symbol):
@@ -743,12 +749,8 @@ def _size_from_inputs(graph: torch.fx.Graph, expr, sources: dict):
         node = graph.call_function(torch.ops.aten.sym_size.int, (source, dim))
         node.meta["val"] = source.meta["val"].shape[dim]
         return node
-    if not isinstance(expr, (sympy.Mul, sympy.Add)):
-        return None
     combine = operator.mul if isinstance(expr, sympy.Mul) else operator.add
     terms = [_size_from_inputs(graph, arg, sources) for arg in expr.args]
-    if any(t is None for t in terms):
-        return None
     value = terms[0]
     for term in terms[1:]:
         node = graph.call_function(combine, (value, term))
@@ -771,12 +773,10 @@ def size_reads_from_inputs(graph: torch.fx.Graph) -> bool:
         if not isinstance(tensor, torch.fx.Node) or tensor.op == "placeholder" or not isinstance(val, torch.SymInt):
             continue
         expr = val.node.expr
-        if not expr.free_symbols <= sources.keys():
+        if not _buildable_size(expr, sources):
             continue
         with graph.inserting_before(node):
             size = _size_from_inputs(graph, expr, sources)
-        if size is None:
-            continue
         node.replace_all_uses_with(size)
         graph.erase_node(node)
         moved = True

@@ -344,15 +344,15 @@ int resident_ctas_per_sm() {
 
 // ---- the elementwise kernel -------------------------------------------------------------------------
 
-// The inputs of an elementwise quantize: up to two row-major streams (x, or gate and up) of the same
-// shape; row r of stream s starts at in[s] + r * row_stride[s] elements, rows are 16-byte aligned.
 // What the fused activations' sources read (the plain quantize's ignores it).
 struct ActivationArgs {
-  int kind;                           // fp4op::fused::Activation
+  int kind;                  // fp4op::fused::Activation
   float coef;                // the activation's factor: gelu_new's sqrt(2 / pi), sigmoid_mul's alpha
   const float* coef_device;  // or that factor read by the kernel (a float32 tensor), or nullptr
 };
 
+// The inputs of an elementwise quantize: up to two row-major streams (x, or gate and up) of the same
+// shape; row r of stream s starts at in[s] + r * row_stride[s] elements, rows are 16-byte aligned.
 struct ElementwiseArgs {
   const void* in[2];
   int64_t row_stride[2];

@@ -46,16 +46,16 @@ struct ActivationSource {
     for (int i = 0; i < L; ++i) Input<D>::widen(v[0][i], f + 8 * i);
     if constexpr (kSigmoidMul) {
       apply(f, Activation::kSigmoidMul, activation_coef(act));
-      return;
-    }
-    // one branch per block on the (uniform) activation, not one per element
-    switch (Activation(act.kind)) {
-      case Activation::kSilu: apply(f, Activation::kSilu); break;
-      case Activation::kGeluErf: apply(f, Activation::kGeluErf); break;
-      case Activation::kGeluNew: apply(f, Activation::kGeluNew, activation_coef(act)); break;
-      case Activation::kRelu: apply(f, Activation::kRelu); break;
-      case Activation::kReluSquared: apply(f, Activation::kReluSquared); break;
-      default: apply(f, Activation::kGeluTanh); break;
+    } else {
+      // one branch per block on the (uniform) activation, not one per element
+      switch (Activation(act.kind)) {
+        case Activation::kSilu: apply(f, Activation::kSilu); break;
+        case Activation::kGeluErf: apply(f, Activation::kGeluErf); break;
+        case Activation::kGeluNew: apply(f, Activation::kGeluNew, activation_coef(act)); break;
+        case Activation::kRelu: apply(f, Activation::kRelu); break;
+        case Activation::kReluSquared: apply(f, Activation::kReluSquared); break;
+        default: apply(f, Activation::kGeluTanh); break;
+      }
     }
   }
   template <int L, int V>

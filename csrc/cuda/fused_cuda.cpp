@@ -62,22 +62,25 @@ RmsWeight rms_weight_form(const std::optional<at::Tensor>& weight, bool weight_i
   return weight_in_input_dtype ? RmsWeight::kInputDtype : RmsWeight::kFloat32;
 }
 
-// eps as the ops take it: a float, or a one-element tensor (the *_eps_tensor ops), which is read
-// on the host where it is on the CPU and by the kernel where it is on x's device.
-struct Eps {
+// A float argument as the ops take it: a float, or a one-element tensor (eps of the *_eps_tensor ops,
+// gelu_new's sqrt_2_over_pi), which is read on the host where it is on the CPU and by the kernel where
+// it is on x's device.
+struct ScalarArg {
   double value = 0.0;
   at::Tensor device;  // float32, on x's device; or undefined
+
+  const float* device_ptr() const { return device.defined() ? device.data_ptr<float>() : nullptr; }
 };
 
-Eps eps_of(const at::Tensor& eps, const at::Tensor& x) {
-  fused::check_eps_tensor(eps, x);
-  if (eps.device().is_cpu()) return {fused::cpu_scalar_value(eps), at::Tensor()};
-  return {0.0, eps.reshape({1}).to(at::kFloat).contiguous()};
+ScalarArg scalar_arg_of(const at::Tensor& t, const char* name, const at::Tensor& x) {
+  fused::check_scalar_tensor(t, name, x);
+  if (t.device().is_cpu()) return {fused::cpu_scalar_value(t), at::Tensor()};
+  return {0.0, t.reshape({1}).to(at::kFloat).contiguous()};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> rms_norm_impl(
     const at::Tensor& x, const std::optional<at::Tensor>& residual, const std::optional<at::Tensor>& weight,
-    const Eps& eps, double weight_offset, bool weight_in_input_dtype, const std::optional<at::Tensor>& global_scale,
+    const ScalarArg& eps, double weight_offset, bool weight_in_input_dtype, const std::optional<at::Tensor>& global_scale,
     int64_t sf_vec_size, bool sf_use_ue8m0, bool is_sf_swizzled_layout, bool is_sf_8x4_layout,
     bool is_global_scale_inversed, bool sum_in_float32 = false) {
   FusedProblem p = fused::prepare_fused(x, "x", global_scale, sf_vec_size, sf_use_ue8m0, is_sf_swizzled_layout,
@@ -100,7 +103,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rms_norm_impl(
   const at::Tensor w = kernel_affine(weight);
   a.weight = w.defined() ? w.data_ptr() : nullptr;
   a.eps = float(eps.value);
-  a.eps_device = eps.device.defined() ? eps.device.data_ptr<float>() : nullptr;
+  a.eps_device = eps.device_ptr();
   a.weight_offset = float(weight_offset);
   a.rms_weight = int(rms_weight_form(weight, weight_in_input_dtype));
   run(a, p);
@@ -113,7 +116,7 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_quantize_cuda(const at::Tensor& x, c
                                                           int64_t sf_vec_size, bool sf_use_ue8m0,
                                                           bool is_sf_swizzled_layout, bool is_sf_8x4_layout,
                                                           bool is_global_scale_inversed) {
-  auto [xq, sf, unused] = rms_norm_impl(x, std::nullopt, weight, Eps{eps}, weight_offset, weight_in_input_dtype,
+  auto [xq, sf, unused] = rms_norm_impl(x, std::nullopt, weight, ScalarArg{eps}, weight_offset, weight_in_input_dtype,
                                         global_scale, sf_vec_size, sf_use_ue8m0, is_sf_swizzled_layout,
                                         is_sf_8x4_layout, is_global_scale_inversed);
   return {xq, sf};
@@ -123,7 +126,7 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_quantize_eps_tensor_cuda(
     const at::Tensor& x, const std::optional<at::Tensor>& weight, const at::Tensor& eps, double weight_offset,
     bool weight_in_input_dtype, const std::optional<at::Tensor>& global_scale, int64_t sf_vec_size,
     bool sf_use_ue8m0, bool is_sf_swizzled_layout, bool is_sf_8x4_layout, bool is_global_scale_inversed) {
-  auto [xq, sf, unused] = rms_norm_impl(x, std::nullopt, weight, eps_of(eps, x), weight_offset,
+  auto [xq, sf, unused] = rms_norm_impl(x, std::nullopt, weight, scalar_arg_of(eps, "eps", x), weight_offset,
                                         weight_in_input_dtype, global_scale, sf_vec_size, sf_use_ue8m0,
                                         is_sf_swizzled_layout, is_sf_8x4_layout, is_global_scale_inversed);
   return {xq, sf};
@@ -134,7 +137,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> add_rms_norm_quantize_cuda(
     double weight_offset, bool weight_in_input_dtype, const std::optional<at::Tensor>& global_scale,
     int64_t sf_vec_size, bool sf_use_ue8m0, bool is_sf_swizzled_layout, bool is_sf_8x4_layout,
     bool is_global_scale_inversed, bool sum_in_float32) {
-  return rms_norm_impl(x, residual, weight, Eps{eps}, weight_offset, weight_in_input_dtype, global_scale,
+  return rms_norm_impl(x, residual, weight, ScalarArg{eps}, weight_offset, weight_in_input_dtype, global_scale,
                        sf_vec_size, sf_use_ue8m0, is_sf_swizzled_layout, is_sf_8x4_layout, is_global_scale_inversed,
                        sum_in_float32);
 }
@@ -144,7 +147,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> add_rms_norm_quantize_eps_tensor_
     double weight_offset, bool weight_in_input_dtype, const std::optional<at::Tensor>& global_scale,
     int64_t sf_vec_size, bool sf_use_ue8m0, bool is_sf_swizzled_layout, bool is_sf_8x4_layout,
     bool is_global_scale_inversed, bool sum_in_float32) {
-  return rms_norm_impl(x, residual, weight, eps_of(eps, x), weight_offset, weight_in_input_dtype, global_scale,
+  return rms_norm_impl(x, residual, weight, scalar_arg_of(eps, "eps", x), weight_offset, weight_in_input_dtype, global_scale,
                        sf_vec_size, sf_use_ue8m0, is_sf_swizzled_layout, is_sf_8x4_layout, is_global_scale_inversed,
                        sum_in_float32);
 }
@@ -176,8 +179,8 @@ std::tuple<at::Tensor, at::Tensor> activation_impl(const at::Tensor& x, const at
                                                    int64_t sf_vec_size, bool sf_use_ue8m0,
                                                    bool is_sf_swizzled_layout, bool is_sf_8x4_layout,
                                                    bool is_global_scale_inversed,
-                                                   const std::optional<at::Tensor>& sqrt_2_over_pi = std::nullopt,
-                                                   double alpha = 1.0) {
+                                                   double coef = fused::kGeluNewSqrt2OverPi,
+                                                   const std::optional<at::Tensor>& coef_tensor = std::nullopt) {
   const char* name = up ? "gate" : "x";
   FusedProblem p = fused::prepare_fused(x, name, global_scale, sf_vec_size, sf_use_ue8m0, is_sf_swizzled_layout,
                                         is_sf_8x4_layout);
@@ -191,19 +194,10 @@ std::tuple<at::Tensor, at::Tensor> activation_impl(const at::Tensor& x, const at
     if (up) set_rows(*up, &a.y, &a.y_row_stride, keep);
   }
   a.activation = int(act);
-  // the activation's factor: sigmoid_mul's alpha; gelu_new's sqrt(2 / pi), the constant or the tensor
-  // given (read here on the CPU, by the kernel on x's device)
-  a.activation_coef = act == Activation::kSigmoidMul ? float(alpha) : fused::kGeluNewCoef;
-  at::Tensor coef_device;
-  if (fused::has(sqrt_2_over_pi)) {
-    fused::check_scalar_tensor(*sqrt_2_over_pi, "sqrt_2_over_pi", x);
-    if (sqrt_2_over_pi->device().is_cpu()) {
-      a.activation_coef = float(fused::cpu_scalar_value(*sqrt_2_over_pi));
-    } else {
-      coef_device = sqrt_2_over_pi->reshape({1}).to(at::kFloat).contiguous();
-      a.activation_coef_device = coef_device.data_ptr<float>();
-    }
-  }
+  // the activation's factor (gelu_new's sqrt(2 / pi), sigmoid_mul's alpha); gelu_new's may be a tensor
+  const ScalarArg c = fused::has(coef_tensor) ? scalar_arg_of(*coef_tensor, "sqrt_2_over_pi", x) : ScalarArg{coef};
+  a.activation_coef = float(c.value);
+  a.activation_coef_device = c.device_ptr();
   run(a, p);
   return {p.x_q, p.sf};
 }
@@ -241,7 +235,8 @@ std::tuple<at::Tensor, at::Tensor> gelu_new_and_mul_quantize_cuda(const at::Tens
                                                                   bool is_global_scale_inversed,
                                                                   const std::optional<at::Tensor>& sqrt_2_over_pi) {
   return activation_impl(gate, &up, Activation::kGeluNew, global_scale, sf_vec_size, sf_use_ue8m0,
-                         is_sf_swizzled_layout, is_sf_8x4_layout, is_global_scale_inversed, sqrt_2_over_pi);
+                         is_sf_swizzled_layout, is_sf_8x4_layout, is_global_scale_inversed,
+                         fused::kGeluNewSqrt2OverPi, sqrt_2_over_pi);
 }
 
 std::tuple<at::Tensor, at::Tensor> relu_and_mul_quantize_cuda(const at::Tensor& gate, const at::Tensor& up,
@@ -277,7 +272,8 @@ std::tuple<at::Tensor, at::Tensor> gelu_new_quantize_cuda(const at::Tensor& x,
                                                           bool is_global_scale_inversed,
                                                           const std::optional<at::Tensor>& sqrt_2_over_pi) {
   return activation_impl(x, nullptr, Activation::kGeluNew, global_scale, sf_vec_size, sf_use_ue8m0,
-                         is_sf_swizzled_layout, is_sf_8x4_layout, is_global_scale_inversed, sqrt_2_over_pi);
+                         is_sf_swizzled_layout, is_sf_8x4_layout, is_global_scale_inversed,
+                         fused::kGeluNewSqrt2OverPi, sqrt_2_over_pi);
 }
 
 std::tuple<at::Tensor, at::Tensor> sigmoid_mul_quantize_cuda(const at::Tensor& x, double alpha,
@@ -286,7 +282,7 @@ std::tuple<at::Tensor, at::Tensor> sigmoid_mul_quantize_cuda(const at::Tensor& x
                                                              bool is_sf_swizzled_layout, bool is_sf_8x4_layout,
                                                              bool is_global_scale_inversed) {
   return activation_impl(x, nullptr, Activation::kSigmoidMul, global_scale, sf_vec_size, sf_use_ue8m0,
-                         is_sf_swizzled_layout, is_sf_8x4_layout, is_global_scale_inversed, std::nullopt, alpha);
+                         is_sf_swizzled_layout, is_sf_8x4_layout, is_global_scale_inversed, alpha);
 }
 
 std::tuple<at::Tensor, at::Tensor> relu_quantize_cuda(const at::Tensor& x, bool squared,
