@@ -2,7 +2,8 @@
 // gradient. The floating outputs differentiate as their formulas do: add_rms_norm_quantize's next
 // residual x + residual passes the gradient to both inputs unchanged (so a fused graph differentiates as
 // the unfused one does), and NVFP4 dequantize's values e2m1(q) * sf_dec / S in the global scale (a
-// learned scale). Nothing else is differentiable.
+// learned scale). The *_with_normed norm outputs refuse to be recorded (normed_not_differentiable).
+// Nothing else is differentiable.
 // In C++ rather than torch.library.register_autograd: a Python autograd kernel runs on every call, grad
 // mode or not (no_grad included), and cost each quantize about 10 us of host time.
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -103,6 +104,23 @@ void residual_sum_differentiable(const c10::OperatorHandle& op, c10::DispatchKey
   torch::autograd::set_history(stack->back().toTensor(), node);
 }
 
+// The *_with_normed norms (x, weight, [bias,] ...) -> (x_q, sf, norm output): the fusion passes put them
+// in graphs that autograd has already differentiated (Inductor's post-grad graphs); called where autograd
+// would record them, they refuse rather than return a norm output without its gradient.
+void normed_not_differentiable(const c10::OperatorHandle& op, c10::DispatchKeySet keys, torch::jit::Stack* stack) {
+  const auto args = arguments(op, stack);
+  const bool is_layer_norm = op.schema().name() == "fp4op::layer_norm_quantize_with_normed";
+  bool needs_grad = false;
+  for (int i = 0; i < (is_layer_norm ? 3 : 2); ++i) {
+    needs_grad = needs_grad || (args[i].isTensor() && args[i].toTensor().requires_grad());
+  }
+  TORCH_CHECK_NOT_IMPLEMENTED(!(at::GradMode::is_enabled() && needs_grad), op.schema().name(),
+                              ": the norm output is not differentiable here; for training, use the norm "
+                              "(F.rms_norm / F.layer_norm) followed by fp4op.quantize, which torch.compile "
+                              "with fp4op.fusion fuses after differentiating");
+  run_below_autograd(op, keys, stack);
+}
+
 // dequantize(x_q, sf, global_scale, sf_vec_size, sf_use_ue8m0, ..., is_global_scale_inversed, ...): x_q
 // and sf are integer tensors; NVFP4 values differentiate in global_scale (DequantizeBackward), MXFP4
 // values do not depend on it.
@@ -130,6 +148,10 @@ TORCH_LIBRARY_IMPL(fp4op, Autograd, m) {
   m.impl("dequantize", torch::CppFunction::makeFromBoxedFunction<&dequantize_differentiable>());
   for (const char* name : {"add_rms_norm_quantize", "add_rms_norm_quantize_eps_tensor"}) {
     m.impl(name, torch::CppFunction::makeFromBoxedFunction<&residual_sum_differentiable>());
+  }
+  for (const char* name : {"rms_norm_quantize_with_normed", "rms_norm_quantize_with_normed_eps_tensor",
+                           "layer_norm_quantize_with_normed"}) {
+    m.impl(name, torch::CppFunction::makeFromBoxedFunction<&normed_not_differentiable>());
   }
 }
 

@@ -1,7 +1,7 @@
 // Schemas of the fused "norm/activation + FP4 quantize" ops (issue 4). Each returns (x_q, sf) exactly
 // as fp4op::quantize of the norm/activation output computed in the input's dtype; add_rms_norm_quantize
-// also returns x + residual (the next residual). Kernels: csrc/cpu/fused.cpp, csrc/cuda/fused_cuda.cpp;
-// fakes: fp4op/fused_ops.py; autograd: csrc/autograd.cpp.
+// also returns x + residual (the next residual), the *_with_normed norms the norm output. Kernels:
+// csrc/cpu/fused.cpp, csrc/cuda/fused_cuda.cpp; fakes: fp4op/fused_ops.py; autograd: csrc/autograd.cpp.
 #include <torch/library.h>
 
 // The quantize arguments, as in fp4op::quantize, except that global_scale defaults to None: it follows
@@ -27,6 +27,15 @@ TORCH_LIBRARY_FRAGMENT(fp4op, m) {
         ", bool sum_in_float32=False) -> (Tensor, Tensor, Tensor)");
   m.def("layer_norm_quantize(Tensor x, Tensor? weight, Tensor? bias, float eps, " FP4OP_QUANTIZE_ARGS
         ") -> (Tensor, Tensor)");
+  // The norms that also return their output (x_q, sf, normed): normed is the norm's output in x's dtype,
+  // contiguous, exactly what the op quantizes; for a norm output the model also reads elsewhere (post-LN
+  // residual streams, MoE routers), so that the fused op replaces the norm instead of leaving it.
+  m.def("rms_norm_quantize_with_normed(Tensor x, Tensor? weight, float eps, float weight_offset=0.0, "
+        "bool weight_in_input_dtype=False, " FP4OP_QUANTIZE_ARGS ") -> (Tensor, Tensor, Tensor)");
+  m.def("rms_norm_quantize_with_normed_eps_tensor(Tensor x, Tensor? weight, Tensor eps, float weight_offset=0.0, "
+        "bool weight_in_input_dtype=False, " FP4OP_QUANTIZE_ARGS ") -> (Tensor, Tensor, Tensor)");
+  m.def("layer_norm_quantize_with_normed(Tensor x, Tensor? weight, Tensor? bias, float eps, " FP4OP_QUANTIZE_ARGS
+        ") -> (Tensor, Tensor, Tensor)");
   m.def("silu_and_mul_quantize(Tensor gate, Tensor up, " FP4OP_QUANTIZE_ARGS ") -> (Tensor, Tensor)");
   m.def("gelu_and_mul_quantize(Tensor gate, Tensor up, str approximate=\"none\", " FP4OP_QUANTIZE_ARGS
         ") -> (Tensor, Tensor)");

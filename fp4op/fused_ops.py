@@ -4,7 +4,10 @@ add_rms_norm_quantize's next residual differentiates as the add x + residual.)
 
 Each op returns ``(x_q, sf)`` exactly as ``torch.ops.fp4op.quantize`` of the norm/activation output
 computed in the input's dtype (float16/bfloat16) the way eager PyTorch computes it;
-``add_rms_norm_quantize`` also returns ``x + residual`` in the input dtype (the next residual).
+``add_rms_norm_quantize`` also returns ``x + residual`` in the input dtype (the next residual), and
+``rms_norm_quantize_with_normed`` / ``rms_norm_quantize_with_normed_eps_tensor`` /
+``layer_norm_quantize_with_normed`` the norm output itself (what they quantize, in the input dtype,
+contiguous): for a norm output the model also reads elsewhere (post-LN residual streams, MoE routers).
 
 The eager forms reproduced (float32 opmath, ``round`` = rounding to the input dtype; the shared C++
 math is csrc/fused_math.h):
@@ -174,7 +177,12 @@ def _add_rms_norm_quantize_fake(
     )
     _check_like(residual, "residual", x, "x")
     _check_affine(weight, "weight", x)
-    return x_q, sf, torch.empty_like(x, memory_format=torch.contiguous_format)
+    return x_q, sf, _empty_rows_like(x)
+
+
+def _empty_rows_like(x: torch.Tensor) -> torch.Tensor:
+    """An output shaped like x, contiguous: the next residual, the norm output."""
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
 # The *_eps_tensor ops take eps as a one-element tensor on the CPU or on x's device (Dynamo passes a
@@ -191,6 +199,17 @@ def _rms_norm_quantize_eps_tensor_fake(x, weight, eps, *args, **kwargs):
 def _add_rms_norm_quantize_eps_tensor_fake(x, residual, weight, eps, *args, **kwargs):
     _check_eps_tensor(eps, x)
     return _add_rms_norm_quantize_fake(x, residual, weight, 0.0, *args, **kwargs)
+
+
+@torch.library.register_fake("fp4op::rms_norm_quantize_with_normed")
+def _rms_norm_quantize_with_normed_fake(x, weight, eps, *args, **kwargs):
+    return (*_rms_norm_quantize_fake(x, weight, eps, *args, **kwargs), _empty_rows_like(x))
+
+
+@torch.library.register_fake("fp4op::rms_norm_quantize_with_normed_eps_tensor")
+def _rms_norm_quantize_with_normed_eps_tensor_fake(x, weight, eps, *args, **kwargs):
+    _check_eps_tensor(eps, x)
+    return _rms_norm_quantize_with_normed_fake(x, weight, 0.0, *args, **kwargs)
 
 
 @torch.library.register_fake("fp4op::layer_norm_quantize")
@@ -212,6 +231,11 @@ def _layer_norm_quantize_fake(
     _check_affine(weight, "weight", x)
     _check_affine(bias, "bias", x)
     return out
+
+
+@torch.library.register_fake("fp4op::layer_norm_quantize_with_normed")
+def _layer_norm_quantize_with_normed_fake(x, weight, bias, eps, *args, **kwargs):
+    return (*_layer_norm_quantize_fake(x, weight, bias, eps, *args, **kwargs), _empty_rows_like(x))
 
 
 def _gated_fake(gate, up, global_scale, sf_vec_size, sf_use_ue8m0, is_sf_swizzled_layout, is_sf_8x4_layout):

@@ -23,6 +23,9 @@ directly, through ``fp4op.fp4_quantize`` or ``fp4op.nn.FP4Linear``):
   ``fp4op.add_rms_norm_quantize``;
 * LayerNorm (F.layer_norm / nn.LayerNorm) with weight and bias, weight only, or neither ->
   ``fp4op.layer_norm_quantize``;
+* either norm (without a residual add) whose output is also read elsewhere (post-LN encoders, where it is
+  the next residual too; an output also returned) -> ``fp4op.rms_norm_quantize_with_normed`` /
+  ``fp4op.layer_norm_quantize_with_normed``, which return the norm output to those readers;
 * ``silu(gate) * up`` / ``gelu(gate) * up`` (either operand order, exact or tanh GELU) ->
   ``fp4op.silu_and_mul_quantize`` / ``fp4op.gelu_and_mul_quantize``; plain SiLU / GELU ->
   ``fp4op.silu_quantize`` / ``fp4op.gelu_quantize``.
@@ -34,7 +37,8 @@ first, so such a norm still fuses. A norm/activation output read only by quantiz
 scale tensors, e.g. loaded from a checkpoint, or other recipes) gets a private copy per quantize, and each
 fuses (one fused op per quantize; copies that do not fuse are folded back, ``FusionPass.copy_counts``).
 
-A chain is left alone when an intermediate has another user (e.g. the norm output also feeds an amax:
+A chain is left alone when an intermediate other than a norm output has another user, or the norm
+output also feeds something the quantize depends on (e.g. an amax:
 FP4Linear's dynamic activation scale; its default calibrated static scale keeps the chain fusable),
 when the norm runs over more than the last dim, when the quantized tensor is not the norm/activation
 output, or when the dtypes are not the fused kernels' (fp16/bf16 activations, weights of the same dtype).

@@ -4,7 +4,10 @@ computed in float32 from the model-dtype input and parameters and converted back
 (``F.layer_norm(x.float(), shape, w.float(), b.float(), eps).type_as(x)``, as fairseq and open_clip
 write it): torch's float32 kernel evaluates the bf16/fp16 one's formula on the same float32 values; only
 the row statistics are computed differently (rows with a large mean and a small spread can round apart
-from the bf16 kernel's, as the bf16 rule's fused op does; without weight and bias the graphs are the same)."""
+from the bf16 kernel's, as the bf16 rule's fused op does; without weight and bias the graphs are the same).
+
+Each form also where the norm output has readers besides the quantize (`keep_normed`: post-LN residual
+streams): fp4op.layer_norm_quantize_with_normed returns the output to them."""
 
 from __future__ import annotations
 
@@ -12,7 +15,14 @@ import torch
 import torch.nn.functional as F
 from torch._inductor import pattern_matcher as pm
 
-from .pass_manager import FusionPattern, QuantizeArgs, same_model_dtype, same_shape, tensor_meta
+from .pass_manager import (
+    FusionPattern,
+    QuantizeArgs,
+    quantized_value_read_elsewhere,
+    same_model_dtype,
+    same_shape,
+    tensor_meta,
+)
 
 EPS_PLACEHOLDER = 2.0**-17  # float32-exact
 
@@ -20,7 +30,7 @@ EPS_PLACEHOLDER = 2.0**-17  # float32-exact
 class LayerNormQuantize(FusionPattern):
     scalars = {"eps": EPS_PLACEHOLDER}
 
-    def __init__(self, with_weight: bool, with_bias: bool, float32: bool = False):
+    def __init__(self, with_weight: bool, with_bias: bool, float32: bool = False, keep_normed: bool = False):
         if with_bias and not with_weight:
             raise ValueError("fp4op.fusion: a LayerNorm rule with bias needs the weight")
         if float32 and not with_weight:
@@ -28,8 +38,10 @@ class LayerNormQuantize(FusionPattern):
         self.with_weight = with_weight
         self.with_bias = with_bias
         self.float32 = float32
+        self.keep_normed = keep_normed
         affine = "weight,bias" if with_bias else "weight" if with_weight else "no_affine"
-        self.name = f"layer_norm_quantize[{affine}{',float32' if float32 else ''}]"
+        op = "layer_norm_quantize_with_normed" if keep_normed else "layer_norm_quantize"
+        self.name = f"{op}[{affine}{',float32' if float32 else ''}]"
 
     def tensor_inputs(self, dtype, device):
         inputs = {"x": torch.empty(8, 32, dtype=dtype, device=device)}
@@ -43,25 +55,37 @@ class LayerNormQuantize(FusionPattern):
         if self.float32:
             f32 = torch.float32
             bias = None if bias is None else bias.to(f32)
-            return F.layer_norm(x.to(f32), (x.shape[-1],), weight.to(f32), bias, eps).to(x.dtype)
-        return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
+            out = F.layer_norm(x.to(f32), (x.shape[-1],), weight.to(f32), bias, eps).to(x.dtype)
+        else:
+            out = F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
+        return (out, out) if self.keep_normed else out
 
     def replacement(self, q: QuantizeArgs, x, eps, weight=None, bias=None, global_scale=None):
-        return torch.ops.fp4op.layer_norm_quantize(x, weight, bias, eps, *q.tail(global_scale))
+        op = torch.ops.fp4op.layer_norm_quantize_with_normed if self.keep_normed else torch.ops.fp4op.layer_norm_quantize
+        return op(x, weight, bias, eps, *q.tail(global_scale))
 
     def check(self, match: pm.Match) -> bool:
         names = ["x"] + (["weight"] if self.with_weight else []) + (["bias"] if self.with_bias else [])
         if not same_model_dtype(match, names):
             return False
         x = tensor_meta(match, "x")
-        return all(same_shape(tensor_meta(match, n), (x.shape[-1],)) for n in names[1:])
+        if not all(same_shape(tensor_meta(match, n), (x.shape[-1],)) for n in names[1:]):
+            return False
+        # the plain rule where the norm output has no other reader (the fused op would store it for nothing)
+        return not self.keep_normed or quantized_value_read_elsewhere(match)
 
 
 def rules() -> list[FusionPattern]:
+    """The plain rules, then those that also return the norm output (post-LN models: BERT, BART,
+    nn.TransformerEncoderLayer's default norm_first=False, where the output is the next residual too)."""
     return [
-        LayerNormQuantize(True, True),
-        LayerNormQuantize(True, False),
-        LayerNormQuantize(False, False),
-        LayerNormQuantize(True, True, float32=True),
-        LayerNormQuantize(True, False, float32=True),
+        LayerNormQuantize(with_weight, with_bias, float32, keep_normed)
+        for keep_normed in (False, True)
+        for with_weight, with_bias, float32 in (
+            (True, True, False),
+            (True, False, False),
+            (False, False, False),
+            (True, True, True),
+            (True, False, True),
+        )
     ]

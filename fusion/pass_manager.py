@@ -669,6 +669,16 @@ def tensor_meta(match: pm.Match, name: str) -> torch.Tensor | None:
     return value if isinstance(value, torch.Tensor) else None
 
 
+def quantized_value_read_elsewhere(match: pm.Match) -> bool:
+    """Whether the tensor the matched quantize reads also has other users (the norm output a
+    *_with_normed rule returns to them)."""
+    for node in match.nodes:
+        if node.target is QUANTIZE:
+            source = node.args[0]
+            return isinstance(source, torch.fx.Node) and len(source.users) > 1
+    return False
+
+
 def same_model_dtype(match: pm.Match, names: Sequence[str]) -> bool:
     """All tensors bound to `names` exist and share one dtype the fused kernels compute (fp16/bf16)."""
     metas = [tensor_meta(match, n) for n in names]

@@ -34,6 +34,10 @@ x (`strided`), as the matcher re-traces a candidate with its real strides.
 eps may also be a 0-d tensor graph input (a module's float eps under ``dynamic=True``): the fused ops'
 ``*_eps_tensor`` variants take it.
 
+With `keep_normed`, the norm output also has readers other than the quantize (a post-norm residual
+stream, a MoE router): fp4op.rms_norm_quantize_with_normed returns it to them. Those rules apply only
+where such readers exist (elsewhere the plain rules do, and the fused op does not store the output).
+
 With `residual`, the norm's input is ``x + residual`` and that sum is also an output (the next
 residual), which fp4op.add_rms_norm_quantize returns. vLLM's RMSNorm (nano-vllm and others alike) adds in
 float32 instead: ``s = x.float() + residual.float()``, or ``x.float() + residual`` with the residual
@@ -50,7 +54,14 @@ import torch
 import torch.nn.functional as F
 from torch._inductor import pattern_matcher as pm
 
-from .pass_manager import FusionPattern, QuantizeArgs, same_model_dtype, same_shape, tensor_meta
+from .pass_manager import (
+    FusionPattern,
+    QuantizeArgs,
+    quantized_value_read_elsewhere,
+    same_model_dtype,
+    same_shape,
+    tensor_meta,
+)
 
 # float32-exact placeholder for eps (F.rms_norm's decomposition rounds eps to float32 on CPU)
 EPS_PLACEHOLDER = 2.0**-17
@@ -125,6 +136,7 @@ class RMSNormQuantize(FusionPattern):
         sum_used: bool = True,
         strided: bool = False,
         promoted: bool = False,
+        keep_normed: bool = False,
     ):
         if form not in FORMS or (float32_sum and form not in FLOAT32_SUM_FORMS):
             raise ValueError(f"fp4op.fusion: unknown RMSNorm form {form!r}{' (float32 sum)' if float32_sum else ''}")
@@ -136,6 +148,8 @@ class RMSNormQuantize(FusionPattern):
             raise ValueError("fp4op.fusion: an unused or promoted sum is a float32-sum form's")
         if strided and (form not in STRIDED_FORMS or residual):
             raise ValueError(f"fp4op.fusion: no strided-input rule for the {form!r} form{' with a residual' if residual else ''}")
+        if keep_normed and (residual or strided):
+            raise ValueError("fp4op.fusion: a rule that keeps the norm output has no residual and no strided x")
         self.form = form
         self.with_weight = with_weight
         self.residual = residual
@@ -143,7 +157,8 @@ class RMSNormQuantize(FusionPattern):
         self.sum_used = sum_used
         self.strided = strided
         self.promoted = promoted
-        op = "add_rms_norm_quantize" if residual else "rms_norm_quantize"
+        self.keep_normed = keep_normed
+        op = "add_rms_norm_quantize" if residual else "rms_norm_quantize_with_normed" if keep_normed else "rms_norm_quantize"
         tags = ("float32_sum," if float32_sum else "") + ("promoted," if promoted else "") + form
         tags += "" if with_weight else ",no_weight"
         tags += ("" if sum_used else ",sum_unused") + (",strided" if strided else "")
@@ -166,12 +181,14 @@ class RMSNormQuantize(FusionPattern):
         if self.residual:
             x = x + residual
             return rms_norm_forms(x, weight, eps, self.form), x
-        return rms_norm_forms(x, weight, eps, self.form)
+        out = rms_norm_forms(x, weight, eps, self.form)
+        return (out, out) if self.keep_normed else out
 
     def replacement(self, q: QuantizeArgs, x, eps, weight=None, residual=None, global_scale=None):
         offset = 1.0 if self.form == "gemma" else 0.0
         in_dtype = self.form in INPUT_DTYPE_WEIGHT_FORMS and self.with_weight
         name = "add_rms_norm_quantize" if self.residual else "rms_norm_quantize"
+        name += "_with_normed" if self.keep_normed else ""
         op = getattr(torch.ops.fp4op, name + ("_eps_tensor" if isinstance(eps, torch.Tensor) else ""))
         if self.float32_sum:
             out = op(x, residual, weight, eps, offset, in_dtype, *q.tail(global_scale), sum_in_float32=True)
@@ -191,7 +208,8 @@ class RMSNormQuantize(FusionPattern):
             return False
         if self.with_weight and not same_shape(tensor_meta(match, "weight"), (x.shape[-1],)):
             return False
-        return True
+        # the plain rule where the norm output has no other reader (the fused op would store it for nothing)
+        return not self.keep_normed or quantized_value_read_elsewhere(match)
 
 
 def rules() -> list[FusionPattern]:
@@ -210,10 +228,16 @@ def rules() -> list[FusionPattern]:
         for with_weight in (True, False)
         if with_weight or form not in WEIGHT_ONLY_FORMS
     ]
+    kept = [
+        RMSNormQuantize(form, with_weight, False, keep_normed=True)
+        for form in FORMS
+        for with_weight in (True, False)
+        if with_weight or form not in WEIGHT_ONLY_FORMS
+    ]
     return float32_sum + [
         RMSNormQuantize(form, with_weight, residual)
         for residual in (True, False)
         for form in FORMS
         for with_weight in (True, False)
         if with_weight or form not in WEIGHT_ONLY_FORMS
-    ] + strided
+    ] + strided + kept

@@ -79,8 +79,20 @@ def vllm_add_rms_norm(x, r, w):
     return h.to(x.dtype) * w
 
 
+def also_returned(norm):
+    """`norm` whose output is also read elsewhere (post-LN: the next residual): the model returns it, so the
+    unfused graph writes it, as the *_with_normed op does."""
+
+    def model(*t):
+        y = norm(*t)
+        return y, y
+
+    return model
+
+
 def cases(m: int, k: int, dtype: torch.dtype, gs: torch.Tensor):
-    """(name, fused call, model-dtype computation, its inputs, bytes read + written by the fused op)."""
+    """(name, fused call, model-dtype computation (the tensor quantized, or it and outputs also returned),
+    its inputs, bytes read + written by the fused op)."""
     dev = "cuda"
     x = torch.randn(m, k, dtype=dtype, device=dev)
     residual = torch.randn(m, k, dtype=dtype, device=dev)
@@ -101,6 +113,10 @@ def cases(m: int, k: int, dtype: torch.dtype, gs: torch.Tensor):
            vllm_add_rms_norm, (x, residual, w), 3 * m * k * e + q_bytes)
     yield ("layer_norm", lambda: OPS.layer_norm_quantize(x, w, b, EPS, global_scale=gs),
            lambda x, w, b: F.layer_norm(x, (k,), w, b, EPS), (x, w, b), m * k * e + q_bytes)
+    yield ("rms_norm_with_normed", lambda: OPS.rms_norm_quantize_with_normed(x, w, EPS, global_scale=gs),
+           also_returned(lambda x, w: F.rms_norm(x, (k,), w, EPS)), (x, w), 2 * m * k * e + q_bytes)
+    yield ("layer_norm_with_normed", lambda: OPS.layer_norm_quantize_with_normed(x, w, b, EPS, global_scale=gs),
+           also_returned(lambda x, w, b: F.layer_norm(x, (k,), w, b, EPS)), (x, w, b), 2 * m * k * e + q_bytes)
     yield ("silu_and_mul", lambda: OPS.silu_and_mul_quantize(gate, up, global_scale=gs),
            lambda t: F.silu(t[:, :k]) * t[:, k:], (gate_up,), 2 * m * k * e + q_bytes)
     yield ("gelu_tanh_and_mul", lambda: OPS.gelu_and_mul_quantize(gate, up, "tanh", global_scale=gs),
@@ -116,11 +132,16 @@ def cases(m: int, k: int, dtype: torch.dtype, gs: torch.Tensor):
 def compiled_pair(model, gs: torch.Tensor):
     """torch.compile of `model` followed by the fp4op.quantize op, and by the reference (Inductor alone)."""
 
+    def then(quantize, *t):
+        out = model(*t)
+        y, *also = out if isinstance(out, tuple) else (out,)
+        return (*quantize(y, gs), *also)
+
     def with_op(*t):
-        return torch.ops.fp4op.quantize(model(*t), gs)
+        return then(torch.ops.fp4op.quantize, *t)
 
     def with_reference(*t):
-        return reference.quantize(model(*t), gs)
+        return then(reference.quantize, *t)
 
     return torch.compile(with_op, dynamic=False), torch.compile(with_reference, dynamic=False)
 

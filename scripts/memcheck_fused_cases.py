@@ -14,7 +14,8 @@ import torch
 import fp4op  # noqa: F401  (registers the ops)
 from fp4op import layouts
 
-OPS = ("rms_norm", "add_rms_norm", "add_rms_norm_float32_sum", "layer_norm", "silu_and_mul", "gelu_and_mul",
+OPS = ("rms_norm", "add_rms_norm", "add_rms_norm_float32_sum", "layer_norm", "rms_norm_with_normed",
+       "layer_norm_with_normed", "silu_and_mul", "gelu_and_mul",
        "gelu_new_and_mul", "relu2_and_mul", "silu", "gelu", "gelu_new", "relu", "relu2", "quick_gelu")
 
 
@@ -28,6 +29,10 @@ def run(op, x, w, gs, q):
         return ops.add_rms_norm_quantize(x, x.flip(0) * 0.01, w, 1e-5, 0.0, True, **q, sum_in_float32=True)
     if op == "layer_norm":
         return ops.layer_norm_quantize(x, w, w, 1e-5, **q)
+    if op == "rms_norm_with_normed":
+        return ops.rms_norm_quantize_with_normed(x, w, 1e-6, 0.0, True, **q)
+    if op == "layer_norm_with_normed":
+        return ops.layer_norm_quantize_with_normed(x, w, w, 1e-5, **q)
     half = x.shape[-1] // 2
     gate, up = x[..., :half], x[..., half:]  # strided halves of one tensor
     if op == "silu_and_mul":

@@ -179,7 +179,15 @@ NORMS = (
     "add_rms_norm_float32_sum_no_weight",
     "layer_norm",
     "layer_norm_no_affine",
+    # the *_with_normed ops: the (x_q, sf) of the op named before the suffix, and the norm output
+    "rms_norm_with_normed",
+    "rms_norm_llama_with_normed",
+    "rms_norm_gemma_with_normed",
+    "layer_norm_with_normed",
+    "layer_norm_no_affine_with_normed",
 )
+# norm_case's marker for a third output that is the norm output (compared with quantize and with eager)
+NORM_OUTPUT = "norm output"
 ACTIVATIONS = ("silu_and_mul", "gelu_and_mul", "gelu_tanh_and_mul", "gelu_new_and_mul", "relu_and_mul", "relu2_and_mul",
                "silu", "gelu", "gelu_tanh", "gelu_new", "relu", "relu2", "quick_gelu", "silu_written")
 
@@ -193,7 +201,12 @@ def odd_k(recipe):
 
 
 def norm_case(name, x, eps, device):
-    """(fused op args, eager result, extra outputs to compare exactly) of a norm case."""
+    """(fused op, args, eager result, extra output to compare exactly or NORM_OUTPUT) of a norm case."""
+    if name.endswith("_with_normed"):
+        op, args, y, _ = norm_case(name.removesuffix("_with_normed"), x, eps, device)
+        with_normed = {OPS.rms_norm_quantize: OPS.rms_norm_quantize_with_normed,
+                       OPS.layer_norm_quantize: OPS.layer_norm_quantize_with_normed}
+        return with_normed[op], args, y, NORM_OUTPUT
     k, dtype = x.shape[-1], x.dtype
     if name.startswith("add_rms_norm_float32_sum"):
         # vLLM's RMSNorm: the sum in float32 normalized as it is (the residual small against x, so that
@@ -278,11 +291,29 @@ def check_norm(name, dtype, recipe, layout, device):
         x = make_input((m, k), dtype, device, seed=10 + i)
         op, args, y_ref, total = norm_case(name, x, eps, device)
         got, want, gs = run_fused(op, args, y_ref, recipe, layout)
-        if total is not None:
+        if total is NORM_OUTPUT:
+            kw = quantize_kwargs(recipe, layout, gs)
+            check_norm_output(got, y_ref, kw)
+            plain = norm_case(name.removesuffix("_with_normed"), x, eps, device)[0]
+            assert all(torch.equal(a, b) for a, b in zip(got[:2], plain(*args, **kw)))  # the plain op's bytes
+            got = got[:2]
+        elif total is not None:
             assert torch.equal(got[2], total)  # x + residual in the model dtype, exactly
             got = got[:2]
         tally.add(got, want, x.shape, recipe, layout, gs)
     tally.check()
+
+
+def check_norm_output(got, y_ref, kw):
+    """A *_with_normed op's norm output: contiguous, in x's dtype, exactly what its (x_q, sf) quantize,
+    and eager's norm up to reduction order (a row's statistic one float32 ulp apart moves some elements
+    by one model-dtype ulp)."""
+    normed = got[2]
+    assert normed.dtype == y_ref.dtype and normed.shape == y_ref.shape and normed.is_contiguous()
+    requantized = OPS.quantize(normed, **kw)
+    assert torch.equal(requantized[0], got[0]) and torch.equal(requantized[1], got[1])
+    torch.testing.assert_close(normed, y_ref, rtol=2.0**-7, atol=1e-6)
+    assert (normed == y_ref).float().mean() >= 0.99
 
 
 def check_activation(name, dtype, recipe, layout, device):
@@ -468,6 +499,11 @@ def op_cases(device):
         ),
         (OPS.layer_norm_quantize, (x, w, b, 1e-5), nv),
         (OPS.layer_norm_quantize, (x2, None, None, 1e-5), mx),
+        (OPS.rms_norm_quantize_with_normed, (x, w, 1e-6, 1.0, True), nv),
+        (OPS.rms_norm_quantize_with_normed, (x2, None, 1e-5), mx),
+        (OPS.rms_norm_quantize_with_normed_eps_tensor, (x, w, torch.tensor(1e-6, dtype=torch.float64)), eightx4),
+        (OPS.layer_norm_quantize_with_normed, (x, w, b, 1e-5), nv),
+        (OPS.layer_norm_quantize_with_normed, (x2, None, None, 1e-5), mx),
         (OPS.silu_and_mul_quantize, (x, x.flip(1)), nv),
         (OPS.silu_and_mul_quantize, (x2, x2), mx),
         (OPS.gelu_and_mul_quantize, (x, x, "tanh"), eightx4),
@@ -554,6 +590,10 @@ def _bad_calls():
         ("recipe", ValueError, "sf_use_ue8m0", lambda: OPS.silu_quantize(x, gs, 16, True)),
         ("eps shape", ValueError, "eps must have one element", lambda: OPS.rms_norm_quantize_eps_tensor(x, w, torch.ones(2), global_scale=gs)),
         ("eps dtype", ValueError, "eps must be a floating-point", lambda: OPS.add_rms_norm_quantize_eps_tensor(x, x, w, torch.tensor(1), global_scale=gs)),
+        ("normed weight", ValueError, "weight must have shape", lambda: OPS.rms_norm_quantize_with_normed(x, w[:32], 1e-6, global_scale=gs)),
+        ("normed eps", ValueError, "eps must have one element", lambda: OPS.rms_norm_quantize_with_normed_eps_tensor(x, w, torch.ones(2), global_scale=gs)),
+        ("normed bias", ValueError, "bias must have the dtype", lambda: OPS.layer_norm_quantize_with_normed(x, w, w.half(), 1e-6, gs)),
+        ("normed float32", NotImplementedError, "x of a fused", lambda: OPS.layer_norm_quantize_with_normed(x.float(), None, None, 1e-6, gs)),
     ]
 
 
@@ -593,6 +633,9 @@ def check_eps_tensor_overloads(device, eps_device):
             want = OPS.add_rms_norm_quantize(x, r, None, eps_f, global_scale=gs)
             got = OPS.add_rms_norm_quantize_eps_tensor(x, r, None, eps, global_scale=gs)
             assert all(torch.equal(a, b) for a, b in zip(got, want)), (dtype, shape, value)
+            want = OPS.rms_norm_quantize_with_normed(x, w, eps_f, global_scale=gs)
+            got = OPS.rms_norm_quantize_with_normed_eps_tensor(x, w, eps, global_scale=gs)
+            assert all(torch.equal(a, b) for a, b in zip(got, want)), (dtype, shape, value)
 
 
 def test_eps_tensor_overloads():
@@ -630,6 +673,25 @@ def test_not_differentiable():
     x = torch.randn(2, 32, dtype=torch.bfloat16, requires_grad=True)
     xq, sf = OPS.silu_quantize(x, torch.tensor([1.0]))
     assert not xq.requires_grad and not sf.requires_grad
+
+
+@pytest.mark.parametrize("op", ["rms_norm", "layer_norm"])
+def test_norm_output_refuses_autograd(op):
+    """The *_with_normed norm output has no gradient formula: recorded by autograd, the op refuses
+    instead of returning an output whose gradient would silently be missing; without grad it runs."""
+    x = torch.randn(2, 32, dtype=torch.bfloat16)
+    w = torch.ones(32, dtype=torch.bfloat16, requires_grad=True)
+    gs = torch.tensor([1.0])
+
+    def call():
+        if op == "rms_norm":
+            return OPS.rms_norm_quantize_with_normed(x, w, 1e-6, global_scale=gs)
+        return OPS.layer_norm_quantize_with_normed(x, w, None, 1e-6, gs)
+
+    with pytest.raises(NotImplementedError, match="not differentiable"):
+        call()
+    with torch.no_grad():
+        assert not call()[2].requires_grad
 
 
 # ---- CUDA ------------------------------------------------------------------------------------------------------
@@ -681,8 +743,8 @@ def test_cuda_matches_cpu(name, shape):
                 kw = quantize_kwargs(recipe, layout, gs.to(device))
                 results.append([t.cpu() for t in op(*args, **kw)])
             cpu, cuda = results
-            if name.startswith("add_rms_norm"):
-                assert torch.equal(cpu[2], cuda[2])
+            if name.startswith("add_rms_norm") or name.endswith("_with_normed"):
+                assert torch.equal(cpu[2], cuda[2])  # the next residual, the norm output
             tally.add(cuda[:2], cpu[:2], shape, recipe, layout, gs)
         tally.check()
 

@@ -525,3 +525,62 @@ def test_layers_casting_one_float32_norm_output_share_its_fused_quantize():
     assert "fp4op.quantize.default" not in record.after
     with torch.no_grad():
         torch.testing.assert_close(out, model(x), rtol=0.05, atol=0.05)
+
+
+class BertLayerFFN(nn.Module):
+    """transformers BertSelfOutput + BertIntermediate + BertOutput (post-LN): each LayerNorm output is read
+    by the next dense layer and is the next residual."""
+
+    def __init__(self):
+        super().__init__()
+        self.attention_dense = nn.Linear(D, D)
+        self.attention_norm = nn.LayerNorm(D, eps=1e-12)
+        self.intermediate = nn.Linear(D, 4 * D)
+        self.output_dense = nn.Linear(4 * D, D)
+        self.output_norm = nn.LayerNorm(D, eps=1e-12)
+
+    def forward(self, hidden_states, input_tensor):
+        attention_output = self.attention_norm(self.attention_dense(hidden_states) + input_tensor)
+        intermediate = F.gelu(self.intermediate(attention_output))
+        return self.output_norm(self.output_dense(intermediate) + attention_output)
+
+
+def _post_ln_encoder():
+    # PyTorch's default norm_first=False: norm1's output feeds linear1 and the second residual add
+    return nn.TransformerEncoderLayer(D, 4, 2 * D, dropout=0.0, batch_first=True)
+
+
+@pytest.mark.parametrize(
+    "name,expected",
+    [
+        ("bert", {"layer_norm_quantize_with_normed[weight,bias]": 1, "gelu_quantize[gelu]": 1}),
+        ("encoder_layer", {"layer_norm_quantize_with_normed[weight,bias]": 1, "relu_quantize[relu]": 1}),
+    ],
+)
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=requires_cuda)])
+def test_post_ln_models_fuse_their_norms(name, expected, device):
+    """Post-LN blocks (BERT, nn.TransformerEncoderLayer's default): the LayerNorm read by the next FP4
+    layer and by the next residual add fuses into layer_norm_quantize_with_normed; the compiled model
+    equals the compiled model without the fusion bit for bit (both round as eager with
+    emulate_precision_casts; the fused op's statistics are exact where Inductor's are too)."""
+    torch.manual_seed(0)
+    model = (BertLayerFFN() if name == "bert" else _post_ln_encoder()).to(device, torch.bfloat16).eval()
+    fnn.convert(model)
+    args = [torch.randn(2, 8, D, dtype=torch.bfloat16, device=device) for _ in range(2 if name == "bert" else 1)]
+    with torch.no_grad(), fnn.calibrate(model):
+        model(*args)
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)  # MHA's native fast path is not its compiled form
+    try:
+        with torch._inductor.config.patch(emulate_precision_casts=True):
+            out, record = compile_fused(model, *args)
+            with fresh_compile_config(), torch.no_grad():
+                plain = torch.compile(model)(*args)
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
+    assert dict(record.matches) == expected
+    ops = fp4_ops(record.after)
+    assert ops["fp4op.layer_norm_quantize_with_normed.default"] == 1, ops
+    # one of the two LayerNorms is gone (the second one's output is the block's output only)
+    assert record.after["aten.var_mean.correction"] == record.before["aten.var_mean.correction"] - 1
+    assert torch.equal(out, plain)

@@ -99,17 +99,32 @@ RmsWeight rms_weight_form(const std::optional<at::Tensor>& weight, bool weight_i
   return weight_in_input_dtype ? RmsWeight::kInputDtype : RmsWeight::kFloat32;
 }
 
+// Writes the K rounded values `v` of row r to `normed` ([M, K] contiguous, x's dtype) when given.
+void store_normed_row(uint16_t* normed, int64_t r, int64_t k, const float* v, InputDtype dtype) {
+  if (normed == nullptr) return;
+  with_model_dtype(dtype, [&](auto model_dtype) {
+    constexpr InputDtype D = decltype(model_dtype)::value;
+    uint16_t* row = normed + r * k;
+    for (int64_t i = 0; i < k; ++i) row[i] = narrow_exact(v[i], D);  // vectorized
+  });
+}
+
+// The data of an optional [M, K] output (the next residual, the norm output), or nullptr.
+uint16_t* bits_of(at::Tensor* out) { return out ? static_cast<uint16_t*>(out->data_ptr()) : nullptr; }
+
 // RMSNorm of the rows of x (+ residual, whose sum is written to `sum_out` when given; sum_in_float32:
-// the float32 sum is normalized, not its rounding), quantized.
+// the float32 sum is normalized, not its rounding), quantized; the rounded norm output also written to
+// `normed_out` when given.
 void rms_norm_rows(FusedProblem& p, const QuantizeParams& qp, const at::Tensor& x,
-                   const std::optional<at::Tensor>& residual, at::Tensor* sum_out,
+                   const std::optional<at::Tensor>& residual, at::Tensor* sum_out, at::Tensor* normed_out,
                    const std::optional<at::Tensor>& weight, double eps, double weight_offset,
                    bool weight_in_input_dtype, bool sum_in_float32) {
   const Rows xr = fused::rows_of(x);
   const Rows rr = residual ? fused::rows_of(*residual) : Rows{};
   const at::Tensor w = fused::has(weight) ? weight->contiguous() : at::Tensor();
   const uint16_t* w_bits = w.defined() ? static_cast<const uint16_t*>(w.data_ptr()) : nullptr;
-  uint16_t* sum_bits = sum_out ? static_cast<uint16_t*>(sum_out->data_ptr()) : nullptr;
+  uint16_t* sum_bits = bits_of(sum_out);
+  uint16_t* normed_bits = bits_of(normed_out);
   const RmsWeight form = rms_weight_form(weight, weight_in_input_dtype);
   const InputDtype dtype = p.dtype;
   const int64_t k = p.shape.k;
@@ -146,7 +161,30 @@ void rms_norm_rows(FusedProblem& p, const QuantizeParams& qp, const at::Tensor& 
         case RmsWeight::kInputDtype: normalize(std::integral_constant<RmsWeight, RmsWeight::kInputDtype>{}); break;
       }
     });
+    store_normed_row(normed_bits, r, k, v, dtype);
   });
+}
+
+// An output shaped like x, contiguous (the next residual, the norm output).
+at::Tensor empty_like_rows(const at::Tensor& x) {
+  return at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
+}
+
+// rms_norm_quantize, and with `with_normed` its norm output as well (undefined otherwise).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> rms_norm_impl(const at::Tensor& x, const std::optional<at::Tensor>& weight,
+                                                             double eps, double weight_offset, bool weight_in_input_dtype,
+                                                             const std::optional<at::Tensor>& global_scale,
+                                                             int64_t sf_vec_size, bool sf_use_ue8m0,
+                                                             bool is_sf_swizzled_layout, bool is_sf_8x4_layout,
+                                                             bool is_global_scale_inversed, bool with_normed) {
+  FusedProblem p = fused::prepare_fused(x, "x", global_scale, sf_vec_size, sf_use_ue8m0, is_sf_swizzled_layout,
+                                        is_sf_8x4_layout);
+  fused::check_affine(weight, "weight", x);
+  at::Tensor normed = with_normed ? empty_like_rows(x) : at::Tensor();
+  const QuantizeParams qp = quantize_params(p, sf_use_ue8m0, is_global_scale_inversed);
+  rms_norm_rows(p, qp, x, std::nullopt, nullptr, with_normed ? &normed : nullptr, weight, eps, weight_offset,
+                weight_in_input_dtype, false);
+  return {p.x_q, p.sf, normed};
 }
 
 std::tuple<at::Tensor, at::Tensor> rms_norm_quantize_cpu(const at::Tensor& x, const std::optional<at::Tensor>& weight,
@@ -155,12 +193,18 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_quantize_cpu(const at::Tensor& x, co
                                                          int64_t sf_vec_size, bool sf_use_ue8m0,
                                                          bool is_sf_swizzled_layout, bool is_sf_8x4_layout,
                                                          bool is_global_scale_inversed) {
-  FusedProblem p = fused::prepare_fused(x, "x", global_scale, sf_vec_size, sf_use_ue8m0, is_sf_swizzled_layout,
-                                        is_sf_8x4_layout);
-  fused::check_affine(weight, "weight", x);
-  const QuantizeParams qp = quantize_params(p, sf_use_ue8m0, is_global_scale_inversed);
-  rms_norm_rows(p, qp, x, std::nullopt, nullptr, weight, eps, weight_offset, weight_in_input_dtype, false);
-  return {p.x_q, p.sf};
+  auto [xq, sf, unused] = rms_norm_impl(x, weight, eps, weight_offset, weight_in_input_dtype, global_scale, sf_vec_size,
+                                        sf_use_ue8m0, is_sf_swizzled_layout, is_sf_8x4_layout, is_global_scale_inversed,
+                                        false);
+  return {xq, sf};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> rms_norm_quantize_with_normed_cpu(
+    const at::Tensor& x, const std::optional<at::Tensor>& weight, double eps, double weight_offset,
+    bool weight_in_input_dtype, const std::optional<at::Tensor>& global_scale, int64_t sf_vec_size,
+    bool sf_use_ue8m0, bool is_sf_swizzled_layout, bool is_sf_8x4_layout, bool is_global_scale_inversed) {
+  return rms_norm_impl(x, weight, eps, weight_offset, weight_in_input_dtype, global_scale, sf_vec_size, sf_use_ue8m0,
+                       is_sf_swizzled_layout, is_sf_8x4_layout, is_global_scale_inversed, true);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> add_rms_norm_quantize_cpu(
@@ -172,9 +216,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> add_rms_norm_quantize_cpu(
                                         is_sf_8x4_layout);
   fused::check_like(residual, "residual", x, "x");
   fused::check_affine(weight, "weight", x);
-  at::Tensor sum = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
+  at::Tensor sum = empty_like_rows(x);
   const QuantizeParams qp = quantize_params(p, sf_use_ue8m0, is_global_scale_inversed);
-  rms_norm_rows(p, qp, x, residual, &sum, weight, eps, weight_offset, weight_in_input_dtype, sum_in_float32);
+  rms_norm_rows(p, qp, x, residual, &sum, nullptr, weight, eps, weight_offset, weight_in_input_dtype, sum_in_float32);
   return {p.x_q, p.sf, sum};
 }
 
@@ -186,6 +230,16 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_quantize_eps_tensor_cpu(
   return rms_norm_quantize_cpu(x, weight, fused::cpu_scalar_value(eps), weight_offset, weight_in_input_dtype,
                                global_scale, sf_vec_size, sf_use_ue8m0, is_sf_swizzled_layout, is_sf_8x4_layout,
                                is_global_scale_inversed);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> rms_norm_quantize_with_normed_eps_tensor_cpu(
+    const at::Tensor& x, const std::optional<at::Tensor>& weight, const at::Tensor& eps, double weight_offset,
+    bool weight_in_input_dtype, const std::optional<at::Tensor>& global_scale, int64_t sf_vec_size,
+    bool sf_use_ue8m0, bool is_sf_swizzled_layout, bool is_sf_8x4_layout, bool is_global_scale_inversed) {
+  fused::check_eps_tensor(eps, x);
+  return rms_norm_quantize_with_normed_cpu(x, weight, fused::cpu_scalar_value(eps), weight_offset,
+                                           weight_in_input_dtype, global_scale, sf_vec_size, sf_use_ue8m0,
+                                           is_sf_swizzled_layout, is_sf_8x4_layout, is_global_scale_inversed);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> add_rms_norm_quantize_eps_tensor_cpu(
@@ -212,12 +266,13 @@ bool torch_cpu_kernels_vectorized() {
 #endif
 }
 
-std::tuple<at::Tensor, at::Tensor> layer_norm_quantize_cpu(const at::Tensor& x, const std::optional<at::Tensor>& weight,
-                                                           const std::optional<at::Tensor>& bias, double eps,
-                                                           const std::optional<at::Tensor>& global_scale,
-                                                           int64_t sf_vec_size, bool sf_use_ue8m0,
-                                                           bool is_sf_swizzled_layout, bool is_sf_8x4_layout,
-                                                           bool is_global_scale_inversed) {
+// layer_norm_quantize, and with `with_normed` its norm output as well (undefined otherwise).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_impl(const at::Tensor& x, const std::optional<at::Tensor>& weight,
+                                                               const std::optional<at::Tensor>& bias, double eps,
+                                                               const std::optional<at::Tensor>& global_scale,
+                                                               int64_t sf_vec_size, bool sf_use_ue8m0,
+                                                               bool is_sf_swizzled_layout, bool is_sf_8x4_layout,
+                                                               bool is_global_scale_inversed, bool with_normed) {
   FusedProblem p = fused::prepare_fused(x, "x", global_scale, sf_vec_size, sf_use_ue8m0, is_sf_swizzled_layout,
                                         is_sf_8x4_layout);
   fused::check_affine(weight, "weight", x);
@@ -231,6 +286,8 @@ std::tuple<at::Tensor, at::Tensor> layer_norm_quantize_cpu(const at::Tensor& x, 
   const int64_t k = p.shape.k;
   const float eps_f = float(eps), kf = float(k);
   const bool contracted = torch_cpu_kernels_vectorized();
+  at::Tensor normed = with_normed ? empty_like_rows(x) : at::Tensor();
+  uint16_t* normed_bits = bits_of(with_normed ? &normed : nullptr);
   const QuantizeParams qp = quantize_params(p, sf_use_ue8m0, is_global_scale_inversed);
   quantize_rows(p, qp, [&](int64_t r, float* v) {
     widen_row(row_ptr(xr, r), dtype, k, v);
@@ -248,8 +305,28 @@ std::tuple<at::Tensor, at::Tensor> layer_norm_quantize_cpu(const at::Tensor& x, 
       const float bi = b_bits ? widen(b_bits[i], dtype) : 0.0f;
       v[i] = fused::layer_norm_element_cpu(v[i], mean, rstd, wi, bi, contracted, dtype);
     }
+    store_normed_row(normed_bits, r, k, v, dtype);
   });
-  return {p.x_q, p.sf};
+  return {p.x_q, p.sf, normed};
+}
+
+std::tuple<at::Tensor, at::Tensor> layer_norm_quantize_cpu(const at::Tensor& x, const std::optional<at::Tensor>& weight,
+                                                           const std::optional<at::Tensor>& bias, double eps,
+                                                           const std::optional<at::Tensor>& global_scale,
+                                                           int64_t sf_vec_size, bool sf_use_ue8m0,
+                                                           bool is_sf_swizzled_layout, bool is_sf_8x4_layout,
+                                                           bool is_global_scale_inversed) {
+  auto [xq, sf, unused] = layer_norm_impl(x, weight, bias, eps, global_scale, sf_vec_size, sf_use_ue8m0,
+                                          is_sf_swizzled_layout, is_sf_8x4_layout, is_global_scale_inversed, false);
+  return {xq, sf};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_quantize_with_normed_cpu(
+    const at::Tensor& x, const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias, double eps,
+    const std::optional<at::Tensor>& global_scale, int64_t sf_vec_size, bool sf_use_ue8m0, bool is_sf_swizzled_layout,
+    bool is_sf_8x4_layout, bool is_global_scale_inversed) {
+  return layer_norm_impl(x, weight, bias, eps, global_scale, sf_vec_size, sf_use_ue8m0, is_sf_swizzled_layout,
+                         is_sf_8x4_layout, is_global_scale_inversed, true);
 }
 
 // F.silu(x) / F.gelu(x) computed by torch's own CPU kernel, on the tensor (the same view) the model
@@ -422,6 +499,9 @@ TORCH_LIBRARY_IMPL(fp4op, CPU, m) {
   m.impl("rms_norm_quantize_eps_tensor", &rms_norm_quantize_eps_tensor_cpu);
   m.impl("add_rms_norm_quantize_eps_tensor", &add_rms_norm_quantize_eps_tensor_cpu);
   m.impl("layer_norm_quantize", &layer_norm_quantize_cpu);
+  m.impl("rms_norm_quantize_with_normed", &rms_norm_quantize_with_normed_cpu);
+  m.impl("rms_norm_quantize_with_normed_eps_tensor", &rms_norm_quantize_with_normed_eps_tensor_cpu);
+  m.impl("layer_norm_quantize_with_normed", &layer_norm_quantize_with_normed_cpu);
   m.impl("silu_and_mul_quantize", &silu_and_mul_quantize_cpu);
   m.impl("gelu_and_mul_quantize", &gelu_and_mul_quantize_cpu);
   m.impl("gelu_new_and_mul_quantize", &gelu_new_and_mul_quantize_cpu);

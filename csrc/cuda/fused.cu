@@ -295,14 +295,19 @@ struct NormRow {
   __device__ __forceinline__ uint8_t* codes() const { return a.out.x_q + row * (a.out.k / 2); }
 
   // Normalizes block `col` (its bits `v`) and quantizes it into the row's codes `xq_row` (codes());
-  // returns its scale byte.
-  template <bool UE8M0>
+  // returns its scale byte. NORMED: also stores the normalized block to normed_out.
+  template <bool UE8M0, bool NORMED>
   __device__ __forceinline__ uint32_t quantize(int64_t col, const Block& v, float stat_a, float stat_b,
                                                Nvfp4RowScale rs, uint8_t* xq_row) const {
     uint4 affine[kAffine][kLoads];
     load_affine(col, affine);
     float f[VEC];
     normalize(v, affine, stat_a, stat_b, f);
+    if constexpr (NORMED) {
+      uint4* out = reinterpret_cast<uint4*>(static_cast<uint16_t*>(a.normed_out) + row * a.out.k + col * VEC);
+#pragma unroll
+      for (int i = 0; i < kLoads; ++i) out[i] = narrow8<D>(*reinterpret_cast<const float(*)[kChunk]>(f + i * kChunk));
+    }
     return quantize_block<VEC, UE8M0>(f, amax_of(f), rs, xq_row + col * (VEC / 2));
   }
 
@@ -422,14 +427,15 @@ __device__ __forceinline__ void zero_padding_rows_any(const QuantizeTarget& q, i
 // ran faster so: 8192x8192 RMSNorm 81.2 -> 73.3 us, LayerNorm 107.9 -> 100.6 us (H200, kernel lab run
 // 22). The others measured no faster or spill (float16's widening takes more registers), and a bound
 // of 1, unlike none, let ptxas raise their register counts (bf16 RMSNorm NVFP4 64 -> 80: 88 -> 98 us).
-template <FusedOp OP, InputDtype D, bool UE8M0, int BPT>
+// The kernels that also store the norm output (NORMED) spill under that bound: none.
+template <FusedOp OP, InputDtype D, bool UE8M0, int BPT, bool NORMED>
 constexpr int kNormMinCtasPerSm =
-    D == InputDtype::kBFloat16 && UE8M0 && BPT == 1 && !kAddsResidual<OP> ? 4 : 0;
+    D == InputDtype::kBFloat16 && UE8M0 && BPT == 1 && !kAddsResidual<OP> && !NORMED ? 4 : 0;
 
 // BPT > 0: each thread holds up to BPT blocks of its row in registers (loaded once); BPT = 0: any K,
-// the blocks are read from memory in every pass.
-template <FusedOp OP, InputDtype D, bool UE8M0, int BPT>
-__global__ void __launch_bounds__(kThreads, (kNormMinCtasPerSm<OP, D, UE8M0, BPT>))
+// the blocks are read from memory in every pass. NORMED: the norm output is also stored (normed_out).
+template <FusedOp OP, InputDtype D, bool UE8M0, int BPT, bool NORMED>
+__global__ void __launch_bounds__(kThreads, (kNormMinCtasPerSm<OP, D, UE8M0, BPT, NORMED>))
     norm_kernel(const FusedLaunch a, const NormGeometry g) {
   constexpr int VEC = Recipe<UE8M0>::kVec;
   using Row = NormRow<OP, D, VEC>;
@@ -531,7 +537,7 @@ __global__ void __launch_bounds__(kThreads, (kNormMinCtasPerSm<OP, D, UE8M0, BPT
       if (has_data) {
         typename Row::Block v;
         block(p, col, v);
-        sf_byte = r.template quantize<UE8M0>(col, v, stat_a, stat_b, rs, xq_row);
+        sf_byte = r.template quantize<UE8M0, NORMED>(col, v, stat_a, stat_b, rs, xq_row);
       }
       store_sf_any(q, r.row, col, nk, sf_byte, row_ok, col < cols, has_data);
     });
@@ -546,7 +552,7 @@ __global__ void __launch_bounds__(kThreads, (kNormMinCtasPerSm<OP, D, UE8M0, BPT
 // team_sum over the 256 threads; so a row's bytes do not depend on which kernel ran it.
 // Grid: (passes, rows + padding rows); clusters of (passes, 1, 1); the clusters past the last row
 // zero the swizzled layouts' padding rows.
-template <FusedOp OP, InputDtype D, bool UE8M0>
+template <FusedOp OP, InputDtype D, bool UE8M0, bool NORMED>
 __global__ void __launch_bounds__(kThreads) norm_cluster_kernel(const FusedLaunch a) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   constexpr int VEC = Recipe<UE8M0>::kVec;
@@ -599,7 +605,7 @@ __global__ void __launch_bounds__(kThreads) norm_cluster_kernel(const FusedLaunc
   asm volatile("barrier.cluster.arrive.release.aligned;" ::: "memory");
   Nvfp4RowScale rs{};
   if (!UE8M0) rs = row_scale_of(q, r.row);
-  const uint32_t sf_byte = has_data ? r.template quantize<UE8M0>(col, v, stat_a, stat_b, rs, r.codes()) : 0u;
+  const uint32_t sf_byte = has_data ? r.template quantize<UE8M0, NORMED>(col, v, stat_a, stat_b, rs, r.codes()) : 0u;
   store_sf_any(q, r.row, col, nk, sf_byte, true, col < sf_cols(nk, layout), has_data);
   asm volatile("barrier.cluster.wait.acquire.aligned;" ::: "memory");
 #else
@@ -616,7 +622,7 @@ int team_for(int64_t cols) {
   return team;
 }
 
-template <FusedOp OP, InputDtype D, bool UE8M0, int BPT>
+template <FusedOp OP, InputDtype D, bool UE8M0, int BPT, bool NORMED>
 cudaError_t launch_norm_config(const FusedLaunch& a, int64_t cols, int64_t pad_items, const LaunchStream& stream) {
   const QuantizeTarget& q = a.out;
   NormGeometry g{};
@@ -624,20 +630,20 @@ cudaError_t launch_norm_config(const FusedLaunch& a, int64_t cols, int64_t pad_i
   while ((1 << g.team_shift) < g.team) ++g.team_shift;
   const int rows_per_cta = kThreads / g.team;
   g.row_groups = (q.m + rows_per_cta - 1) / rows_per_cta;
-  const int ctas_per_sm = resident_ctas_per_sm<norm_kernel<OP, D, UE8M0, BPT>>();
+  const int ctas_per_sm = resident_ctas_per_sm<norm_kernel<OP, D, UE8M0, BPT, NORMED>>();
   // up to 8 waves of CTAs, each taking rows with a grid stride (H100, kernel lab run 39: 1, 2 or 4 waves,
   // fewer rows' prologues, were no faster for RMSNorm and up to 8% slower for add_rms_norm)
   g.row_ctas = std::min<int64_t>(g.row_groups, int64_t(q.num_sms) * ctas_per_sm * 8);
   const int64_t pad_ctas = std::min<int64_t>((pad_items + kThreads - 1) / kThreads, 4096);
-  return launch_kernel(norm_kernel<OP, D, UE8M0, BPT>, dim3(unsigned(g.row_ctas + pad_ctas)), stream, a, g);
+  return launch_kernel(norm_kernel<OP, D, UE8M0, BPT, NORMED>, dim3(unsigned(g.row_ctas + pad_ctas)), stream, a, g);
 }
 
 constexpr int64_t kMaxClusterCtas = 8;  // the portable cluster size
 
-// Whether norm_cluster_kernel<OP, D, UE8M0> runs on the current device: it launches thread block
+// Whether norm_cluster_kernel<OP, D, UE8M0, NORMED> runs on the current device: it launches thread block
 // clusters (sm_90 and later) and the kernel's code there was compiled for sm_90 or later (a GPU that
 // JIT-compiles the compute_80 PTX of the default build gets the empty body). Cached per device.
-template <FusedOp OP, InputDtype D, bool UE8M0>
+template <FusedOp OP, InputDtype D, bool UE8M0, bool NORMED>
 bool cluster_kernel_runs() {
   constexpr int kMaxDevices = 64;
   static std::atomic<int> known[kMaxDevices];  // 0 unknown, 1 yes, -1 no
@@ -650,22 +656,22 @@ bool cluster_kernel_runs() {
     int supported = 0;
     cudaFuncAttributes attributes{};
     const bool ok = cudaDeviceGetAttribute(&supported, cudaDevAttrClusterLaunch, device) == cudaSuccess &&
-                    cudaFuncGetAttributes(&attributes, norm_cluster_kernel<OP, D, UE8M0>) == cudaSuccess;
+                    cudaFuncGetAttributes(&attributes, norm_cluster_kernel<OP, D, UE8M0, NORMED>) == cudaSuccess;
     if (!ok) (void)cudaGetLastError();
     known[device].store(ok && supported != 0 && attributes.ptxVersion >= 90 ? 1 : -1, std::memory_order_relaxed);
   }
   return known[device].load(std::memory_order_relaxed) == 1;
 }
 
-template <FusedOp OP, InputDtype D, bool UE8M0>
+template <FusedOp OP, InputDtype D, bool UE8M0, bool NORMED>
 cudaError_t launch_norm_cluster(const FusedLaunch& a, int64_t passes, int64_t pad_items, const LaunchStream& stream) {
   // padding rows in whole clusters of `passes` CTAs
   const int64_t pad_rows = std::min<int64_t>((pad_items + passes * kThreads - 1) / (passes * kThreads), 1024);
   const dim3 grid(unsigned(passes), unsigned(a.out.m + pad_rows));
-  return launch_kernel_in_clusters(norm_cluster_kernel<OP, D, UE8M0>, grid, kThreads, unsigned(passes), stream, a);
+  return launch_kernel_in_clusters(norm_cluster_kernel<OP, D, UE8M0, NORMED>, grid, kThreads, unsigned(passes), stream, a);
 }
 
-template <FusedOp OP, InputDtype D, bool UE8M0>
+template <FusedOp OP, InputDtype D, bool UE8M0, bool NORMED>
 cudaError_t launch_norm_recipe(const FusedLaunch& a, const LaunchStream& stream) {
   const SfLayout layout = SfLayout(a.out.sf_layout);
   const int64_t nk = a.out.k / Recipe<UE8M0>::kVec;
@@ -683,7 +689,7 @@ cudaError_t launch_norm_recipe(const FusedLaunch& a, const LaunchStream& stream)
   // held 343 us, the rounded sum 322 us; H100, CUDA events, L2 flushed)
   constexpr bool kHoldTwo = !(UE8M0 && (OP == FusedOp::kRmsNorm || OP == FusedOp::kAddRmsNormFloat32Sum));
   constexpr bool kHoldFour = OP == FusedOp::kAddRmsNorm || (OP == FusedOp::kAddRmsNormFloat32Sum && !UE8M0);
-  if (cols <= kThreads) return launch_norm_config<OP, D, UE8M0, 1>(a, cols, pad_items, stream);
+  if (cols <= kThreads) return launch_norm_config<OP, D, UE8M0, 1, NORMED>(a, cols, pad_items, stream);
   // Few rows of 3-8 passes take the cluster kernel, while its CTAs fit one an SM (H100, bf16 NVFP4, kernel
   // lab runs 31, 34, 35: K = 12288-16384 at M = 1-44, e.g. 1x16384 RMSNorm 5.6 -> 3.4 us, LayerNorm 6.9
   // -> 4.4 us, 33x16384 RMSNorm 5.8 -> 4.4 us). At 2 passes it gained 0.1-0.3 us at 1-16x8192 but lost
@@ -692,21 +698,33 @@ cudaError_t launch_norm_recipe(const FusedLaunch& a, const LaunchStream& stream)
   const int64_t passes = (cols + kThreads - 1) / kThreads;
   constexpr int64_t kMinClusterPasses = 3;
   if (passes >= kMinClusterPasses && passes <= kMaxClusterCtas && a.out.m * passes <= a.out.num_sms &&
-      cluster_kernel_runs<OP, D, UE8M0>()) {
-    return launch_norm_cluster<OP, D, UE8M0>(a, passes, pad_items, stream);
+      cluster_kernel_runs<OP, D, UE8M0, NORMED>()) {
+    return launch_norm_cluster<OP, D, UE8M0, NORMED>(a, passes, pad_items, stream);
   }
   if constexpr (kHoldTwo) {
-    if (cols <= 2 * kThreads) return launch_norm_config<OP, D, UE8M0, 2>(a, cols, pad_items, stream);
+    if (cols <= 2 * kThreads) return launch_norm_config<OP, D, UE8M0, 2, NORMED>(a, cols, pad_items, stream);
   }
   if constexpr (kHoldFour) {
-    if (cols <= 4 * kThreads) return launch_norm_config<OP, D, UE8M0, 4>(a, cols, pad_items, stream);
+    if (cols <= 4 * kThreads) return launch_norm_config<OP, D, UE8M0, 4, NORMED>(a, cols, pad_items, stream);
   }
-  return launch_norm_config<OP, D, UE8M0, 0>(a, cols, pad_items, stream);
+  return launch_norm_config<OP, D, UE8M0, 0, NORMED>(a, cols, pad_items, stream);
 }
 
+template <FusedOp OP, InputDtype D, bool NORMED>
+cudaError_t launch_norm_kernels(const FusedLaunch& a, const LaunchStream& stream) {
+  return a.out.sf_use_ue8m0 ? launch_norm_recipe<OP, D, true, NORMED>(a, stream)
+                            : launch_norm_recipe<OP, D, false, NORMED>(a, stream);
+}
+
+// Kernels that also store the norm output exist for RMSNorm and LayerNorm (the *_with_normed ops).
 template <FusedOp OP, InputDtype D>
 cudaError_t launch_norm(const FusedLaunch& a, const LaunchStream& stream) {
-  return a.out.sf_use_ue8m0 ? launch_norm_recipe<OP, D, true>(a, stream) : launch_norm_recipe<OP, D, false>(a, stream);
+  if constexpr (OP == FusedOp::kRmsNorm || OP == FusedOp::kLayerNorm) {
+    if (a.normed_out != nullptr) return launch_norm_kernels<OP, D, true>(a, stream);
+  } else if (a.normed_out != nullptr) {
+    return cudaErrorInvalidValue;
+  }
+  return launch_norm_kernels<OP, D, false>(a, stream);
 }
 
 template <InputDtype D>

@@ -78,11 +78,18 @@ ScalarArg scalar_arg_of(const at::Tensor& t, const char* name, const at::Tensor&
   return {0.0, t.reshape({1}).to(at::kFloat).contiguous()};
 }
 
+// An output shaped like x, contiguous (the next residual, the norm output).
+at::Tensor empty_like_rows(const at::Tensor& x) {
+  return at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
+}
+
+// (x_q, sf, extra): extra is the next residual x + residual (with `residual`), the norm output (with
+// `with_normed`), or undefined.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> rms_norm_impl(
     const at::Tensor& x, const std::optional<at::Tensor>& residual, const std::optional<at::Tensor>& weight,
     const ScalarArg& eps, double weight_offset, bool weight_in_input_dtype, const std::optional<at::Tensor>& global_scale,
     int64_t sf_vec_size, bool sf_use_ue8m0, bool is_sf_swizzled_layout, bool is_sf_8x4_layout,
-    bool is_global_scale_inversed, bool sum_in_float32 = false) {
+    bool is_global_scale_inversed, bool sum_in_float32 = false, bool with_normed = false) {
   FusedProblem p = fused::prepare_fused(x, "x", global_scale, sf_vec_size, sf_use_ue8m0, is_sf_swizzled_layout,
                                         is_sf_8x4_layout);
   if (residual) fused::check_like(*residual, "residual", x, "x");
@@ -90,15 +97,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rms_norm_impl(
   const c10::cuda::CUDAGuard guard(x.device());
   const FusedOp op = !residual ? FusedOp::kRmsNorm : sum_in_float32 ? FusedOp::kAddRmsNormFloat32Sum : FusedOp::kAddRmsNorm;
   FusedLaunch a = base_launch(op, p, sf_use_ue8m0, is_global_scale_inversed);
-  at::Tensor sum;
+  at::Tensor extra;
   std::vector<at::Tensor> keep;
   if (a.out.m > 0 && a.out.k > 0) {
     set_rows(x, &a.x, &a.x_row_stride, keep);
     if (residual) set_rows(*residual, &a.y, &a.y_row_stride, keep);
   }
-  if (residual) {
-    sum = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
-    a.sum_out = sum.data_ptr();
+  if (residual || with_normed) {
+    extra = empty_like_rows(x);
+    (residual ? a.sum_out : a.normed_out) = extra.data_ptr();
   }
   const at::Tensor w = kernel_affine(weight);
   a.weight = w.defined() ? w.data_ptr() : nullptr;
@@ -107,7 +114,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rms_norm_impl(
   a.weight_offset = float(weight_offset);
   a.rms_weight = int(rms_weight_form(weight, weight_in_input_dtype));
   run(a, p);
-  return {p.x_q, p.sf, sum};
+  return {p.x_q, p.sf, extra};
 }
 
 std::tuple<at::Tensor, at::Tensor> rms_norm_quantize_cuda(const at::Tensor& x, const std::optional<at::Tensor>& weight,
@@ -132,6 +139,24 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_quantize_eps_tensor_cuda(
   return {xq, sf};
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> rms_norm_quantize_with_normed_cuda(
+    const at::Tensor& x, const std::optional<at::Tensor>& weight, double eps, double weight_offset,
+    bool weight_in_input_dtype, const std::optional<at::Tensor>& global_scale, int64_t sf_vec_size,
+    bool sf_use_ue8m0, bool is_sf_swizzled_layout, bool is_sf_8x4_layout, bool is_global_scale_inversed) {
+  return rms_norm_impl(x, std::nullopt, weight, ScalarArg{eps}, weight_offset, weight_in_input_dtype, global_scale,
+                       sf_vec_size, sf_use_ue8m0, is_sf_swizzled_layout, is_sf_8x4_layout, is_global_scale_inversed,
+                       false, true);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> rms_norm_quantize_with_normed_eps_tensor_cuda(
+    const at::Tensor& x, const std::optional<at::Tensor>& weight, const at::Tensor& eps, double weight_offset,
+    bool weight_in_input_dtype, const std::optional<at::Tensor>& global_scale, int64_t sf_vec_size,
+    bool sf_use_ue8m0, bool is_sf_swizzled_layout, bool is_sf_8x4_layout, bool is_global_scale_inversed) {
+  return rms_norm_impl(x, std::nullopt, weight, scalar_arg_of(eps, "eps", x), weight_offset, weight_in_input_dtype,
+                       global_scale, sf_vec_size, sf_use_ue8m0, is_sf_swizzled_layout, is_sf_8x4_layout,
+                       is_global_scale_inversed, false, true);
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> add_rms_norm_quantize_cuda(
     const at::Tensor& x, const at::Tensor& residual, const std::optional<at::Tensor>& weight, double eps,
     double weight_offset, bool weight_in_input_dtype, const std::optional<at::Tensor>& global_scale,
@@ -152,12 +177,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> add_rms_norm_quantize_eps_tensor_
                        sum_in_float32);
 }
 
-std::tuple<at::Tensor, at::Tensor> layer_norm_quantize_cuda(const at::Tensor& x, const std::optional<at::Tensor>& weight,
-                                                            const std::optional<at::Tensor>& bias, double eps,
-                                                            const std::optional<at::Tensor>& global_scale,
-                                                            int64_t sf_vec_size, bool sf_use_ue8m0,
-                                                            bool is_sf_swizzled_layout, bool is_sf_8x4_layout,
-                                                            bool is_global_scale_inversed) {
+// (x_q, sf, the norm output with `with_normed`, or undefined)
+std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_impl(const at::Tensor& x, const std::optional<at::Tensor>& weight,
+                                                               const std::optional<at::Tensor>& bias, double eps,
+                                                               const std::optional<at::Tensor>& global_scale,
+                                                               int64_t sf_vec_size, bool sf_use_ue8m0,
+                                                               bool is_sf_swizzled_layout, bool is_sf_8x4_layout,
+                                                               bool is_global_scale_inversed, bool with_normed) {
   FusedProblem p = fused::prepare_fused(x, "x", global_scale, sf_vec_size, sf_use_ue8m0, is_sf_swizzled_layout,
                                         is_sf_8x4_layout);
   fused::check_affine(weight, "weight", x);
@@ -170,8 +196,29 @@ std::tuple<at::Tensor, at::Tensor> layer_norm_quantize_cuda(const at::Tensor& x,
   a.weight = w.defined() ? w.data_ptr() : nullptr;
   a.bias = b.defined() ? b.data_ptr() : nullptr;
   a.eps = float(eps);
+  at::Tensor normed = with_normed ? empty_like_rows(x) : at::Tensor();
+  a.normed_out = with_normed ? normed.data_ptr() : nullptr;
   run(a, p);
-  return {p.x_q, p.sf};
+  return {p.x_q, p.sf, normed};
+}
+
+std::tuple<at::Tensor, at::Tensor> layer_norm_quantize_cuda(const at::Tensor& x, const std::optional<at::Tensor>& weight,
+                                                            const std::optional<at::Tensor>& bias, double eps,
+                                                            const std::optional<at::Tensor>& global_scale,
+                                                            int64_t sf_vec_size, bool sf_use_ue8m0,
+                                                            bool is_sf_swizzled_layout, bool is_sf_8x4_layout,
+                                                            bool is_global_scale_inversed) {
+  auto [xq, sf, unused] = layer_norm_impl(x, weight, bias, eps, global_scale, sf_vec_size, sf_use_ue8m0,
+                                          is_sf_swizzled_layout, is_sf_8x4_layout, is_global_scale_inversed, false);
+  return {xq, sf};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_quantize_with_normed_cuda(
+    const at::Tensor& x, const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias, double eps,
+    const std::optional<at::Tensor>& global_scale, int64_t sf_vec_size, bool sf_use_ue8m0, bool is_sf_swizzled_layout,
+    bool is_sf_8x4_layout, bool is_global_scale_inversed) {
+  return layer_norm_impl(x, weight, bias, eps, global_scale, sf_vec_size, sf_use_ue8m0, is_sf_swizzled_layout,
+                         is_sf_8x4_layout, is_global_scale_inversed, true);
 }
 
 std::tuple<at::Tensor, at::Tensor> activation_impl(const at::Tensor& x, const at::Tensor* up, Activation act,
@@ -302,6 +349,9 @@ TORCH_LIBRARY_IMPL(fp4op, CUDA, m) {
   m.impl("rms_norm_quantize_eps_tensor", &rms_norm_quantize_eps_tensor_cuda);
   m.impl("add_rms_norm_quantize_eps_tensor", &add_rms_norm_quantize_eps_tensor_cuda);
   m.impl("layer_norm_quantize", &layer_norm_quantize_cuda);
+  m.impl("rms_norm_quantize_with_normed", &rms_norm_quantize_with_normed_cuda);
+  m.impl("rms_norm_quantize_with_normed_eps_tensor", &rms_norm_quantize_with_normed_eps_tensor_cuda);
+  m.impl("layer_norm_quantize_with_normed", &layer_norm_quantize_with_normed_cuda);
   m.impl("silu_and_mul_quantize", &silu_and_mul_quantize_cuda);
   m.impl("gelu_and_mul_quantize", &gelu_and_mul_quantize_cuda);
   m.impl("gelu_new_and_mul_quantize", &gelu_new_and_mul_quantize_cuda);

@@ -28,6 +28,8 @@ struct FusedLaunch {
   const void* weight;           // [k] or nullptr, 16-byte aligned
   const void* bias;             // [k] or nullptr (layer norm), 16-byte aligned
   void* sum_out;                // add_rms_norm: x + residual rounded to the input dtype, [m, k] contiguous
+  void* normed_out;             // RMSNorm, LayerNorm: the norm output (what is quantized), [m, k] contiguous;
+                                // or nullptr
   float eps;
   const float* eps_device;      // RMSNorm: eps read on the device instead (a float32 tensor), or nullptr
   float weight_offset;
