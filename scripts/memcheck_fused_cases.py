@@ -5,7 +5,7 @@
 Every fused op, both recipes, every layout, odd M (1 included), rows held in registers (K = 2048, 6144,
 16384), a row re-read from memory (K = 20480), the activations' two kernels and gate/up as the two halves of one tensor. Each result is
 compared with the CPU kernel under the fused ops' acceptance (>= 99.9% of bytes identical, reduction
-order only); exits 1 on a failure, 2 without a GPU."""
+order only; the *_with_normed norm outputs within an ulp); exits 1 on a failure, 2 without a GPU."""
 
 import sys
 
@@ -76,8 +76,14 @@ def main():
                               dict(q, global_scale=None if gs is None else gs.cuda()))
                     torch.cuda.synchronize()
                     count += 1
-                    for a, b in zip(got, want):
+                    for i, (a, b) in enumerate(zip(got, want)):
                         a = a.cpu()
+                        if op.endswith("_with_normed") and i == 2:
+                            # the norm output follows each device's torch kernel (CUDA's rsqrtf, the CPU's
+                            # 1 / sqrt): a row's statistic an ulp apart moves its elements by an ulp or two
+                            if a.shape != b.shape or not torch.allclose(a.float(), b.float(), rtol=2**-6, atol=1e-6):
+                                failures.append(f"{op} vec={vec} {layout} {m}x{k}: norm outputs apart")
+                            continue
                         same = (a == b).float().mean().item() if a.numel() else 1.0
                         if a.shape != b.shape or same < 0.999:
                             failures.append(f"{op} vec={vec} {layout} {m}x{k}: {same:.4f} identical")

@@ -307,13 +307,12 @@ def check_norm(name, dtype, recipe, layout, device):
 def check_norm_output(got, y_ref, kw):
     """A *_with_normed op's norm output: contiguous, in x's dtype, exactly what its (x_q, sf) quantize,
     and eager's norm up to reduction order (a row's statistic one float32 ulp apart moves some elements
-    by one model-dtype ulp)."""
+    by a model-dtype ulp, two where the Llama form rounds twice)."""
     normed = got[2]
     assert normed.dtype == y_ref.dtype and normed.shape == y_ref.shape and normed.is_contiguous()
     requantized = OPS.quantize(normed, **kw)
     assert torch.equal(requantized[0], got[0]) and torch.equal(requantized[1], got[1])
-    torch.testing.assert_close(normed, y_ref, rtol=2.0**-7, atol=1e-6)
-    assert (normed == y_ref).float().mean() >= 0.99
+    torch.testing.assert_close(normed, y_ref, rtol=2.0**-6, atol=1e-6)
 
 
 def check_activation(name, dtype, recipe, layout, device):
@@ -743,8 +742,13 @@ def test_cuda_matches_cpu(name, shape):
                 kw = quantize_kwargs(recipe, layout, gs.to(device))
                 results.append([t.cpu() for t in op(*args, **kw)])
             cpu, cuda = results
-            if name.startswith("add_rms_norm") or name.endswith("_with_normed"):
-                assert torch.equal(cpu[2], cuda[2])  # the next residual, the norm output
+            if name.startswith("add_rms_norm"):
+                assert torch.equal(cpu[2], cuda[2])  # the next residual
+            elif len(cpu) == 3:
+                # the norm output follows each device's torch kernel (RMSNorm: CUDA's rsqrtf, the CPU's
+                # 1 / sqrt; LayerNorm: (x - mean) * rstd, x * rstd - rstd * mean contracted): a row's
+                # statistic an ulp apart moves its elements by an ulp (two where the Llama form rounds twice)
+                torch.testing.assert_close(cpu[2], cuda[2], rtol=2.0**-6, atol=1e-6)
             tally.add(cuda[:2], cpu[:2], shape, recipe, layout, gs)
         tally.check()
 

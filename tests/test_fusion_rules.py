@@ -331,7 +331,7 @@ def test_norm_output_read_elsewhere_comes_from_the_fused_op(device, dynamic):
     for (name, _), got, want in zip(chains, out, expected):
         assert_fp4_close(got[:2], want[:2], 16)
         # the reader's values: the norm output up to reduction order, then the same add
-        torch.testing.assert_close(got[2], want[2], rtol=2.0**-7, atol=1e-5, msg=name)
+        torch.testing.assert_close(got[2], want[2], rtol=2.0**-6, atol=1e-5, msg=name)
 
 
 def test_norm_output_read_only_by_its_quantize_takes_the_plain_op():
@@ -445,7 +445,7 @@ def test_row_views_between_norm_and_quantize(dynamic):
     # unfused: the same op on the same values
     assert torch.equal(out[3][0], expected[3][0]) and torch.equal(out[3][1], expected[3][1])
     assert out[5].shape == expected[5].shape
-    torch.testing.assert_close(out[5], expected[5], rtol=2.0**-7, atol=1e-6)  # the fused op's norm output
+    torch.testing.assert_close(out[5], expected[5], rtol=2.0**-6, atol=1e-6)  # the fused op's norm output
 
 
 @pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
@@ -847,7 +847,7 @@ def test_producer_with_another_user_is_not_copied():
         expected = fn(x, w)
     for got, want in zip(out[:2], expected[:2]):
         assert_fp4_close(got, want, 16)
-    torch.testing.assert_close(out[2], expected[2], rtol=2.0**-7, atol=1e-6)
+    torch.testing.assert_close(out[2], expected[2], rtol=2.0**-6, atol=1e-6)
 
 
 def test_unfused_copies_are_undone():
