@@ -23,7 +23,9 @@ from test_hostile import DEVICES, NIE, VE, _x, child_main, verdict_cache
 
 OPS = torch.ops.fp4op
 EPS = 1e-6
-NORMS = ("rms_norm", "add_rms_norm", "layer_norm")
+# *_with_normed: the norm op of that name that also returns its output
+NORMS = ("rms_norm", "add_rms_norm", "layer_norm", "rms_norm_with_normed", "layer_norm_with_normed")
+WITH_NORMED = "_with_normed"
 GATED = ("silu_and_mul", "gelu_and_mul", "gelu_new_and_mul", "relu2_and_mul")
 FUSED = (*NORMS, *GATED, "silu", "gelu", "gelu_new", "relu2", "quick_gelu")
 # A small input has few blocks, so one block off by a rounding of the norm's reduction order moves the
@@ -41,6 +43,7 @@ def primary(op):
 
 def companions(op, x):
     """The op's other tensor arguments, made to fit x: weight/bias [K], residual/up shaped like x."""
+    op = op.removesuffix(WITH_NORMED)
     k = x.shape[-1] if x.dim() else 1
 
     def affine(seed, mean):
@@ -64,6 +67,10 @@ def fused(op, x, c, **q):
     """The fused op on x and its companions `c`, with the quantize arguments `q`."""
     if op == "rms_norm":
         return OPS.rms_norm_quantize(x, c["weight"], EPS, **q)
+    if op == "rms_norm_with_normed":
+        return OPS.rms_norm_quantize_with_normed(x, c["weight"], EPS, **q)
+    if op == "layer_norm_with_normed":
+        return OPS.layer_norm_quantize_with_normed(x, c["weight"], c["bias"], EPS, **q)
     if op == "add_rms_norm":
         return OPS.add_rms_norm_quantize(x, c["residual"], c["weight"], EPS, **q)
     if op == "layer_norm":
@@ -89,6 +96,7 @@ def fused(op, x, c, **q):
 
 def eager(op, x, c):
     """(the norm/activation output in the input dtype, x + residual or None), as eager PyTorch computes them."""
+    op = op.removesuffix(WITH_NORMED)
     if op == "rms_norm":
         return eager_rms_norm(x, c["weight"], EPS), None
     if op == "add_rms_norm":
@@ -120,6 +128,11 @@ def check_answer(op, x, c=None, recipe="nvfp4", layout=layouts.SWIZZLED_128x4, g
     assert_fp4_close(got[:2], OPS.quantize(y, **kw), RECIPES[recipe][0], layout, MIN_IDENTICAL_SMALL)
     if total is not None:
         assert_equal(got[2], total)
+    if op.endswith(WITH_NORMED):
+        # the norm output: what the codes quantize, and eager's norm up to reduction order
+        for a, b in zip(OPS.quantize(got[2], **kw), got[:2], strict=True):
+            assert_equal(a, b)
+        torch.testing.assert_close(got[2], y, rtol=2.0**-6, atol=1e-6, equal_nan=True)
     with FakeTensorMode(allow_non_fake_inputs=True):
         fake = fused(op, x, c, **kw)
     assert [(t.shape, t.dtype) for t in fake] == [(t.shape, t.dtype) for t in got]
@@ -137,7 +150,7 @@ def check_same_as_quantize_shapes(op, shapes, d):
                 want = OPS.quantize(x, **kw)
                 assert got[0].shape == want[0].shape and got[0].dtype == torch.uint8, (shape, layout, got[0].shape)
                 assert torch.equal(got[1], want[1]), (shape, layout, got[1].shape, want[1].shape)
-                if op == "add_rms_norm":
+                if op == "add_rms_norm" or op.endswith(WITH_NORMED):
                     assert got[2].shape == x.shape and got[2].dtype == x.dtype
 
 
@@ -463,6 +476,8 @@ COEF_TENSOR_CASES = {
 
 SPECIFIC = {
     "rms_norm": {**_affine_cases("weight"), **EPS_TENSOR_CASES},
+    "rms_norm_with_normed": _affine_cases("weight"),
+    "layer_norm_with_normed": {**_affine_cases("weight"), **_affine_cases("bias")},
     "add_rms_norm": {**_affine_cases("weight"), **_like_x_cases("residual"), **EPS_TENSOR_CASES},
     "layer_norm": {**_affine_cases("weight"), **_affine_cases("bias")},
 
