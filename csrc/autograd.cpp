@@ -104,15 +104,18 @@ void residual_sum_differentiable(const c10::OperatorHandle& op, c10::DispatchKey
   torch::autograd::set_history(stack->back().toTensor(), node);
 }
 
-// The *_with_normed norms (x, weight, [bias,] ...) -> (x_q, sf, norm output): the fusion passes put them
-// in graphs that autograd has already differentiated (Inductor's post-grad graphs); called where autograd
-// would record them, they refuse rather than return a norm output without its gradient.
+// The *_with_normed norms (x, [residual,] weight, [bias,] ...) -> (x_q, sf, [next residual,] norm output):
+// the fusion passes put them in graphs that autograd has already differentiated (Inductor's post-grad
+// graphs); called where autograd would record them, they refuse rather than return outputs without their
+// gradients.
 void normed_not_differentiable(const c10::OperatorHandle& op, c10::DispatchKeySet keys, torch::jit::Stack* stack) {
   const auto args = arguments(op, stack);
-  const bool is_layer_norm = op.schema().name() == "fp4op::layer_norm_quantize_with_normed";
+  const auto& schema = op.schema().arguments();
   bool needs_grad = false;
-  for (int i = 0; i < (is_layer_norm ? 3 : 2); ++i) {
-    needs_grad = needs_grad || (args[i].isTensor() && args[i].toTensor().requires_grad());
+  for (size_t i = 0; i < schema.size(); ++i) {
+    const std::string& name = schema[i].name();
+    const bool normed_input = name == "x" || name == "residual" || name == "weight" || name == "bias";
+    needs_grad = needs_grad || (normed_input && args[i].isTensor() && args[i].toTensor().requires_grad());
   }
   TORCH_CHECK_NOT_IMPLEMENTED(!(at::GradMode::is_enabled() && needs_grad), op.schema().name(),
                               ": the norm output is not differentiable here; for training, use the norm "
@@ -150,7 +153,8 @@ TORCH_LIBRARY_IMPL(fp4op, Autograd, m) {
     m.impl(name, torch::CppFunction::makeFromBoxedFunction<&residual_sum_differentiable>());
   }
   for (const char* name : {"rms_norm_quantize_with_normed", "rms_norm_quantize_with_normed_eps_tensor",
-                           "layer_norm_quantize_with_normed"}) {
+                           "layer_norm_quantize_with_normed", "add_rms_norm_quantize_with_normed",
+                           "add_rms_norm_quantize_with_normed_eps_tensor"}) {
     m.impl(name, torch::CppFunction::makeFromBoxedFunction<&normed_not_differentiable>());
   }
 }

@@ -36,6 +36,14 @@ TORCH_LIBRARY_FRAGMENT(fp4op, m) {
         "bool weight_in_input_dtype=False, " FP4OP_QUANTIZE_ARGS ") -> (Tensor, Tensor, Tensor)");
   m.def("layer_norm_quantize_with_normed(Tensor x, Tensor? weight, Tensor? bias, float eps, " FP4OP_QUANTIZE_ARGS
         ") -> (Tensor, Tensor, Tensor)");
+  // (x_q, sf, next residual, normed): the residual add + RMSNorm whose norm output is also read elsewhere (an
+  // MoE router's gate quantized, the experts reading the rows)
+  m.def("add_rms_norm_quantize_with_normed(Tensor x, Tensor residual, Tensor? weight, float eps, "
+        "float weight_offset=0.0, bool weight_in_input_dtype=False, " FP4OP_QUANTIZE_ARGS
+        ", bool sum_in_float32=False) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("add_rms_norm_quantize_with_normed_eps_tensor(Tensor x, Tensor residual, Tensor? weight, Tensor eps, "
+        "float weight_offset=0.0, bool weight_in_input_dtype=False, " FP4OP_QUANTIZE_ARGS
+        ", bool sum_in_float32=False) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("silu_and_mul_quantize(Tensor gate, Tensor up, " FP4OP_QUANTIZE_ARGS ") -> (Tensor, Tensor)");
   m.def("gelu_and_mul_quantize(Tensor gate, Tensor up, str approximate=\"none\", " FP4OP_QUANTIZE_ARGS
         ") -> (Tensor, Tensor)");

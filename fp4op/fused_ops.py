@@ -4,10 +4,11 @@ add_rms_norm_quantize's next residual differentiates as the add x + residual.)
 
 Each op returns ``(x_q, sf)`` exactly as ``torch.ops.fp4op.quantize`` of the norm/activation output
 computed in the input's dtype (float16/bfloat16) the way eager PyTorch computes it;
-``add_rms_norm_quantize`` also returns ``x + residual`` in the input dtype (the next residual), and
-``rms_norm_quantize_with_normed`` / ``rms_norm_quantize_with_normed_eps_tensor`` /
-``layer_norm_quantize_with_normed`` the norm output itself (what they quantize, in the input dtype,
-contiguous): for a norm output the model also reads elsewhere (post-LN residual streams, MoE routers).
+``add_rms_norm_quantize`` also returns ``x + residual`` in the input dtype (the next residual), and the
+``*_with_normed`` norms (``rms_norm_quantize_with_normed``, ``layer_norm_quantize_with_normed``,
+``add_rms_norm_quantize_with_normed``, and the ``_eps_tensor`` forms of the RMSNorm ones) also the norm
+output itself, last (what they quantize, in the input dtype, contiguous): for a norm output the model also
+reads elsewhere (post-LN residual streams, MoE routers).
 
 The eager forms reproduced (float32 opmath, ``round`` = rounding to the input dtype; the shared C++
 math is csrc/fused_math.h):
@@ -210,6 +211,17 @@ def _rms_norm_quantize_with_normed_fake(x, weight, eps, *args, **kwargs):
 def _rms_norm_quantize_with_normed_eps_tensor_fake(x, weight, eps, *args, **kwargs):
     _check_eps_tensor(eps, x)
     return _rms_norm_quantize_with_normed_fake(x, weight, 0.0, *args, **kwargs)
+
+
+@torch.library.register_fake("fp4op::add_rms_norm_quantize_with_normed")
+def _add_rms_norm_quantize_with_normed_fake(x, residual, weight, eps, *args, **kwargs):
+    return (*_add_rms_norm_quantize_fake(x, residual, weight, eps, *args, **kwargs), _empty_rows_like(x))
+
+
+@torch.library.register_fake("fp4op::add_rms_norm_quantize_with_normed_eps_tensor")
+def _add_rms_norm_quantize_with_normed_eps_tensor_fake(x, residual, weight, eps, *args, **kwargs):
+    _check_eps_tensor(eps, x)
+    return _add_rms_norm_quantize_with_normed_fake(x, residual, weight, 0.0, *args, **kwargs)
 
 
 @torch.library.register_fake("fp4op::layer_norm_quantize")

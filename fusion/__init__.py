@@ -23,9 +23,10 @@ directly, through ``fp4op.fp4_quantize`` or ``fp4op.nn.FP4Linear``):
   ``fp4op.add_rms_norm_quantize``;
 * LayerNorm (F.layer_norm / nn.LayerNorm) with weight and bias, weight only, or neither ->
   ``fp4op.layer_norm_quantize``;
-* either norm (without a residual add) whose output is also read elsewhere (post-LN encoders, where it is
-  the next residual too; an output also returned) -> ``fp4op.rms_norm_quantize_with_normed`` /
-  ``fp4op.layer_norm_quantize_with_normed``, which return the norm output to those readers;
+* any of those norms whose output is also read elsewhere (post-LN encoders, where it is the next residual
+  too; an MoE block's router gate and experts; an output also returned) ->
+  ``fp4op.rms_norm_quantize_with_normed`` / ``add_rms_norm_quantize_with_normed`` /
+  ``layer_norm_quantize_with_normed``, which return the norm output to those readers;
 * ``silu(gate) * up`` / ``gelu(gate) * up`` (either operand order, exact or tanh GELU) ->
   ``fp4op.silu_and_mul_quantize`` / ``fp4op.gelu_and_mul_quantize``; plain SiLU / GELU ->
   ``fp4op.silu_quantize`` / ``fp4op.gelu_quantize``.

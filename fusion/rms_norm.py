@@ -35,8 +35,10 @@ eps may also be a 0-d tensor graph input (a module's float eps under ``dynamic=T
 ``*_eps_tensor`` variants take it.
 
 With `keep_normed`, the norm output also has readers other than the quantize (a post-norm residual
-stream, a MoE router): fp4op.rms_norm_quantize_with_normed returns it to them. Those rules apply only
-where such readers exist (elsewhere the plain rules do, and the fused op does not store the output).
+stream; after a residual add, an MoE block whose router gate is quantized and whose experts read the
+rows): fp4op.rms_norm_quantize_with_normed / add_rms_norm_quantize_with_normed return it to them (not for
+the float32-sum forms). Those rules apply only where such readers exist (elsewhere the plain rules do, and
+the fused op does not store the output).
 
 With `residual`, the norm's input is ``x + residual`` and that sum is also an output (the next
 residual), which fp4op.add_rms_norm_quantize returns. vLLM's RMSNorm (nano-vllm and others alike) adds in
@@ -148,8 +150,8 @@ class RMSNormQuantize(FusionPattern):
             raise ValueError("fp4op.fusion: an unused or promoted sum is a float32-sum form's")
         if strided and (form not in STRIDED_FORMS or residual):
             raise ValueError(f"fp4op.fusion: no strided-input rule for the {form!r} form{' with a residual' if residual else ''}")
-        if keep_normed and (residual or strided):
-            raise ValueError("fp4op.fusion: a rule that keeps the norm output has no residual and no strided x")
+        if keep_normed and (float32_sum or strided):
+            raise ValueError("fp4op.fusion: a rule that keeps the norm output has no float32 sum and no strided x")
         self.form = form
         self.with_weight = with_weight
         self.residual = residual
@@ -158,7 +160,7 @@ class RMSNormQuantize(FusionPattern):
         self.strided = strided
         self.promoted = promoted
         self.keep_normed = keep_normed
-        op = "add_rms_norm_quantize" if residual else "rms_norm_quantize_with_normed" if keep_normed else "rms_norm_quantize"
+        op = ("add_rms_norm_quantize" if residual else "rms_norm_quantize") + ("_with_normed" if keep_normed else "")
         tags = ("float32_sum," if float32_sum else "") + ("promoted," if promoted else "") + form
         tags += "" if with_weight else ",no_weight"
         tags += ("" if sum_used else ",sum_unused") + (",strided" if strided else "")
@@ -180,7 +182,8 @@ class RMSNormQuantize(FusionPattern):
             return (out, total) if self.sum_used else out
         if self.residual:
             x = x + residual
-            return rms_norm_forms(x, weight, eps, self.form), x
+            out = rms_norm_forms(x, weight, eps, self.form)
+            return (out, x, out) if self.keep_normed else (out, x)
         out = rms_norm_forms(x, weight, eps, self.form)
         return (out, out) if self.keep_normed else out
 
@@ -229,7 +232,8 @@ def rules() -> list[FusionPattern]:
         if with_weight or form not in WEIGHT_ONLY_FORMS
     ]
     kept = [
-        RMSNormQuantize(form, with_weight, False, keep_normed=True)
+        RMSNormQuantize(form, with_weight, residual, keep_normed=True)
+        for residual in (True, False)
         for form in FORMS
         for with_weight in (True, False)
         if with_weight or form not in WEIGHT_ONLY_FORMS

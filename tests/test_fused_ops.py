@@ -185,9 +185,10 @@ NORMS = (
     "rms_norm_gemma_with_normed",
     "layer_norm_with_normed",
     "layer_norm_no_affine_with_normed",
+    "add_rms_norm_with_normed",
+    "add_rms_norm_llama_with_normed",
 )
-# norm_case's marker for a third output that is the norm output (compared with quantize and with eager)
-NORM_OUTPUT = "norm output"
+WITH_NORMED = "_with_normed"
 ACTIVATIONS = ("silu_and_mul", "gelu_and_mul", "gelu_tanh_and_mul", "gelu_new_and_mul", "relu_and_mul", "relu2_and_mul",
                "silu", "gelu", "gelu_tanh", "gelu_new", "relu", "relu2", "quick_gelu", "silu_written")
 
@@ -201,12 +202,14 @@ def odd_k(recipe):
 
 
 def norm_case(name, x, eps, device):
-    """(fused op, args, eager result, extra output to compare exactly or NORM_OUTPUT) of a norm case."""
-    if name.endswith("_with_normed"):
-        op, args, y, _ = norm_case(name.removesuffix("_with_normed"), x, eps, device)
+    """(fused op, args, eager result, next residual to compare exactly or None) of a norm case; the
+    *_with_normed ops also return the norm output, last."""
+    if name.endswith(WITH_NORMED):
+        op, args, y, total = norm_case(name.removesuffix(WITH_NORMED), x, eps, device)
         with_normed = {OPS.rms_norm_quantize: OPS.rms_norm_quantize_with_normed,
-                       OPS.layer_norm_quantize: OPS.layer_norm_quantize_with_normed}
-        return with_normed[op], args, y, NORM_OUTPUT
+                       OPS.layer_norm_quantize: OPS.layer_norm_quantize_with_normed,
+                       OPS.add_rms_norm_quantize: OPS.add_rms_norm_quantize_with_normed}
+        return with_normed[op], args, y, total
     k, dtype = x.shape[-1], x.dtype
     if name.startswith("add_rms_norm_float32_sum"):
         # vLLM's RMSNorm: the sum in float32 normalized as it is (the residual small against x, so that
@@ -291,24 +294,24 @@ def check_norm(name, dtype, recipe, layout, device):
         x = make_input((m, k), dtype, device, seed=10 + i)
         op, args, y_ref, total = norm_case(name, x, eps, device)
         got, want, gs = run_fused(op, args, y_ref, recipe, layout)
-        if total is NORM_OUTPUT:
+        if name.endswith(WITH_NORMED):
             kw = quantize_kwargs(recipe, layout, gs)
             check_norm_output(got, y_ref, kw)
-            plain = norm_case(name.removesuffix("_with_normed"), x, eps, device)[0]
-            assert all(torch.equal(a, b) for a, b in zip(got[:2], plain(*args, **kw)))  # the plain op's bytes
-            got = got[:2]
-        elif total is not None:
+            plain = norm_case(name.removesuffix(WITH_NORMED), x, eps, device)[0]
+            # the plain op's outputs (codes, scales, the next residual), bit for bit
+            assert all(torch.equal(a, b) for a, b in zip(got[:-1], plain(*args, **kw), strict=True))
+        if total is not None:
             assert torch.equal(got[2], total)  # x + residual in the model dtype, exactly
-            got = got[:2]
+        got = got[:2]
         tally.add(got, want, x.shape, recipe, layout, gs)
     tally.check()
 
 
 def check_norm_output(got, y_ref, kw):
-    """A *_with_normed op's norm output: contiguous, in x's dtype, exactly what its (x_q, sf) quantize,
-    and eager's norm up to reduction order (a row's statistic one float32 ulp apart moves some elements
-    by a model-dtype ulp, two where the Llama form rounds twice)."""
-    normed = got[2]
+    """A *_with_normed op's norm output (its last): contiguous, in x's dtype, exactly what its (x_q, sf)
+    quantize, and eager's norm up to reduction order (a row's statistic one float32 ulp apart moves some
+    elements by a model-dtype ulp, two where the Llama form rounds twice)."""
+    normed = got[-1]
     assert normed.dtype == y_ref.dtype and normed.shape == y_ref.shape and normed.is_contiguous()
     requantized = OPS.quantize(normed, **kw)
     assert torch.equal(requantized[0], got[0]) and torch.equal(requantized[1], got[1])
@@ -503,6 +506,9 @@ def op_cases(device):
         (OPS.rms_norm_quantize_with_normed_eps_tensor, (x, w, torch.tensor(1e-6, dtype=torch.float64)), eightx4),
         (OPS.layer_norm_quantize_with_normed, (x, w, b, 1e-5), nv),
         (OPS.layer_norm_quantize_with_normed, (x2, None, None, 1e-5), mx),
+        (OPS.add_rms_norm_quantize_with_normed, (x, x.flip(0), w, 1e-6, 0.0, True), nv),
+        (OPS.add_rms_norm_quantize_with_normed, (x2, x2 * 2, None, 1e-6), {**mx, "sum_in_float32": True}),
+        (OPS.add_rms_norm_quantize_with_normed_eps_tensor, (x, x.flip(0), w, torch.tensor([1e-5], device=device)), eightx4),
         (OPS.silu_and_mul_quantize, (x, x.flip(1)), nv),
         (OPS.silu_and_mul_quantize, (x2, x2), mx),
         (OPS.gelu_and_mul_quantize, (x, x, "tanh"), eightx4),
@@ -593,6 +599,8 @@ def _bad_calls():
         ("normed eps", ValueError, "eps must have one element", lambda: OPS.rms_norm_quantize_with_normed_eps_tensor(x, w, torch.ones(2), global_scale=gs)),
         ("normed bias", ValueError, "bias must have the dtype", lambda: OPS.layer_norm_quantize_with_normed(x, w, w.half(), 1e-6, gs)),
         ("normed float32", NotImplementedError, "x of a fused", lambda: OPS.layer_norm_quantize_with_normed(x.float(), None, None, 1e-6, gs)),
+        ("normed residual", ValueError, "residual must have the shape", lambda: OPS.add_rms_norm_quantize_with_normed(x, x[:2], w, 1e-6, global_scale=gs)),
+        ("normed residual eps", ValueError, "eps must be a floating-point", lambda: OPS.add_rms_norm_quantize_with_normed_eps_tensor(x, x, w, torch.tensor(1), global_scale=gs)),
     ]
 
 
@@ -635,6 +643,9 @@ def check_eps_tensor_overloads(device, eps_device):
             want = OPS.rms_norm_quantize_with_normed(x, w, eps_f, global_scale=gs)
             got = OPS.rms_norm_quantize_with_normed_eps_tensor(x, w, eps, global_scale=gs)
             assert all(torch.equal(a, b) for a, b in zip(got, want)), (dtype, shape, value)
+            want = OPS.add_rms_norm_quantize_with_normed(x, r, w, eps_f, 0.0, True, global_scale=gs)
+            got = OPS.add_rms_norm_quantize_with_normed_eps_tensor(x, r, w, eps, 0.0, True, global_scale=gs)
+            assert all(torch.equal(a, b) for a, b in zip(got, want)), (dtype, shape, value)
 
 
 def test_eps_tensor_overloads():
@@ -674,7 +685,7 @@ def test_not_differentiable():
     assert not xq.requires_grad and not sf.requires_grad
 
 
-@pytest.mark.parametrize("op", ["rms_norm", "layer_norm"])
+@pytest.mark.parametrize("op", ["rms_norm", "layer_norm", "add_rms_norm"])
 def test_norm_output_refuses_autograd(op):
     """The *_with_normed norm output has no gradient formula: recorded by autograd, the op refuses
     instead of returning an output whose gradient would silently be missing; without grad it runs."""
@@ -685,12 +696,14 @@ def test_norm_output_refuses_autograd(op):
     def call():
         if op == "rms_norm":
             return OPS.rms_norm_quantize_with_normed(x, w, 1e-6, global_scale=gs)
+        if op == "add_rms_norm":
+            return OPS.add_rms_norm_quantize_with_normed(x, x, w, 1e-6, global_scale=gs)
         return OPS.layer_norm_quantize_with_normed(x, w, None, 1e-6, gs)
 
     with pytest.raises(NotImplementedError, match="not differentiable"):
         call()
     with torch.no_grad():
-        assert not call()[2].requires_grad
+        assert not call()[-1].requires_grad
 
 
 # ---- CUDA ------------------------------------------------------------------------------------------------------
@@ -744,11 +757,11 @@ def test_cuda_matches_cpu(name, shape):
             cpu, cuda = results
             if name.startswith("add_rms_norm"):
                 assert torch.equal(cpu[2], cuda[2])  # the next residual
-            elif len(cpu) == 3:
+            if name.endswith(WITH_NORMED):
                 # the norm output follows each device's torch kernel (RMSNorm: CUDA's rsqrtf, the CPU's
                 # 1 / sqrt; LayerNorm: (x - mean) * rstd, x * rstd - rstd * mean contracted): a row's
                 # statistic an ulp apart moves its elements by an ulp (two where the Llama form rounds twice)
-                torch.testing.assert_close(cpu[2], cuda[2], rtol=2.0**-6, atol=1e-6)
+                torch.testing.assert_close(cpu[-1], cuda[-1], rtol=2.0**-6, atol=1e-6)
             tally.add(cuda[:2], cpu[:2], shape, recipe, layout, gs)
         tally.check()
 

@@ -584,3 +584,47 @@ def test_post_ln_models_fuse_their_norms(name, expected, device):
     # one of the two LayerNorms is gone (the second one's output is the block's output only)
     assert record.after["aten.var_mean.correction"] == record.before["aten.var_mean.correction"] - 1
     assert torch.equal(out, plain)
+
+
+class MoEBlock(nn.Module):
+    """A transformers v5-style sparse MoE half-layer: residual add, post_attention_layernorm, the router gate
+    (nn.Linear, converted) and experts held as 3-D parameters (fused gate_up / down, not nn.Linear: left as
+    they are), computed for every token and weighted by the top-2 routing. The norm output is read by the
+    gate's quantize and by the experts."""
+
+    def __init__(self, experts=4, inter=32):
+        super().__init__()
+        self.post_attention_layernorm = LlamaRMSNorm(D)
+        self.gate = nn.Linear(D, experts, bias=False)
+        self.gate_up_proj = nn.Parameter(torch.randn(experts, D, 2 * inter) * 0.05)
+        self.down_proj = nn.Parameter(torch.randn(experts, inter, D) * 0.05)
+
+    def forward(self, hidden_states, attn_output):
+        hidden_states = hidden_states + attn_output
+        residual = hidden_states
+        h = self.post_attention_layernorm(hidden_states)
+        logits = self.gate(h)
+        top_w, top_i = torch.topk(F.softmax(logits, dim=-1, dtype=torch.float), 2, dim=-1)
+        routing = torch.zeros_like(logits, dtype=torch.float).scatter(-1, top_i, top_w).to(h.dtype)
+        gate, up = torch.einsum("btd,edi->ebti", h, self.gate_up_proj).chunk(2, dim=-1)
+        expert_out = torch.einsum("ebti,eid->ebtd", F.silu(gate) * up, self.down_proj)
+        return residual + torch.einsum("ebtd,bte->btd", expert_out, routing)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=requires_cuda)])
+def test_moe_router_norm_fuses_keeping_its_output(device):
+    """The norm after the residual add, read by the router gate (quantized) and by the experts, fuses into
+    add_rms_norm_quantize_with_normed; the experts read its norm output, the next residual its sum."""
+    torch.manual_seed(0)
+    model = MoEBlock().to(device, torch.bfloat16).eval()
+    fnn.convert(model)
+    args = [torch.randn(2, 8, D, dtype=torch.bfloat16, device=device) for _ in range(2)]
+    with torch.no_grad(), fnn.calibrate(model):
+        model(*args)
+    out, record = compile_fused(model, *args)
+    assert dict(record.matches) == {"add_rms_norm_quantize_with_normed[hf]": 1}
+    ops = fp4_ops(record.after)
+    assert ops["fp4op.add_rms_norm_quantize_with_normed.default"] == 1 and "fp4op.quantize.default" not in ops, ops
+    with torch.no_grad():
+        eager = model(*args)
+    torch.testing.assert_close(out, eager, rtol=0.05, atol=0.05)

@@ -284,42 +284,47 @@ def test_never_fuse(device):
 
 
 def _normed_chains():
-    """(rule, norm) pairs whose output the model also reads elsewhere."""
+    """(rule, norm of (x, r, w, b)) pairs whose output the model also reads elsewhere; the residual forms
+    return (output, next residual)."""
     return [
-        ("rms_norm_quantize_with_normed[torch]", lambda x, w, b: F.rms_norm(x, (K,), w, 1e-5)),
-        ("rms_norm_quantize_with_normed[torch,no_weight]", lambda x, w, b: F.rms_norm(x, (K,), None, 1e-6)),
-        ("rms_norm_quantize_with_normed[hf]", lambda x, w, b: hf_rms(x, w, 1e-6)),
-        ("rms_norm_quantize_with_normed[gemma]", lambda x, w, b: gemma_rms(x, w, 1e-6)),
-        ("layer_norm_quantize_with_normed[weight,bias]", lambda x, w, b: F.layer_norm(x, (K,), w, b, 1e-5)),
-        ("layer_norm_quantize_with_normed[no_affine]", lambda x, w, b: F.layer_norm(x, (K,), None, None, 1e-12)),
+        ("rms_norm_quantize_with_normed[torch]", lambda x, r, w, b: F.rms_norm(x, (K,), w, 1e-5)),
+        ("rms_norm_quantize_with_normed[torch,no_weight]", lambda x, r, w, b: F.rms_norm(x, (K,), None, 1e-6)),
+        ("rms_norm_quantize_with_normed[hf]", lambda x, r, w, b: hf_rms(x, w, 1e-6)),
+        ("rms_norm_quantize_with_normed[gemma]", lambda x, r, w, b: gemma_rms(x, w, 1e-6)),
+        ("layer_norm_quantize_with_normed[weight,bias]", lambda x, r, w, b: F.layer_norm(x, (K,), w, b, 1e-5)),
+        ("layer_norm_quantize_with_normed[no_affine]", lambda x, r, w, b: F.layer_norm(x, (K,), None, None, 1e-12)),
         (
             "layer_norm_quantize_with_normed[weight,bias,float32]",
-            lambda x, w, b: F.layer_norm(x.float(), (K,), w.float(), b.float(), 1e-5).type_as(x),
+            lambda x, r, w, b: F.layer_norm(x.float(), (K,), w.float(), b.float(), 1e-5).type_as(x),
         ),
+        ("add_rms_norm_quantize_with_normed[hf]", lambda x, r, w, b: _res(x, r, lambda s: hf_rms(s, w, 1e-6))),
+        ("add_rms_norm_quantize_with_normed[torch]", lambda x, r, w, b: _res(x, r, lambda s: F.rms_norm(s, (K,), w, 1e-5))),
     ]
 
 
 @pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=requires_cuda)])
 def test_norm_output_read_elsewhere_comes_from_the_fused_op(device, dynamic):
-    """A norm output that is quantized and also read elsewhere (post-LN: it is the next residual too) is
-    computed by the *_with_normed op, which returns it: the norm and the quantize are gone, the other
-    reader takes the op's third output."""
+    """A norm output that is quantized and also read elsewhere (post-LN: it is the next residual too; after
+    a residual add, as MoE blocks read it) is computed by the *_with_normed op, which returns it: the norm
+    and the quantize are gone, the other reader takes the op's last output."""
     dtype = torch.bfloat16
     chains = _normed_chains()
     xs = [torch.randn(M, K, dtype=dtype, device=device) * 2 for _ in chains]
+    rs = [torch.randn(M, K, dtype=dtype, device=device) for _ in chains]
     w = torch.randn(K, dtype=dtype, device=device) * 0.5 + 1
     b = torch.randn(K, dtype=dtype, device=device) * 0.1
     gs = torch.tensor([200.0], device=device)
 
-    def fn(xs, w, b):
+    def fn(xs, rs, w, b):
         outs = []
-        for (_, chain), x in zip(chains, xs):
-            n = chain(x, w, b)
-            outs.append((*torch.ops.fp4op.quantize(n, gs), n + x))
+        for (_, chain), x, r in zip(chains, xs, rs):
+            y = chain(x, r, w, b)
+            n, *total = y if isinstance(y, tuple) else (y,)
+            outs.append((*torch.ops.fp4op.quantize(n, gs), n + x, *total))
         return outs
 
-    out, record = compile_fused(fn, xs, w, b, dynamic=dynamic)
+    out, record = compile_fused(fn, xs, rs, w, b, dynamic=dynamic)
     assert dict(record.matches) == _expected_counts(chains)
     ops = fp4_ops(record.after)
     assert "fp4op.quantize.default" not in ops, ops
@@ -327,11 +332,12 @@ def test_norm_output_read_elsewhere_comes_from_the_fused_op(device, dynamic):
     for decomposed in ("aten.rsqrt.default", "aten.var_mean.correction", "aten.native_layer_norm.default"):
         assert decomposed not in record.after, decomposed
     with torch.no_grad():
-        expected = fn(xs, w, b)
+        expected = fn(xs, rs, w, b)
     for (name, _), got, want in zip(chains, out, expected):
         assert_fp4_close(got[:2], want[:2], 16)
         # the reader's values: the norm output up to reduction order, then the same add
         torch.testing.assert_close(got[2], want[2], rtol=2.0**-6, atol=1e-5, msg=name)
+        assert_same_outputs(got[3:], want[3:])  # the next residual, bit-exact
 
 
 def test_norm_output_read_only_by_its_quantize_takes_the_plain_op():

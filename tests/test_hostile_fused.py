@@ -24,7 +24,8 @@ from test_hostile import DEVICES, NIE, VE, _x, child_main, verdict_cache
 OPS = torch.ops.fp4op
 EPS = 1e-6
 # *_with_normed: the norm op of that name that also returns its output
-NORMS = ("rms_norm", "add_rms_norm", "layer_norm", "rms_norm_with_normed", "layer_norm_with_normed")
+NORMS = ("rms_norm", "add_rms_norm", "layer_norm", "rms_norm_with_normed", "layer_norm_with_normed",
+         "add_rms_norm_with_normed")
 WITH_NORMED = "_with_normed"
 GATED = ("silu_and_mul", "gelu_and_mul", "gelu_new_and_mul", "relu2_and_mul")
 FUSED = (*NORMS, *GATED, "silu", "gelu", "gelu_new", "relu2", "quick_gelu")
@@ -71,6 +72,8 @@ def fused(op, x, c, **q):
         return OPS.rms_norm_quantize_with_normed(x, c["weight"], EPS, **q)
     if op == "layer_norm_with_normed":
         return OPS.layer_norm_quantize_with_normed(x, c["weight"], c["bias"], EPS, **q)
+    if op == "add_rms_norm_with_normed":
+        return OPS.add_rms_norm_quantize_with_normed(x, c["residual"], c["weight"], EPS, **q)
     if op == "add_rms_norm":
         return OPS.add_rms_norm_quantize(x, c["residual"], c["weight"], EPS, **q)
     if op == "layer_norm":
@@ -130,9 +133,9 @@ def check_answer(op, x, c=None, recipe="nvfp4", layout=layouts.SWIZZLED_128x4, g
         assert_equal(got[2], total)
     if op.endswith(WITH_NORMED):
         # the norm output: what the codes quantize, and eager's norm up to reduction order
-        for a, b in zip(OPS.quantize(got[2], **kw), got[:2], strict=True):
+        for a, b in zip(OPS.quantize(got[-1], **kw), got[:2], strict=True):
             assert_equal(a, b)
-        torch.testing.assert_close(got[2], y, rtol=2.0**-6, atol=1e-6, equal_nan=True)
+        torch.testing.assert_close(got[-1], y, rtol=2.0**-6, atol=1e-6, equal_nan=True)
     with FakeTensorMode(allow_non_fake_inputs=True):
         fake = fused(op, x, c, **kw)
     assert [(t.shape, t.dtype) for t in fake] == [(t.shape, t.dtype) for t in got]
@@ -150,8 +153,8 @@ def check_same_as_quantize_shapes(op, shapes, d):
                 want = OPS.quantize(x, **kw)
                 assert got[0].shape == want[0].shape and got[0].dtype == torch.uint8, (shape, layout, got[0].shape)
                 assert torch.equal(got[1], want[1]), (shape, layout, got[1].shape, want[1].shape)
-                if op == "add_rms_norm" or op.endswith(WITH_NORMED):
-                    assert got[2].shape == x.shape and got[2].dtype == x.dtype
+                for extra in got[2:]:  # the next residual, the norm output
+                    assert extra.shape == x.shape and extra.dtype == x.dtype
 
 
 # ---- the cases of every op: name -> (function of (op, device), expected of op), expected as in
@@ -478,6 +481,7 @@ SPECIFIC = {
     "rms_norm": {**_affine_cases("weight"), **EPS_TENSOR_CASES},
     "rms_norm_with_normed": _affine_cases("weight"),
     "layer_norm_with_normed": {**_affine_cases("weight"), **_affine_cases("bias")},
+    "add_rms_norm_with_normed": {**_affine_cases("weight"), **_like_x_cases("residual")},
     "add_rms_norm": {**_affine_cases("weight"), **_like_x_cases("residual"), **EPS_TENSOR_CASES},
     "layer_norm": {**_affine_cases("weight"), **_affine_cases("bias")},
 

@@ -207,19 +207,44 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rms_norm_quantize_with_normed_cpu
                        is_sf_swizzled_layout, is_sf_8x4_layout, is_global_scale_inversed, true);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> add_rms_norm_quantize_cpu(
+// add_rms_norm_quantize's (x_q, sf, next residual), and with `with_normed` the norm output (undefined
+// otherwise).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_rms_norm_impl(
     const at::Tensor& x, const at::Tensor& residual, const std::optional<at::Tensor>& weight, double eps,
     double weight_offset, bool weight_in_input_dtype, const std::optional<at::Tensor>& global_scale,
     int64_t sf_vec_size, bool sf_use_ue8m0, bool is_sf_swizzled_layout, bool is_sf_8x4_layout,
-    bool is_global_scale_inversed, bool sum_in_float32) {
+    bool is_global_scale_inversed, bool sum_in_float32, bool with_normed) {
   FusedProblem p = fused::prepare_fused(x, "x", global_scale, sf_vec_size, sf_use_ue8m0, is_sf_swizzled_layout,
                                         is_sf_8x4_layout);
   fused::check_like(residual, "residual", x, "x");
   fused::check_affine(weight, "weight", x);
   at::Tensor sum = empty_like_rows(x);
+  at::Tensor normed = with_normed ? empty_like_rows(x) : at::Tensor();
   const QuantizeParams qp = quantize_params(p, sf_use_ue8m0, is_global_scale_inversed);
-  rms_norm_rows(p, qp, x, residual, &sum, nullptr, weight, eps, weight_offset, weight_in_input_dtype, sum_in_float32);
-  return {p.x_q, p.sf, sum};
+  rms_norm_rows(p, qp, x, residual, &sum, with_normed ? &normed : nullptr, weight, eps, weight_offset,
+                weight_in_input_dtype, sum_in_float32);
+  return {p.x_q, p.sf, sum, normed};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> add_rms_norm_quantize_cpu(
+    const at::Tensor& x, const at::Tensor& residual, const std::optional<at::Tensor>& weight, double eps,
+    double weight_offset, bool weight_in_input_dtype, const std::optional<at::Tensor>& global_scale,
+    int64_t sf_vec_size, bool sf_use_ue8m0, bool is_sf_swizzled_layout, bool is_sf_8x4_layout,
+    bool is_global_scale_inversed, bool sum_in_float32) {
+  auto [xq, sf, sum, unused] = add_rms_norm_impl(x, residual, weight, eps, weight_offset, weight_in_input_dtype,
+                                                 global_scale, sf_vec_size, sf_use_ue8m0, is_sf_swizzled_layout,
+                                                 is_sf_8x4_layout, is_global_scale_inversed, sum_in_float32, false);
+  return {xq, sf, sum};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_rms_norm_quantize_with_normed_cpu(
+    const at::Tensor& x, const at::Tensor& residual, const std::optional<at::Tensor>& weight, double eps,
+    double weight_offset, bool weight_in_input_dtype, const std::optional<at::Tensor>& global_scale,
+    int64_t sf_vec_size, bool sf_use_ue8m0, bool is_sf_swizzled_layout, bool is_sf_8x4_layout,
+    bool is_global_scale_inversed, bool sum_in_float32) {
+  return add_rms_norm_impl(x, residual, weight, eps, weight_offset, weight_in_input_dtype, global_scale, sf_vec_size,
+                           sf_use_ue8m0, is_sf_swizzled_layout, is_sf_8x4_layout, is_global_scale_inversed,
+                           sum_in_float32, true);
 }
 
 std::tuple<at::Tensor, at::Tensor> rms_norm_quantize_eps_tensor_cpu(
@@ -252,6 +277,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> add_rms_norm_quantize_eps_tensor_
                                    weight_in_input_dtype, global_scale, sf_vec_size, sf_use_ue8m0,
                                    is_sf_swizzled_layout, is_sf_8x4_layout, is_global_scale_inversed,
                                    sum_in_float32);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_rms_norm_quantize_with_normed_eps_tensor_cpu(
+    const at::Tensor& x, const at::Tensor& residual, const std::optional<at::Tensor>& weight, const at::Tensor& eps,
+    double weight_offset, bool weight_in_input_dtype, const std::optional<at::Tensor>& global_scale,
+    int64_t sf_vec_size, bool sf_use_ue8m0, bool is_sf_swizzled_layout, bool is_sf_8x4_layout,
+    bool is_global_scale_inversed, bool sum_in_float32) {
+  fused::check_eps_tensor(eps, x);
+  return add_rms_norm_quantize_with_normed_cpu(x, residual, weight, fused::cpu_scalar_value(eps), weight_offset,
+                                               weight_in_input_dtype, global_scale, sf_vec_size, sf_use_ue8m0,
+                                               is_sf_swizzled_layout, is_sf_8x4_layout, is_global_scale_inversed,
+                                               sum_in_float32);
 }
 
 // Whether torch's CPU kernels, as dispatched here, are its vectorized builds (AVX2/AVX512 on x86:
@@ -502,6 +539,8 @@ TORCH_LIBRARY_IMPL(fp4op, CPU, m) {
   m.impl("rms_norm_quantize_with_normed", &rms_norm_quantize_with_normed_cpu);
   m.impl("rms_norm_quantize_with_normed_eps_tensor", &rms_norm_quantize_with_normed_eps_tensor_cpu);
   m.impl("layer_norm_quantize_with_normed", &layer_norm_quantize_with_normed_cpu);
+  m.impl("add_rms_norm_quantize_with_normed", &add_rms_norm_quantize_with_normed_cpu);
+  m.impl("add_rms_norm_quantize_with_normed_eps_tensor", &add_rms_norm_quantize_with_normed_eps_tensor_cpu);
   m.impl("silu_and_mul_quantize", &silu_and_mul_quantize_cpu);
   m.impl("gelu_and_mul_quantize", &gelu_and_mul_quantize_cpu);
   m.impl("gelu_new_and_mul_quantize", &gelu_new_and_mul_quantize_cpu);

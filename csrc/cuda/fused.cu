@@ -716,15 +716,10 @@ cudaError_t launch_norm_kernels(const FusedLaunch& a, const LaunchStream& stream
                             : launch_norm_recipe<OP, D, false, NORMED>(a, stream);
 }
 
-// Kernels that also store the norm output exist for RMSNorm and LayerNorm (the *_with_normed ops).
+// The norms' kernels that also store the norm output (the *_with_normed ops), and those that do not.
 template <FusedOp OP, InputDtype D>
 cudaError_t launch_norm(const FusedLaunch& a, const LaunchStream& stream) {
-  if constexpr (OP == FusedOp::kRmsNorm || OP == FusedOp::kLayerNorm) {
-    if (a.normed_out != nullptr) return launch_norm_kernels<OP, D, true>(a, stream);
-  } else if (a.normed_out != nullptr) {
-    return cudaErrorInvalidValue;
-  }
-  return launch_norm_kernels<OP, D, false>(a, stream);
+  return a.normed_out != nullptr ? launch_norm_kernels<OP, D, true>(a, stream) : launch_norm_kernels<OP, D, false>(a, stream);
 }
 
 template <InputDtype D>

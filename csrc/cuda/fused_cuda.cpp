@@ -4,6 +4,8 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <type_traits>
+
 #include "../fused_args.h"
 #include "bindings.h"
 #include "fused_launch.h"
@@ -83,13 +85,15 @@ at::Tensor empty_like_rows(const at::Tensor& x) {
   return at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
 }
 
-// (x_q, sf, extra): extra is the next residual x + residual (with `residual`), the norm output (with
-// `with_normed`), or undefined.
-std::tuple<at::Tensor, at::Tensor, at::Tensor> rms_norm_impl(
-    const at::Tensor& x, const std::optional<at::Tensor>& residual, const std::optional<at::Tensor>& weight,
-    const ScalarArg& eps, double weight_offset, bool weight_in_input_dtype, const std::optional<at::Tensor>& global_scale,
-    int64_t sf_vec_size, bool sf_use_ue8m0, bool is_sf_swizzled_layout, bool is_sf_8x4_layout,
-    bool is_global_scale_inversed, bool sum_in_float32 = false, bool with_normed = false) {
+// (x_q, sf, next residual, norm output): the next residual x + residual with `residual`, the norm output
+// with `with_normed`; undefined otherwise.
+using NormOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+NormOutputs rms_norm_impl(const at::Tensor& x, const std::optional<at::Tensor>& residual,
+                          const std::optional<at::Tensor>& weight, const ScalarArg& eps, double weight_offset,
+                          bool weight_in_input_dtype, const std::optional<at::Tensor>& global_scale,
+                          int64_t sf_vec_size, bool sf_use_ue8m0, bool is_sf_swizzled_layout, bool is_sf_8x4_layout,
+                          bool is_global_scale_inversed, bool sum_in_float32, bool with_normed) {
   FusedProblem p = fused::prepare_fused(x, "x", global_scale, sf_vec_size, sf_use_ue8m0, is_sf_swizzled_layout,
                                         is_sf_8x4_layout);
   if (residual) fused::check_like(*residual, "residual", x, "x");
@@ -97,16 +101,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rms_norm_impl(
   const c10::cuda::CUDAGuard guard(x.device());
   const FusedOp op = !residual ? FusedOp::kRmsNorm : sum_in_float32 ? FusedOp::kAddRmsNormFloat32Sum : FusedOp::kAddRmsNorm;
   FusedLaunch a = base_launch(op, p, sf_use_ue8m0, is_global_scale_inversed);
-  at::Tensor extra;
   std::vector<at::Tensor> keep;
   if (a.out.m > 0 && a.out.k > 0) {
     set_rows(x, &a.x, &a.x_row_stride, keep);
     if (residual) set_rows(*residual, &a.y, &a.y_row_stride, keep);
   }
-  if (residual || with_normed) {
-    extra = empty_like_rows(x);
-    (residual ? a.sum_out : a.normed_out) = extra.data_ptr();
-  }
+  const at::Tensor sum = residual ? empty_like_rows(x) : at::Tensor();
+  const at::Tensor normed = with_normed ? empty_like_rows(x) : at::Tensor();
+  a.sum_out = sum.defined() ? sum.data_ptr() : nullptr;
+  a.normed_out = normed.defined() ? normed.data_ptr() : nullptr;
   const at::Tensor w = kernel_affine(weight);
   a.weight = w.defined() ? w.data_ptr() : nullptr;
   a.eps = float(eps.value);
@@ -114,7 +117,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rms_norm_impl(
   a.weight_offset = float(weight_offset);
   a.rms_weight = int(rms_weight_form(weight, weight_in_input_dtype));
   run(a, p);
-  return {p.x_q, p.sf, extra};
+  return {p.x_q, p.sf, sum, normed};
+}
+
+// rms_norm_quantize(_with_normed)(_eps_tensor): eps a float or a tensor
+template <typename Eps>
+NormOutputs rms_norm_of(const at::Tensor& x, const std::optional<at::Tensor>& weight, const Eps& eps,
+                        double weight_offset, bool weight_in_input_dtype, const std::optional<at::Tensor>& global_scale,
+                        int64_t sf_vec_size, bool sf_use_ue8m0, bool is_sf_swizzled_layout, bool is_sf_8x4_layout,
+                        bool is_global_scale_inversed, bool with_normed) {
+  ScalarArg e;
+  if constexpr (std::is_same_v<Eps, at::Tensor>) {
+    e = scalar_arg_of(eps, "eps", x);
+  } else {
+    e.value = eps;
+  }
+  return rms_norm_impl(x, std::nullopt, weight, e, weight_offset, weight_in_input_dtype, global_scale, sf_vec_size,
+                       sf_use_ue8m0, is_sf_swizzled_layout, is_sf_8x4_layout, is_global_scale_inversed, false,
+                       with_normed);
 }
 
 std::tuple<at::Tensor, at::Tensor> rms_norm_quantize_cuda(const at::Tensor& x, const std::optional<at::Tensor>& weight,
@@ -123,9 +143,9 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_quantize_cuda(const at::Tensor& x, c
                                                           int64_t sf_vec_size, bool sf_use_ue8m0,
                                                           bool is_sf_swizzled_layout, bool is_sf_8x4_layout,
                                                           bool is_global_scale_inversed) {
-  auto [xq, sf, unused] = rms_norm_impl(x, std::nullopt, weight, ScalarArg{eps}, weight_offset, weight_in_input_dtype,
-                                        global_scale, sf_vec_size, sf_use_ue8m0, is_sf_swizzled_layout,
-                                        is_sf_8x4_layout, is_global_scale_inversed);
+  auto [xq, sf, sum, normed] = rms_norm_of(x, weight, eps, weight_offset, weight_in_input_dtype, global_scale,
+                                           sf_vec_size, sf_use_ue8m0, is_sf_swizzled_layout, is_sf_8x4_layout,
+                                           is_global_scale_inversed, false);
   return {xq, sf};
 }
 
@@ -133,9 +153,9 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_quantize_eps_tensor_cuda(
     const at::Tensor& x, const std::optional<at::Tensor>& weight, const at::Tensor& eps, double weight_offset,
     bool weight_in_input_dtype, const std::optional<at::Tensor>& global_scale, int64_t sf_vec_size,
     bool sf_use_ue8m0, bool is_sf_swizzled_layout, bool is_sf_8x4_layout, bool is_global_scale_inversed) {
-  auto [xq, sf, unused] = rms_norm_impl(x, std::nullopt, weight, scalar_arg_of(eps, "eps", x), weight_offset,
-                                        weight_in_input_dtype, global_scale, sf_vec_size, sf_use_ue8m0,
-                                        is_sf_swizzled_layout, is_sf_8x4_layout, is_global_scale_inversed);
+  auto [xq, sf, sum, normed] = rms_norm_of(x, weight, eps, weight_offset, weight_in_input_dtype, global_scale,
+                                           sf_vec_size, sf_use_ue8m0, is_sf_swizzled_layout, is_sf_8x4_layout,
+                                           is_global_scale_inversed, false);
   return {xq, sf};
 }
 
@@ -143,18 +163,38 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rms_norm_quantize_with_normed_cud
     const at::Tensor& x, const std::optional<at::Tensor>& weight, double eps, double weight_offset,
     bool weight_in_input_dtype, const std::optional<at::Tensor>& global_scale, int64_t sf_vec_size,
     bool sf_use_ue8m0, bool is_sf_swizzled_layout, bool is_sf_8x4_layout, bool is_global_scale_inversed) {
-  return rms_norm_impl(x, std::nullopt, weight, ScalarArg{eps}, weight_offset, weight_in_input_dtype, global_scale,
-                       sf_vec_size, sf_use_ue8m0, is_sf_swizzled_layout, is_sf_8x4_layout, is_global_scale_inversed,
-                       false, true);
+  auto [xq, sf, sum, normed] = rms_norm_of(x, weight, eps, weight_offset, weight_in_input_dtype, global_scale,
+                                           sf_vec_size, sf_use_ue8m0, is_sf_swizzled_layout, is_sf_8x4_layout,
+                                           is_global_scale_inversed, true);
+  return {xq, sf, normed};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> rms_norm_quantize_with_normed_eps_tensor_cuda(
     const at::Tensor& x, const std::optional<at::Tensor>& weight, const at::Tensor& eps, double weight_offset,
     bool weight_in_input_dtype, const std::optional<at::Tensor>& global_scale, int64_t sf_vec_size,
     bool sf_use_ue8m0, bool is_sf_swizzled_layout, bool is_sf_8x4_layout, bool is_global_scale_inversed) {
-  return rms_norm_impl(x, std::nullopt, weight, scalar_arg_of(eps, "eps", x), weight_offset, weight_in_input_dtype,
-                       global_scale, sf_vec_size, sf_use_ue8m0, is_sf_swizzled_layout, is_sf_8x4_layout,
-                       is_global_scale_inversed, false, true);
+  auto [xq, sf, sum, normed] = rms_norm_of(x, weight, eps, weight_offset, weight_in_input_dtype, global_scale,
+                                           sf_vec_size, sf_use_ue8m0, is_sf_swizzled_layout, is_sf_8x4_layout,
+                                           is_global_scale_inversed, true);
+  return {xq, sf, normed};
+}
+
+// add_rms_norm_quantize(_with_normed)(_eps_tensor): eps a float or a tensor
+template <typename Eps>
+NormOutputs add_rms_norm_of(const at::Tensor& x, const at::Tensor& residual, const std::optional<at::Tensor>& weight,
+                            const Eps& eps, double weight_offset, bool weight_in_input_dtype,
+                            const std::optional<at::Tensor>& global_scale, int64_t sf_vec_size, bool sf_use_ue8m0,
+                            bool is_sf_swizzled_layout, bool is_sf_8x4_layout, bool is_global_scale_inversed,
+                            bool sum_in_float32, bool with_normed) {
+  ScalarArg e;
+  if constexpr (std::is_same_v<Eps, at::Tensor>) {
+    e = scalar_arg_of(eps, "eps", x);
+  } else {
+    e.value = eps;
+  }
+  return rms_norm_impl(x, residual, weight, e, weight_offset, weight_in_input_dtype, global_scale, sf_vec_size,
+                       sf_use_ue8m0, is_sf_swizzled_layout, is_sf_8x4_layout, is_global_scale_inversed, sum_in_float32,
+                       with_normed);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> add_rms_norm_quantize_cuda(
@@ -162,9 +202,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> add_rms_norm_quantize_cuda(
     double weight_offset, bool weight_in_input_dtype, const std::optional<at::Tensor>& global_scale,
     int64_t sf_vec_size, bool sf_use_ue8m0, bool is_sf_swizzled_layout, bool is_sf_8x4_layout,
     bool is_global_scale_inversed, bool sum_in_float32) {
-  return rms_norm_impl(x, residual, weight, ScalarArg{eps}, weight_offset, weight_in_input_dtype, global_scale,
-                       sf_vec_size, sf_use_ue8m0, is_sf_swizzled_layout, is_sf_8x4_layout, is_global_scale_inversed,
-                       sum_in_float32);
+  auto [xq, sf, sum, normed] = add_rms_norm_of(x, residual, weight, eps, weight_offset, weight_in_input_dtype,
+                                               global_scale, sf_vec_size, sf_use_ue8m0, is_sf_swizzled_layout,
+                                               is_sf_8x4_layout, is_global_scale_inversed, sum_in_float32, false);
+  return {xq, sf, sum};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> add_rms_norm_quantize_eps_tensor_cuda(
@@ -172,9 +213,30 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> add_rms_norm_quantize_eps_tensor_
     double weight_offset, bool weight_in_input_dtype, const std::optional<at::Tensor>& global_scale,
     int64_t sf_vec_size, bool sf_use_ue8m0, bool is_sf_swizzled_layout, bool is_sf_8x4_layout,
     bool is_global_scale_inversed, bool sum_in_float32) {
-  return rms_norm_impl(x, residual, weight, scalar_arg_of(eps, "eps", x), weight_offset, weight_in_input_dtype, global_scale,
-                       sf_vec_size, sf_use_ue8m0, is_sf_swizzled_layout, is_sf_8x4_layout, is_global_scale_inversed,
-                       sum_in_float32);
+  auto [xq, sf, sum, normed] = add_rms_norm_of(x, residual, weight, eps, weight_offset, weight_in_input_dtype,
+                                               global_scale, sf_vec_size, sf_use_ue8m0, is_sf_swizzled_layout,
+                                               is_sf_8x4_layout, is_global_scale_inversed, sum_in_float32, false);
+  return {xq, sf, sum};
+}
+
+NormOutputs add_rms_norm_quantize_with_normed_cuda(
+    const at::Tensor& x, const at::Tensor& residual, const std::optional<at::Tensor>& weight, double eps,
+    double weight_offset, bool weight_in_input_dtype, const std::optional<at::Tensor>& global_scale,
+    int64_t sf_vec_size, bool sf_use_ue8m0, bool is_sf_swizzled_layout, bool is_sf_8x4_layout,
+    bool is_global_scale_inversed, bool sum_in_float32) {
+  return add_rms_norm_of(x, residual, weight, eps, weight_offset, weight_in_input_dtype, global_scale, sf_vec_size,
+                         sf_use_ue8m0, is_sf_swizzled_layout, is_sf_8x4_layout, is_global_scale_inversed,
+                         sum_in_float32, true);
+}
+
+NormOutputs add_rms_norm_quantize_with_normed_eps_tensor_cuda(
+    const at::Tensor& x, const at::Tensor& residual, const std::optional<at::Tensor>& weight, const at::Tensor& eps,
+    double weight_offset, bool weight_in_input_dtype, const std::optional<at::Tensor>& global_scale,
+    int64_t sf_vec_size, bool sf_use_ue8m0, bool is_sf_swizzled_layout, bool is_sf_8x4_layout,
+    bool is_global_scale_inversed, bool sum_in_float32) {
+  return add_rms_norm_of(x, residual, weight, eps, weight_offset, weight_in_input_dtype, global_scale, sf_vec_size,
+                         sf_use_ue8m0, is_sf_swizzled_layout, is_sf_8x4_layout, is_global_scale_inversed,
+                         sum_in_float32, true);
 }
 
 // (x_q, sf, the norm output with `with_normed`, or undefined)
@@ -352,6 +414,8 @@ TORCH_LIBRARY_IMPL(fp4op, CUDA, m) {
   m.impl("rms_norm_quantize_with_normed", &rms_norm_quantize_with_normed_cuda);
   m.impl("rms_norm_quantize_with_normed_eps_tensor", &rms_norm_quantize_with_normed_eps_tensor_cuda);
   m.impl("layer_norm_quantize_with_normed", &layer_norm_quantize_with_normed_cuda);
+  m.impl("add_rms_norm_quantize_with_normed", &add_rms_norm_quantize_with_normed_cuda);
+  m.impl("add_rms_norm_quantize_with_normed_eps_tensor", &add_rms_norm_quantize_with_normed_eps_tensor_cuda);
   m.impl("silu_and_mul_quantize", &silu_and_mul_quantize_cuda);
   m.impl("gelu_and_mul_quantize", &gelu_and_mul_quantize_cuda);
   m.impl("gelu_new_and_mul_quantize", &gelu_new_and_mul_quantize_cuda);
