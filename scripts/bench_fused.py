@@ -90,6 +90,18 @@ def also_returned(norm):
     return model
 
 
+def add_rms_norm_read_elsewhere(k: int):
+    """x + r, then F.rms_norm whose output is also read elsewhere (an MoE router's experts): the model
+    returns the norm output and the sum (the next residual), as add_rms_norm_quantize_with_normed does."""
+
+    def model(x, r, w):
+        s = x + r
+        y = F.rms_norm(s, (k,), w, EPS)
+        return y, s, y
+
+    return model
+
+
 def cases(m: int, k: int, dtype: torch.dtype, gs: torch.Tensor):
     """(name, fused call, model-dtype computation (the tensor quantized, or it and outputs also returned),
     its inputs, bytes read + written by the fused op)."""
@@ -117,6 +129,9 @@ def cases(m: int, k: int, dtype: torch.dtype, gs: torch.Tensor):
            also_returned(lambda x, w: F.rms_norm(x, (k,), w, EPS)), (x, w), 2 * m * k * e + q_bytes)
     yield ("layer_norm_with_normed", lambda: OPS.layer_norm_quantize_with_normed(x, w, b, EPS, global_scale=gs),
            also_returned(lambda x, w, b: F.layer_norm(x, (k,), w, b, EPS)), (x, w, b), 2 * m * k * e + q_bytes)
+    yield ("add_rms_norm_with_normed",
+           lambda: OPS.add_rms_norm_quantize_with_normed(x, residual, w, EPS, global_scale=gs),
+           add_rms_norm_read_elsewhere(k), (x, residual, w), 4 * m * k * e + q_bytes)
     yield ("silu_and_mul", lambda: OPS.silu_and_mul_quantize(gate, up, global_scale=gs),
            lambda t: F.silu(t[:, :k]) * t[:, k:], (gate_up,), 2 * m * k * e + q_bytes)
     yield ("gelu_tanh_and_mul", lambda: OPS.gelu_and_mul_quantize(gate, up, "tanh", global_scale=gs),
