@@ -170,125 +170,83 @@ at::Tensor empty_like_rows(const at::Tensor& x) {
   return at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
 }
 
-// rms_norm_quantize, and with `with_normed` its norm output as well (undefined otherwise).
-std::tuple<at::Tensor, at::Tensor, at::Tensor> rms_norm_impl(const at::Tensor& x, const std::optional<at::Tensor>& weight,
-                                                             double eps, double weight_offset, bool weight_in_input_dtype,
-                                                             const std::optional<at::Tensor>& global_scale,
-                                                             int64_t sf_vec_size, bool sf_use_ue8m0,
-                                                             bool is_sf_swizzled_layout, bool is_sf_8x4_layout,
-                                                             bool is_global_scale_inversed, bool with_normed) {
-  FusedProblem p = fused::prepare_fused(x, "x", global_scale, sf_vec_size, sf_use_ue8m0, is_sf_swizzled_layout,
-                                        is_sf_8x4_layout);
-  fused::check_affine(weight, "weight", x);
-  at::Tensor normed = with_normed ? empty_like_rows(x) : at::Tensor();
-  const QuantizeParams qp = quantize_params(p, sf_use_ue8m0, is_global_scale_inversed);
-  rms_norm_rows(p, qp, x, std::nullopt, nullptr, with_normed ? &normed : nullptr, weight, eps, weight_offset,
-                weight_in_input_dtype, false);
-  return {p.x_q, p.sf, normed};
+// eps as the RMSNorm ops take it: a float, or a one-element tensor (the *_eps_tensor ops, each the
+// Eps = at::Tensor instance of the function below it), read on the host
+double eps_value(double eps, const at::Tensor&) { return eps; }
+double eps_value(const at::Tensor& eps, const at::Tensor& x) {
+  fused::check_eps_tensor(eps, x);
+  return fused::cpu_scalar_value(eps);
 }
 
+// (x_q, sf, next residual, norm output): the next residual x + residual with `residual` (sum_in_float32:
+// the float32 sum is normalized), the norm output with `with_normed`; undefined otherwise.
+using NormOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+NormOutputs rms_norm_impl(const at::Tensor& x, const std::optional<at::Tensor>& residual,
+                          const std::optional<at::Tensor>& weight, double eps, double weight_offset,
+                          bool weight_in_input_dtype, const std::optional<at::Tensor>& global_scale,
+                          int64_t sf_vec_size, bool sf_use_ue8m0, bool is_sf_swizzled_layout, bool is_sf_8x4_layout,
+                          bool is_global_scale_inversed, bool sum_in_float32, bool with_normed) {
+  FusedProblem p = fused::prepare_fused(x, "x", global_scale, sf_vec_size, sf_use_ue8m0, is_sf_swizzled_layout,
+                                        is_sf_8x4_layout);
+  if (residual) fused::check_like(*residual, "residual", x, "x");
+  fused::check_affine(weight, "weight", x);
+  at::Tensor sum = residual ? empty_like_rows(x) : at::Tensor();
+  at::Tensor normed = with_normed ? empty_like_rows(x) : at::Tensor();
+  const QuantizeParams qp = quantize_params(p, sf_use_ue8m0, is_global_scale_inversed);
+  rms_norm_rows(p, qp, x, residual, residual ? &sum : nullptr, with_normed ? &normed : nullptr, weight, eps,
+                weight_offset, weight_in_input_dtype, sum_in_float32);
+  return {p.x_q, p.sf, sum, normed};
+}
+
+template <typename Eps>
 std::tuple<at::Tensor, at::Tensor> rms_norm_quantize_cpu(const at::Tensor& x, const std::optional<at::Tensor>& weight,
-                                                         double eps, double weight_offset, bool weight_in_input_dtype,
+                                                         Eps eps, double weight_offset, bool weight_in_input_dtype,
                                                          const std::optional<at::Tensor>& global_scale,
                                                          int64_t sf_vec_size, bool sf_use_ue8m0,
                                                          bool is_sf_swizzled_layout, bool is_sf_8x4_layout,
                                                          bool is_global_scale_inversed) {
-  auto [xq, sf, unused] = rms_norm_impl(x, weight, eps, weight_offset, weight_in_input_dtype, global_scale, sf_vec_size,
-                                        sf_use_ue8m0, is_sf_swizzled_layout, is_sf_8x4_layout, is_global_scale_inversed,
-                                        false);
+  auto [xq, sf, sum, normed] = rms_norm_impl(x, std::nullopt, weight, eps_value(eps, x), weight_offset,
+                                             weight_in_input_dtype, global_scale, sf_vec_size, sf_use_ue8m0,
+                                             is_sf_swizzled_layout, is_sf_8x4_layout, is_global_scale_inversed,
+                                             false, false);
   return {xq, sf};
 }
 
+template <typename Eps>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> rms_norm_quantize_with_normed_cpu(
-    const at::Tensor& x, const std::optional<at::Tensor>& weight, double eps, double weight_offset,
+    const at::Tensor& x, const std::optional<at::Tensor>& weight, Eps eps, double weight_offset,
     bool weight_in_input_dtype, const std::optional<at::Tensor>& global_scale, int64_t sf_vec_size,
     bool sf_use_ue8m0, bool is_sf_swizzled_layout, bool is_sf_8x4_layout, bool is_global_scale_inversed) {
-  return rms_norm_impl(x, weight, eps, weight_offset, weight_in_input_dtype, global_scale, sf_vec_size, sf_use_ue8m0,
-                       is_sf_swizzled_layout, is_sf_8x4_layout, is_global_scale_inversed, true);
+  auto [xq, sf, sum, normed] = rms_norm_impl(x, std::nullopt, weight, eps_value(eps, x), weight_offset,
+                                             weight_in_input_dtype, global_scale, sf_vec_size, sf_use_ue8m0,
+                                             is_sf_swizzled_layout, is_sf_8x4_layout, is_global_scale_inversed,
+                                             false, true);
+  return {xq, sf, normed};
 }
 
-// add_rms_norm_quantize's (x_q, sf, next residual), and with `with_normed` the norm output (undefined
-// otherwise).
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_rms_norm_impl(
-    const at::Tensor& x, const at::Tensor& residual, const std::optional<at::Tensor>& weight, double eps,
-    double weight_offset, bool weight_in_input_dtype, const std::optional<at::Tensor>& global_scale,
-    int64_t sf_vec_size, bool sf_use_ue8m0, bool is_sf_swizzled_layout, bool is_sf_8x4_layout,
-    bool is_global_scale_inversed, bool sum_in_float32, bool with_normed) {
-  FusedProblem p = fused::prepare_fused(x, "x", global_scale, sf_vec_size, sf_use_ue8m0, is_sf_swizzled_layout,
-                                        is_sf_8x4_layout);
-  fused::check_like(residual, "residual", x, "x");
-  fused::check_affine(weight, "weight", x);
-  at::Tensor sum = empty_like_rows(x);
-  at::Tensor normed = with_normed ? empty_like_rows(x) : at::Tensor();
-  const QuantizeParams qp = quantize_params(p, sf_use_ue8m0, is_global_scale_inversed);
-  rms_norm_rows(p, qp, x, residual, &sum, with_normed ? &normed : nullptr, weight, eps, weight_offset,
-                weight_in_input_dtype, sum_in_float32);
-  return {p.x_q, p.sf, sum, normed};
-}
-
+template <typename Eps>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> add_rms_norm_quantize_cpu(
-    const at::Tensor& x, const at::Tensor& residual, const std::optional<at::Tensor>& weight, double eps,
+    const at::Tensor& x, const at::Tensor& residual, const std::optional<at::Tensor>& weight, Eps eps,
     double weight_offset, bool weight_in_input_dtype, const std::optional<at::Tensor>& global_scale,
     int64_t sf_vec_size, bool sf_use_ue8m0, bool is_sf_swizzled_layout, bool is_sf_8x4_layout,
     bool is_global_scale_inversed, bool sum_in_float32) {
-  auto [xq, sf, sum, unused] = add_rms_norm_impl(x, residual, weight, eps, weight_offset, weight_in_input_dtype,
-                                                 global_scale, sf_vec_size, sf_use_ue8m0, is_sf_swizzled_layout,
-                                                 is_sf_8x4_layout, is_global_scale_inversed, sum_in_float32, false);
+  auto [xq, sf, sum, normed] = rms_norm_impl(x, residual, weight, eps_value(eps, x), weight_offset,
+                                             weight_in_input_dtype, global_scale, sf_vec_size, sf_use_ue8m0,
+                                             is_sf_swizzled_layout, is_sf_8x4_layout, is_global_scale_inversed,
+                                             sum_in_float32, false);
   return {xq, sf, sum};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_rms_norm_quantize_with_normed_cpu(
-    const at::Tensor& x, const at::Tensor& residual, const std::optional<at::Tensor>& weight, double eps,
+template <typename Eps>
+NormOutputs add_rms_norm_quantize_with_normed_cpu(
+    const at::Tensor& x, const at::Tensor& residual, const std::optional<at::Tensor>& weight, Eps eps,
     double weight_offset, bool weight_in_input_dtype, const std::optional<at::Tensor>& global_scale,
     int64_t sf_vec_size, bool sf_use_ue8m0, bool is_sf_swizzled_layout, bool is_sf_8x4_layout,
     bool is_global_scale_inversed, bool sum_in_float32) {
-  return add_rms_norm_impl(x, residual, weight, eps, weight_offset, weight_in_input_dtype, global_scale, sf_vec_size,
-                           sf_use_ue8m0, is_sf_swizzled_layout, is_sf_8x4_layout, is_global_scale_inversed,
-                           sum_in_float32, true);
-}
-
-std::tuple<at::Tensor, at::Tensor> rms_norm_quantize_eps_tensor_cpu(
-    const at::Tensor& x, const std::optional<at::Tensor>& weight, const at::Tensor& eps, double weight_offset,
-    bool weight_in_input_dtype, const std::optional<at::Tensor>& global_scale, int64_t sf_vec_size,
-    bool sf_use_ue8m0, bool is_sf_swizzled_layout, bool is_sf_8x4_layout, bool is_global_scale_inversed) {
-  fused::check_eps_tensor(eps, x);
-  return rms_norm_quantize_cpu(x, weight, fused::cpu_scalar_value(eps), weight_offset, weight_in_input_dtype,
-                               global_scale, sf_vec_size, sf_use_ue8m0, is_sf_swizzled_layout, is_sf_8x4_layout,
-                               is_global_scale_inversed);
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> rms_norm_quantize_with_normed_eps_tensor_cpu(
-    const at::Tensor& x, const std::optional<at::Tensor>& weight, const at::Tensor& eps, double weight_offset,
-    bool weight_in_input_dtype, const std::optional<at::Tensor>& global_scale, int64_t sf_vec_size,
-    bool sf_use_ue8m0, bool is_sf_swizzled_layout, bool is_sf_8x4_layout, bool is_global_scale_inversed) {
-  fused::check_eps_tensor(eps, x);
-  return rms_norm_quantize_with_normed_cpu(x, weight, fused::cpu_scalar_value(eps), weight_offset,
-                                           weight_in_input_dtype, global_scale, sf_vec_size, sf_use_ue8m0,
-                                           is_sf_swizzled_layout, is_sf_8x4_layout, is_global_scale_inversed);
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> add_rms_norm_quantize_eps_tensor_cpu(
-    const at::Tensor& x, const at::Tensor& residual, const std::optional<at::Tensor>& weight, const at::Tensor& eps,
-    double weight_offset, bool weight_in_input_dtype, const std::optional<at::Tensor>& global_scale,
-    int64_t sf_vec_size, bool sf_use_ue8m0, bool is_sf_swizzled_layout, bool is_sf_8x4_layout,
-    bool is_global_scale_inversed, bool sum_in_float32) {
-  fused::check_eps_tensor(eps, x);
-  return add_rms_norm_quantize_cpu(x, residual, weight, fused::cpu_scalar_value(eps), weight_offset,
-                                   weight_in_input_dtype, global_scale, sf_vec_size, sf_use_ue8m0,
-                                   is_sf_swizzled_layout, is_sf_8x4_layout, is_global_scale_inversed,
-                                   sum_in_float32);
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_rms_norm_quantize_with_normed_eps_tensor_cpu(
-    const at::Tensor& x, const at::Tensor& residual, const std::optional<at::Tensor>& weight, const at::Tensor& eps,
-    double weight_offset, bool weight_in_input_dtype, const std::optional<at::Tensor>& global_scale,
-    int64_t sf_vec_size, bool sf_use_ue8m0, bool is_sf_swizzled_layout, bool is_sf_8x4_layout,
-    bool is_global_scale_inversed, bool sum_in_float32) {
-  fused::check_eps_tensor(eps, x);
-  return add_rms_norm_quantize_with_normed_cpu(x, residual, weight, fused::cpu_scalar_value(eps), weight_offset,
-                                               weight_in_input_dtype, global_scale, sf_vec_size, sf_use_ue8m0,
-                                               is_sf_swizzled_layout, is_sf_8x4_layout, is_global_scale_inversed,
-                                               sum_in_float32);
+  return rms_norm_impl(x, residual, weight, eps_value(eps, x), weight_offset, weight_in_input_dtype, global_scale,
+                       sf_vec_size, sf_use_ue8m0, is_sf_swizzled_layout, is_sf_8x4_layout, is_global_scale_inversed,
+                       sum_in_float32, true);
 }
 
 // Whether torch's CPU kernels, as dispatched here, are its vectorized builds (AVX2/AVX512 on x86:
@@ -531,16 +489,16 @@ std::tuple<at::Tensor, at::Tensor> relu_quantize_cpu(const at::Tensor& x, bool s
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fp4op, CPU, m) {
-  m.impl("rms_norm_quantize", &rms_norm_quantize_cpu);
-  m.impl("add_rms_norm_quantize", &add_rms_norm_quantize_cpu);
-  m.impl("rms_norm_quantize_eps_tensor", &rms_norm_quantize_eps_tensor_cpu);
-  m.impl("add_rms_norm_quantize_eps_tensor", &add_rms_norm_quantize_eps_tensor_cpu);
+  m.impl("rms_norm_quantize", &rms_norm_quantize_cpu<double>);
+  m.impl("add_rms_norm_quantize", &add_rms_norm_quantize_cpu<double>);
+  m.impl("rms_norm_quantize_eps_tensor", &rms_norm_quantize_cpu<at::Tensor>);
+  m.impl("add_rms_norm_quantize_eps_tensor", &add_rms_norm_quantize_cpu<at::Tensor>);
   m.impl("layer_norm_quantize", &layer_norm_quantize_cpu);
-  m.impl("rms_norm_quantize_with_normed", &rms_norm_quantize_with_normed_cpu);
-  m.impl("rms_norm_quantize_with_normed_eps_tensor", &rms_norm_quantize_with_normed_eps_tensor_cpu);
+  m.impl("rms_norm_quantize_with_normed", &rms_norm_quantize_with_normed_cpu<double>);
+  m.impl("rms_norm_quantize_with_normed_eps_tensor", &rms_norm_quantize_with_normed_cpu<at::Tensor>);
   m.impl("layer_norm_quantize_with_normed", &layer_norm_quantize_with_normed_cpu);
-  m.impl("add_rms_norm_quantize_with_normed", &add_rms_norm_quantize_with_normed_cpu);
-  m.impl("add_rms_norm_quantize_with_normed_eps_tensor", &add_rms_norm_quantize_with_normed_eps_tensor_cpu);
+  m.impl("add_rms_norm_quantize_with_normed", &add_rms_norm_quantize_with_normed_cpu<double>);
+  m.impl("add_rms_norm_quantize_with_normed_eps_tensor", &add_rms_norm_quantize_with_normed_cpu<at::Tensor>);
   m.impl("silu_and_mul_quantize", &silu_and_mul_quantize_cpu);
   m.impl("gelu_and_mul_quantize", &gelu_and_mul_quantize_cpu);
   m.impl("gelu_new_and_mul_quantize", &gelu_new_and_mul_quantize_cpu);

@@ -4,8 +4,6 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
-#include <type_traits>
-
 #include "../fused_args.h"
 #include "bindings.h"
 #include "fused_launch.h"
@@ -120,123 +118,59 @@ NormOutputs rms_norm_impl(const at::Tensor& x, const std::optional<at::Tensor>& 
   return {p.x_q, p.sf, sum, normed};
 }
 
-// rms_norm_quantize(_with_normed)(_eps_tensor): eps a float or a tensor
-template <typename Eps>
-NormOutputs rms_norm_of(const at::Tensor& x, const std::optional<at::Tensor>& weight, const Eps& eps,
-                        double weight_offset, bool weight_in_input_dtype, const std::optional<at::Tensor>& global_scale,
-                        int64_t sf_vec_size, bool sf_use_ue8m0, bool is_sf_swizzled_layout, bool is_sf_8x4_layout,
-                        bool is_global_scale_inversed, bool with_normed) {
-  ScalarArg e;
-  if constexpr (std::is_same_v<Eps, at::Tensor>) {
-    e = scalar_arg_of(eps, "eps", x);
-  } else {
-    e.value = eps;
-  }
-  return rms_norm_impl(x, std::nullopt, weight, e, weight_offset, weight_in_input_dtype, global_scale, sf_vec_size,
-                       sf_use_ue8m0, is_sf_swizzled_layout, is_sf_8x4_layout, is_global_scale_inversed, false,
-                       with_normed);
-}
+// eps as the RMSNorm ops take it: a float, or a one-element tensor (the *_eps_tensor ops, each the
+// Eps = at::Tensor instance of the function below it)
+ScalarArg eps_arg(double eps, const at::Tensor&) { return ScalarArg{eps}; }
+ScalarArg eps_arg(const at::Tensor& eps, const at::Tensor& x) { return scalar_arg_of(eps, "eps", x); }
 
+template <typename Eps>
 std::tuple<at::Tensor, at::Tensor> rms_norm_quantize_cuda(const at::Tensor& x, const std::optional<at::Tensor>& weight,
-                                                          double eps, double weight_offset, bool weight_in_input_dtype,
+                                                          Eps eps, double weight_offset, bool weight_in_input_dtype,
                                                           const std::optional<at::Tensor>& global_scale,
                                                           int64_t sf_vec_size, bool sf_use_ue8m0,
                                                           bool is_sf_swizzled_layout, bool is_sf_8x4_layout,
                                                           bool is_global_scale_inversed) {
-  auto [xq, sf, sum, normed] = rms_norm_of(x, weight, eps, weight_offset, weight_in_input_dtype, global_scale,
-                                           sf_vec_size, sf_use_ue8m0, is_sf_swizzled_layout, is_sf_8x4_layout,
-                                           is_global_scale_inversed, false);
+  auto [xq, sf, sum, normed] = rms_norm_impl(x, std::nullopt, weight, eps_arg(eps, x), weight_offset,
+                                             weight_in_input_dtype, global_scale, sf_vec_size, sf_use_ue8m0,
+                                             is_sf_swizzled_layout, is_sf_8x4_layout, is_global_scale_inversed,
+                                             false, false);
   return {xq, sf};
 }
 
-std::tuple<at::Tensor, at::Tensor> rms_norm_quantize_eps_tensor_cuda(
-    const at::Tensor& x, const std::optional<at::Tensor>& weight, const at::Tensor& eps, double weight_offset,
-    bool weight_in_input_dtype, const std::optional<at::Tensor>& global_scale, int64_t sf_vec_size,
-    bool sf_use_ue8m0, bool is_sf_swizzled_layout, bool is_sf_8x4_layout, bool is_global_scale_inversed) {
-  auto [xq, sf, sum, normed] = rms_norm_of(x, weight, eps, weight_offset, weight_in_input_dtype, global_scale,
-                                           sf_vec_size, sf_use_ue8m0, is_sf_swizzled_layout, is_sf_8x4_layout,
-                                           is_global_scale_inversed, false);
-  return {xq, sf};
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> rms_norm_quantize_with_normed_cuda(
-    const at::Tensor& x, const std::optional<at::Tensor>& weight, double eps, double weight_offset,
-    bool weight_in_input_dtype, const std::optional<at::Tensor>& global_scale, int64_t sf_vec_size,
-    bool sf_use_ue8m0, bool is_sf_swizzled_layout, bool is_sf_8x4_layout, bool is_global_scale_inversed) {
-  auto [xq, sf, sum, normed] = rms_norm_of(x, weight, eps, weight_offset, weight_in_input_dtype, global_scale,
-                                           sf_vec_size, sf_use_ue8m0, is_sf_swizzled_layout, is_sf_8x4_layout,
-                                           is_global_scale_inversed, true);
-  return {xq, sf, normed};
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> rms_norm_quantize_with_normed_eps_tensor_cuda(
-    const at::Tensor& x, const std::optional<at::Tensor>& weight, const at::Tensor& eps, double weight_offset,
-    bool weight_in_input_dtype, const std::optional<at::Tensor>& global_scale, int64_t sf_vec_size,
-    bool sf_use_ue8m0, bool is_sf_swizzled_layout, bool is_sf_8x4_layout, bool is_global_scale_inversed) {
-  auto [xq, sf, sum, normed] = rms_norm_of(x, weight, eps, weight_offset, weight_in_input_dtype, global_scale,
-                                           sf_vec_size, sf_use_ue8m0, is_sf_swizzled_layout, is_sf_8x4_layout,
-                                           is_global_scale_inversed, true);
-  return {xq, sf, normed};
-}
-
-// add_rms_norm_quantize(_with_normed)(_eps_tensor): eps a float or a tensor
 template <typename Eps>
-NormOutputs add_rms_norm_of(const at::Tensor& x, const at::Tensor& residual, const std::optional<at::Tensor>& weight,
-                            const Eps& eps, double weight_offset, bool weight_in_input_dtype,
-                            const std::optional<at::Tensor>& global_scale, int64_t sf_vec_size, bool sf_use_ue8m0,
-                            bool is_sf_swizzled_layout, bool is_sf_8x4_layout, bool is_global_scale_inversed,
-                            bool sum_in_float32, bool with_normed) {
-  ScalarArg e;
-  if constexpr (std::is_same_v<Eps, at::Tensor>) {
-    e = scalar_arg_of(eps, "eps", x);
-  } else {
-    e.value = eps;
-  }
-  return rms_norm_impl(x, residual, weight, e, weight_offset, weight_in_input_dtype, global_scale, sf_vec_size,
-                       sf_use_ue8m0, is_sf_swizzled_layout, is_sf_8x4_layout, is_global_scale_inversed, sum_in_float32,
-                       with_normed);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> rms_norm_quantize_with_normed_cuda(
+    const at::Tensor& x, const std::optional<at::Tensor>& weight, Eps eps, double weight_offset,
+    bool weight_in_input_dtype, const std::optional<at::Tensor>& global_scale, int64_t sf_vec_size,
+    bool sf_use_ue8m0, bool is_sf_swizzled_layout, bool is_sf_8x4_layout, bool is_global_scale_inversed) {
+  auto [xq, sf, sum, normed] = rms_norm_impl(x, std::nullopt, weight, eps_arg(eps, x), weight_offset,
+                                             weight_in_input_dtype, global_scale, sf_vec_size, sf_use_ue8m0,
+                                             is_sf_swizzled_layout, is_sf_8x4_layout, is_global_scale_inversed,
+                                             false, true);
+  return {xq, sf, normed};
 }
 
+template <typename Eps>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> add_rms_norm_quantize_cuda(
-    const at::Tensor& x, const at::Tensor& residual, const std::optional<at::Tensor>& weight, double eps,
+    const at::Tensor& x, const at::Tensor& residual, const std::optional<at::Tensor>& weight, Eps eps,
     double weight_offset, bool weight_in_input_dtype, const std::optional<at::Tensor>& global_scale,
     int64_t sf_vec_size, bool sf_use_ue8m0, bool is_sf_swizzled_layout, bool is_sf_8x4_layout,
     bool is_global_scale_inversed, bool sum_in_float32) {
-  auto [xq, sf, sum, normed] = add_rms_norm_of(x, residual, weight, eps, weight_offset, weight_in_input_dtype,
-                                               global_scale, sf_vec_size, sf_use_ue8m0, is_sf_swizzled_layout,
-                                               is_sf_8x4_layout, is_global_scale_inversed, sum_in_float32, false);
+  auto [xq, sf, sum, normed] = rms_norm_impl(x, residual, weight, eps_arg(eps, x), weight_offset,
+                                             weight_in_input_dtype, global_scale, sf_vec_size, sf_use_ue8m0,
+                                             is_sf_swizzled_layout, is_sf_8x4_layout, is_global_scale_inversed,
+                                             sum_in_float32, false);
   return {xq, sf, sum};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> add_rms_norm_quantize_eps_tensor_cuda(
-    const at::Tensor& x, const at::Tensor& residual, const std::optional<at::Tensor>& weight, const at::Tensor& eps,
-    double weight_offset, bool weight_in_input_dtype, const std::optional<at::Tensor>& global_scale,
-    int64_t sf_vec_size, bool sf_use_ue8m0, bool is_sf_swizzled_layout, bool is_sf_8x4_layout,
-    bool is_global_scale_inversed, bool sum_in_float32) {
-  auto [xq, sf, sum, normed] = add_rms_norm_of(x, residual, weight, eps, weight_offset, weight_in_input_dtype,
-                                               global_scale, sf_vec_size, sf_use_ue8m0, is_sf_swizzled_layout,
-                                               is_sf_8x4_layout, is_global_scale_inversed, sum_in_float32, false);
-  return {xq, sf, sum};
-}
-
+template <typename Eps>
 NormOutputs add_rms_norm_quantize_with_normed_cuda(
-    const at::Tensor& x, const at::Tensor& residual, const std::optional<at::Tensor>& weight, double eps,
+    const at::Tensor& x, const at::Tensor& residual, const std::optional<at::Tensor>& weight, Eps eps,
     double weight_offset, bool weight_in_input_dtype, const std::optional<at::Tensor>& global_scale,
     int64_t sf_vec_size, bool sf_use_ue8m0, bool is_sf_swizzled_layout, bool is_sf_8x4_layout,
     bool is_global_scale_inversed, bool sum_in_float32) {
-  return add_rms_norm_of(x, residual, weight, eps, weight_offset, weight_in_input_dtype, global_scale, sf_vec_size,
-                         sf_use_ue8m0, is_sf_swizzled_layout, is_sf_8x4_layout, is_global_scale_inversed,
-                         sum_in_float32, true);
-}
-
-NormOutputs add_rms_norm_quantize_with_normed_eps_tensor_cuda(
-    const at::Tensor& x, const at::Tensor& residual, const std::optional<at::Tensor>& weight, const at::Tensor& eps,
-    double weight_offset, bool weight_in_input_dtype, const std::optional<at::Tensor>& global_scale,
-    int64_t sf_vec_size, bool sf_use_ue8m0, bool is_sf_swizzled_layout, bool is_sf_8x4_layout,
-    bool is_global_scale_inversed, bool sum_in_float32) {
-  return add_rms_norm_of(x, residual, weight, eps, weight_offset, weight_in_input_dtype, global_scale, sf_vec_size,
-                         sf_use_ue8m0, is_sf_swizzled_layout, is_sf_8x4_layout, is_global_scale_inversed,
-                         sum_in_float32, true);
+  return rms_norm_impl(x, residual, weight, eps_arg(eps, x), weight_offset, weight_in_input_dtype, global_scale,
+                       sf_vec_size, sf_use_ue8m0, is_sf_swizzled_layout, is_sf_8x4_layout, is_global_scale_inversed,
+                       sum_in_float32, true);
 }
 
 // (x_q, sf, the norm output with `with_normed`, or undefined)
@@ -406,16 +340,16 @@ std::tuple<at::Tensor, at::Tensor> relu_quantize_cuda(const at::Tensor& x, bool 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fp4op, CUDA, m) {
-  m.impl("rms_norm_quantize", &rms_norm_quantize_cuda);
-  m.impl("add_rms_norm_quantize", &add_rms_norm_quantize_cuda);
-  m.impl("rms_norm_quantize_eps_tensor", &rms_norm_quantize_eps_tensor_cuda);
-  m.impl("add_rms_norm_quantize_eps_tensor", &add_rms_norm_quantize_eps_tensor_cuda);
+  m.impl("rms_norm_quantize", &rms_norm_quantize_cuda<double>);
+  m.impl("add_rms_norm_quantize", &add_rms_norm_quantize_cuda<double>);
+  m.impl("rms_norm_quantize_eps_tensor", &rms_norm_quantize_cuda<at::Tensor>);
+  m.impl("add_rms_norm_quantize_eps_tensor", &add_rms_norm_quantize_cuda<at::Tensor>);
   m.impl("layer_norm_quantize", &layer_norm_quantize_cuda);
-  m.impl("rms_norm_quantize_with_normed", &rms_norm_quantize_with_normed_cuda);
-  m.impl("rms_norm_quantize_with_normed_eps_tensor", &rms_norm_quantize_with_normed_eps_tensor_cuda);
+  m.impl("rms_norm_quantize_with_normed", &rms_norm_quantize_with_normed_cuda<double>);
+  m.impl("rms_norm_quantize_with_normed_eps_tensor", &rms_norm_quantize_with_normed_cuda<at::Tensor>);
   m.impl("layer_norm_quantize_with_normed", &layer_norm_quantize_with_normed_cuda);
-  m.impl("add_rms_norm_quantize_with_normed", &add_rms_norm_quantize_with_normed_cuda);
-  m.impl("add_rms_norm_quantize_with_normed_eps_tensor", &add_rms_norm_quantize_with_normed_eps_tensor_cuda);
+  m.impl("add_rms_norm_quantize_with_normed", &add_rms_norm_quantize_with_normed_cuda<double>);
+  m.impl("add_rms_norm_quantize_with_normed_eps_tensor", &add_rms_norm_quantize_with_normed_cuda<at::Tensor>);
   m.impl("silu_and_mul_quantize", &silu_and_mul_quantize_cuda);
   m.impl("gelu_and_mul_quantize", &gelu_and_mul_quantize_cuda);
   m.impl("gelu_new_and_mul_quantize", &gelu_new_and_mul_quantize_cuda);
