@@ -1,9 +1,13 @@
 """fp4op demo: FP4 linear layers and norm/activation + quantize fusion under torch.compile.
 
-Builds two small models with random weights -- a Llama-style decoder block (RMSNorm, attention,
-SiLU-and-mul MLP) and a GPT-2-style MLP (LayerNorm, GELU-tanh) --, converts their nn.Linear layers to
-fp4op.nn.FP4Linear, calibrates the activation scales, compiles them with fp4op.fusion, and prints the
-rewrites per rule, the fp4op ops of the compiled graph, and the output error against the bf16 model.
+Builds three small models with random weights -- a Llama-style decoder block (RMSNorm, attention,
+SiLU-and-mul MLP), a GPT-2-style MLP (LayerNorm, GELU-tanh) and a post-LN encoder's feed-forward half
+(BERT: the LayerNorm output is quantized and is the residual too, which layer_norm_quantize_with_normed
+returns) --, converts their nn.Linear layers to fp4op.nn.FP4Linear, calibrates the activation scales,
+compiles them with fp4op.fusion, and prints the rewrites per rule, the fp4op ops of the compiled graph,
+and the output error against the bf16 model. (The post-LN block's compiled output differs slightly from
+eager FP4 where Inductor's own kernel for its last LayerNorm keeps the sum in float32; with
+torch._inductor.config.emulate_precision_casts it is bit-equal, as are the others.)
 On a GPU it also times the compiled bf16 model and the FP4 model with and without the fusion, in
 alternating rounds of back-to-back calls.
 
@@ -74,6 +78,22 @@ class GPT2MLP(nn.Module):
 
     def forward(self, x):
         return x + self.c_proj(self.act(self.c_fc(self.ln_2(x))))
+
+
+class PostLNFeedForward(nn.Module):
+    """The feed-forward half of a post-LN encoder layer (BERT, nn.TransformerEncoderLayer's default): the
+    LayerNorm closing the attention half feeds the intermediate layer and is also the residual around it."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.attention_norm = nn.LayerNorm(dim, eps=1e-12)
+        self.intermediate = nn.Linear(dim, 4 * dim)
+        self.output = nn.Linear(4 * dim, dim)
+        self.output_norm = nn.LayerNorm(dim, eps=1e-12)
+
+    def forward(self, x):
+        h = self.attention_norm(x)
+        return self.output_norm(h + self.output(F.gelu(self.intermediate(h))))
 
 
 def randomize(model: nn.Module) -> nn.Module:
@@ -183,6 +203,8 @@ def main():
         rows.append(run("Llama decoder block", llama, x, args))
         gpt2 = randomize(GPT2MLP(dim)).to(device, dtype).eval()
         rows.append(run("GPT-2 MLP", gpt2, x, args))
+        bert = randomize(PostLNFeedForward(dim)).to(device, dtype).eval()
+        rows.append(run("post-LN feed-forward", bert, x, args))
 
     if on_gpu and not args.no_timing:
         print(f"\nmedian ms per forward (torch.compile; {args.rounds} rounds of 10 calls, the models taking turns):")
