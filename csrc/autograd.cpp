@@ -2,17 +2,20 @@
 // gradient. The floating outputs differentiate as their formulas do: add_rms_norm_quantize's next
 // residual x + residual passes the gradient to both inputs unchanged (so a fused graph differentiates as
 // the unfused one does), and NVFP4 dequantize's values e2m1(q) * sf_dec / S in the global scale (a
-// learned scale). The *_with_normed norm outputs refuse to be recorded (normed_not_differentiable).
+// learned scale), and the *_with_normed norm outputs as the eager norms they equal (NormOutputBackward).
 // Nothing else is differentiable.
 // In C++ rather than torch.library.register_autograd: a Python autograd kernel runs on every call, grad
 // mode or not (no_grad included), and cost each quantize about 10 us of host time.
+#include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/csrc/autograd/VariableTypeUtils.h>
+#include <torch/csrc/autograd/autograd.h>
 #include <torch/csrc/autograd/functions/utils.h>
 #include <torch/library.h>
 
 #include <string>
 #include <type_traits>
+#include <vector>
 
 namespace fp4op {
 namespace {
@@ -104,24 +107,112 @@ void residual_sum_differentiable(const c10::OperatorHandle& op, c10::DispatchKey
   torch::autograd::set_history(stack->back().toTensor(), node);
 }
 
-// The *_with_normed norms (x, [residual,] weight, [bias,] ...) -> (x_q, sf, [next residual,] norm output):
-// the fusion passes put them in graphs that autograd has already differentiated (Inductor's post-grad
-// graphs); called where autograd would record them, they refuse rather than return outputs without their
-// gradients.
-void normed_not_differentiable(const c10::OperatorHandle& op, c10::DispatchKeySet keys, torch::jit::Stack* stack) {
+// The eager computation a *_with_normed op's norm output equals (fp4op/fused_ops.py), in ATen ops, for
+// its gradient: of x, residual (add_rms_norm), weight and bias (layer_norm), undefined where absent.
+struct EagerNorm {
+  bool layer_norm = false;
+  bool residual = false;
+  bool sum_in_float32 = false;
+  bool weight_in_input_dtype = false;
+  double eps = 0.0;
+  at::Tensor eps_tensor;  // the *_eps_tensor ops' eps (read in the backward's arithmetic, never by .item())
+  double weight_offset = 0.0;
+
+  at::Tensor operator()(const at::Tensor& x, const at::Tensor& r, const at::Tensor& w, const at::Tensor& b) const {
+    const int64_t k = x.size(-1);
+    if (layer_norm) return at::layer_norm(x, {k}, w, b, eps);
+    at::Tensor h = !residual ? x.to(at::kFloat)
+                   : sum_in_float32 ? x.to(at::kFloat) + r.to(at::kFloat)
+                                    : (x + r).to(at::kFloat);
+    // eps in float32 as the eager forms add it
+    const at::Tensor var = h.pow(2).mean(-1, /*keepdim=*/true);
+    h = h * at::rsqrt(eps_tensor.defined() ? var + eps_tensor.to(at::kFloat) : var + float(eps));
+    if (!w.defined()) return h.to(x.scalar_type());
+    if (weight_in_input_dtype) return (w.to(at::kFloat) + weight_offset).to(x.scalar_type()) * h.to(x.scalar_type());
+    return (h * (w.to(at::kFloat) + weight_offset)).to(x.scalar_type());
+  }
+};
+
+// The norm output's gradient: the eager norm recomputed under autograd from the saved inputs, then
+// differentiated. Inputs are kept as detached aliases with their versions checked, as DequantizeBackward.
+struct NormOutputBackward : public Node {
+  NormOutputBackward(torch::autograd::edge_list&& next_edges, EagerNorm norm, std::vector<at::Tensor> inputs)
+      : Node(std::move(next_edges)), norm_(norm) {
+    for (const at::Tensor& t : inputs) {
+      inputs_.push_back(t.defined() ? t.detach() : at::Tensor());
+      versions_.push_back(t.defined() ? t._version() : 0);
+    }
+  }
+  variable_list apply(variable_list&& grads) override {
+    variable_list out(inputs_.size());
+    if (!grads[0].defined()) return out;
+    for (size_t i = 0; i < inputs_.size(); ++i) {
+      TORCH_CHECK(!inputs_[i].defined() || inputs_[i]._version() == versions_[i],
+                  "fp4op: an input of a *_with_normed op was modified in place before the backward, which needs it");
+    }
+    at::AutoGradMode grad_mode(true);
+    std::vector<at::Tensor> leaves;
+    variable_list wanted;
+    for (size_t i = 0; i < inputs_.size(); ++i) {
+      leaves.push_back(inputs_[i].defined() ? inputs_[i].detach().requires_grad_(should_compute_output(i))
+                                            : at::Tensor());
+      if (leaves.back().defined() && should_compute_output(i)) wanted.push_back(leaves.back());
+    }
+    if (wanted.empty()) return out;
+    const at::Tensor y = norm_(leaves[0], leaves[1], leaves[2], leaves[3]);
+    const variable_list g = torch::autograd::grad({y}, wanted, {grads[0]}, /*retain_graph=*/false,
+                                                  /*create_graph=*/false, /*allow_unused=*/true);
+    for (size_t i = 0, j = 0; i < inputs_.size(); ++i) {
+      if (leaves[i].defined() && should_compute_output(i)) out[i] = g[j++];
+    }
+    return out;
+  }
+  std::string name() const override { return "fp4op::NormOutputBackward"; }
+
+ private:
+  EagerNorm norm_;
+  std::vector<at::Tensor> inputs_;
+  std::vector<int64_t> versions_;
+};
+
+// The *_with_normed norms (x, [residual,] weight, [bias,] eps, ...) -> (x_q, sf, [next residual,] norm
+// output): the norm output differentiates as the eager norm (NormOutputBackward), the next residual as in
+// add_rms_norm_quantize.
+void normed_differentiable(const c10::OperatorHandle& op, c10::DispatchKeySet keys, torch::jit::Stack* stack) {
   const auto args = arguments(op, stack);
   const auto& schema = op.schema().arguments();
-  bool needs_grad = false;
+  EagerNorm norm;
+  at::Tensor x, residual, weight, bias;
   for (size_t i = 0; i < schema.size(); ++i) {
     const std::string& name = schema[i].name();
-    const bool normed_input = name == "x" || name == "residual" || name == "weight" || name == "bias";
-    needs_grad = needs_grad || (normed_input && args[i].isTensor() && args[i].toTensor().requires_grad());
+    const c10::IValue& v = args[i];
+    auto tensor = [&] { return v.isTensor() ? v.toTensor() : at::Tensor(); };
+    if (name == "x") x = tensor();
+    if (name == "residual") residual = tensor();
+    if (name == "weight") weight = tensor();
+    if (name == "bias") bias = tensor();
+    if (name == "eps" && v.isTensor()) norm.eps_tensor = v.toTensor().detach();
+    if (name == "eps" && !v.isTensor()) norm.eps = v.toDouble();
+    if (name == "weight_offset") norm.weight_offset = v.toDouble();
+    if (name == "weight_in_input_dtype") norm.weight_in_input_dtype = v.toBool();
+    if (name == "sum_in_float32") norm.sum_in_float32 = v.toBool();
   }
-  TORCH_CHECK_NOT_IMPLEMENTED(!(at::GradMode::is_enabled() && needs_grad), op.schema().name(),
-                              ": the norm output is not differentiable here; for training, use the norm "
-                              "(F.rms_norm / F.layer_norm) followed by fp4op.quantize, which torch.compile "
-                              "with fp4op.fusion fuses after differentiating");
+  norm.layer_norm = op.schema().name() == "fp4op::layer_norm_quantize_with_normed";
+  norm.residual = residual.defined();
+  const std::vector<at::Tensor> inputs{x, residual, weight, bias};
+  bool track = false;
+  for (const at::Tensor& t : inputs) track = track || (t.defined() && t.requires_grad());
+  track = track && at::GradMode::is_enabled();
   run_below_autograd(op, keys, stack);
+  if (!track) return;
+  const size_t outputs = op.schema().returns().size();
+  const at::Tensor normed = (stack->end() - 1)->toTensor();
+  torch::autograd::set_history(normed, make_node<NormOutputBackward>(
+                                           torch::autograd::collect_next_edges(x, residual, weight, bias), norm, inputs));
+  if (norm.residual) {  // the next residual, output 2 of 4
+    torch::autograd::set_history((stack->end() - int64_t(outputs) + 2)->toTensor(),
+                                 make_node<ResidualSumBackward>(torch::autograd::collect_next_edges(x, residual)));
+  }
 }
 
 // dequantize(x_q, sf, global_scale, sf_vec_size, sf_use_ue8m0, ..., is_global_scale_inversed, ...): x_q
@@ -155,7 +246,7 @@ TORCH_LIBRARY_IMPL(fp4op, Autograd, m) {
   for (const char* name : {"rms_norm_quantize_with_normed", "rms_norm_quantize_with_normed_eps_tensor",
                            "layer_norm_quantize_with_normed", "add_rms_norm_quantize_with_normed",
                            "add_rms_norm_quantize_with_normed_eps_tensor"}) {
-    m.impl(name, torch::CppFunction::makeFromBoxedFunction<&normed_not_differentiable>());
+    m.impl(name, torch::CppFunction::makeFromBoxedFunction<&normed_differentiable>());
   }
 }
 

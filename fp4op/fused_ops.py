@@ -1,6 +1,7 @@
 """Python side of the fused "norm/activation + FP4 quantize" ops of csrc/fused.cpp: fake (meta) kernels
 for tracing and torch.compile. (Autograd, csrc/autograd.cpp: the codes carry no gradient;
-add_rms_norm_quantize's next residual differentiates as the add x + residual.)
+add_rms_norm_quantize's next residual differentiates as the add x + residual, the *_with_normed norm
+outputs as the eager norms below, recomputed in the backward.)
 
 Each op returns ``(x_q, sf)`` exactly as ``torch.ops.fp4op.quantize`` of the norm/activation output
 computed in the input's dtype (float16/bfloat16) the way eager PyTorch computes it;

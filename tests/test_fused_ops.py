@@ -685,25 +685,78 @@ def test_not_differentiable():
     assert not xq.requires_grad and not sf.requires_grad
 
 
-@pytest.mark.parametrize("op", ["rms_norm", "layer_norm", "add_rms_norm"])
-def test_norm_output_refuses_autograd(op):
-    """The *_with_normed norm output has no gradient formula: recorded by autograd, the op refuses
-    instead of returning an output whose gradient would silently be missing; without grad it runs."""
-    x = torch.randn(2, 32, dtype=torch.bfloat16)
-    w = torch.ones(32, dtype=torch.bfloat16, requires_grad=True)
-    gs = torch.tensor([1.0])
+GRAD_CASES = {
+    # name: (op, args after x (r: the residual, w: the weight, b: the bias), kwargs, eager norm of (x, r, w, b))
+    "rms_norm": (OPS.rms_norm_quantize_with_normed, lambda r, w, b: (w, 1e-5), {},
+                 lambda x, r, w, b: F.rms_norm(x, (x.shape[-1],), w, 1e-5)),
+    "rms_norm_llama": (OPS.rms_norm_quantize_with_normed, lambda r, w, b: (w, 1e-6, 0.0, True), {},
+                       lambda x, r, w, b: eager_rms_norm(x, w, 1e-6, 0.0, True)),
+    "rms_norm_gemma_eps_tensor": (OPS.rms_norm_quantize_with_normed_eps_tensor,
+                                  lambda r, w, b: (w, torch.tensor(1e-6, dtype=torch.float64), 1.0), {},
+                                  lambda x, r, w, b: eager_rms_norm(x, w, 1e-6, 1.0)),
+    "add_rms_norm": (OPS.add_rms_norm_quantize_with_normed, lambda r, w, b: (r, w, 1e-6), {},
+                     lambda x, r, w, b: eager_rms_norm(x + r, w, 1e-6)),
+    "add_rms_norm_float32_sum": (OPS.add_rms_norm_quantize_with_normed, lambda r, w, b: (r, None, 1e-6),
+                                 {"sum_in_float32": True},
+                                 lambda x, r, w, b: (lambda s: (s * torch.rsqrt(s.pow(2).mean(-1, keepdim=True) + 1e-6)).to(x.dtype))(x.float() + r.float())),
+    "layer_norm": (OPS.layer_norm_quantize_with_normed, lambda r, w, b: (w, b, 1e-5), {},
+                   lambda x, r, w, b: F.layer_norm(x, (x.shape[-1],), w, b, 1e-5)),
+}
 
-    def call():
-        if op == "rms_norm":
-            return OPS.rms_norm_quantize_with_normed(x, w, 1e-6, global_scale=gs)
-        if op == "add_rms_norm":
-            return OPS.add_rms_norm_quantize_with_normed(x, x, w, 1e-6, global_scale=gs)
-        return OPS.layer_norm_quantize_with_normed(x, w, None, 1e-6, gs)
 
-    with pytest.raises(NotImplementedError, match="not differentiable"):
-        call()
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=requires_cuda)])
+@pytest.mark.parametrize("case", list(GRAD_CASES))
+def test_opcheck_with_gradients(case, device):
+    """opcheck of the *_with_normed ops on inputs that require grad, and their backward under AOTAutograd
+    (torch.compile's aot_eager) equal to eager's. opcheck's own AOTAutograd check is left out here: it sums
+    every output into one accumulator in place, an int64 one after the uint8 codes, to which the bfloat16
+    norm output cannot be added (any op returning codes before a differentiable output fails it so)."""
+    op, tail, kwargs, _ = GRAD_CASES[case]
+    x, r = (make_input((3, 64), torch.bfloat16, device, seed=s).requires_grad_() for s in (1, 2))
+    w, b = (make_affine(64, torch.bfloat16, device, seed=s).requires_grad_() for s in (3, 4))
+    args = (x, *tail(r, w, b))
+    kwargs = {"global_scale": torch.tensor([50.0], device=device), **kwargs}
+    torch.library.opcheck(op, args, kwargs, test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+
+    def loss(*args):
+        out = op(*args, **kwargs)
+        return sum(t.float().square().sum() for t in out[2:])  # the next residual (if any), the norm output
+
+    inputs = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
+    want = torch.autograd.grad(loss(*args), inputs)
+    torch._dynamo.reset()
+    got = torch.autograd.grad(torch.compile(loss, backend="aot_eager", fullgraph=True)(*args), inputs)
+    for a, e in zip(got, want, strict=True):
+        assert torch.equal(a, e)
+
+
+@pytest.mark.parametrize("case", list(GRAD_CASES))
+def test_norm_output_gradients(case):
+    """The *_with_normed norm output differentiates as the eager norm it equals (x, residual, weight, bias);
+    the next residual as x + residual; the codes carry none."""
+    op, tail, kwargs, eager = GRAD_CASES[case]
+    dt = torch.bfloat16
+    g = torch.Generator().manual_seed(0)
+    x, r = (torch.randn(3, 64, generator=g).to(dt).requires_grad_() for _ in range(2))
+    w, b = (torch.randn(64, generator=g).to(dt).requires_grad_() for _ in range(2))
+    args = tail(r, w, b)
+    out = op(x, *args, global_scale=torch.tensor([50.0]), **kwargs)
+    assert not out[0].requires_grad and not out[1].requires_grad
+    normed, want = out[-1], eager(x, r, w, b)
+    dy = torch.randn(normed.shape, generator=g).to(dt)
+    inputs = [x] + [t for t in (r, w, b) if any(t is a for a in args)]  # those the op was given
+    loss = (normed.float() * dy.float()).sum() + (out[2].float().sum() if len(out) == 4 else 0.0)
+    got = torch.autograd.grad(loss, inputs, allow_unused=True)
+    loss_eager = (want.float() * dy.float()).sum() + ((x + r).float().sum() if len(out) == 4 else 0.0)
+    expected = torch.autograd.grad(loss_eager, inputs, allow_unused=True)
+    for a, e in zip(got, expected, strict=True):
+        torch.testing.assert_close(a, e, rtol=2.0**-6, atol=1e-3)
+    # an input modified in place before the backward is refused
+    out = op(x, *args, global_scale=torch.tensor([50.0]), **kwargs)
     with torch.no_grad():
-        assert not call()[-1].requires_grad
+        x.add_(1.0)
+    with pytest.raises(RuntimeError, match="modified in place"):
+        out[-1].float().sum().backward()
 
 
 # ---- CUDA ------------------------------------------------------------------------------------------------------
