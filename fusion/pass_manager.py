@@ -937,6 +937,8 @@ class FusionPattern:
     scalars: dict[str, float] = {}
     # the scalar parameters that `replacement` also takes as a scalar tensor graph value
     tensor_scalars: tuple[str, ...] = ()
+    # the pattern also returns the quantized value (a norm output with another reader)
+    keep_normed: bool = False
 
     def tensor_inputs(self, dtype: torch.dtype, device: str) -> dict[str, torch.Tensor]:
         raise NotImplementedError
@@ -1069,14 +1071,19 @@ class FusionPass(CustomGraphPass):
         self.copy_counts.clear()
         self.records.clear()
 
-    def _ensure_registered(self, q: QuantizeArgs, device: str) -> None:
-        key = (q, device)
-        if key in self._registered:
-            return
-        self._registered.add(key)
-        for rule in self.rules:
-            rule.register(self, q, device)
-        log.debug("fp4op.fusion: registered %d rules for %s on %s", len(self.rules), q.label(), device)
+    def _ensure_registered(self, q: QuantizeArgs, device: str, read_elsewhere: bool = True) -> None:
+        """Registers the rules for quantizes of `q` on `device` (once: registering traces every pattern).
+        The rules that keep the norm output (`keep_normed`, a third of them) only with `read_elsewhere`,
+        where some quantized value also has another reader: a graph without one skips their tracing."""
+        for keep_normed in (False, True) if read_elsewhere else (False,):
+            key = (q, device, keep_normed)
+            if key in self._registered:
+                continue
+            self._registered.add(key)
+            rules = [rule for rule in self.rules if rule.keep_normed == keep_normed]
+            for rule in rules:
+                rule.register(self, q, device)
+            log.debug("fp4op.fusion: registered %d rules for %s on %s", len(rules), q.label(), device)
 
     def __call__(self, graph: torch.fx.Graph) -> None:
         before = op_counts(graph)
@@ -1098,7 +1105,7 @@ class FusionPass(CustomGraphPass):
                 val = node.args[0].meta.get("val") if isinstance(node.args[0], torch.fx.Node) else None
                 if q is None or not isinstance(val, torch.Tensor):
                     continue
-                self._ensure_registered(q, val.device.type)
+                self._ensure_registered(q, val.device.type, len(node.args[0].users) > 1)
             copies = share_producers_by_copy(graph, quantizes)
             self._current = matches
             try:
