@@ -61,6 +61,17 @@ inline double cpu_scalar_value(const at::Tensor& t) { return t.item<double>(); }
 
 inline bool has(const std::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
 
+// The RMSNorm weight form of the ops' (weight, weight_in_input_dtype) arguments.
+inline RmsWeight rms_weight_form(const std::optional<at::Tensor>& weight, bool weight_in_input_dtype) {
+  if (!has(weight)) return RmsWeight::kNone;
+  return weight_in_input_dtype ? RmsWeight::kInputDtype : RmsWeight::kFloat32;
+}
+
+// An output shaped like x, contiguous (add_rms_norm's next residual, the *_with_normed norm output).
+inline at::Tensor empty_like_rows(const at::Tensor& x) {
+  return at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
+}
+
 inline GeluApprox gelu_approx_of(std::string_view approximate) {
   if (approximate == "none") return GeluApprox::kNone;
   if (approximate == "tanh") return GeluApprox::kTanh;

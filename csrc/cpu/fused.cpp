@@ -94,11 +94,6 @@ void quantize_rows(FusedProblem& p, const QuantizeParams& qp, RowValues row_valu
   });
 }
 
-RmsWeight rms_weight_form(const std::optional<at::Tensor>& weight, bool weight_in_input_dtype) {
-  if (!fused::has(weight)) return RmsWeight::kNone;
-  return weight_in_input_dtype ? RmsWeight::kInputDtype : RmsWeight::kFloat32;
-}
-
 // Writes the K rounded values `v` of row r to `normed` ([M, K] contiguous, x's dtype) when given.
 void store_normed_row(uint16_t* normed, int64_t r, int64_t k, const float* v, InputDtype dtype) {
   if (normed == nullptr) return;
@@ -125,7 +120,7 @@ void rms_norm_rows(FusedProblem& p, const QuantizeParams& qp, const at::Tensor& 
   const uint16_t* w_bits = w.defined() ? static_cast<const uint16_t*>(w.data_ptr()) : nullptr;
   uint16_t* sum_bits = bits_of(sum_out);
   uint16_t* normed_bits = bits_of(normed_out);
-  const RmsWeight form = rms_weight_form(weight, weight_in_input_dtype);
+  const RmsWeight form = fused::rms_weight_form(weight, weight_in_input_dtype);
   const InputDtype dtype = p.dtype;
   const int64_t k = p.shape.k;
   const float eps_f = float(eps), offset = float(weight_offset);
@@ -165,11 +160,6 @@ void rms_norm_rows(FusedProblem& p, const QuantizeParams& qp, const at::Tensor& 
   });
 }
 
-// An output shaped like x, contiguous (the next residual, the norm output).
-at::Tensor empty_like_rows(const at::Tensor& x) {
-  return at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
-}
-
 // eps as the RMSNorm ops take it: a float, or a one-element tensor (the *_eps_tensor ops, each the
 // Eps = at::Tensor instance of the function below it), read on the host
 double eps_value(double eps, const at::Tensor&) { return eps; }
@@ -191,8 +181,8 @@ NormOutputs rms_norm_impl(const at::Tensor& x, const std::optional<at::Tensor>& 
                                         is_sf_8x4_layout);
   if (residual) fused::check_like(*residual, "residual", x, "x");
   fused::check_affine(weight, "weight", x);
-  at::Tensor sum = residual ? empty_like_rows(x) : at::Tensor();
-  at::Tensor normed = with_normed ? empty_like_rows(x) : at::Tensor();
+  at::Tensor sum = residual ? fused::empty_like_rows(x) : at::Tensor();
+  at::Tensor normed = with_normed ? fused::empty_like_rows(x) : at::Tensor();
   const QuantizeParams qp = quantize_params(p, sf_use_ue8m0, is_global_scale_inversed);
   rms_norm_rows(p, qp, x, residual, residual ? &sum : nullptr, with_normed ? &normed : nullptr, weight, eps,
                 weight_offset, weight_in_input_dtype, sum_in_float32);
@@ -281,7 +271,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_impl(const at::Tensor&
   const int64_t k = p.shape.k;
   const float eps_f = float(eps), kf = float(k);
   const bool contracted = torch_cpu_kernels_vectorized();
-  at::Tensor normed = with_normed ? empty_like_rows(x) : at::Tensor();
+  at::Tensor normed = with_normed ? fused::empty_like_rows(x) : at::Tensor();
   uint16_t* normed_bits = bits_of(with_normed ? &normed : nullptr);
   const QuantizeParams qp = quantize_params(p, sf_use_ue8m0, is_global_scale_inversed);
   quantize_rows(p, qp, [&](int64_t r, float* v) {

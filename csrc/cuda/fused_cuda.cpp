@@ -57,11 +57,6 @@ void set_rows(const at::Tensor& t, const void** ptr, int64_t* row_stride, std::v
   keep.push_back(rows.tensor);
 }
 
-RmsWeight rms_weight_form(const std::optional<at::Tensor>& weight, bool weight_in_input_dtype) {
-  if (!fused::has(weight)) return RmsWeight::kNone;
-  return weight_in_input_dtype ? RmsWeight::kInputDtype : RmsWeight::kFloat32;
-}
-
 // A float argument as the ops take it: a float, or a one-element tensor (eps of the *_eps_tensor ops,
 // gelu_new's sqrt_2_over_pi), which is read on the host where it is on the CPU and by the kernel where
 // it is on x's device.
@@ -76,11 +71,6 @@ ScalarArg scalar_arg_of(const at::Tensor& t, const char* name, const at::Tensor&
   fused::check_scalar_tensor(t, name, x);
   if (t.device().is_cpu()) return {fused::cpu_scalar_value(t), at::Tensor()};
   return {0.0, t.reshape({1}).to(at::kFloat).contiguous()};
-}
-
-// An output shaped like x, contiguous (the next residual, the norm output).
-at::Tensor empty_like_rows(const at::Tensor& x) {
-  return at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
 }
 
 // (x_q, sf, next residual, norm output): the next residual x + residual with `residual`, the norm output
@@ -104,8 +94,8 @@ NormOutputs rms_norm_impl(const at::Tensor& x, const std::optional<at::Tensor>& 
     set_rows(x, &a.x, &a.x_row_stride, keep);
     if (residual) set_rows(*residual, &a.y, &a.y_row_stride, keep);
   }
-  const at::Tensor sum = residual ? empty_like_rows(x) : at::Tensor();
-  const at::Tensor normed = with_normed ? empty_like_rows(x) : at::Tensor();
+  const at::Tensor sum = residual ? fused::empty_like_rows(x) : at::Tensor();
+  const at::Tensor normed = with_normed ? fused::empty_like_rows(x) : at::Tensor();
   a.sum_out = sum.defined() ? sum.data_ptr() : nullptr;
   a.normed_out = normed.defined() ? normed.data_ptr() : nullptr;
   const at::Tensor w = kernel_affine(weight);
@@ -113,7 +103,7 @@ NormOutputs rms_norm_impl(const at::Tensor& x, const std::optional<at::Tensor>& 
   a.eps = float(eps.value);
   a.eps_device = eps.device_ptr();
   a.weight_offset = float(weight_offset);
-  a.rms_weight = int(rms_weight_form(weight, weight_in_input_dtype));
+  a.rms_weight = int(fused::rms_weight_form(weight, weight_in_input_dtype));
   run(a, p);
   return {p.x_q, p.sf, sum, normed};
 }
@@ -192,7 +182,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_impl(const at::Tensor&
   a.weight = w.defined() ? w.data_ptr() : nullptr;
   a.bias = b.defined() ? b.data_ptr() : nullptr;
   a.eps = float(eps);
-  at::Tensor normed = with_normed ? empty_like_rows(x) : at::Tensor();
+  at::Tensor normed = with_normed ? fused::empty_like_rows(x) : at::Tensor();
   a.normed_out = with_normed ? normed.data_ptr() : nullptr;
   run(a, p);
   return {p.x_q, p.sf, normed};
