@@ -1,7 +1,8 @@
 // Schemas of the fused "norm/activation + FP4 quantize" ops (issue 4). Each returns (x_q, sf) exactly
 // as fp4op::quantize of the norm/activation output computed in the input's dtype; add_rms_norm_quantize
 // also returns x + residual (the next residual), the *_with_normed norms the norm output. Kernels:
-// csrc/cpu/fused.cpp, csrc/cuda/fused_cuda.cpp; fakes: fp4op/fused_ops.py; autograd: csrc/autograd.cpp.
+// csrc/cpu/fused.cpp, csrc/cuda/fused_cuda.cpp (the norm ops' entry points of both: csrc/norm_ops.h);
+// fakes: fp4op/fused_ops.py; autograd: csrc/autograd.cpp.
 #include <torch/library.h>
 
 // The quantize arguments, as in fp4op::quantize, except that global_scale defaults to None: it follows

@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "../fused_args.h"
+#include "../norm_ops.h"
 #include "quantize_row.h"
 
 namespace fp4op::cpu {
@@ -18,6 +19,7 @@ namespace {
 
 using fused::Activation;
 using fused::FusedProblem;
+using fused::NormOutputs;
 using fused::RmsWeight;
 using fused::Rows;
 
@@ -160,18 +162,6 @@ void rms_norm_rows(FusedProblem& p, const QuantizeParams& qp, const at::Tensor& 
   });
 }
 
-// eps as the RMSNorm ops take it: a float, or a one-element tensor (the *_eps_tensor ops, each the
-// Eps = at::Tensor instance of the function below it), read on the host
-double eps_value(double eps, const at::Tensor&) { return eps; }
-double eps_value(const at::Tensor& eps, const at::Tensor& x) {
-  fused::check_eps_tensor(eps, x);
-  return fused::cpu_scalar_value(eps);
-}
-
-// (x_q, sf, next residual, norm output): the next residual x + residual with `residual` (sum_in_float32:
-// the float32 sum is normalized), the norm output with `with_normed`; undefined otherwise.
-using NormOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
-
 NormOutputs rms_norm_impl(const at::Tensor& x, const std::optional<at::Tensor>& residual,
                           const std::optional<at::Tensor>& weight, double eps, double weight_offset,
                           bool weight_in_input_dtype, const std::optional<at::Tensor>& global_scale,
@@ -187,56 +177,6 @@ NormOutputs rms_norm_impl(const at::Tensor& x, const std::optional<at::Tensor>& 
   rms_norm_rows(p, qp, x, residual, residual ? &sum : nullptr, with_normed ? &normed : nullptr, weight, eps,
                 weight_offset, weight_in_input_dtype, sum_in_float32);
   return {p.x_q, p.sf, sum, normed};
-}
-
-template <typename Eps>
-std::tuple<at::Tensor, at::Tensor> rms_norm_quantize_cpu(const at::Tensor& x, const std::optional<at::Tensor>& weight,
-                                                         Eps eps, double weight_offset, bool weight_in_input_dtype,
-                                                         const std::optional<at::Tensor>& global_scale,
-                                                         int64_t sf_vec_size, bool sf_use_ue8m0,
-                                                         bool is_sf_swizzled_layout, bool is_sf_8x4_layout,
-                                                         bool is_global_scale_inversed) {
-  auto [xq, sf, sum, normed] = rms_norm_impl(x, std::nullopt, weight, eps_value(eps, x), weight_offset,
-                                             weight_in_input_dtype, global_scale, sf_vec_size, sf_use_ue8m0,
-                                             is_sf_swizzled_layout, is_sf_8x4_layout, is_global_scale_inversed,
-                                             false, false);
-  return {xq, sf};
-}
-
-template <typename Eps>
-std::tuple<at::Tensor, at::Tensor, at::Tensor> rms_norm_quantize_with_normed_cpu(
-    const at::Tensor& x, const std::optional<at::Tensor>& weight, Eps eps, double weight_offset,
-    bool weight_in_input_dtype, const std::optional<at::Tensor>& global_scale, int64_t sf_vec_size,
-    bool sf_use_ue8m0, bool is_sf_swizzled_layout, bool is_sf_8x4_layout, bool is_global_scale_inversed) {
-  auto [xq, sf, sum, normed] = rms_norm_impl(x, std::nullopt, weight, eps_value(eps, x), weight_offset,
-                                             weight_in_input_dtype, global_scale, sf_vec_size, sf_use_ue8m0,
-                                             is_sf_swizzled_layout, is_sf_8x4_layout, is_global_scale_inversed,
-                                             false, true);
-  return {xq, sf, normed};
-}
-
-template <typename Eps>
-std::tuple<at::Tensor, at::Tensor, at::Tensor> add_rms_norm_quantize_cpu(
-    const at::Tensor& x, const at::Tensor& residual, const std::optional<at::Tensor>& weight, Eps eps,
-    double weight_offset, bool weight_in_input_dtype, const std::optional<at::Tensor>& global_scale,
-    int64_t sf_vec_size, bool sf_use_ue8m0, bool is_sf_swizzled_layout, bool is_sf_8x4_layout,
-    bool is_global_scale_inversed, bool sum_in_float32) {
-  auto [xq, sf, sum, normed] = rms_norm_impl(x, residual, weight, eps_value(eps, x), weight_offset,
-                                             weight_in_input_dtype, global_scale, sf_vec_size, sf_use_ue8m0,
-                                             is_sf_swizzled_layout, is_sf_8x4_layout, is_global_scale_inversed,
-                                             sum_in_float32, false);
-  return {xq, sf, sum};
-}
-
-template <typename Eps>
-NormOutputs add_rms_norm_quantize_with_normed_cpu(
-    const at::Tensor& x, const at::Tensor& residual, const std::optional<at::Tensor>& weight, Eps eps,
-    double weight_offset, bool weight_in_input_dtype, const std::optional<at::Tensor>& global_scale,
-    int64_t sf_vec_size, bool sf_use_ue8m0, bool is_sf_swizzled_layout, bool is_sf_8x4_layout,
-    bool is_global_scale_inversed, bool sum_in_float32) {
-  return rms_norm_impl(x, residual, weight, eps_value(eps, x), weight_offset, weight_in_input_dtype, global_scale,
-                       sf_vec_size, sf_use_ue8m0, is_sf_swizzled_layout, is_sf_8x4_layout, is_global_scale_inversed,
-                       sum_in_float32, true);
 }
 
 // Whether torch's CPU kernels, as dispatched here, are its vectorized builds (AVX2/AVX512 on x86:
@@ -295,24 +235,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_impl(const at::Tensor&
   return {p.x_q, p.sf, normed};
 }
 
-std::tuple<at::Tensor, at::Tensor> layer_norm_quantize_cpu(const at::Tensor& x, const std::optional<at::Tensor>& weight,
-                                                           const std::optional<at::Tensor>& bias, double eps,
-                                                           const std::optional<at::Tensor>& global_scale,
-                                                           int64_t sf_vec_size, bool sf_use_ue8m0,
-                                                           bool is_sf_swizzled_layout, bool is_sf_8x4_layout,
-                                                           bool is_global_scale_inversed) {
-  auto [xq, sf, unused] = layer_norm_impl(x, weight, bias, eps, global_scale, sf_vec_size, sf_use_ue8m0,
-                                          is_sf_swizzled_layout, is_sf_8x4_layout, is_global_scale_inversed, false);
-  return {xq, sf};
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_quantize_with_normed_cpu(
-    const at::Tensor& x, const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias, double eps,
-    const std::optional<at::Tensor>& global_scale, int64_t sf_vec_size, bool sf_use_ue8m0, bool is_sf_swizzled_layout,
-    bool is_sf_8x4_layout, bool is_global_scale_inversed) {
-  return layer_norm_impl(x, weight, bias, eps, global_scale, sf_vec_size, sf_use_ue8m0, is_sf_swizzled_layout,
-                         is_sf_8x4_layout, is_global_scale_inversed, true);
-}
+// The norm ops' CPU implementations, for fused::NormOps (csrc/norm_ops.h).
+struct CpuNorms {
+  static constexpr auto rms_norm = &rms_norm_impl;
+  static constexpr auto layer_norm = &layer_norm_impl;
+  // eps as the RMSNorm ops take it: a float, or the one-element tensor of the *_eps_tensor ops, read on
+  // the host
+  static double eps(double eps, const at::Tensor&) { return eps; }
+  static double eps(const at::Tensor& eps, const at::Tensor& x) {
+    fused::check_eps_tensor(eps, x);
+    return fused::cpu_scalar_value(eps);
+  }
+};
 
 // F.silu(x) / F.gelu(x) computed by torch's own CPU kernel, on the tensor (the same view) the model
 // passes: the same bits as the eager model on every CPU build, which no copy of the formulas can
@@ -479,16 +413,7 @@ std::tuple<at::Tensor, at::Tensor> relu_quantize_cpu(const at::Tensor& x, bool s
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fp4op, CPU, m) {
-  m.impl("rms_norm_quantize", &rms_norm_quantize_cpu<double>);
-  m.impl("add_rms_norm_quantize", &add_rms_norm_quantize_cpu<double>);
-  m.impl("rms_norm_quantize_eps_tensor", &rms_norm_quantize_cpu<at::Tensor>);
-  m.impl("add_rms_norm_quantize_eps_tensor", &add_rms_norm_quantize_cpu<at::Tensor>);
-  m.impl("layer_norm_quantize", &layer_norm_quantize_cpu);
-  m.impl("rms_norm_quantize_with_normed", &rms_norm_quantize_with_normed_cpu<double>);
-  m.impl("rms_norm_quantize_with_normed_eps_tensor", &rms_norm_quantize_with_normed_cpu<at::Tensor>);
-  m.impl("layer_norm_quantize_with_normed", &layer_norm_quantize_with_normed_cpu);
-  m.impl("add_rms_norm_quantize_with_normed", &add_rms_norm_quantize_with_normed_cpu<double>);
-  m.impl("add_rms_norm_quantize_with_normed_eps_tensor", &add_rms_norm_quantize_with_normed_cpu<at::Tensor>);
+  fused::NormOps<CpuNorms>::register_kernels(m);
   m.impl("silu_and_mul_quantize", &silu_and_mul_quantize_cpu);
   m.impl("gelu_and_mul_quantize", &gelu_and_mul_quantize_cpu);
   m.impl("gelu_new_and_mul_quantize", &gelu_new_and_mul_quantize_cpu);

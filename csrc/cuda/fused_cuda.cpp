@@ -5,6 +5,7 @@
 #include <torch/library.h>
 
 #include "../fused_args.h"
+#include "../norm_ops.h"
 #include "bindings.h"
 #include "fused_launch.h"
 
@@ -13,6 +14,7 @@ namespace {
 
 using fused::Activation;
 using fused::FusedProblem;
+using fused::NormOutputs;
 using fused::RmsWeight;
 
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
@@ -73,10 +75,6 @@ ScalarArg scalar_arg_of(const at::Tensor& t, const char* name, const at::Tensor&
   return {0.0, t.reshape({1}).to(at::kFloat).contiguous()};
 }
 
-// (x_q, sf, next residual, norm output): the next residual x + residual with `residual`, the norm output
-// with `with_normed`; undefined otherwise.
-using NormOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
-
 NormOutputs rms_norm_impl(const at::Tensor& x, const std::optional<at::Tensor>& residual,
                           const std::optional<at::Tensor>& weight, const ScalarArg& eps, double weight_offset,
                           bool weight_in_input_dtype, const std::optional<at::Tensor>& global_scale,
@@ -108,60 +106,6 @@ NormOutputs rms_norm_impl(const at::Tensor& x, const std::optional<at::Tensor>& 
   return {p.x_q, p.sf, sum, normed};
 }
 
-// eps as the RMSNorm ops take it: a float, or a one-element tensor (the *_eps_tensor ops, each the
-// Eps = at::Tensor instance of the function below it)
-ScalarArg eps_arg(double eps, const at::Tensor&) { return ScalarArg{eps}; }
-ScalarArg eps_arg(const at::Tensor& eps, const at::Tensor& x) { return scalar_arg_of(eps, "eps", x); }
-
-template <typename Eps>
-std::tuple<at::Tensor, at::Tensor> rms_norm_quantize_cuda(const at::Tensor& x, const std::optional<at::Tensor>& weight,
-                                                          Eps eps, double weight_offset, bool weight_in_input_dtype,
-                                                          const std::optional<at::Tensor>& global_scale,
-                                                          int64_t sf_vec_size, bool sf_use_ue8m0,
-                                                          bool is_sf_swizzled_layout, bool is_sf_8x4_layout,
-                                                          bool is_global_scale_inversed) {
-  auto [xq, sf, sum, normed] = rms_norm_impl(x, std::nullopt, weight, eps_arg(eps, x), weight_offset,
-                                             weight_in_input_dtype, global_scale, sf_vec_size, sf_use_ue8m0,
-                                             is_sf_swizzled_layout, is_sf_8x4_layout, is_global_scale_inversed,
-                                             false, false);
-  return {xq, sf};
-}
-
-template <typename Eps>
-std::tuple<at::Tensor, at::Tensor, at::Tensor> rms_norm_quantize_with_normed_cuda(
-    const at::Tensor& x, const std::optional<at::Tensor>& weight, Eps eps, double weight_offset,
-    bool weight_in_input_dtype, const std::optional<at::Tensor>& global_scale, int64_t sf_vec_size,
-    bool sf_use_ue8m0, bool is_sf_swizzled_layout, bool is_sf_8x4_layout, bool is_global_scale_inversed) {
-  auto [xq, sf, sum, normed] = rms_norm_impl(x, std::nullopt, weight, eps_arg(eps, x), weight_offset,
-                                             weight_in_input_dtype, global_scale, sf_vec_size, sf_use_ue8m0,
-                                             is_sf_swizzled_layout, is_sf_8x4_layout, is_global_scale_inversed,
-                                             false, true);
-  return {xq, sf, normed};
-}
-
-template <typename Eps>
-std::tuple<at::Tensor, at::Tensor, at::Tensor> add_rms_norm_quantize_cuda(
-    const at::Tensor& x, const at::Tensor& residual, const std::optional<at::Tensor>& weight, Eps eps,
-    double weight_offset, bool weight_in_input_dtype, const std::optional<at::Tensor>& global_scale,
-    int64_t sf_vec_size, bool sf_use_ue8m0, bool is_sf_swizzled_layout, bool is_sf_8x4_layout,
-    bool is_global_scale_inversed, bool sum_in_float32) {
-  auto [xq, sf, sum, normed] = rms_norm_impl(x, residual, weight, eps_arg(eps, x), weight_offset,
-                                             weight_in_input_dtype, global_scale, sf_vec_size, sf_use_ue8m0,
-                                             is_sf_swizzled_layout, is_sf_8x4_layout, is_global_scale_inversed,
-                                             sum_in_float32, false);
-  return {xq, sf, sum};
-}
-
-template <typename Eps>
-NormOutputs add_rms_norm_quantize_with_normed_cuda(
-    const at::Tensor& x, const at::Tensor& residual, const std::optional<at::Tensor>& weight, Eps eps,
-    double weight_offset, bool weight_in_input_dtype, const std::optional<at::Tensor>& global_scale,
-    int64_t sf_vec_size, bool sf_use_ue8m0, bool is_sf_swizzled_layout, bool is_sf_8x4_layout,
-    bool is_global_scale_inversed, bool sum_in_float32) {
-  return rms_norm_impl(x, residual, weight, eps_arg(eps, x), weight_offset, weight_in_input_dtype, global_scale,
-                       sf_vec_size, sf_use_ue8m0, is_sf_swizzled_layout, is_sf_8x4_layout, is_global_scale_inversed,
-                       sum_in_float32, true);
-}
 
 // (x_q, sf, the norm output with `with_normed`, or undefined)
 std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_impl(const at::Tensor& x, const std::optional<at::Tensor>& weight,
@@ -188,24 +132,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_impl(const at::Tensor&
   return {p.x_q, p.sf, normed};
 }
 
-std::tuple<at::Tensor, at::Tensor> layer_norm_quantize_cuda(const at::Tensor& x, const std::optional<at::Tensor>& weight,
-                                                            const std::optional<at::Tensor>& bias, double eps,
-                                                            const std::optional<at::Tensor>& global_scale,
-                                                            int64_t sf_vec_size, bool sf_use_ue8m0,
-                                                            bool is_sf_swizzled_layout, bool is_sf_8x4_layout,
-                                                            bool is_global_scale_inversed) {
-  auto [xq, sf, unused] = layer_norm_impl(x, weight, bias, eps, global_scale, sf_vec_size, sf_use_ue8m0,
-                                          is_sf_swizzled_layout, is_sf_8x4_layout, is_global_scale_inversed, false);
-  return {xq, sf};
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_quantize_with_normed_cuda(
-    const at::Tensor& x, const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias, double eps,
-    const std::optional<at::Tensor>& global_scale, int64_t sf_vec_size, bool sf_use_ue8m0, bool is_sf_swizzled_layout,
-    bool is_sf_8x4_layout, bool is_global_scale_inversed) {
-  return layer_norm_impl(x, weight, bias, eps, global_scale, sf_vec_size, sf_use_ue8m0, is_sf_swizzled_layout,
-                         is_sf_8x4_layout, is_global_scale_inversed, true);
-}
+// The norm ops' CUDA implementations, for fused::NormOps (csrc/norm_ops.h).
+struct CudaNorms {
+  static constexpr auto rms_norm = &rms_norm_impl;
+  static constexpr auto layer_norm = &layer_norm_impl;
+  // eps as the RMSNorm ops take it: a float, or the one-element tensor of the *_eps_tensor ops (read by
+  // the kernel where it is on x's device)
+  static ScalarArg eps(double eps, const at::Tensor&) { return ScalarArg{eps}; }
+  static ScalarArg eps(const at::Tensor& eps, const at::Tensor& x) { return scalar_arg_of(eps, "eps", x); }
+};
 
 std::tuple<at::Tensor, at::Tensor> activation_impl(const at::Tensor& x, const at::Tensor* up, Activation act,
                                                    const std::optional<at::Tensor>& global_scale,
@@ -330,16 +265,7 @@ std::tuple<at::Tensor, at::Tensor> relu_quantize_cuda(const at::Tensor& x, bool 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fp4op, CUDA, m) {
-  m.impl("rms_norm_quantize", &rms_norm_quantize_cuda<double>);
-  m.impl("add_rms_norm_quantize", &add_rms_norm_quantize_cuda<double>);
-  m.impl("rms_norm_quantize_eps_tensor", &rms_norm_quantize_cuda<at::Tensor>);
-  m.impl("add_rms_norm_quantize_eps_tensor", &add_rms_norm_quantize_cuda<at::Tensor>);
-  m.impl("layer_norm_quantize", &layer_norm_quantize_cuda);
-  m.impl("rms_norm_quantize_with_normed", &rms_norm_quantize_with_normed_cuda<double>);
-  m.impl("rms_norm_quantize_with_normed_eps_tensor", &rms_norm_quantize_with_normed_cuda<at::Tensor>);
-  m.impl("layer_norm_quantize_with_normed", &layer_norm_quantize_with_normed_cuda);
-  m.impl("add_rms_norm_quantize_with_normed", &add_rms_norm_quantize_with_normed_cuda<double>);
-  m.impl("add_rms_norm_quantize_with_normed_eps_tensor", &add_rms_norm_quantize_with_normed_cuda<at::Tensor>);
+  fused::NormOps<CudaNorms>::register_kernels(m);
   m.impl("silu_and_mul_quantize", &silu_and_mul_quantize_cuda);
   m.impl("gelu_and_mul_quantize", &gelu_and_mul_quantize_cuda);
   m.impl("gelu_new_and_mul_quantize", &gelu_new_and_mul_quantize_cuda);
