@@ -2,8 +2,8 @@
 // gradient. The floating outputs differentiate as their formulas do: add_rms_norm_quantize's next
 // residual x + residual passes the gradient to both inputs unchanged (so a fused graph differentiates as
 // the unfused one does), and NVFP4 dequantize's values e2m1(q) * sf_dec / S in the global scale (a
-// learned scale), and the *_with_normed norm outputs as the eager norms they equal (NormOutputBackward).
-// Nothing else is differentiable.
+// learned scale), and the *_with_normed norm outputs and rms_norm_add_quantize's residual + norm output as
+// the eager computations they equal (NormOutputBackward). Nothing else is differentiable.
 // In C++ rather than torch.library.register_autograd: a Python autograd kernel runs on every call, grad
 // mode or not (no_grad included), and cost each quantize about 10 us of host time.
 #include <ATen/ATen.h>
@@ -117,8 +117,13 @@ struct EagerNorm {
   double eps = 0.0;
   at::Tensor eps_tensor;  // the *_eps_tensor ops' eps (read in the backward's arithmetic, never by .item())
   double weight_offset = 0.0;
+  bool add_after = false;  // rms_norm_add_quantize: r + the norm of x
 
   at::Tensor operator()(const at::Tensor& x, const at::Tensor& r, const at::Tensor& w, const at::Tensor& b) const {
+    return add_after ? r + norm(x, r, w, b) : norm(x, r, w, b);
+  }
+
+  at::Tensor norm(const at::Tensor& x, const at::Tensor& r, const at::Tensor& w, const at::Tensor& b) const {
     const int64_t k = x.size(-1);
     if (layer_norm) return at::layer_norm(x, {k}, w, b, eps);
     at::Tensor h = !residual ? x.to(at::kFloat)
@@ -148,7 +153,7 @@ struct NormOutputBackward : public Node {
     if (!grads[0].defined()) return out;
     for (size_t i = 0; i < inputs_.size(); ++i) {
       TORCH_CHECK(!inputs_[i].defined() || inputs_[i]._version() == versions_[i],
-                  "fp4op: an input of a *_with_normed op was modified in place before the backward, which needs it");
+                  "fp4op: an input of a fused norm op was modified in place before the backward, which needs it");
     }
     at::AutoGradMode grad_mode(true);
     std::vector<at::Tensor> leaves;
@@ -177,7 +182,8 @@ struct NormOutputBackward : public Node {
 
 // The *_with_normed norms (x, [residual,] weight, [bias,] eps, ...) -> (x_q, sf, [next residual,] norm
 // output): the norm output differentiates as the eager norm (NormOutputBackward), the next residual as in
-// add_rms_norm_quantize.
+// add_rms_norm_quantize. Also rms_norm_add_quantize (x, residual, ...) -> (x_q, sf, residual + norm
+// output): that sum as the eager residual + norm (NormOutputBackward).
 void normed_differentiable(const c10::OperatorHandle& op, c10::DispatchKeySet keys, torch::jit::Stack* stack) {
   const auto args = arguments(op, stack);
   const auto& schema = op.schema().arguments();
@@ -198,7 +204,8 @@ void normed_differentiable(const c10::OperatorHandle& op, c10::DispatchKeySet ke
     if (name == "sum_in_float32") norm.sum_in_float32 = v.toBool();
   }
   norm.layer_norm = op.schema().name() == "fp4op::layer_norm_quantize_with_normed";
-  norm.residual = residual.defined();
+  norm.add_after = op.schema().name().rfind("fp4op::rms_norm_add_quantize", 0) == 0;
+  norm.residual = residual.defined() && !norm.add_after;
   const std::vector<at::Tensor> inputs{x, residual, weight, bias};
   bool track = false;
   for (const at::Tensor& t : inputs) track = track || (t.defined() && t.requires_grad());
@@ -245,7 +252,8 @@ TORCH_LIBRARY_IMPL(fp4op, Autograd, m) {
   }
   for (const char* name : {"rms_norm_quantize_with_normed", "rms_norm_quantize_with_normed_eps_tensor",
                            "layer_norm_quantize_with_normed", "add_rms_norm_quantize_with_normed",
-                           "add_rms_norm_quantize_with_normed_eps_tensor"}) {
+                           "add_rms_norm_quantize_with_normed_eps_tensor", "rms_norm_add_quantize",
+                           "rms_norm_add_quantize_eps_tensor"}) {
     m.impl(name, torch::CppFunction::makeFromBoxedFunction<&normed_differentiable>());
   }
 }

@@ -45,6 +45,14 @@ TORCH_LIBRARY_FRAGMENT(fp4op, m) {
   m.def("add_rms_norm_quantize_with_normed_eps_tensor(Tensor x, Tensor residual, Tensor? weight, Tensor eps, "
         "float weight_offset=0.0, bool weight_in_input_dtype=False, " FP4OP_QUANTIZE_ARGS
         ", bool sum_in_float32=False) -> (Tensor, Tensor, Tensor, Tensor)");
+  // residual + rms_norm(x), each rounded to x's dtype as eager rounds them, quantized: (x_q, sf, that sum). The
+  // post-norm residual stream (OLMo2: `h = residual + post_norm(x)`, then h feeds the next projections and the
+  // next residual add)
+  m.def("rms_norm_add_quantize(Tensor x, Tensor residual, Tensor? weight, float eps, float weight_offset=0.0, "
+        "bool weight_in_input_dtype=False, " FP4OP_QUANTIZE_ARGS ") -> (Tensor, Tensor, Tensor)");
+  m.def("rms_norm_add_quantize_eps_tensor(Tensor x, Tensor residual, Tensor? weight, Tensor eps, "
+        "float weight_offset=0.0, bool weight_in_input_dtype=False, " FP4OP_QUANTIZE_ARGS
+        ") -> (Tensor, Tensor, Tensor)");
   m.def("silu_and_mul_quantize(Tensor gate, Tensor up, " FP4OP_QUANTIZE_ARGS ") -> (Tensor, Tensor)");
   m.def("gelu_and_mul_quantize(Tensor gate, Tensor up, str approximate=\"none\", " FP4OP_QUANTIZE_ARGS
         ") -> (Tensor, Tensor)");

@@ -30,6 +30,7 @@ inline void check_like(const at::Tensor& t, const char* name, const at::Tensor& 
                     shape(x.sizes()), ", got ", shape(t.sizes()));
   TORCH_CHECK_VALUE(t.device() == x.device(), "fp4op: ", name, " is on ", t.device(), " but ", x_name,
                     " is on ", x.device());
+  check_allocated(t, name);
 }
 
 // A norm's weight/bias: shape [K], the dtype and device of x.
@@ -41,6 +42,7 @@ inline void check_affine(const std::optional<at::Tensor>& p, const char* name, c
                     x.scalar_type(), "), got ", p->scalar_type());
   TORCH_CHECK_VALUE(p->device() == x.device(), "fp4op: ", name, " is on ", p->device(), " but x is on ",
                     x.device());
+  check_allocated(*p, name);
 }
 
 // A float argument given as a tensor (Dynamo passes Python floats as 0-d tensors under dynamic=True):
@@ -123,6 +125,7 @@ inline FusedProblem prepare_fused(const at::Tensor& x, const char* name,
   check_recipe(sf_vec_size, sf_use_ue8m0);
   const InputDtype dtype = model_dtype_of(x, name);
   TORCH_CHECK_VALUE(x.dim() >= 1, "fp4op: ", name, " must have at least 1 dimension, got a 0-d tensor");
+  check_allocated(x, name);
   TORCH_CHECK_VALUE(x.size(-1) % sf_vec_size == 0, "fp4op: the last dimension of ", name, " (K = ", num(x.size(-1)),
                     ") must be a multiple of sf_vec_size = ", num(sf_vec_size));
   const QuantizeShape s = check_quantize_shape(x, sf_vec_size, is_sf_swizzled_layout, is_sf_8x4_layout);

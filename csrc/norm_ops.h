@@ -1,7 +1,7 @@
 // The norm ops' entry points (schemas: csrc/fused.cpp), written once for both backends: each op picks
 // the outputs it returns from one of its backend's two implementations. A backend supplies
 //   rms_norm(x, residual?, weight?, eps, weight_offset, weight_in_input_dtype, <quantize args>,
-//            sum_in_float32, with_normed) -> NormOutputs
+//            sum_in_float32, with_normed, add_after_norm) -> NormOutputs
 //   layer_norm(x, weight?, bias?, eps, <quantize args>, with_normed) -> (x_q, sf, norm output or undefined)
 //   eps(eps, x): the op's eps (a float, or the one-element tensor of the *_eps_tensor ops) as its rms_norm
 //   takes it.
@@ -14,8 +14,9 @@
 
 namespace fp4op::fused {
 
-// (x_q, sf, next residual, norm output): the next residual x + residual where there is a residual, the
-// norm output with `with_normed`; undefined otherwise.
+// (x_q, sf, next residual, norm output): the next residual where there is a residual (x + residual, or
+// with add_after_norm residual + the norm output, which is then what is quantized), the norm output with
+// `with_normed`; undefined otherwise.
 using NormOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
 template <class Backend>
@@ -32,7 +33,7 @@ struct NormOps {
     auto [xq, sf, sum, normed] = Backend::rms_norm(x, std::nullopt, weight, Backend::eps(eps, x), weight_offset,
                                                    weight_in_input_dtype, global_scale, sf_vec_size, sf_use_ue8m0,
                                                    is_sf_swizzled_layout, is_sf_8x4_layout, is_global_scale_inversed,
-                                                   false, false);
+                                                   false, false, false);
     return {xq, sf};
   }
 
@@ -44,7 +45,7 @@ struct NormOps {
     auto [xq, sf, sum, normed] = Backend::rms_norm(x, std::nullopt, weight, Backend::eps(eps, x), weight_offset,
                                                    weight_in_input_dtype, global_scale, sf_vec_size, sf_use_ue8m0,
                                                    is_sf_swizzled_layout, is_sf_8x4_layout, is_global_scale_inversed,
-                                                   false, true);
+                                                   false, true, false);
     return {xq, sf, normed};
   }
 
@@ -56,7 +57,7 @@ struct NormOps {
     auto [xq, sf, sum, normed] = Backend::rms_norm(x, residual, weight, Backend::eps(eps, x), weight_offset,
                                                    weight_in_input_dtype, global_scale, sf_vec_size, sf_use_ue8m0,
                                                    is_sf_swizzled_layout, is_sf_8x4_layout, is_global_scale_inversed,
-                                                   sum_in_float32, false);
+                                                   sum_in_float32, false, false);
     return {xq, sf, sum};
   }
 
@@ -69,7 +70,20 @@ struct NormOps {
                                                        bool is_global_scale_inversed, bool sum_in_float32) {
     return Backend::rms_norm(x, residual, weight, Backend::eps(eps, x), weight_offset, weight_in_input_dtype,
                              global_scale, sf_vec_size, sf_use_ue8m0, is_sf_swizzled_layout, is_sf_8x4_layout,
-                             is_global_scale_inversed, sum_in_float32, true);
+                             is_global_scale_inversed, sum_in_float32, true, false);
+  }
+
+  // residual + rms_norm(x), rounded, quantized: (x_q, sf, that sum)
+  template <typename Eps>
+  static std::tuple<Tensor, Tensor, Tensor> rms_norm_add_quantize(
+      const Tensor& x, const Tensor& residual, const OptionalTensor& weight, Eps eps, double weight_offset,
+      bool weight_in_input_dtype, const OptionalTensor& global_scale, int64_t sf_vec_size, bool sf_use_ue8m0,
+      bool is_sf_swizzled_layout, bool is_sf_8x4_layout, bool is_global_scale_inversed) {
+    auto [xq, sf, sum, normed] = Backend::rms_norm(x, residual, weight, Backend::eps(eps, x), weight_offset,
+                                                   weight_in_input_dtype, global_scale, sf_vec_size, sf_use_ue8m0,
+                                                   is_sf_swizzled_layout, is_sf_8x4_layout, is_global_scale_inversed,
+                                                   false, false, true);
+    return {xq, sf, sum};
   }
 
   static std::tuple<Tensor, Tensor> layer_norm_quantize(const Tensor& x, const OptionalTensor& weight,
@@ -101,6 +115,8 @@ struct NormOps {
     m.impl("add_rms_norm_quantize_eps_tensor", &add_rms_norm_quantize<at::Tensor>);
     m.impl("add_rms_norm_quantize_with_normed", &add_rms_norm_quantize_with_normed<double>);
     m.impl("add_rms_norm_quantize_with_normed_eps_tensor", &add_rms_norm_quantize_with_normed<at::Tensor>);
+    m.impl("rms_norm_add_quantize", &rms_norm_add_quantize<double>);
+    m.impl("rms_norm_add_quantize_eps_tensor", &rms_norm_add_quantize<at::Tensor>);
     m.impl("layer_norm_quantize", &layer_norm_quantize);
     m.impl("layer_norm_quantize_with_normed", &layer_norm_quantize_with_normed);
   }

@@ -5,6 +5,7 @@
 
 #include <torch/library.h>
 #include <ATen/ATen.h>
+#include <ATen/EmptyTensor.h>
 
 #include <optional>
 
@@ -20,6 +21,17 @@ inline std::string shape(c10::IntArrayRef sizes) {
   std::string out = "[";
   for (size_t i = 0; i < sizes.size(); ++i) out += (i ? ", " : "") + std::to_string(sizes[i]);
   return out + "]";
+}
+
+// A tensor with elements must hold its data: a storage freed or shrunk in place (FSDP's resize_(0) of a
+// parameter's storage) leaves tensors whose data pointer is null or whose elements lie past the storage.
+inline void check_allocated(const at::Tensor& t, const char* name) {
+  if (t.numel() == 0) return;
+  const size_t needed = at::detail::computeStorageNbytes(t.sizes(), t.strides(), t.itemsize(), t.storage_offset());
+  const bool allocated = t.has_storage() && t.storage().data() != nullptr && t.storage().nbytes() >= needed;
+  TORCH_CHECK_VALUE(allocated, "fp4op: ", name, " has ", num(t.numel()), " elements but its storage holds ",
+                    num(t.has_storage() ? int64_t(t.storage().nbytes()) : 0), " of the ", num(int64_t(needed)),
+                    " bytes they need (freed or resized in place)");
 }
 
 inline InputDtype input_dtype_of(const at::Tensor& t, const char* name) {
@@ -72,6 +84,7 @@ inline at::Tensor checked_global_scale(const std::optional<at::Tensor>& global_s
                     shape(gs.sizes()));
   TORCH_CHECK_VALUE(gs.device() == device, "fp4op: global_scale is on ", gs.device(),
                     " but the input is on ", device);
+  check_allocated(gs, "global_scale");
   // convert, never reinterpret, a scale of another floating dtype
   return gs.to(at::kFloat).contiguous().view({-1});
 }
@@ -87,6 +100,7 @@ struct QuantizeShape {
 inline QuantizeShape check_quantize_shape(const at::Tensor& input, int64_t sf_vec_size,
                                           bool is_sf_swizzled_layout, bool is_sf_8x4_layout) {
   TORCH_CHECK_VALUE(input.dim() >= 1, "fp4op: input must have at least 1 dimension, got a 0-d tensor");
+  check_allocated(input, "input");
   const int64_t k = input.size(-1);
   TORCH_CHECK_VALUE(k % sf_vec_size == 0, "fp4op: the last dimension of input (K = ", num(k),
                     ") must be a multiple of sf_vec_size = ", num(sf_vec_size));
@@ -124,6 +138,8 @@ inline DequantizeShape check_dequantize_args(const at::Tensor& x_q, const at::Te
   TORCH_CHECK_VALUE(x_q.dim() >= 1, "fp4op: x_q must have at least 1 dimension");
   TORCH_CHECK_VALUE(sf.device() == x_q.device(), "fp4op: sf is on ", sf.device(), " but x_q is on ",
                     x_q.device());
+  check_allocated(x_q, "x_q");
+  check_allocated(sf, "sf");
   const int64_t k = 2 * x_q.size(-1);
   TORCH_CHECK_VALUE(k % sf_vec_size == 0, "fp4op: 2 * x_q.size(-1) (K = ", num(k),
                     ") must be a multiple of sf_vec_size = ", num(sf_vec_size));

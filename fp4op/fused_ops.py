@@ -9,7 +9,10 @@ computed in the input's dtype (float16/bfloat16) the way eager PyTorch computes 
 ``*_with_normed`` norms (``rms_norm_quantize_with_normed``, ``layer_norm_quantize_with_normed``,
 ``add_rms_norm_quantize_with_normed``, and the ``_eps_tensor`` forms of the RMSNorm ones) also the norm
 output itself, last (what they quantize, in the input dtype, contiguous): for a norm output the model also
-reads elsewhere (post-LN residual streams, MoE routers).
+reads elsewhere (post-LN residual streams, MoE routers). ``rms_norm_add_quantize`` (and its
+``_eps_tensor`` form) quantizes ``round(residual + rms_norm(x))`` and returns that sum too: a post-norm
+residual stream (OLMo2's ``h = residual + post_attention_layernorm(attn)``, which the next projections
+quantize and the next residual add reads).
 
 The eager forms reproduced (float32 opmath, ``round`` = rounding to the input dtype; the shared C++
 math is csrc/fused_math.h):
@@ -25,6 +28,8 @@ math is csrc/fused_math.h):
   one-element floating-point tensor (on the CPU, or on x's device where the kernel reads it), used as
   its float32 rounding: ``torch.compile(dynamic=True)`` passes a module's float eps attribute as a 0-d
   tensor graph input.
+* ``rms_norm_add_quantize``: ``round(residual + y)`` with ``y`` the rounded output of
+  ``rms_norm_quantize``'s norm (same weight forms).
 * ``layer_norm_quantize``: F.layer_norm with biased variance, in the form of the device's torch
   kernel: CUDA ``round(w * ((x - mean) * rstd) + b)``; CPU ``round((x * rstd + (-rstd * mean)) * w + b)``
   with ``w = 1`` / ``b = 0`` where absent (both multiply-adds fused in torch's AVX2/AVX512 builds,
@@ -223,6 +228,19 @@ def _add_rms_norm_quantize_with_normed_fake(x, residual, weight, eps, *args, **k
 def _add_rms_norm_quantize_with_normed_eps_tensor_fake(x, residual, weight, eps, *args, **kwargs):
     _check_eps_tensor(eps, x)
     return _add_rms_norm_quantize_with_normed_fake(x, residual, weight, 0.0, *args, **kwargs)
+
+
+@torch.library.register_fake("fp4op::rms_norm_add_quantize")
+def _rms_norm_add_quantize_fake(x, residual, weight, eps, *args, **kwargs):
+    x_q, sf = _rms_norm_quantize_fake(x, weight, eps, *args, **kwargs)
+    _check_like(residual, "residual", x, "x")
+    return x_q, sf, _empty_rows_like(x)
+
+
+@torch.library.register_fake("fp4op::rms_norm_add_quantize_eps_tensor")
+def _rms_norm_add_quantize_eps_tensor_fake(x, residual, weight, eps, *args, **kwargs):
+    _check_eps_tensor(eps, x)
+    return _rms_norm_add_quantize_fake(x, residual, weight, 0.0, *args, **kwargs)
 
 
 @torch.library.register_fake("fp4op::layer_norm_quantize")

@@ -486,8 +486,11 @@ class FP4Linear(nn.Module):
 
 
 def _usable_amax(amax: torch.Tensor) -> bool:
-    """Whether 448 * 6 / amax (or a scale of that form) is a finite positive number."""
-    return bool(torch.isfinite(amax).all() and (amax > 0).all())
+    """Whether amax (or a scale of that form) and 448 * 6 / amax are finite positive float32 numbers: an
+    amax below about 7.9e-36 is positive, but its scale is infinite."""
+    amax = amax.to(torch.float32)
+    scale = _FP4_MAX_TIMES_E4M3_MAX / amax
+    return bool(torch.isfinite(amax).all() and (amax > 0).all() and torch.isfinite(scale).all())
 
 
 def _excluded(name: str, exclude: Iterable[str]) -> bool:

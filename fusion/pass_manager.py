@@ -937,7 +937,8 @@ class FusionPattern:
     scalars: dict[str, float] = {}
     # the scalar parameters that `replacement` also takes as a scalar tensor graph value
     tensor_scalars: tuple[str, ...] = ()
-    # the pattern also returns the quantized value (a norm output with another reader)
+    # the pattern also returns the quantized value (a norm output with another reader, a post-norm residual
+    # sum); such rules register only for graphs where a quantized value has another reader
     keep_normed: bool = False
 
     def tensor_inputs(self, dtype: torch.dtype, device: str) -> dict[str, torch.Tensor]:

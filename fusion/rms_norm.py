@@ -48,6 +48,12 @@ normalized (`FLOAT32_SUM_FORMS`: ``h.to(dtype) * weight`` as vLLM,
 ``weight * h.to(dtype)``, ``(weight * h).to(dtype)``, or no weight): add_rms_norm_quantize with
 ``sum_in_float32=True``; also where the next residual is not used (vLLM's final norm,
 ``hidden_states, _ = self.norm(hidden_states, residual)``).
+
+With `add_after`, the residual is added to the norm's output instead, ``residual + norm(x)`` (or ``norm(x)
++ residual``), and that sum is quantized and also returned (OLMo2's post-norm residual stream: ``h =
+residual + post_attention_layernorm(attn)`` feeds the MLP's projections and the next residual add):
+fp4op.rms_norm_add_quantize. These rules register with the `keep_normed` ones (graphs where a quantized
+value has another reader).
 """
 
 from __future__ import annotations
@@ -139,6 +145,8 @@ class RMSNormQuantize(FusionPattern):
         strided: bool = False,
         promoted: bool = False,
         keep_normed: bool = False,
+        add_after: bool = False,
+        residual_left: bool = True,
     ):
         if form not in FORMS or (float32_sum and form not in FLOAT32_SUM_FORMS):
             raise ValueError(f"fp4op.fusion: unknown RMSNorm form {form!r}{' (float32 sum)' if float32_sum else ''}")
@@ -152,6 +160,8 @@ class RMSNormQuantize(FusionPattern):
             raise ValueError(f"fp4op.fusion: no strided-input rule for the {form!r} form{' with a residual' if residual else ''}")
         if keep_normed and (float32_sum or strided):
             raise ValueError("fp4op.fusion: a rule that keeps the norm output has no float32 sum and no strided x")
+        if add_after and (not residual or float32_sum or strided or keep_normed):
+            raise ValueError("fp4op.fusion: a residual added after the norm is a plain residual form's")
         self.form = form
         self.with_weight = with_weight
         self.residual = residual
@@ -159,11 +169,17 @@ class RMSNormQuantize(FusionPattern):
         self.sum_used = sum_used
         self.strided = strided
         self.promoted = promoted
-        self.keep_normed = keep_normed
+        self.add_after = add_after
+        self.residual_left = residual_left
+        # registered with the rules that keep the norm output: the quantized sum has other readers (the
+        # next residual add) wherever a model has this form
+        self.keep_normed = keep_normed or add_after
         op = ("add_rms_norm_quantize" if residual else "rms_norm_quantize") + ("_with_normed" if keep_normed else "")
+        op = "rms_norm_add_quantize" if add_after else op
         tags = ("float32_sum," if float32_sum else "") + ("promoted," if promoted else "") + form
         tags += "" if with_weight else ",no_weight"
         tags += ("" if sum_used else ",sum_unused") + (",strided" if strided else "")
+        tags += "" if residual_left else ",residual_right"
         self.name = f"{op}[{tags}]"
 
     def tensor_inputs(self, dtype, device):
@@ -177,6 +193,10 @@ class RMSNormQuantize(FusionPattern):
         return inputs
 
     def pattern(self, x, eps, weight=None, residual=None, global_scale=None):
+        if self.add_after:
+            out = rms_norm_forms(x, weight, eps, self.form)
+            out = residual + out if self.residual_left else out + residual
+            return out, out
         if self.float32_sum:
             out, total = float32_sum_rms_norm_forms(x, residual, weight, eps, self.form, self.promoted)
             return (out, total) if self.sum_used else out
@@ -192,6 +212,7 @@ class RMSNormQuantize(FusionPattern):
         in_dtype = self.form in INPUT_DTYPE_WEIGHT_FORMS and self.with_weight
         name = "add_rms_norm_quantize" if self.residual else "rms_norm_quantize"
         name += "_with_normed" if self.keep_normed else ""
+        name = "rms_norm_add_quantize" if self.add_after else name
         op = getattr(torch.ops.fp4op, name + ("_eps_tensor" if isinstance(eps, torch.Tensor) else ""))
         if self.float32_sum:
             out = op(x, residual, weight, eps, offset, in_dtype, *q.tail(global_scale), sum_in_float32=True)
@@ -211,8 +232,9 @@ class RMSNormQuantize(FusionPattern):
             return False
         if self.with_weight and not same_shape(tensor_meta(match, "weight"), (x.shape[-1],)):
             return False
-        # the plain rule where the norm output has no other reader (the fused op would store it for nothing)
-        return not self.keep_normed or quantized_value_read_elsewhere(match)
+        # the plain rule where the norm output has no other reader (the fused op would store it for nothing);
+        # a sum added after the norm is stored either way (the unfused graph's norm kernel stores it too)
+        return self.add_after or not self.keep_normed or quantized_value_read_elsewhere(match)
 
 
 def rules() -> list[FusionPattern]:
@@ -238,10 +260,18 @@ def rules() -> list[FusionPattern]:
         for with_weight in (True, False)
         if with_weight or form not in WEIGHT_ONLY_FORMS
     ]
+    # OLMo2's post-norm residual stream, `residual + norm(x)` quantized (the sum also the next residual)
+    post_norm = [
+        RMSNormQuantize(form, with_weight, True, add_after=True, residual_left=left)
+        for left in (True, False)
+        for form in FORMS
+        for with_weight in (True, False)
+        if with_weight or form not in WEIGHT_ONLY_FORMS
+    ]
     return float32_sum + [
         RMSNormQuantize(form, with_weight, residual)
         for residual in (True, False)
         for form in FORMS
         for with_weight in (True, False)
         if with_weight or form not in WEIGHT_ONLY_FORMS
-    ] + strided + kept
+    ] + strided + kept + post_norm

@@ -102,6 +102,18 @@ def add_rms_norm_read_elsewhere(k: int):
     return model
 
 
+def olmo2_post_norm(k: int):
+    """OLMo2's post-norm residual stream: residual + Olmo2RMSNorm(x) (the weight times the float32 norm,
+    rounded once), quantized and returned (the next residual), as rms_norm_add_quantize does."""
+
+    def model(x, r, w):
+        h = x.float()
+        h = r + (w * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + EPS))).to(x.dtype)
+        return h, h
+
+    return model
+
+
 def cases(m: int, k: int, dtype: torch.dtype, gs: torch.Tensor):
     """(name, fused call, model-dtype computation (the tensor quantized, or it and outputs also returned),
     its inputs, bytes read + written by the fused op)."""
@@ -132,6 +144,8 @@ def cases(m: int, k: int, dtype: torch.dtype, gs: torch.Tensor):
     yield ("add_rms_norm_with_normed",
            lambda: OPS.add_rms_norm_quantize_with_normed(x, residual, w, EPS, global_scale=gs),
            add_rms_norm_read_elsewhere(k), (x, residual, w), 4 * m * k * e + q_bytes)
+    yield ("rms_norm_add_olmo2", lambda: OPS.rms_norm_add_quantize(x, residual, w, EPS, global_scale=gs),
+           olmo2_post_norm(k), (x, residual, w), 3 * m * k * e + q_bytes)
     yield ("silu_and_mul", lambda: OPS.silu_and_mul_quantize(gate, up, global_scale=gs),
            lambda t: F.silu(t[:, :k]) * t[:, k:], (gate_up,), 2 * m * k * e + q_bytes)
     yield ("gelu_tanh_and_mul", lambda: OPS.gelu_and_mul_quantize(gate, up, "tanh", global_scale=gs),

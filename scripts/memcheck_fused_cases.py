@@ -5,7 +5,7 @@
 Every fused op, both recipes, every layout, odd M (1 included), rows held in registers (K = 2048, 6144,
 16384), a row re-read from memory (K = 20480), the activations' two kernels and gate/up as the two halves of one tensor. Each result is
 compared with the CPU kernel under the fused ops' acceptance (>= 99.9% of bytes identical, reduction
-order only; the *_with_normed norm outputs within an ulp); exits 1 on a failure, 2 without a GPU."""
+order only; the *_with_normed norm outputs and rms_norm_add's residual + norm within an ulp); exits 1 on a failure, 2 without a GPU."""
 
 import sys
 
@@ -15,7 +15,7 @@ import fp4op  # noqa: F401  (registers the ops)
 from fp4op import layouts
 
 OPS = ("rms_norm", "add_rms_norm", "add_rms_norm_float32_sum", "layer_norm", "rms_norm_with_normed",
-       "layer_norm_with_normed", "add_rms_norm_with_normed", "silu_and_mul", "gelu_and_mul",
+       "layer_norm_with_normed", "add_rms_norm_with_normed", "rms_norm_add", "silu_and_mul", "gelu_and_mul",
        "gelu_new_and_mul", "relu2_and_mul", "silu", "gelu", "gelu_new", "relu", "relu2", "quick_gelu")
 
 
@@ -25,6 +25,8 @@ def run(op, x, w, gs, q):
         return ops.rms_norm_quantize(x, w, 1e-6, **q)
     if op == "add_rms_norm":
         return ops.add_rms_norm_quantize(x, x.flip(0), w, 1e-5, **q)
+    if op == "rms_norm_add":
+        return ops.rms_norm_add_quantize(x, x.flip(0), w, 1e-5, **q)
     if op == "add_rms_norm_float32_sum":
         return ops.add_rms_norm_quantize(x, x.flip(0) * 0.01, w, 1e-5, 0.0, True, **q, sum_in_float32=True)
     if op == "layer_norm":
@@ -80,10 +82,13 @@ def main():
                     count += 1
                     for i, (a, b) in enumerate(zip(got, want)):
                         a = a.cpu()
-                        if op.endswith("_with_normed") and i == len(got) - 1:
+                        if (op.endswith("_with_normed") or op == "rms_norm_add") and i == len(got) - 1:
                             # the norm output follows each device's torch kernel (CUDA's rsqrtf, the CPU's
                             # 1 / sqrt): a row's statistic an ulp apart moves its elements by an ulp or two
-                            if a.shape != b.shape or not torch.allclose(a.float(), b.float(), rtol=2**-6, atol=1e-6):
+                            # (rms_norm_add: of the norm output in residual + it, which the sum may cancel)
+                            scale = b.float().abs() + (x.flip(0).float().abs() if op == "rms_norm_add" else 0.0)
+                            close = ((a.float() - b.float()).abs() <= 2**-6 * scale + 1e-6).all()
+                            if a.shape != b.shape or not close:
                                 failures.append(f"{op} vec={vec} {layout} {m}x{k}: norm outputs apart")
                             continue
                         same = (a == b).float().mean().item() if a.numel() else 1.0

@@ -177,6 +177,10 @@ NORMS = (
     "add_rms_norm_float32_sum_vllm",
     "add_rms_norm_float32_sum",
     "add_rms_norm_float32_sum_no_weight",
+    # residual + RMSNorm(x): quantizes and returns that sum (OLMo2's post-norm residual stream)
+    "rms_norm_add",
+    "rms_norm_add_llama",
+    "rms_norm_add_no_weight",
     "layer_norm",
     "layer_norm_no_affine",
     # the *_with_normed ops: the (x_q, sf) of the op named before the suffix, and the norm output
@@ -234,6 +238,13 @@ def norm_case(name, x, eps, device):
         total = x + residual
         y = eager_rms_norm(total, weight, eps, 0.0, in_dtype)
         return OPS.add_rms_norm_quantize, (x, residual, weight, eps, 0.0, in_dtype), y, total
+    if name.startswith("rms_norm_add"):
+        residual = make_input(x.shape, dtype, device, seed=7)
+        weight = None if name.endswith("no_weight") else make_affine(k, dtype, device)
+        in_dtype = name.endswith("llama")
+        y = residual + eager_rms_norm(x, weight, eps, 0.0, in_dtype)
+        # the sum is checked as a norm output (check_norm_output): it carries the norm's reduction order
+        return OPS.rms_norm_add_quantize, (x, residual, weight, eps, 0.0, in_dtype), y, None
     if name.startswith("rms_norm"):
         weight = None if name.endswith("no_weight") else make_affine(k, dtype, device)
         offset, in_dtype = 0.0, False
@@ -294,9 +305,11 @@ def check_norm(name, dtype, recipe, layout, device):
         x = make_input((m, k), dtype, device, seed=10 + i)
         op, args, y_ref, total = norm_case(name, x, eps, device)
         got, want, gs = run_fused(op, args, y_ref, recipe, layout)
+        if name.startswith("rms_norm_add"):
+            check_post_norm_sum(got, y_ref, args[1], quantize_kwargs(recipe, layout, gs))
         if name.endswith(WITH_NORMED):
+            check_norm_output(got, y_ref, quantize_kwargs(recipe, layout, gs))
             kw = quantize_kwargs(recipe, layout, gs)
-            check_norm_output(got, y_ref, kw)
             plain = norm_case(name.removesuffix(WITH_NORMED), x, eps, device)[0]
             # the plain op's outputs (codes, scales, the next residual), bit for bit
             assert all(torch.equal(a, b) for a, b in zip(got[:-1], plain(*args, **kw), strict=True))
@@ -316,6 +329,25 @@ def check_norm_output(got, y_ref, kw):
     requantized = OPS.quantize(normed, **kw)
     assert torch.equal(requantized[0], got[0]) and torch.equal(requantized[1], got[1])
     torch.testing.assert_close(normed, y_ref, rtol=2.0**-6, atol=1e-6)
+
+
+def post_norm_sums_close(a, b, residual):
+    """Two values of residual + norm(x) whose norm outputs may be an ulp or two apart (reduction order,
+    the device's rsqrt): within 2^-6 of the norm output's magnitude, which is at most |sum| + |residual|
+    (where the two cancel, the sum's own ulps are finer than the norm's); NaN where both are."""
+    a, b, r = a.float(), b.float(), residual.float()
+    bound = 2.0**-6 * (a.abs() + r.abs()) + 1e-6
+    return bool(((a == b) | (a.isnan() & b.isnan()) | ((a - b).abs() <= bound)).all())
+
+
+def check_post_norm_sum(got, y_ref, residual, kw):
+    """rms_norm_add_quantize's sum (its last output): contiguous, in x's dtype, exactly what its (x_q, sf)
+    quantize, and residual + eager's norm up to the norm's reduction order."""
+    total = got[-1]
+    assert total.dtype == y_ref.dtype and total.shape == y_ref.shape and total.is_contiguous()
+    requantized = OPS.quantize(total, **kw)
+    assert torch.equal(requantized[0], got[0]) and torch.equal(requantized[1], got[1])
+    assert post_norm_sums_close(total, y_ref, residual)
 
 
 def check_activation(name, dtype, recipe, layout, device):
@@ -501,6 +533,9 @@ def op_cases(device):
         ),
         (OPS.layer_norm_quantize, (x, w, b, 1e-5), nv),
         (OPS.layer_norm_quantize, (x2, None, None, 1e-5), mx),
+        (OPS.rms_norm_add_quantize, (x, x.flip(0), w, 1e-6), nv),
+        (OPS.rms_norm_add_quantize, (x2, x2 * 2, None, 1e-5, 0.0, True), mx),
+        (OPS.rms_norm_add_quantize_eps_tensor, (x, x.flip(0), w, torch.tensor([1e-5], device=device), 0.0, True), eightx4),
         (OPS.rms_norm_quantize_with_normed, (x, w, 1e-6, 1.0, True), nv),
         (OPS.rms_norm_quantize_with_normed, (x2, None, 1e-5), mx),
         (OPS.rms_norm_quantize_with_normed_eps_tensor, (x, w, torch.tensor(1e-6, dtype=torch.float64)), eightx4),
@@ -600,6 +635,10 @@ def _bad_calls():
         ("normed bias", ValueError, "bias must have the dtype", lambda: OPS.layer_norm_quantize_with_normed(x, w, w.half(), 1e-6, gs)),
         ("normed float32", NotImplementedError, "x of a fused", lambda: OPS.layer_norm_quantize_with_normed(x.float(), None, None, 1e-6, gs)),
         ("normed residual", ValueError, "residual must have the shape", lambda: OPS.add_rms_norm_quantize_with_normed(x, x[:2], w, 1e-6, global_scale=gs)),
+        ("post-norm residual", ValueError, "residual must have the shape", lambda: OPS.rms_norm_add_quantize(x, x[:2], w, 1e-6, global_scale=gs)),
+        ("post-norm residual dtype", ValueError, "residual must have the dtype", lambda: OPS.rms_norm_add_quantize(x, x.half(), w, 1e-6, global_scale=gs)),
+        ("post-norm weight", ValueError, "weight must have shape", lambda: OPS.rms_norm_add_quantize(x, x, w[:8], 1e-6, global_scale=gs)),
+        ("post-norm eps", ValueError, "eps must be a floating-point", lambda: OPS.rms_norm_add_quantize_eps_tensor(x, x, w, torch.tensor(1), global_scale=gs)),
         ("normed residual eps", ValueError, "eps must be a floating-point", lambda: OPS.add_rms_norm_quantize_with_normed_eps_tensor(x, x, w, torch.tensor(1), global_scale=gs)),
     ]
 
@@ -642,6 +681,9 @@ def check_eps_tensor_overloads(device, eps_device):
             assert all(torch.equal(a, b) for a, b in zip(got, want)), (dtype, shape, value)
             want = OPS.rms_norm_quantize_with_normed(x, w, eps_f, global_scale=gs)
             got = OPS.rms_norm_quantize_with_normed_eps_tensor(x, w, eps, global_scale=gs)
+            assert all(torch.equal(a, b) for a, b in zip(got, want)), (dtype, shape, value)
+            want = OPS.rms_norm_add_quantize(x, r, w, eps_f, global_scale=gs)
+            got = OPS.rms_norm_add_quantize_eps_tensor(x, r, w, eps, global_scale=gs)
             assert all(torch.equal(a, b) for a, b in zip(got, want)), (dtype, shape, value)
             want = OPS.add_rms_norm_quantize_with_normed(x, r, w, eps_f, 0.0, True, global_scale=gs)
             got = OPS.add_rms_norm_quantize_with_normed_eps_tensor(x, r, w, eps, 0.0, True, global_scale=gs)
@@ -701,6 +743,12 @@ GRAD_CASES = {
                                  lambda x, r, w, b: (lambda s: (s * torch.rsqrt(s.pow(2).mean(-1, keepdim=True) + 1e-6)).to(x.dtype))(x.float() + r.float())),
     "layer_norm": (OPS.layer_norm_quantize_with_normed, lambda r, w, b: (w, b, 1e-5), {},
                    lambda x, r, w, b: F.layer_norm(x, (x.shape[-1],), w, b, 1e-5)),
+    # rms_norm_add_quantize's residual + norm output, last as a norm output is
+    "rms_norm_add": (OPS.rms_norm_add_quantize, lambda r, w, b: (r, w, 1e-6), {},
+                     lambda x, r, w, b: r + F.rms_norm(x, (x.shape[-1],), w, 1e-6)),
+    "rms_norm_add_llama_eps_tensor": (OPS.rms_norm_add_quantize_eps_tensor,
+                                      lambda r, w, b: (r, w, torch.tensor(1e-6, dtype=torch.float64), 0.0, True), {},
+                                      lambda x, r, w, b: r + eager_rms_norm(x, w, 1e-6, 0.0, True)),
 }
 
 
@@ -810,6 +858,8 @@ def test_cuda_matches_cpu(name, shape):
             cpu, cuda = results
             if name.startswith("add_rms_norm"):
                 assert torch.equal(cpu[2], cuda[2])  # the next residual
+            if name.startswith("rms_norm_add"):
+                assert post_norm_sums_close(cpu[2], cuda[2], args[1].cpu())
             if name.endswith(WITH_NORMED):
                 # the norm output follows each device's torch kernel (RMSNorm: CUDA's rsqrtf, the CPU's
                 # 1 / sqrt; LayerNorm: (x - mean) * rstd, x * rstd - rstd * mean contracted): a row's

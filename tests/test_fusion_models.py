@@ -631,3 +631,71 @@ def test_moe_router_norm_fuses_keeping_its_output(device):
     with torch.no_grad():
         eager = model(*args)
     torch.testing.assert_close(out, eager, rtol=0.05, atol=0.05)
+
+
+class Olmo2RMSNorm(nn.Module):
+    """transformers' Olmo2RMSNorm: the weight multiplies the float32 norm, rounded once."""
+
+    def __init__(self, hidden_size, eps=1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.variance_epsilon = eps
+
+    def forward(self, hidden_states):
+        input_dtype = hidden_states.dtype
+        hidden_states = hidden_states.to(torch.float32)
+        variance = hidden_states.pow(2).mean(-1, keepdim=True)
+        hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
+        return (self.weight * hidden_states).to(input_dtype)
+
+
+class Olmo2DecoderLayer(nn.Module):
+    """transformers' Olmo2DecoderLayer (without its q/k norms): post-norms, whose outputs are added to the
+    residual stream; that sum feeds the MLP's projections and is the next residual."""
+
+    def __init__(self, heads=4):
+        super().__init__()
+        self.heads = heads
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = (nn.Linear(D, D, bias=False) for _ in range(4))
+        self.post_attention_layernorm = Olmo2RMSNorm(D)
+        self.mlp = LlamaMLP()
+        self.post_feedforward_layernorm = Olmo2RMSNorm(D)
+
+    def forward(self, hidden_states):
+        b, t, _ = hidden_states.shape
+        residual = hidden_states
+        q, k, v = (p(hidden_states).view(b, t, self.heads, -1).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
+        attn = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(b, t, D)
+        hidden_states = self.post_attention_layernorm(self.o_proj(attn))
+        hidden_states = residual + hidden_states
+        residual = hidden_states
+        hidden_states = self.mlp(hidden_states)
+        hidden_states = self.post_feedforward_layernorm(hidden_states)
+        return residual + hidden_states
+
+
+@pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=requires_cuda)])
+def test_olmo2_post_norm_residual_fuses(device, dynamic):
+    """OLMo2's `residual + post_attention_layernorm(attn)`, read by the MLP's gate/up projections and by the
+    last residual add, fuses into rms_norm_add_quantize (its sum is the next residual)."""
+    torch.manual_seed(0)
+    model = Olmo2DecoderLayer().to(device, torch.bfloat16).eval()
+    with torch.no_grad():
+        for norm in (model.post_attention_layernorm, model.post_feedforward_layernorm):
+            norm.weight.normal_(1.0, 0.2)
+    fnn.convert(model)
+    x = torch.randn(2, 8, D, dtype=torch.bfloat16, device=device)
+    with torch.no_grad(), fnn.calibrate(model):
+        model(x)
+    out, record = compile_fused(model, x, dynamic=dynamic)
+    matches = dict(record.matches)
+    assert matches.pop("rms_norm_add_quantize[olmo2]") == 1, record.matches
+    assert all(name.startswith("silu_and_mul_quantize") for name in matches), record.matches
+    ops = fp4_ops(record.after)
+    # under dynamic=True the module's float eps arrives as a 0-d tensor: the _eps_tensor op
+    assert sum(v for k, v in ops.items() if k.startswith("fp4op.rms_norm_add_quantize")) == 1, ops
+    with torch.no_grad():
+        eager = model(x)
+    torch.testing.assert_close(out, eager, rtol=0.05, atol=0.05)
+

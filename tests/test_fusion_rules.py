@@ -343,6 +343,51 @@ def test_norm_output_read_elsewhere_comes_from_the_fused_op(device, dynamic):
         assert_same_outputs(got[3:], want[3:])  # the next residual, bit-exact
 
 
+def _post_norm_chains():
+    """(rule, residual + norm of (x, r, w)) pairs: the post-norm residual stream (OLMo2), either add order."""
+    return [
+        ("rms_norm_add_quantize[olmo2]", lambda x, r, w: r + olmo2_rms(x, w, 1e-6)),
+        ("rms_norm_add_quantize[torch]", lambda x, r, w: r + F.rms_norm(x, (K,), w, 1e-5)),
+        ("rms_norm_add_quantize[torch,no_weight]", lambda x, r, w: r + F.rms_norm(x, (K,), None, 3e-4)),
+        ("rms_norm_add_quantize[hf,residual_right]", lambda x, r, w: hf_rms(x, w, 1e-6) + r),
+        ("rms_norm_add_quantize[gemma]", lambda x, r, w: r + gemma_rms(x, w, 1e-6)),
+    ]
+
+
+@pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=requires_cuda)])
+def test_residual_added_after_the_norm_fuses(device, dynamic):
+    """`residual + norm(x)` quantized and read again (the next residual add) becomes rms_norm_add_quantize,
+    whose sum the other reader takes; a norm output plus a broadcast [K] vector (not a residual) stays."""
+    dtype = torch.bfloat16
+    chains = _post_norm_chains()
+    xs = [torch.randn(M, K, dtype=dtype, device=device) * 2 for _ in chains]
+    rs = [torch.randn(M, K, dtype=dtype, device=device) for _ in chains]
+    w = torch.randn(K, dtype=dtype, device=device) * 0.5 + 1
+    gs = torch.tensor([200.0], device=device)
+
+    def fn(xs, rs, w):
+        outs = []
+        for (_, chain), x, r in zip(chains, xs, rs):
+            h = chain(x, r, w)
+            outs.append((*torch.ops.fp4op.quantize(h, gs), h + x))
+        broadcast = F.rms_norm(xs[0], (K,), w, 1e-5) + w  # a [K] vector, not a residual
+        outs.append((*torch.ops.fp4op.quantize(broadcast, gs), broadcast))
+        return outs
+
+    out, record = compile_fused(fn, xs, rs, w, dynamic=dynamic)
+    assert dict(record.matches) == _expected_counts(chains)
+    ops = fp4_ops(record.after)
+    assert ops["fp4op.rms_norm_add_quantize.default"] == len(chains), ops
+    assert ops["fp4op.quantize.default"] == 1, ops  # the broadcast chain's
+    with torch.no_grad():
+        expected = fn(xs, rs, w)
+    for (name, _), got, want in zip(chains, out, expected):
+        assert_fp4_close(got[:2], want[:2], 16)
+        # the sum: the norm output up to reduction order, plus the residual
+        torch.testing.assert_close(got[2], want[2], rtol=2.0**-6, atol=1e-5, msg=name)
+
+
 def test_norm_output_read_only_by_its_quantize_takes_the_plain_op():
     """Where the quantize is the norm output's only reader, the plain fused op (which stores no norm output)
     is used, not the *_with_normed one."""

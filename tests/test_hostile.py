@@ -140,6 +140,30 @@ def case_expanded(d):
     _same(_q(x), _q(x.contiguous()))
 
 
+def _freed(t, keep_bytes=0):
+    """A view of t after its storage is resized in place to keep_bytes (FSDP frees parameters so)."""
+    v = t.view(t.shape)
+    t.untyped_storage().resize_(keep_bytes)
+    return v
+
+
+def case_freed_input(d):
+    torch.ops.fp4op.quantize(_freed(_x(d)), torch.ones(1, device=d))
+
+
+def case_shrunk_input_api(d):
+    _q(_freed(_x(d), 64))  # 32 of its 448 elements left
+
+
+def case_freed_global_scale(d):
+    _q(_x(d), _freed(torch.ones(1, device=d)))
+
+
+def case_freed_dequantize_sf(d):
+    x_q, sf = _q(_x(d))
+    fp4op.dequantize(x_q, _freed(sf.clone()), torch.ones(1, device=d))
+
+
 def case_odd_storage_offset(d):
     flat = _x(d, m=9, k=64).reshape(-1)
     x = flat[1 : 1 + 8 * 48].view(8, 48)
@@ -324,6 +348,10 @@ CASES = {
     "column_window": (case_column_window, "ok"),
     "expanded": (case_expanded, "ok"),
     "odd_storage_offset": (case_odd_storage_offset, "ok"),
+    "freed_input": (case_freed_input, (VE, "input has 448 elements but its storage holds 0")),
+    "shrunk_input_api": (case_shrunk_input_api, (VE, "input has 448 elements but its storage holds 64")),
+    "freed_global_scale": (case_freed_global_scale, (VE, "global_scale has 1 elements but its storage")),
+    "freed_dequantize_sf": (case_freed_dequantize_sf, (VE, "sf has")),
     "column_major": (case_column_major, "ok"),
     "global_scale_int": (case_global_scale_int, (VE, "global_scale")),
     "global_scale_size": (case_global_scale_size, (VE, "global_scale")),

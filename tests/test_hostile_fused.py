@@ -18,14 +18,14 @@ import fp4op
 from conftest import requires_cuda
 from fp4op import layouts
 from fusion_helpers import assert_fp4_close
-from test_fused_ops import RECIPES, eager_act, eager_layer_norm, eager_rms_norm, quantize_kwargs
+from test_fused_ops import RECIPES, eager_act, eager_layer_norm, eager_rms_norm, post_norm_sums_close, quantize_kwargs
 from test_hostile import DEVICES, NIE, VE, _x, child_main, verdict_cache
 
 OPS = torch.ops.fp4op
 EPS = 1e-6
-# *_with_normed: the norm op of that name that also returns its output
+# *_with_normed: the norm op of that name that also returns its output; rms_norm_add: residual + RMSNorm(x)
 NORMS = ("rms_norm", "add_rms_norm", "layer_norm", "rms_norm_with_normed", "layer_norm_with_normed",
-         "add_rms_norm_with_normed")
+         "add_rms_norm_with_normed", "rms_norm_add")
 WITH_NORMED = "_with_normed"
 GATED = ("silu_and_mul", "gelu_and_mul", "gelu_new_and_mul", "relu2_and_mul")
 FUSED = (*NORMS, *GATED, "silu", "gelu", "gelu_new", "relu2", "quick_gelu")
@@ -55,7 +55,7 @@ def companions(op, x):
 
     if op == "rms_norm":
         return {"weight": affine(1, 1.0)}
-    if op == "add_rms_norm":
+    if op in ("add_rms_norm", "rms_norm_add"):
         return {"residual": like(2), "weight": affine(1, 1.0)}
     if op == "layer_norm":
         return {"weight": affine(1, 1.0), "bias": affine(3, 0.0)}
@@ -64,20 +64,22 @@ def companions(op, x):
     return {}
 
 
-def fused(op, x, c, **q):
-    """The fused op on x and its companions `c`, with the quantize arguments `q`."""
+def fused(op, x, c, eps=EPS, **q):
+    """The fused op on x and its companions `c`, with the quantize arguments `q` (the norms: eps)."""
     if op == "rms_norm":
-        return OPS.rms_norm_quantize(x, c["weight"], EPS, **q)
+        return OPS.rms_norm_quantize(x, c["weight"], eps, **q)
     if op == "rms_norm_with_normed":
-        return OPS.rms_norm_quantize_with_normed(x, c["weight"], EPS, **q)
+        return OPS.rms_norm_quantize_with_normed(x, c["weight"], eps, **q)
     if op == "layer_norm_with_normed":
-        return OPS.layer_norm_quantize_with_normed(x, c["weight"], c["bias"], EPS, **q)
+        return OPS.layer_norm_quantize_with_normed(x, c["weight"], c["bias"], eps, **q)
     if op == "add_rms_norm_with_normed":
-        return OPS.add_rms_norm_quantize_with_normed(x, c["residual"], c["weight"], EPS, **q)
+        return OPS.add_rms_norm_quantize_with_normed(x, c["residual"], c["weight"], eps, **q)
     if op == "add_rms_norm":
-        return OPS.add_rms_norm_quantize(x, c["residual"], c["weight"], EPS, **q)
+        return OPS.add_rms_norm_quantize(x, c["residual"], c["weight"], eps, **q)
+    if op == "rms_norm_add":
+        return OPS.rms_norm_add_quantize(x, c["residual"], c["weight"], eps, **q)
     if op == "layer_norm":
-        return OPS.layer_norm_quantize(x, c["weight"], c["bias"], EPS, **q)
+        return OPS.layer_norm_quantize(x, c["weight"], c["bias"], eps, **q)
     if op == "silu_and_mul":
         return OPS.silu_and_mul_quantize(x, c["up"], **q)
     if op == "gelu_and_mul":
@@ -105,6 +107,8 @@ def eager(op, x, c):
     if op == "add_rms_norm":
         total = x + c["residual"]
         return eager_rms_norm(total, c["weight"], EPS), total
+    if op == "rms_norm_add":
+        return c["residual"] + eager_rms_norm(x, c["weight"], EPS), None
     if op == "layer_norm":
         return eager_layer_norm(x, c["weight"], c["bias"], EPS), None
     if op in GATED:
@@ -131,11 +135,15 @@ def check_answer(op, x, c=None, recipe="nvfp4", layout=layouts.SWIZZLED_128x4, g
     assert_fp4_close(got[:2], OPS.quantize(y, **kw), RECIPES[recipe][0], layout, MIN_IDENTICAL_SMALL)
     if total is not None:
         assert_equal(got[2], total)
-    if op.endswith(WITH_NORMED):
-        # the norm output: what the codes quantize, and eager's norm up to reduction order
+    if op.endswith(WITH_NORMED) or op == "rms_norm_add":
+        # the norm output (rms_norm_add: residual + it): what the codes quantize, and eager's up to
+        # reduction order
         for a, b in zip(OPS.quantize(got[-1], **kw), got[:2], strict=True):
             assert_equal(a, b)
-        torch.testing.assert_close(got[-1], y, rtol=2.0**-6, atol=1e-6, equal_nan=True)
+        if op == "rms_norm_add":
+            assert post_norm_sums_close(got[-1], y, c["residual"])
+        else:
+            torch.testing.assert_close(got[-1], y, rtol=2.0**-6, atol=1e-6, equal_nan=True)
     with FakeTensorMode(allow_non_fake_inputs=True):
         fake = fused(op, x, c, **kw)
     assert [(t.shape, t.dtype) for t in fake] == [(t.shape, t.dtype) for t in got]
@@ -169,6 +177,10 @@ def _call(op, x, d, gs=None, **q):
 
 def _dtype_case(dtype):
     return lambda op, d: _call(op, _x(d).to(dtype), d)
+
+
+def case_freed_x(op, d):
+    _call(op, _freed(_x(d)), d)
 
 
 def case_zero_dim(op, d):
@@ -330,6 +342,7 @@ GENERIC = {
     "column_window": (case_column_window, lambda op: "ok"),
     "expanded": (case_expanded, lambda op: "ok"),
     "odd_storage_offset": (case_odd_storage_offset, lambda op: "ok"),
+    "freed_x": (case_freed_x, lambda op: (VE, f"{primary(op)} has 448 elements but its storage holds 0")),
     "column_major": (case_column_major, lambda op: "ok"),
     "permuted_rank3": (case_permuted_rank3, lambda op: "ok"),
     "all_layouts_both_recipes": (case_all_layouts_both_recipes, lambda op: "ok"),
@@ -364,8 +377,17 @@ def _answer_with(op, d, x=None, **changes):
     check_answer(op, x, c)
 
 
+def _freed(t):
+    """A view of t after its storage is freed in place (FSDP's resize_(0) of a parameter's storage)."""
+    v = t.view(t.shape)
+    t.untyped_storage().resize_(0)
+    return v
+
+
 def _affine_cases(arg):
     return {
+        f"{arg}_freed": (lambda op, d: _with(op, d, **{arg: lambda w: _freed(w.clone())}),
+                         (VE, f"{arg} has 64 elements but its storage holds 0")),
         f"{arg}_long": (lambda op, d: _with(op, d, **{arg: lambda w: torch.cat([w, w[:16]])}),
                         (VE, f"{arg} must have shape [K] = [64]")),
         f"{arg}_2d": (lambda op, d: _with(op, d, **{arg: lambda w: w[None]}), (VE, f"{arg} must have shape [K]")),
@@ -381,6 +403,8 @@ def _like_x_cases(arg):
     """residual / up: the shape, dtype and device of x (gate)."""
     x_name = "x" if arg == "residual" else "gate"
     return {
+        f"{arg}_freed": (lambda op, d: _with(op, d, **{arg: lambda t: _freed(t.clone())}),
+                         (VE, f"{arg} has 448 elements but its storage holds 0")),
         f"{arg}_more_rows": (lambda op, d: _with(op, d, **{arg: lambda t: torch.cat([t, t[:1]])}),
                              (VE, f"{arg} must have the shape of {x_name}")),
         f"{arg}_broadcastable": (lambda op, d: _with(op, d, **{arg: lambda t: t[0]}),
@@ -425,6 +449,8 @@ def case_approximate(op, d):
 def _eps_tensor_op(op, x, c, eps, gs):
     if op == "rms_norm":
         return OPS.rms_norm_quantize_eps_tensor(x, c["weight"], eps, global_scale=gs)
+    if op == "rms_norm_add":
+        return OPS.rms_norm_add_quantize_eps_tensor(x, c["residual"], c["weight"], eps, global_scale=gs)
     return OPS.add_rms_norm_quantize_eps_tensor(x, c["residual"], c["weight"], eps, global_scale=gs)
 
 
@@ -439,9 +465,7 @@ def _eps_tensor_answer(op, d, eps, x_device=None):
     x = _x(x_device or d)
     c, gs, e = companions(op, x), torch.ones(1, device=x.device), eps(d)
     value = float(e.to(torch.float32).cpu().reshape(()))
-    want = (OPS.rms_norm_quantize(x, c["weight"], value, global_scale=gs) if op == "rms_norm"
-            else OPS.add_rms_norm_quantize(x, c["residual"], c["weight"], value, global_scale=gs))
-    for a, b in zip(_eps_tensor_op(op, x, c, e, gs), want, strict=True):
+    for a, b in zip(_eps_tensor_op(op, x, c, e, gs), fused(op, x, c, global_scale=gs, eps=value), strict=True):
         assert_equal(a, b)
 
 
@@ -483,6 +507,7 @@ SPECIFIC = {
     "layer_norm_with_normed": {**_affine_cases("weight"), **_affine_cases("bias")},
     "add_rms_norm_with_normed": {**_affine_cases("weight"), **_like_x_cases("residual")},
     "add_rms_norm": {**_affine_cases("weight"), **_like_x_cases("residual"), **EPS_TENSOR_CASES},
+    "rms_norm_add": {**_affine_cases("weight"), **_like_x_cases("residual"), **EPS_TENSOR_CASES},
     "layer_norm": {**_affine_cases("weight"), **_affine_cases("bias")},
 
     "gelu": {"approximate": (case_approximate, (VE, "approximate must be 'none' or 'tanh'"))},
@@ -540,7 +565,7 @@ def cuda_only_cases(op):
     }
     for arg in companions(op, _x("cpu")):
         cases.update(_other_device_cases(arg))
-    if op in ("rms_norm", "add_rms_norm"):
+    if op in ("rms_norm", "add_rms_norm", "rms_norm_add"):
         # eps on the CPU (what Dynamo passes) or on x's device; nowhere else
         cases["eps_tensor_cuda_x_cpu"] = (
             lambda op, d: _eps_tensor_call(op, d, lambda d: torch.tensor(EPS, device="cuda"), x_device="cpu"),
@@ -576,7 +601,9 @@ def _table(per_op):
     for op in FUSED:
         for name, (fn, expected) in per_op(op).items():
             case = functools.partial(fn, op)
-            table[f"{op}-{name}"] = (case if expected == "ok" else rejected_by_fake_too(case, expected), expected)
+            # a freed storage is a fact about data, which fake tensors do not have: the kernels alone check it
+            fake_too = expected != "ok" and "freed" not in name
+            table[f"{op}-{name}"] = (rejected_by_fake_too(case, expected) if fake_too else case, expected)
     return table
 
 

@@ -111,11 +111,12 @@ uint16_t* bits_of(at::Tensor* out) { return out ? static_cast<uint16_t*>(out->da
 
 // RMSNorm of the rows of x (+ residual, whose sum is written to `sum_out` when given; sum_in_float32:
 // the float32 sum is normalized, not its rounding), quantized; the rounded norm output also written to
-// `normed_out` when given.
+// `normed_out` when given. add_after_norm: the residual is added to the norm output instead (rounded),
+// and that sum is written to `sum_out` and quantized.
 void rms_norm_rows(FusedProblem& p, const QuantizeParams& qp, const at::Tensor& x,
                    const std::optional<at::Tensor>& residual, at::Tensor* sum_out, at::Tensor* normed_out,
                    const std::optional<at::Tensor>& weight, double eps, double weight_offset,
-                   bool weight_in_input_dtype, bool sum_in_float32) {
+                   bool weight_in_input_dtype, bool sum_in_float32, bool add_after_norm) {
   const Rows xr = fused::rows_of(x);
   const Rows rr = residual ? fused::rows_of(*residual) : Rows{};
   const at::Tensor w = fused::has(weight) ? weight->contiguous() : at::Tensor();
@@ -130,7 +131,7 @@ void rms_norm_rows(FusedProblem& p, const QuantizeParams& qp, const at::Tensor& 
     widen_row(row_ptr(xr, r), dtype, k, v);
     with_model_dtype(dtype, [&](auto model_dtype) {
       constexpr InputDtype D = decltype(model_dtype)::value;
-      if (residual) {
+      if (residual && !add_after_norm) {
         // x + residual rounded to the model dtype: the next residual stream, and what is normalized
         // (sum_in_float32: the float32 sum is)
         const uint16_t* res = row_ptr(rr, r);
@@ -157,6 +158,15 @@ void rms_norm_rows(FusedProblem& p, const QuantizeParams& qp, const at::Tensor& 
         case RmsWeight::kFloat32: normalize(std::integral_constant<RmsWeight, RmsWeight::kFloat32>{}); break;
         case RmsWeight::kInputDtype: normalize(std::integral_constant<RmsWeight, RmsWeight::kInputDtype>{}); break;
       }
+      if (residual && add_after_norm) {
+        // residual + the rounded norm output, rounded (a post-norm residual stream): stored and quantized
+        const uint16_t* res = row_ptr(rr, r);
+        uint16_t* sum_row = sum_bits + r * k;
+        for (int64_t i = 0; i < k; ++i) {  // vectorized
+          v[i] = fused::round_to(add_rn(widen(res[i], D), v[i]), D);
+          sum_row[i] = narrow_exact(v[i], D);
+        }
+      }
     });
     store_normed_row(normed_bits, r, k, v, dtype);
   });
@@ -166,7 +176,8 @@ NormOutputs rms_norm_impl(const at::Tensor& x, const std::optional<at::Tensor>& 
                           const std::optional<at::Tensor>& weight, double eps, double weight_offset,
                           bool weight_in_input_dtype, const std::optional<at::Tensor>& global_scale,
                           int64_t sf_vec_size, bool sf_use_ue8m0, bool is_sf_swizzled_layout, bool is_sf_8x4_layout,
-                          bool is_global_scale_inversed, bool sum_in_float32, bool with_normed) {
+                          bool is_global_scale_inversed, bool sum_in_float32, bool with_normed,
+                          bool add_after_norm) {
   FusedProblem p = fused::prepare_fused(x, "x", global_scale, sf_vec_size, sf_use_ue8m0, is_sf_swizzled_layout,
                                         is_sf_8x4_layout);
   if (residual) fused::check_like(*residual, "residual", x, "x");
@@ -175,7 +186,7 @@ NormOutputs rms_norm_impl(const at::Tensor& x, const std::optional<at::Tensor>& 
   at::Tensor normed = with_normed ? fused::empty_like_rows(x) : at::Tensor();
   const QuantizeParams qp = quantize_params(p, sf_use_ue8m0, is_global_scale_inversed);
   rms_norm_rows(p, qp, x, residual, residual ? &sum : nullptr, with_normed ? &normed : nullptr, weight, eps,
-                weight_offset, weight_in_input_dtype, sum_in_float32);
+                weight_offset, weight_in_input_dtype, sum_in_float32, add_after_norm);
   return {p.x_q, p.sf, sum, normed};
 }
 

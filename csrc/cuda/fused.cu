@@ -308,7 +308,27 @@ struct NormRow {
 #pragma unroll
       for (int i = 0; i < kLoads; ++i) out[i] = narrow8<D>(*reinterpret_cast<const float(*)[kChunk]>(f + i * kChunk));
     }
+    if constexpr (OP == FusedOp::kRmsNormAdd) add_residual_after(col, f);
     return quantize_block<VEC, UE8M0>(f, amax_of(f), rs, xq_row + col * (VEC / 2));
+  }
+
+  // rms_norm_add: f = round(residual + f), the block of the sum, which is stored to sum_out and quantized.
+  __device__ __forceinline__ void add_residual_after(int64_t col, float (&f)[VEC]) const {
+    const uint4* r = residual_block(col);
+    uint4* out = sum_block(col);
+#pragma unroll
+    for (int i = 0; i < kLoads; ++i) {
+      float rf[kChunk];
+      Input<D>::widen(__ldg(r + i), rf);
+      float* s = f + i * kChunk;
+#pragma unroll
+      for (int e = 0; e < kChunk; e += 2) {
+        s[e] = add_rn(rf[e], s[e]);
+        s[e + 1] = add_rn(rf[e + 1], s[e + 1]);
+        fused::round_pair(s[e], s[e + 1], D);
+      }
+      out[i] = narrow8<D>(*reinterpret_cast<const float(*)[kChunk]>(s));
+    }
   }
 
   // The block's weight and bias (layer norm), zero where absent: [0] weight, [1] bias.
@@ -430,7 +450,10 @@ __device__ __forceinline__ void zero_padding_rows_any(const QuantizeTarget& q, i
 // The kernels that also store the norm output (NORMED) spill under that bound: none.
 template <FusedOp OP, InputDtype D, bool UE8M0, int BPT, bool NORMED>
 constexpr int kNormMinCtasPerSm =
-    D == InputDtype::kBFloat16 && UE8M0 && BPT == 1 && !kAddsResidual<OP> && !NORMED ? 4 : 0;
+    D == InputDtype::kBFloat16 && UE8M0 && BPT == 1 && (OP == FusedOp::kRmsNorm || OP == FusedOp::kLayerNorm) &&
+            !NORMED
+        ? 4
+        : 0;
 
 // BPT > 0: each thread holds up to BPT blocks of its row in registers (loaded once); BPT = 0: any K,
 // the blocks are read from memory in every pass. NORMED: the norm output is also stored (normed_out).
@@ -687,7 +710,8 @@ cudaError_t launch_norm_recipe(const FusedLaunch& a, const LaunchStream& stream)
   // CTA an SM), four 240-254, so MXFP4 rows of more than 256 blocks are read twice (8192x16384: 375 us,
   // the rounded sum held 317 us); four NVFP4 blocks take 128 (8192x16384 bf16 NVFP4: read twice 470 us,
   // held 343 us, the rounded sum 322 us; H100, CUDA events, L2 flushed)
-  constexpr bool kHoldTwo = !(UE8M0 && (OP == FusedOp::kRmsNorm || OP == FusedOp::kAddRmsNormFloat32Sum));
+  constexpr bool kHoldTwo = !(UE8M0 && (OP == FusedOp::kRmsNorm || OP == FusedOp::kRmsNormAdd ||
+                                        OP == FusedOp::kAddRmsNormFloat32Sum));
   constexpr bool kHoldFour = OP == FusedOp::kAddRmsNorm || (OP == FusedOp::kAddRmsNormFloat32Sum && !UE8M0);
   if (cols <= kThreads) return launch_norm_config<OP, D, UE8M0, 1, NORMED>(a, cols, pad_items, stream);
   // Few rows of 3-8 passes take the cluster kernel, while its CTAs fit one an SM (H100, bf16 NVFP4, kernel
@@ -728,6 +752,8 @@ cudaError_t launch_typed(const FusedLaunch& a, const LaunchStream& stream) {
     case FusedOp::kRmsNorm: return launch_norm<FusedOp::kRmsNorm, D>(a, stream);
     case FusedOp::kAddRmsNorm: return launch_norm<FusedOp::kAddRmsNorm, D>(a, stream);
     case FusedOp::kAddRmsNormFloat32Sum: return launch_norm<FusedOp::kAddRmsNormFloat32Sum, D>(a, stream);
+    // no norm output besides the sum: the kernels without NORMED
+    case FusedOp::kRmsNormAdd: return launch_norm_kernels<FusedOp::kRmsNormAdd, D, false>(a, stream);
     case FusedOp::kLayerNorm: return launch_norm<FusedOp::kLayerNorm, D>(a, stream);
     case FusedOp::kActivation:
     case FusedOp::kGatedActivation: return launch_activation<D>(a, stream);

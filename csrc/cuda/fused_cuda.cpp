@@ -79,13 +79,17 @@ NormOutputs rms_norm_impl(const at::Tensor& x, const std::optional<at::Tensor>& 
                           const std::optional<at::Tensor>& weight, const ScalarArg& eps, double weight_offset,
                           bool weight_in_input_dtype, const std::optional<at::Tensor>& global_scale,
                           int64_t sf_vec_size, bool sf_use_ue8m0, bool is_sf_swizzled_layout, bool is_sf_8x4_layout,
-                          bool is_global_scale_inversed, bool sum_in_float32, bool with_normed) {
+                          bool is_global_scale_inversed, bool sum_in_float32, bool with_normed,
+                          bool add_after_norm) {
   FusedProblem p = fused::prepare_fused(x, "x", global_scale, sf_vec_size, sf_use_ue8m0, is_sf_swizzled_layout,
                                         is_sf_8x4_layout);
   if (residual) fused::check_like(*residual, "residual", x, "x");
   fused::check_affine(weight, "weight", x);
   const c10::cuda::CUDAGuard guard(x.device());
-  const FusedOp op = !residual ? FusedOp::kRmsNorm : sum_in_float32 ? FusedOp::kAddRmsNormFloat32Sum : FusedOp::kAddRmsNorm;
+  const FusedOp op = !residual        ? FusedOp::kRmsNorm
+                     : add_after_norm ? FusedOp::kRmsNormAdd
+                     : sum_in_float32 ? FusedOp::kAddRmsNormFloat32Sum
+                                      : FusedOp::kAddRmsNorm;
   FusedLaunch a = base_launch(op, p, sf_use_ue8m0, is_global_scale_inversed);
   std::vector<at::Tensor> keep;
   if (a.out.m > 0 && a.out.k > 0) {

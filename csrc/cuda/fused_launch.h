@@ -6,14 +6,16 @@
 
 namespace fp4op::cuda {
 
-// kAddRmsNormFloat32Sum: add_rms_norm normalizing the float32 sum x + residual (sum_out its rounding)
+// kAddRmsNormFloat32Sum: add_rms_norm normalizing the float32 sum x + residual (sum_out its rounding);
+// kRmsNormAdd: residual + RMSNorm(x) rounded (a post-norm residual stream, OLMo2), quantized and stored to sum_out
 enum class FusedOp : int {
   kRmsNorm = 0,
   kAddRmsNorm = 1,
   kLayerNorm = 2,
   kActivation = 3,
   kGatedActivation = 4,
-  kAddRmsNormFloat32Sum = 5
+  kAddRmsNormFloat32Sum = 5,
+  kRmsNormAdd = 6
 };
 
 struct FusedLaunch {
@@ -22,12 +24,13 @@ struct FusedLaunch {
   // x (norms, activations) or gate: row r at x + r * x_row_stride elements; 16-byte aligned rows
   const void* x;
   int64_t x_row_stride;
-  // residual (add_rms_norm) or up (gated): same shape as x
+  // residual (add_rms_norm, rms_norm_add) or up (gated): same shape as x
   const void* y;
   int64_t y_row_stride;
   const void* weight;           // [k] or nullptr, 16-byte aligned
   const void* bias;             // [k] or nullptr (layer norm), 16-byte aligned
-  void* sum_out;                // add_rms_norm: x + residual rounded to the input dtype, [m, k] contiguous
+  void* sum_out;                // add_rms_norm: x + residual rounded to the input dtype; rms_norm_add: residual +
+                                // the norm output, rounded; [m, k] contiguous
   void* normed_out;             // RMSNorm, LayerNorm: the norm output (what is quantized), [m, k] contiguous;
                                 // or nullptr
   float eps;
