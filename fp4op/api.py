@@ -168,7 +168,12 @@ def dequantize(
         _check_dense_tensor(name, value)
     if x_q.dtype == getattr(torch, "float4_e2m1fn_x2", None):
         x_q = x_q.view(torch.uint8)
-    if sf.dtype in (torch.float8_e4m3fn, getattr(torch, "float8_e8m0fnu", None)):
+    e8m0 = getattr(torch, "float8_e8m0fnu", None)
+    if sf.dtype in (torch.float8_e4m3fn, e8m0):
+        # a typed sf says which recipe wrote it: read as the other one, its bytes would mean other scales
+        if (sf.dtype == e8m0) != sf_use_ue8m0:
+            want = "float8_e8m0fnu (or uint8) for MXFP4" if sf_use_ue8m0 else "float8_e4m3fn (or uint8) for NVFP4"
+            raise ValueError(f"fp4op: sf must be {want}, got {sf.dtype}")
         sf = sf.view(torch.uint8)
     column_major = _is_column_major(x_q)
     if column_major:

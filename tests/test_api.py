@@ -384,3 +384,7 @@ def test_api_dequantize(vec, ue8m0, layout):
     got_typed = fp4op.dequantize(fp4op.as_float4(x_q), sf_typed, gs, vec, ue8m0, swz,
                                  is8x4, output_dtype=torch.bfloat16)
     assert_same_bytes(got_typed, want, "dequantize of typed views")
+    # the other recipe's scale dtype would read the bytes as other scales
+    other = sf.view(torch.float8_e4m3fn if ue8m0 else torch.float8_e8m0fnu)
+    with pytest.raises(ValueError, match="sf must be float8_e8m0fnu" if ue8m0 else "sf must be float8_e4m3fn"):
+        fp4op.dequantize(x_q, other, gs, vec, ue8m0, swz, is8x4)
