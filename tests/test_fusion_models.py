@@ -633,20 +633,13 @@ def test_moe_router_norm_fuses_keeping_its_output(device):
     torch.testing.assert_close(out, eager, rtol=0.05, atol=0.05)
 
 
-class Olmo2RMSNorm(nn.Module):
-    """transformers' Olmo2RMSNorm: the weight multiplies the float32 norm, rounded once."""
-
-    def __init__(self, hidden_size, eps=1e-6):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(hidden_size))
-        self.variance_epsilon = eps
+class Olmo2RMSNorm(LlamaRMSNorm):
+    """transformers' Olmo2RMSNorm: LlamaRMSNorm's statistic, the weight times the float32 norm (rounded once)."""
 
     def forward(self, hidden_states):
-        input_dtype = hidden_states.dtype
-        hidden_states = hidden_states.to(torch.float32)
-        variance = hidden_states.pow(2).mean(-1, keepdim=True)
-        hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
-        return (self.weight * hidden_states).to(input_dtype)
+        h = hidden_states.to(torch.float32)
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+        return (self.weight * h).to(hidden_states.dtype)
 
 
 class Olmo2DecoderLayer(nn.Module):
