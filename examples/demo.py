@@ -1,13 +1,15 @@
 """fp4op demo: FP4 linear layers and norm/activation + quantize fusion under torch.compile.
 
-Builds three small models with random weights -- a Llama-style decoder block (RMSNorm, attention,
-SiLU-and-mul MLP), a GPT-2-style MLP (LayerNorm, GELU-tanh) and a post-LN encoder's feed-forward half
+Builds four small models with random weights -- a Llama-style decoder block (RMSNorm, attention,
+SiLU-and-mul MLP), a GPT-2-style MLP (LayerNorm, GELU-tanh), a post-LN encoder's feed-forward half
 (BERT: the LayerNorm output is quantized and is the residual too, which layer_norm_quantize_with_normed
-returns) --, converts their nn.Linear layers to fp4op.nn.FP4Linear, calibrates the activation scales,
+returns) and OLMo2's post-norm residual stream around its MLP (residual + RMSNorm(attention output),
+quantized and the next residual: rms_norm_add_quantize) --, converts their nn.Linear layers to fp4op.nn.FP4Linear, calibrates the activation scales,
 compiles them with fp4op.fusion, and prints the rewrites per rule, the fp4op ops of the compiled graph,
-and the output error against the bf16 model. (The post-LN block's compiled output differs slightly from
-eager FP4 where Inductor's own kernel for its last LayerNorm keeps the sum in float32; with
-torch._inductor.config.emulate_precision_casts it is bit-equal, as are the others.)
+and the output error against the bf16 model. (The post-LN and post-norm blocks' compiled outputs differ
+slightly from eager FP4 where Inductor's own kernel for their last norm and add keeps an intermediate in
+float32 that eager rounds to bf16; with torch._inductor.config.emulate_precision_casts they are
+bit-equal, as are the others.)
 On a GPU it also times the compiled bf16 model and the FP4 model with and without the fusion, in
 alternating rounds of back-to-back calls.
 
@@ -94,6 +96,34 @@ class PostLNFeedForward(nn.Module):
     def forward(self, x):
         h = self.attention_norm(x)
         return self.output_norm(h + self.output(F.gelu(self.intermediate(h))))
+
+
+class Olmo2RMSNorm(LlamaRMSNorm):
+    """OLMo2's form: the weight multiplies the float32 norm, rounded once."""
+
+    def forward(self, x):
+        h = x.to(torch.float32)
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (self.weight * h).to(x.dtype)
+
+
+class PostNormMLP(nn.Module):
+    """OLMo2's post-norm residual stream around its MLP: the attention half's normalized output (o_proj
+    standing in for attention) is added to the residual; that sum feeds the gate/up projections and is
+    the residual around the MLP."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.o_proj = nn.Linear(dim, dim, bias=False)
+        self.post_attention_norm = Olmo2RMSNorm(dim, eps=1e-6)
+        self.gate_proj = nn.Linear(dim, hidden, bias=False)
+        self.up_proj = nn.Linear(dim, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, dim, bias=False)
+        self.post_feedforward_norm = Olmo2RMSNorm(dim, eps=1e-6)
+
+    def forward(self, x):
+        h = x + self.post_attention_norm(self.o_proj(x))
+        return h + self.post_feedforward_norm(self.down_proj(F.silu(self.gate_proj(h)) * self.up_proj(h)))
 
 
 def randomize(model: nn.Module) -> nn.Module:
@@ -205,6 +235,8 @@ def main():
         rows.append(run("GPT-2 MLP", gpt2, x, args))
         bert = randomize(PostLNFeedForward(dim)).to(device, dtype).eval()
         rows.append(run("post-LN feed-forward", bert, x, args))
+        olmo2 = randomize(PostNormMLP(dim, hidden=4 * dim)).to(device, dtype).eval()
+        rows.append(run("post-norm MLP (OLMo2)", olmo2, x, args))
 
     if on_gpu and not args.no_timing:
         print(f"\nmedian ms per forward (torch.compile; {args.rounds} rounds of 10 calls, the models taking turns):")
