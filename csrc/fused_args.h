@@ -13,6 +13,7 @@ namespace fp4op::fused {
 
 // The fused ops compute the norm/activation in the model dtype, which is float16 or bfloat16.
 inline InputDtype model_dtype_of(const at::Tensor& t, const char* name) {
+  check_defined(t, name);
   if (t.scalar_type() == at::kHalf) return InputDtype::kFloat16;
   if (t.scalar_type() == at::kBFloat16) return InputDtype::kBFloat16;
   TORCH_CHECK_NOT_IMPLEMENTED(false, "fp4op: ", name,
@@ -24,6 +25,7 @@ inline InputDtype model_dtype_of(const at::Tensor& t, const char* name) {
 
 // A second tensor input (residual, up) must match the first one exactly in dtype, shape and device.
 inline void check_like(const at::Tensor& t, const char* name, const at::Tensor& x, const char* x_name) {
+  check_defined(t, name);
   TORCH_CHECK_VALUE(t.scalar_type() == x.scalar_type(), "fp4op: ", name, " must have the dtype of ", x_name,
                     " (", x.scalar_type(), "), got ", t.scalar_type());
   TORCH_CHECK_VALUE(t.sizes() == x.sizes(), "fp4op: ", name, " must have the shape of ", x_name, " ",

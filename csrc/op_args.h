@@ -23,6 +23,11 @@ inline std::string shape(c10::IntArrayRef sizes) {
   return out + "]";
 }
 
+// A tensor argument given as None reaches the kernels as an undefined tensor.
+inline void check_defined(const at::Tensor& t, const char* name) {
+  TORCH_CHECK_VALUE(t.defined(), "fp4op: ", name, " must be a tensor, got None");
+}
+
 // A tensor with elements must hold its data: a storage freed or shrunk in place (FSDP's resize_(0) of a
 // parameter's storage) leaves tensors whose data pointer is null or whose elements lie past the storage.
 inline void check_allocated(const at::Tensor& t, const char* name) {
@@ -35,6 +40,7 @@ inline void check_allocated(const at::Tensor& t, const char* name) {
 }
 
 inline InputDtype input_dtype_of(const at::Tensor& t, const char* name) {
+  check_defined(t, name);
   switch (t.scalar_type()) {
     case at::kHalf: return InputDtype::kFloat16;
     case at::kBFloat16: return InputDtype::kBFloat16;
@@ -132,6 +138,8 @@ inline DequantizeShape check_dequantize_args(const at::Tensor& x_q, const at::Te
                                              bool is_sf_8x4_layout,
                                              std::optional<at::ScalarType> output_dtype) {
   check_recipe(sf_vec_size, sf_use_ue8m0);
+  check_defined(x_q, "x_q");
+  check_defined(sf, "sf");
   TORCH_CHECK_VALUE(x_q.scalar_type() == at::kByte, "fp4op: x_q must be uint8 (two E2M1 codes a byte), got ",
                     x_q.scalar_type());
   TORCH_CHECK_VALUE(sf.scalar_type() == at::kByte, "fp4op: sf must be uint8, got ", sf.scalar_type());

@@ -76,12 +76,13 @@ from __future__ import annotations
 import torch
 
 from . import _C  # noqa: F401  (loading the library registers the schemas and kernels)
-from .ops import check_recipe, fake_quantize_outputs
+from .ops import check_defined, check_recipe, fake_quantize_outputs
 
 _MODEL_DTYPES = (torch.float16, torch.bfloat16)
 
 
 def _check_model_dtype(t: torch.Tensor, name: str) -> None:
+    check_defined(t, name)
     if t.dtype not in _MODEL_DTYPES:
         raise NotImplementedError(
             f"fp4op: {name} of a fused norm/activation + quantize op must be float16 or bfloat16 (the model "
@@ -90,6 +91,7 @@ def _check_model_dtype(t: torch.Tensor, name: str) -> None:
 
 
 def _check_like(t: torch.Tensor, name: str, x: torch.Tensor, x_name: str) -> None:
+    check_defined(t, name)
     if t.dtype != x.dtype:
         raise ValueError(f"fp4op: {name} must have the dtype of {x_name} ({x.dtype}), got {t.dtype}")
     if t.shape != x.shape:

@@ -25,7 +25,14 @@ def check_recipe(sf_vec_size: int, sf_use_ue8m0: bool) -> None:
         raise ValueError(f"fp4op: sf_use_ue8m0=False (NVFP4) requires sf_vec_size=16, got {sf_vec_size}")
 
 
+def check_defined(t, name: str) -> None:
+    """A tensor argument given as None (the C++ check_defined)."""
+    if t is None:
+        raise ValueError(f"fp4op: {name} must be a tensor, got None")
+
+
 def check_input_dtype(input: torch.Tensor, name: str = "input") -> None:
+    check_defined(input, name)
     if input.dtype not in _SUPPORTED_INPUT_DTYPES:
         raise NotImplementedError(f"fp4op: {name} must be float16, bfloat16 or float8_e4m3fn, got {input.dtype}")
 
@@ -135,6 +142,8 @@ def check_dequantize_args(
     """The checks of check_dequantize_args (csrc/op_args.h), in its order: dequantize's fake kernel and
     the Python API (see check_quantize_shape_and_scale). Returns the output dtype (None: float32)."""
     check_recipe(sf_vec_size, sf_use_ue8m0)
+    check_defined(x_q, "x_q")
+    check_defined(sf, "sf")
     if x_q.dtype != torch.uint8:
         raise ValueError(f"fp4op: x_q must be uint8 (two E2M1 codes a byte), got {x_q.dtype}")
     if sf.dtype != torch.uint8:

@@ -147,6 +147,15 @@ def _freed(t, keep_bytes=0):
     return v
 
 
+def case_raw_op_none_input(d):
+    torch.ops.fp4op.quantize(None, torch.ones(1, device=d))
+
+
+def case_raw_op_dequantize_none_sf(d):
+    x_q, _ = _q(_x(d))
+    torch.ops.fp4op.dequantize(x_q, None, torch.ones(1, device=d))
+
+
 def case_freed_input(d):
     torch.ops.fp4op.quantize(_freed(_x(d)), torch.ones(1, device=d))
 
@@ -348,6 +357,8 @@ CASES = {
     "column_window": (case_column_window, "ok"),
     "expanded": (case_expanded, "ok"),
     "odd_storage_offset": (case_odd_storage_offset, "ok"),
+    "raw_op_none_input": (case_raw_op_none_input, (VE, "input must be a tensor, got None")),
+    "raw_op_dequantize_none_sf": (case_raw_op_dequantize_none_sf, (VE, "sf must be a tensor, got None")),
     "freed_input": (case_freed_input, (VE, "input has 448 elements but its storage holds 0")),
     "shrunk_input_api": (case_shrunk_input_api, (VE, "input has 448 elements but its storage holds 64")),
     "freed_global_scale": (case_freed_global_scale, (VE, "global_scale has 1 elements but its storage")),

@@ -405,6 +405,7 @@ def _like_x_cases(arg):
     return {
         f"{arg}_freed": (lambda op, d: _with(op, d, **{arg: lambda t: _freed(t.clone())}),
                          (VE, f"{arg} has 448 elements but its storage holds 0")),
+        f"{arg}_none": (lambda op, d: _with(op, d, **{arg: lambda t: None}), (VE, f"{arg} must be a tensor, got None")),
         f"{arg}_more_rows": (lambda op, d: _with(op, d, **{arg: lambda t: torch.cat([t, t[:1]])}),
                              (VE, f"{arg} must have the shape of {x_name}")),
         f"{arg}_broadcastable": (lambda op, d: _with(op, d, **{arg: lambda t: t[0]}),
