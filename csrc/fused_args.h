@@ -126,11 +126,7 @@ inline FusedProblem prepare_fused(const at::Tensor& x, const char* name,
                                   bool sf_use_ue8m0, bool is_sf_swizzled_layout, bool is_sf_8x4_layout) {
   check_recipe(sf_vec_size, sf_use_ue8m0);
   const InputDtype dtype = model_dtype_of(x, name);
-  TORCH_CHECK_VALUE(x.dim() >= 1, "fp4op: ", name, " must have at least 1 dimension, got a 0-d tensor");
-  check_allocated(x, name);
-  TORCH_CHECK_VALUE(x.size(-1) % sf_vec_size == 0, "fp4op: the last dimension of ", name, " (K = ", num(x.size(-1)),
-                    ") must be a multiple of sf_vec_size = ", num(sf_vec_size));
-  const QuantizeShape s = check_quantize_shape(x, sf_vec_size, is_sf_swizzled_layout, is_sf_8x4_layout);
+  const QuantizeShape s = check_quantize_shape(x, sf_vec_size, is_sf_swizzled_layout, is_sf_8x4_layout, name);
   at::Tensor gs = checked_global_scale(global_scale, sf_use_ue8m0, s.m, x.device());
   auto [xq, sf] = empty_quantize_outputs(x, s);
   return FusedProblem{dtype, s, gs, xq, sf};

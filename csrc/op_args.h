@@ -103,12 +103,14 @@ struct QuantizeShape {
   SfLayout layout;
 };
 
+// `name`: the tensor quantized, as the op calls it (input; a fused op's x or gate).
 inline QuantizeShape check_quantize_shape(const at::Tensor& input, int64_t sf_vec_size,
-                                          bool is_sf_swizzled_layout, bool is_sf_8x4_layout) {
-  TORCH_CHECK_VALUE(input.dim() >= 1, "fp4op: input must have at least 1 dimension, got a 0-d tensor");
-  check_allocated(input, "input");
+                                          bool is_sf_swizzled_layout, bool is_sf_8x4_layout,
+                                          const char* name = "input") {
+  TORCH_CHECK_VALUE(input.dim() >= 1, "fp4op: ", name, " must have at least 1 dimension, got a 0-d tensor");
+  check_allocated(input, name);
   const int64_t k = input.size(-1);
-  TORCH_CHECK_VALUE(k % sf_vec_size == 0, "fp4op: the last dimension of input (K = ", num(k),
+  TORCH_CHECK_VALUE(k % sf_vec_size == 0, "fp4op: the last dimension of ", name, " (K = ", num(k),
                     ") must be a multiple of sf_vec_size = ", num(sf_vec_size));
   const int64_t m = c10::multiply_integers(input.sizes().begin(), input.sizes().end() - 1);
   return QuantizeShape{m, k, k / sf_vec_size, sf_layout_of(is_sf_swizzled_layout, is_sf_8x4_layout)};

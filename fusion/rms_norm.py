@@ -175,12 +175,12 @@ class RMSNormQuantize(FusionPattern):
         # next residual add) wherever a model has this form
         self.keep_normed = keep_normed or add_after
         op = ("add_rms_norm_quantize" if residual else "rms_norm_quantize") + ("_with_normed" if keep_normed else "")
-        op = "rms_norm_add_quantize" if add_after else op
+        self.op_name = "rms_norm_add_quantize" if add_after else op  # without _eps_tensor
         tags = ("float32_sum," if float32_sum else "") + ("promoted," if promoted else "") + form
         tags += "" if with_weight else ",no_weight"
         tags += ("" if sum_used else ",sum_unused") + (",strided" if strided else "")
         tags += "" if residual_left else ",residual_right"
-        self.name = f"{op}[{tags}]"
+        self.name = f"{self.op_name}[{tags}]"
 
     def tensor_inputs(self, dtype, device):
         # strided: a transposed x of the same shape
@@ -210,10 +210,7 @@ class RMSNormQuantize(FusionPattern):
     def replacement(self, q: QuantizeArgs, x, eps, weight=None, residual=None, global_scale=None):
         offset = 1.0 if self.form == "gemma" else 0.0
         in_dtype = self.form in INPUT_DTYPE_WEIGHT_FORMS and self.with_weight
-        name = "add_rms_norm_quantize" if self.residual else "rms_norm_quantize"
-        name += "_with_normed" if self.keep_normed else ""
-        name = "rms_norm_add_quantize" if self.add_after else name
-        op = getattr(torch.ops.fp4op, name + ("_eps_tensor" if isinstance(eps, torch.Tensor) else ""))
+        op = getattr(torch.ops.fp4op, self.op_name + ("_eps_tensor" if isinstance(eps, torch.Tensor) else ""))
         if self.float32_sum:
             out = op(x, residual, weight, eps, offset, in_dtype, *q.tail(global_scale), sum_in_float32=True)
             return out if self.sum_used else out[:2]

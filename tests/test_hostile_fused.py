@@ -19,7 +19,7 @@ from conftest import requires_cuda
 from fp4op import layouts
 from fusion_helpers import assert_fp4_close
 from test_fused_ops import RECIPES, eager_act, eager_layer_norm, eager_rms_norm, post_norm_sums_close, quantize_kwargs
-from test_hostile import DEVICES, NIE, VE, _x, child_main, verdict_cache
+from test_hostile import DEVICES, NIE, VE, _freed, _x, child_main, verdict_cache
 
 OPS = torch.ops.fp4op
 EPS = 1e-6
@@ -375,13 +375,6 @@ def _answer_with(op, d, x=None, **changes):
     c = companions(op, x)
     c.update({k: f(c[k]) for k, f in changes.items()})
     check_answer(op, x, c)
-
-
-def _freed(t):
-    """A view of t after its storage is freed in place (FSDP's resize_(0) of a parameter's storage)."""
-    v = t.view(t.shape)
-    t.untyped_storage().resize_(0)
-    return v
 
 
 def _affine_cases(arg):

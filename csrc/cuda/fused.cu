@@ -209,6 +209,20 @@ struct NormRow {
     return reinterpret_cast<const uint4*>(static_cast<const uint16_t*>(a.y) + row * a.y_row_stride + col * VEC);
   }
 
+  // a = round(a + r) for a chunk and the 8 model-dtype values of r (a residual add, rounded as eager rounds
+  // it); returns the sum's words.
+  __device__ __forceinline__ static uint4 add_rounded(float (&a)[kChunk], uint4 r) {
+    float rf[kChunk];
+    Input<D>::widen(r, rf);
+#pragma unroll
+    for (int e = 0; e < kChunk; e += 2) {
+      a[e] = add_rn(a[e], rf[e]);
+      a[e + 1] = add_rn(a[e + 1], rf[e + 1]);
+      fused::round_pair(a[e], a[e + 1], D);
+    }
+    return narrow8<D>(a);
+  }
+
   // The block that is normalized (see Block); add_rms_norm's also store round(x + residual) to sum_out.
   __device__ __forceinline__ void load(int64_t col, Block& v) const {
     const uint4* x = x_block(col);
@@ -222,16 +236,9 @@ struct NormRow {
       uint4* out = sum_block(col);
 #pragma unroll
       for (int i = 0; i < kLoads; ++i) {
-        float xf[kChunk], rf[kChunk];
+        float xf[kChunk];
         Input<D>::widen(v[0][i], xf);
-        Input<D>::widen(rv[i], rf);
-#pragma unroll
-        for (int e = 0; e < kChunk; e += 2) {
-          xf[e] = add_rn(xf[e], rf[e]);
-          xf[e + 1] = add_rn(xf[e + 1], rf[e + 1]);
-          fused::round_pair(xf[e], xf[e + 1], D);
-        }
-        const uint4 sum = narrow8<D>(xf);
+        const uint4 sum = add_rounded(xf, rv[i]);
         out[i] = sum;
         if constexpr (kStreams == 2) {
           v[1][i] = rv[i];
@@ -312,22 +319,13 @@ struct NormRow {
     return quantize_block<VEC, UE8M0>(f, amax_of(f), rs, xq_row + col * (VEC / 2));
   }
 
-  // rms_norm_add: f = round(residual + f), the block of the sum, which is stored to sum_out and quantized.
+  // rms_norm_add: f = round(f + residual), the block of the sum, which is stored to sum_out and quantized.
   __device__ __forceinline__ void add_residual_after(int64_t col, float (&f)[VEC]) const {
     const uint4* r = residual_block(col);
     uint4* out = sum_block(col);
 #pragma unroll
     for (int i = 0; i < kLoads; ++i) {
-      float rf[kChunk];
-      Input<D>::widen(__ldg(r + i), rf);
-      float* s = f + i * kChunk;
-#pragma unroll
-      for (int e = 0; e < kChunk; e += 2) {
-        s[e] = add_rn(rf[e], s[e]);
-        s[e + 1] = add_rn(rf[e + 1], s[e + 1]);
-        fused::round_pair(s[e], s[e + 1], D);
-      }
-      out[i] = narrow8<D>(*reinterpret_cast<const float(*)[kChunk]>(s));
+      out[i] = add_rounded(*reinterpret_cast<float(*)[kChunk]>(f + i * kChunk), __ldg(r + i));
     }
   }
 

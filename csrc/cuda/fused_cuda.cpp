@@ -110,7 +110,6 @@ NormOutputs rms_norm_impl(const at::Tensor& x, const std::optional<at::Tensor>& 
   return {p.x_q, p.sf, sum, normed};
 }
 
-
 // (x_q, sf, the norm output with `with_normed`, or undefined)
 std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_impl(const at::Tensor& x, const std::optional<at::Tensor>& weight,
                                                                const std::optional<at::Tensor>& bias, double eps,
