@@ -241,7 +241,7 @@ void dequantize_differentiable(const c10::OperatorHandle& op, c10::DispatchKeySe
 
 TORCH_LIBRARY_IMPL(fp4op, Autograd, m) {
   for (const char* name :
-       {"quantize", "rms_norm_quantize", "rms_norm_quantize_eps_tensor", "layer_norm_quantize",
+       {"quantize", "rms_norm_quantize", "rms_norm_quantize_eps_tensor", "layer_norm_quantize", "layer_norm_modulate_quantize",
         "silu_and_mul_quantize", "gelu_and_mul_quantize", "gelu_new_and_mul_quantize", "relu_and_mul_quantize",
         "silu_quantize", "gelu_quantize", "gelu_new_quantize", "sigmoid_mul_quantize", "relu_quantize"}) {
     m.impl(name, torch::CppFunction::makeFromBoxedFunction<&codes_only>());

@@ -53,6 +53,12 @@ TORCH_LIBRARY_FRAGMENT(fp4op, m) {
   m.def("rms_norm_add_quantize_eps_tensor(Tensor x, Tensor residual, Tensor? weight, Tensor eps, "
         "float weight_offset=0.0, bool weight_in_input_dtype=False, " FP4OP_QUANTIZE_ARGS
         ") -> (Tensor, Tensor, Tensor)");
+  // layer_norm(x) * multiplier + shift, each op rounded to x's dtype as eager rounds it, quantized: the adaLN
+  // modulation of diffusion transformers (DiT, PixArt, SD3, FLUX: `norm(x) * (1 + scale[:, None]) +
+  // shift[:, None]`, multiplier = 1 + scale). multiplier and shift broadcast to x per sample: shape
+  // [*x.shape[:j], 1, ..., 1, K] for some j, e.g. [B, 1, K] (or [B, K] unsqueezed) for x [B, T, K]
+  m.def("layer_norm_modulate_quantize(Tensor x, Tensor? weight, Tensor? bias, float eps, Tensor multiplier, "
+        "Tensor shift, " FP4OP_QUANTIZE_ARGS ") -> (Tensor, Tensor)");
   m.def("silu_and_mul_quantize(Tensor gate, Tensor up, " FP4OP_QUANTIZE_ARGS ") -> (Tensor, Tensor)");
   m.def("gelu_and_mul_quantize(Tensor gate, Tensor up, str approximate=\"none\", " FP4OP_QUANTIZE_ARGS
         ") -> (Tensor, Tensor)");

@@ -3,6 +3,7 @@
 // NotImplementedError, as for fp4op::quantize.
 #pragma once
 
+#include <algorithm>
 #include <optional>
 #include <string_view>
 
@@ -109,6 +110,46 @@ inline Rows rows_of(const at::Tensor& t) {
   }
   at::Tensor c = t.contiguous();
   return {c, c.size(-1)};
+}
+
+// A per-sample modulation tensor of layer_norm_modulate_quantize (multiplier, shift) as the kernels read
+// it: `rows` [S, K] (row s for x's rows s * rows_per_sample .. (s + 1) * rows_per_sample - 1).
+struct SampleRows {
+  at::Tensor rows;
+  int64_t rows_per_sample;
+};
+
+// Checks a modulation tensor `t` of x [..., K]: x's dtype and device, and a shape that broadcasts to x's
+// per sample, [*x.shape[:j], 1, ..., 1, K] for some j once padded with leading ones (DiT's
+// `scale[:, None]` of x [B, T, K] is [B, 1, K]: j = 1; one vector for every row: j = 0; one a row:
+// j = x.dim() - 1). S = prod(x.shape[:j]).
+inline SampleRows sample_rows_of(const at::Tensor& t, const char* name, const at::Tensor& x) {
+  check_defined(t, name);
+  TORCH_CHECK_VALUE(t.scalar_type() == x.scalar_type(), "fp4op: ", name, " must have the dtype of x (",
+                    x.scalar_type(), "), got ", t.scalar_type());
+  TORCH_CHECK_VALUE(t.device() == x.device(), "fp4op: ", name, " is on ", t.device(), " but x is on ", x.device());
+  const int64_t n = x.dim();
+  bool per_sample = n >= 1 && t.dim() >= 1 && t.dim() <= n && t.size(-1) == x.size(-1);
+  int64_t samples = 1;
+  if (per_sample) {
+    // t's size at x's dim d (1 where padded); j: one past the last of x's row dims where it is not 1
+    auto size_at = [&](int64_t d) { return d < n - t.dim() ? int64_t(1) : t.size(d - (n - t.dim())); };
+    int64_t j = 0;
+    for (int64_t d = 0; d < n - 1; ++d) {
+      if (size_at(d) != 1) j = d + 1;
+    }
+    for (int64_t d = 0; d < j; ++d) {
+      per_sample = per_sample && size_at(d) == x.size(d);
+      samples *= x.size(d);
+    }
+  }
+  TORCH_CHECK_VALUE(per_sample, "fp4op: ", name, " must broadcast to x ", shape(x.sizes()),
+                    " per sample: shape [*x.shape[:j], 1, ..., 1, K] for some j (e.g. [B, 1, K] for x [B, T, K]), got ",
+                    shape(t.sizes()));
+  check_allocated(t, name);
+  int64_t m = 1;
+  for (int64_t d = 0; d < n - 1; ++d) m *= x.size(d);
+  return {t.reshape({samples, x.size(-1)}), samples > 0 ? std::max<int64_t>(m / samples, 1) : 1};
 }
 
 // The quantize half of a fused op: recipe, shape (of `x`, named `name`), global scale and the

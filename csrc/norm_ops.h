@@ -2,7 +2,10 @@
 // the outputs it returns from one of its backend's two implementations. A backend supplies
 //   rms_norm(x, residual?, weight?, eps, weight_offset, weight_in_input_dtype, <quantize args>,
 //            sum_in_float32, with_normed, add_after_norm) -> NormOutputs
-//   layer_norm(x, weight?, bias?, eps, <quantize args>, with_normed) -> (x_q, sf, norm output or undefined)
+//   layer_norm(x, weight?, bias?, eps, <quantize args>, with_normed, multiplier?, shift?)
+//              -> (x_q, sf, norm output or undefined); with multiplier and shift (both or neither), the
+//              norm output modulated, round(round(norm * multiplier) + shift), per sample (see
+//              fused::sample_rows_of)
 //   eps(eps, x): the op's eps (a float, or the one-element tensor of the *_eps_tensor ops) as its rms_norm
 //   takes it.
 #pragma once
@@ -93,7 +96,7 @@ struct NormOps {
                                                         bool is_sf_8x4_layout, bool is_global_scale_inversed) {
     auto [xq, sf, unused] = Backend::layer_norm(x, weight, bias, eps, global_scale, sf_vec_size, sf_use_ue8m0,
                                                 is_sf_swizzled_layout, is_sf_8x4_layout, is_global_scale_inversed,
-                                                false);
+                                                false, std::nullopt, std::nullopt);
     return {xq, sf};
   }
 
@@ -102,7 +105,17 @@ struct NormOps {
       const OptionalTensor& global_scale, int64_t sf_vec_size, bool sf_use_ue8m0, bool is_sf_swizzled_layout,
       bool is_sf_8x4_layout, bool is_global_scale_inversed) {
     return Backend::layer_norm(x, weight, bias, eps, global_scale, sf_vec_size, sf_use_ue8m0, is_sf_swizzled_layout,
-                               is_sf_8x4_layout, is_global_scale_inversed, true);
+                               is_sf_8x4_layout, is_global_scale_inversed, true, std::nullopt, std::nullopt);
+  }
+
+  static std::tuple<Tensor, Tensor> layer_norm_modulate_quantize(
+      const Tensor& x, const OptionalTensor& weight, const OptionalTensor& bias, double eps, const Tensor& multiplier,
+      const Tensor& shift, const OptionalTensor& global_scale, int64_t sf_vec_size, bool sf_use_ue8m0,
+      bool is_sf_swizzled_layout, bool is_sf_8x4_layout, bool is_global_scale_inversed) {
+    auto [xq, sf, unused] = Backend::layer_norm(x, weight, bias, eps, global_scale, sf_vec_size, sf_use_ue8m0,
+                                                is_sf_swizzled_layout, is_sf_8x4_layout, is_global_scale_inversed,
+                                                false, multiplier, shift);
+    return {xq, sf};
   }
 
   // The norm ops' kernels for the backend's dispatch key (inside its TORCH_LIBRARY_IMPL block).
@@ -119,6 +132,7 @@ struct NormOps {
     m.impl("rms_norm_add_quantize_eps_tensor", &rms_norm_add_quantize<at::Tensor>);
     m.impl("layer_norm_quantize", &layer_norm_quantize);
     m.impl("layer_norm_quantize_with_normed", &layer_norm_quantize_with_normed);
+    m.impl("layer_norm_modulate_quantize", &layer_norm_modulate_quantize);
   }
 };
 

@@ -34,6 +34,11 @@ math is csrc/fused_math.h):
   kernel: CUDA ``round(w * ((x - mean) * rstd) + b)``; CPU ``round((x * rstd + (-rstd * mean)) * w + b)``
   with ``w = 1`` / ``b = 0`` where absent (both multiply-adds fused in torch's AVX2/AVX512 builds,
   rounded per step in its DEFAULT build).
+* ``layer_norm_modulate_quantize``: ``round(round(y * multiplier) + shift)`` with ``y`` the rounded output
+  of ``layer_norm_quantize``'s norm: the adaLN modulation of diffusion transformers (DiT, PixArt, SD3,
+  FLUX: ``norm(x) * (1 + scale[:, None]) + shift[:, None]``, multiplier = ``1 + scale``). multiplier and
+  shift broadcast to x per sample: shape ``[*x.shape[:j], 1, ..., 1, K]`` for some j (``[B, 1, K]`` for x
+  ``[B, T, K]``; ``[K]`` for every row).
 * ``silu_quantize`` / ``gelu_quantize``: ``round(act(x))``; ``*_and_mul_quantize``:
   ``round(round(act(gate)) * up)`` (eager ``F.silu(gate) * up``). On CUDA with torch's silu/gelu
   formulas (CUDA's ``expf``/``erff``/``tanhf``); on CPU ``act`` is torch's own kernel (``at::silu`` /
@@ -269,6 +274,35 @@ def _layer_norm_quantize_fake(
 @torch.library.register_fake("fp4op::layer_norm_quantize_with_normed")
 def _layer_norm_quantize_with_normed_fake(x, weight, bias, eps, *args, **kwargs):
     return (*_layer_norm_quantize_fake(x, weight, bias, eps, *args, **kwargs), _empty_rows_like(x))
+
+
+def _check_sample_operand(t: torch.Tensor, name: str, x: torch.Tensor) -> None:
+    """A layer_norm_modulate_quantize multiplier/shift, as the C++ sample_rows_of: x's dtype and device,
+    shape [*x.shape[:j], 1, ..., 1, K] for some j once padded with leading ones."""
+    check_defined(t, name)
+    if t.dtype != x.dtype:
+        raise ValueError(f"fp4op: {name} must have the dtype of x ({x.dtype}), got {t.dtype}")
+    if t.device != x.device:
+        raise ValueError(f"fp4op: {name} is on {t.device} but x is on {x.device}")
+    n = x.dim()
+    per_sample = n >= 1 and 1 <= t.dim() <= n and t.shape[-1] == x.shape[-1]
+    if per_sample:
+        sizes = [1] * (n - t.dim()) + list(t.shape)
+        j = max((d + 1 for d in range(n - 1) if sizes[d] != 1), default=0)
+        per_sample = sizes[:j] == list(x.shape[:j])
+    if not per_sample:
+        raise ValueError(
+            f"fp4op: {name} must broadcast to x {list(x.shape)} per sample: shape [*x.shape[:j], 1, ..., 1, K] "
+            f"for some j (e.g. [B, 1, K] for x [B, T, K]), got {list(t.shape)}"
+        )
+
+
+@torch.library.register_fake("fp4op::layer_norm_modulate_quantize")
+def _layer_norm_modulate_quantize_fake(x, weight, bias, eps, multiplier, shift, *args, **kwargs):
+    out = _layer_norm_quantize_fake(x, weight, bias, eps, *args, **kwargs)
+    _check_sample_operand(multiplier, "multiplier", x)
+    _check_sample_operand(shift, "shift", x)
+    return out
 
 
 def _gated_fake(gate, up, global_scale, sf_vec_size, sf_use_ue8m0, is_sf_swizzled_layout, is_sf_8x4_layout):

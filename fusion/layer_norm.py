@@ -7,7 +7,12 @@ the row statistics are computed differently (rows with a large mean and a small 
 from the bf16 kernel's, as the bf16 rule's fused op does; without weight and bias the graphs are the same).
 
 Each form also where the norm output has readers besides the quantize (`keep_normed`: post-LN residual
-streams): fp4op.layer_norm_quantize_with_normed returns the output to them."""
+streams): fp4op.layer_norm_quantize_with_normed returns the output to them.
+
+The adaLN modulation of diffusion transformers, ``norm(x) * (1 + scale[:, None]) + shift[:, None]``
+(DiT, PixArt, SD3 and FLUX in diffusers), factors in either order, the shift on either side: ->
+fp4op.layer_norm_modulate_quantize, with the multiplier (``1 + scale``, left to the graph) and the shift
+broadcast per sample ([B, 1, K] for x [B, T, K], or one [K] vector)."""
 
 from __future__ import annotations
 
@@ -75,10 +80,70 @@ class LayerNormQuantize(FusionPattern):
         return not self.keep_normed or quantized_value_read_elsewhere(match)
 
 
+def per_sample(t: torch.Tensor, x: torch.Tensor) -> bool:
+    """Whether t broadcasts to x per sample, as layer_norm_modulate_quantize takes it: shape
+    [*x.shape[:j], 1, ..., 1, K] for some j once padded with leading ones (fp4op/fused_ops.py)."""
+    from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+    n = x.dim()
+    if not (1 <= t.dim() <= n and statically_known_true(t.shape[-1] == x.shape[-1])):
+        return False
+    sizes = [1] * (n - t.dim()) + list(t.shape)
+    # a size not known to be 1 (a symbol) must be x's there
+    j = max((d + 1 for d in range(n - 1) if not statically_known_true(sizes[d] == 1)), default=0)
+    return all(statically_known_true(a == b) for a, b in zip(sizes[:j], x.shape[:j]))
+
+
+class LayerNormModulateQuantize(FusionPattern):
+    """``norm(x) * multiplier + shift`` (adaLN) -> fp4op.layer_norm_modulate_quantize."""
+
+    scalars = {"eps": EPS_PLACEHOLDER}
+
+    def __init__(self, with_weight: bool, with_bias: bool, multiplier_first: bool, shift_first: bool):
+        self.with_weight = with_weight
+        self.with_bias = with_bias
+        self.multiplier_first = multiplier_first
+        self.shift_first = shift_first
+        affine = "weight,bias" if with_bias else "weight" if with_weight else "no_affine"
+        product = "multiplier*norm" if multiplier_first else "norm*multiplier"
+        self.name = f"layer_norm_modulate_quantize[{affine},{'shift+' if shift_first else ''}{product}{'' if shift_first else '+shift'}]"
+
+    def tensor_inputs(self, dtype, device):
+        inputs = {
+            "x": torch.empty(2, 4, 32, dtype=dtype, device=device),
+            "multiplier": torch.empty(2, 1, 32, dtype=dtype, device=device),
+            "shift": torch.empty(2, 1, 32, dtype=dtype, device=device),
+        }
+        if self.with_weight:
+            inputs["weight"] = torch.empty(32, dtype=dtype, device=device)
+        if self.with_bias:
+            inputs["bias"] = torch.empty(32, dtype=dtype, device=device)
+        return inputs
+
+    def pattern(self, x, multiplier, shift, eps, weight=None, bias=None, global_scale=None):
+        normed = F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
+        scaled = multiplier * normed if self.multiplier_first else normed * multiplier
+        return shift + scaled if self.shift_first else scaled + shift
+
+    def replacement(self, q: QuantizeArgs, x, multiplier, shift, eps, weight=None, bias=None, global_scale=None):
+        return torch.ops.fp4op.layer_norm_modulate_quantize(x, weight, bias, eps, multiplier, shift, *q.tail(global_scale))
+
+    def check(self, match: pm.Match) -> bool:
+        names = ["x", "multiplier", "shift"] + (["weight"] if self.with_weight else []) + (["bias"] if self.with_bias else [])
+        if not same_model_dtype(match, names):
+            return False
+        x = tensor_meta(match, "x")
+        if not all(same_shape(tensor_meta(match, n), (x.shape[-1],)) for n in names[3:]):
+            return False
+        # the modulated value must have x's shape, its operands one row a sample (not a position's row)
+        return all(per_sample(tensor_meta(match, n), x) for n in ("multiplier", "shift"))
+
+
 def rules() -> list[FusionPattern]:
-    """The plain rules, then those that also return the norm output (post-LN models: BERT, BART,
-    nn.TransformerEncoderLayer's default norm_first=False, where the output is the next residual too)."""
-    return [
+    """The plain rules, those that also return the norm output (post-LN models: BERT, BART,
+    nn.TransformerEncoderLayer's default norm_first=False, where the output is the next residual too), and
+    the adaLN rules."""
+    plain = [
         LayerNormQuantize(with_weight, with_bias, float32, keep_normed)
         for keep_normed in (False, True)
         for with_weight, with_bias, float32 in (
@@ -89,3 +154,10 @@ def rules() -> list[FusionPattern]:
             (True, False, True),
         )
     ]
+    modulated = [
+        LayerNormModulateQuantize(with_weight, with_bias, multiplier_first, shift_first)
+        for with_weight, with_bias in ((False, False), (True, True), (True, False))
+        for multiplier_first in (False, True)
+        for shift_first in (False, True)
+    ]
+    return plain + modulated

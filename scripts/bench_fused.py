@@ -137,6 +137,12 @@ def cases(m: int, k: int, dtype: torch.dtype, gs: torch.Tensor):
            vllm_add_rms_norm, (x, residual, w), 3 * m * k * e + q_bytes)
     yield ("layer_norm", lambda: OPS.layer_norm_quantize(x, w, b, EPS, global_scale=gs),
            lambda x, w, b: F.layer_norm(x, (k,), w, b, EPS), (x, w, b), m * k * e + q_bytes)
+    # adaLN (DiT / FLUX): two samples' rows, each with its [K] multiplier (1 + scale) and shift
+    xs = x.view(2, m // 2, k)
+    multiplier, shift = 1 + 0.1 * torch.randn(2, 1, k, dtype=dtype, device=dev), torch.randn(2, 1, k, dtype=dtype, device=dev)
+    yield ("layer_norm_modulate", lambda: OPS.layer_norm_modulate_quantize(xs, None, None, EPS, multiplier, shift, global_scale=gs),
+           lambda x, mul, add: F.layer_norm(x, (k,), None, None, EPS) * mul + add, (xs, multiplier, shift),
+           m * k * e + q_bytes)
     yield ("rms_norm_with_normed", lambda: OPS.rms_norm_quantize_with_normed(x, w, EPS, global_scale=gs),
            also_returned(lambda x, w: F.rms_norm(x, (k,), w, EPS)), (x, w), 2 * m * k * e + q_bytes)
     yield ("layer_norm_with_normed", lambda: OPS.layer_norm_quantize_with_normed(x, w, b, EPS, global_scale=gs),

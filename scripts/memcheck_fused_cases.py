@@ -15,7 +15,7 @@ import fp4op  # noqa: F401  (registers the ops)
 from fp4op import layouts
 
 OPS = ("rms_norm", "add_rms_norm", "add_rms_norm_float32_sum", "layer_norm", "rms_norm_with_normed",
-       "layer_norm_with_normed", "add_rms_norm_with_normed", "rms_norm_add", "silu_and_mul", "gelu_and_mul",
+       "layer_norm_with_normed", "add_rms_norm_with_normed", "rms_norm_add", "layer_norm_modulate", "silu_and_mul", "gelu_and_mul",
        "gelu_new_and_mul", "relu2_and_mul", "silu", "gelu", "gelu_new", "relu", "relu2", "quick_gelu")
 
 
@@ -31,6 +31,8 @@ def run(op, x, w, gs, q):
         return ops.add_rms_norm_quantize(x, x.flip(0) * 0.01, w, 1e-5, 0.0, True, **q, sum_in_float32=True)
     if op == "layer_norm":
         return ops.layer_norm_quantize(x, w, w, 1e-5, **q)
+    if op == "layer_norm_modulate":  # one multiplier for every row, a shift a row
+        return ops.layer_norm_modulate_quantize(x, w, None, 1e-5, x[:1] * 0.25 + 1, x.flip(0), **q)
     if op == "rms_norm_with_normed":
         return ops.rms_norm_quantize_with_normed(x, w, 1e-6, 0.0, True, **q)
     if op == "layer_norm_with_normed":

@@ -183,6 +183,9 @@ NORMS = (
     "rms_norm_add_no_weight",
     "layer_norm",
     "layer_norm_no_affine",
+    # LayerNorm(x) * multiplier + shift per sample (adaLN: DiT, SD3, FLUX), with and without weight and bias
+    "layer_norm_modulate",
+    "layer_norm_modulate_affine",
     # the *_with_normed ops: the (x_q, sf) of the op named before the suffix, and the norm output
     "rms_norm_with_normed",
     "rms_norm_llama_with_normed",
@@ -254,10 +257,33 @@ def norm_case(name, x, eps, device):
             in_dtype = True
         y = eager_rms_norm(x, weight, eps, offset, in_dtype)
         return OPS.rms_norm_quantize, (x, weight, eps, offset, in_dtype), y, None
+    if name.startswith("layer_norm_modulate"):
+        affine = name.endswith("affine")
+        weight = make_affine(k, dtype, device, seed=3) if affine else None
+        bias = make_affine(k, dtype, device, seed=4, mean=0.0) if affine else None
+        x, multiplier, shift = modulation_operands(x)
+        y = eager_layer_norm(x, weight, bias, eps) * multiplier + shift
+        return OPS.layer_norm_modulate_quantize, (x, weight, bias, eps, multiplier, shift), y, None
     affine = not name.endswith("no_affine")
     weight = make_affine(k, dtype, device) if affine else None
     bias = make_affine(k, dtype, device, seed=2, mean=0.0) if affine else None
     return OPS.layer_norm_quantize, (x, weight, bias, eps), eager_layer_norm(x, weight, bias, eps), None
+
+
+def modulation_operands(x):
+    """(x, multiplier, shift) of an adaLN case from rows x [M, K]: x as [3, M / 3, K] with a multiplier a
+    sample ([3, 1, K], 1 + scale) where 3 divides M, else a multiplier a row ([M, K]); one shift for all rows."""
+    m, k = x.shape
+    samples = 3 if m % 3 == 0 else m
+    if samples != m:
+        x = x.view(samples, m // samples, k)
+    g = torch.Generator().manual_seed(m + k)
+    scale = (0.5 * torch.randn(samples, k, generator=g)).to(x.dtype).to(x.device)
+    shift = (0.5 * torch.randn(1, k, generator=g)).to(x.dtype).to(x.device)
+    multiplier = 1 + scale
+    if samples != m:
+        multiplier, shift = multiplier[:, None], shift[:, None]
+    return x, multiplier, shift
 
 
 def gated_op(act, gate, up):
@@ -533,6 +559,10 @@ def op_cases(device):
         ),
         (OPS.layer_norm_quantize, (x, w, b, 1e-5), nv),
         (OPS.layer_norm_quantize, (x2, None, None, 1e-5), mx),
+        # the multiplier a sample ([2, 1, K] of x2 [2, 3, K]) or a row, the shift one for all rows or a sample
+        (OPS.layer_norm_modulate_quantize, (x2, None, None, 1e-6, 1 + x2[:, :1] * 0.1, x2[0, 0]), nv),
+        (OPS.layer_norm_modulate_quantize, (x, w, b, 1e-5, x.flip(0), x[:1]), mx),
+        (OPS.layer_norm_modulate_quantize, (x2, w.half(), None, 1e-5, x2 * 0.5, x2[:, :1]), eightx4),
         (OPS.rms_norm_add_quantize, (x, x.flip(0), w, 1e-6), nv),
         (OPS.rms_norm_add_quantize, (x2, x2 * 2, None, 1e-5, 0.0, True), mx),
         (OPS.rms_norm_add_quantize_eps_tensor, (x, x.flip(0), w, torch.tensor([1e-5], device=device), 0.0, True), eightx4),
@@ -610,6 +640,7 @@ def _bad_calls():
     x = torch.randn(4, 64).to(bf)
     w = torch.ones(64, dtype=bf)
     gs = torch.tensor([1.0])
+    x3 = x.view(2, 2, 64)
     return [
         ("fp8", NotImplementedError, "float16 or bfloat16", lambda: OPS.silu_quantize(x.to(torch.float8_e4m3fn), gs)),
         ("float32", NotImplementedError, "x of a fused", lambda: OPS.rms_norm_quantize(x.float(), None, 1e-6, global_scale=gs)),
@@ -640,6 +671,14 @@ def _bad_calls():
         ("post-norm weight", ValueError, "weight must have shape", lambda: OPS.rms_norm_add_quantize(x, x, w[:8], 1e-6, global_scale=gs)),
         ("post-norm eps", ValueError, "eps must be a floating-point", lambda: OPS.rms_norm_add_quantize_eps_tensor(x, x, w, torch.tensor(1), global_scale=gs)),
         ("normed residual eps", ValueError, "eps must be a floating-point", lambda: OPS.add_rms_norm_quantize_with_normed_eps_tensor(x, x, w, torch.tensor(1), global_scale=gs)),
+        # adaLN operands: per sample, x's dtype; a position-wise [1, T, K] multiplier is not per sample
+        ("modulate a position", ValueError, "multiplier must broadcast to x", lambda: OPS.layer_norm_modulate_quantize(x3, None, None, 1e-6, x3[:1], x3[:, :1], gs)),
+        ("modulate K", ValueError, "shift must broadcast to x", lambda: OPS.layer_norm_modulate_quantize(x3, None, None, 1e-6, x3, x3[..., :32], gs)),
+        ("modulate rank", ValueError, "shift must broadcast to x", lambda: OPS.layer_norm_modulate_quantize(x, None, None, 1e-6, x, x[None], gs)),
+        ("modulate 0-d", ValueError, "multiplier must broadcast to x", lambda: OPS.layer_norm_modulate_quantize(x, None, None, 1e-6, x[0, 0], x, gs)),
+        ("modulate dtype", ValueError, "multiplier must have the dtype", lambda: OPS.layer_norm_modulate_quantize(x, None, None, 1e-6, x.float(), x, gs)),
+        ("modulate None", ValueError, "shift must be a tensor", lambda: OPS.layer_norm_modulate_quantize(x, None, None, 1e-6, x, None, gs)),
+        ("modulate bias", ValueError, "bias must have shape", lambda: OPS.layer_norm_modulate_quantize(x, w, w[:8], 1e-6, x, x, gs)),
     ]
 
 

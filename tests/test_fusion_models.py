@@ -692,3 +692,72 @@ def test_olmo2_post_norm_residual_fuses(device, dynamic):
         eager = model(x)
     torch.testing.assert_close(out, eager, rtol=0.05, atol=0.05)
 
+
+
+class AdaLayerNormZero(nn.Module):
+    """diffusers' AdaLayerNormZero: the conditioning through SiLU and a projection into six [B, D] chunks, the
+    norm (no affine) modulated by the first two."""
+
+    def __init__(self, dim=D):
+        super().__init__()
+        self.silu = nn.SiLU()
+        self.linear = nn.Linear(dim, 6 * dim)
+        self.norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+
+    def forward(self, x, emb):
+        emb = self.linear(self.silu(emb))
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = emb.chunk(6, dim=1)
+        x = self.norm(x) * (1 + scale_msa[:, None]) + shift_msa[:, None]
+        return x, gate_msa, shift_mlp, scale_mlp, gate_mlp
+
+
+class DiTBlock(nn.Module):
+    """A DiT / PixArt transformer block as diffusers writes it: adaLN-Zero, attention with separate q/k/v
+    projections of the modulated norm, a GELU(tanh) feed-forward of the second modulated norm."""
+
+    def __init__(self, dim=D, heads=4):
+        super().__init__()
+        self.heads = heads
+        self.norm1 = AdaLayerNormZero(dim)
+        self.to_q, self.to_k, self.to_v = (nn.Linear(dim, dim) for _ in range(3))
+        self.to_out = nn.Linear(dim, dim)
+        self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.ff = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(approximate="tanh"), nn.Linear(4 * dim, dim))
+
+    def forward(self, hidden_states, emb):
+        b, t, d = hidden_states.shape
+        norm_hidden, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.norm1(hidden_states, emb)
+        q, k, v = (proj(norm_hidden).view(b, t, self.heads, -1).transpose(1, 2) for proj in (self.to_q, self.to_k, self.to_v))
+        attn = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, t, d)
+        hidden_states = hidden_states + gate_msa.unsqueeze(1) * self.to_out(attn)
+        norm_hidden = self.norm2(hidden_states) * (1 + scale_mlp[:, None]) + shift_mlp[:, None]
+        return hidden_states + gate_mlp.unsqueeze(1) * self.ff(norm_hidden)
+
+
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+@pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=requires_cuda)])
+def test_dit_adaln_modulation_fuses(device, dynamic, tied):
+    """A DiT block's two modulated norms fuse into layer_norm_modulate_quantize: the first once for q, k and
+    v together where their scales are tied (one quantize), once for each where not; the second for the
+    feed-forward; the SiLU of the conditioning and the feed-forward's GELU fuse with their quantizes."""
+    torch.manual_seed(0)
+    model = DiTBlock().to(device, torch.bfloat16).eval()  # nn.Linear's own init: outputs of order 1
+    fnn.convert(model)
+    x = torch.randn(2, 16, D, dtype=torch.bfloat16, device=device)
+    emb = torch.randn(2, D, dtype=torch.bfloat16, device=device)
+    with torch.no_grad(), fnn.calibrate(model, tie_siblings=tied):
+        model(x, emb)
+    out, record = compile_fused(model, x, emb, dynamic=dynamic)
+    modulated = 2 if tied else 4
+    assert dict(record.matches) == {
+        "layer_norm_modulate_quantize[no_affine,norm*multiplier+shift]": modulated,
+        "silu_quantize[silu]": 1,
+        "gelu_quantize[gelu_tanh]": 1,
+    }, record.matches
+    ops = fp4_ops(record.after)
+    assert ops["fp4op.layer_norm_modulate_quantize.default"] == modulated, ops
+    assert ops["fp4op.quantize.default"] == 1, ops  # the attention output's, before to_out
+    with torch.no_grad():
+        eager = model(x, emb)
+    torch.testing.assert_close(out, eager, rtol=0.05, atol=0.05)

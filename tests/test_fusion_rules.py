@@ -388,6 +388,85 @@ def test_residual_added_after_the_norm_fuses(device, dynamic):
         torch.testing.assert_close(got[2], want[2], rtol=2.0**-6, atol=1e-5, msg=name)
 
 
+B, T = 2, 32  # adaLN chains: x [B, T, K], B * T = M
+
+
+def _modulate_chains(norm_affine):
+    """(rule, adaLN of (x, emb)) pairs as diffusion transformers write it, emb [B, 6K] the conditioning
+    projection whose chunks are shift and scale (non-contiguous [B, K] views)."""
+    norm = lambda x: F.layer_norm(x, (K,), None, None, 1e-6)  # noqa: E731
+    w, b = norm_affine
+
+    def chunks(emb):
+        return emb.chunk(6, dim=1)
+
+    def dit(x, emb):  # DiT's modulate(norm(x), shift, scale)
+        shift, scale = chunks(emb)[:2]
+        return norm(x) * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+    def flux(x, emb):  # FLUX: the chunks of emb[:, None, :], (1 + scale) on the left
+        shift, scale = emb[:, None, :].chunk(6, dim=-1)[:2]
+        return (1 + scale) * norm(x) + shift
+
+    def sd3_continuous(x, emb):  # diffusers' AdaLayerNormContinuous: an affine norm, (1 + scale)[:, None, :]
+        scale, shift = chunks(emb)[2:4]
+        return F.layer_norm(x, (K,), w, b, 1e-6) * (1 + scale)[:, None, :] + shift[:, None, :]
+
+    def shift_first(x, emb):
+        shift, scale = chunks(emb)[4:6]
+        return shift[:, None] + norm(x) * (scale[:, None] + 1)
+
+    def one_vector(x, emb):  # FiLM-style [K] vectors for every row, an eps of 1e-5
+        return F.layer_norm(x, (K,), w, None, 1e-5) * emb[0, :K] + emb[1, K : 2 * K]
+
+    return [
+        ("layer_norm_modulate_quantize[no_affine,norm*multiplier+shift]", dit),
+        ("layer_norm_modulate_quantize[no_affine,multiplier*norm+shift]", flux),
+        ("layer_norm_modulate_quantize[weight,bias,norm*multiplier+shift]", sd3_continuous),
+        ("layer_norm_modulate_quantize[no_affine,shift+norm*multiplier]", shift_first),
+        ("layer_norm_modulate_quantize[weight,norm*multiplier+shift]", one_vector),
+    ]
+
+
+@pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=requires_cuda)])
+def test_adaln_modulation_fuses(device, dynamic):
+    """LayerNorm then the per-sample scale and shift of diffusion transformers becomes
+    layer_norm_modulate_quantize; a per-position multiplier, a float32 one, and a modulated value read
+    elsewhere are left alone."""
+    dtype = torch.bfloat16
+    rand = lambda *s: torch.randn(*s, dtype=dtype, device=device)  # noqa: E731
+    norm_affine = (rand(K) * 0.3 + 1, rand(K) * 0.1)
+    chains = _modulate_chains(norm_affine)
+    xs = [rand(B, T, K) * 2 for _ in chains]
+    embs = [rand(B, 6 * K) * 0.5 for _ in chains]
+    gs = torch.tensor([100.0], device=device)
+
+    others = [rand(B, T, K) for _ in range(3)]  # the unfused chains' own inputs (no shared norm output)
+    position = rand(1, T, K) * 0.5
+
+    def fn(xs, embs, others, position):
+        outs = [torch.ops.fp4op.quantize(chain(x, emb), gs) for (_, chain), x, emb in zip(chains, xs, embs)]
+        shift, scale = embs[0][:, None, :K], embs[0][:, None, K : 2 * K]
+        norm = lambda x: F.layer_norm(x, (K,), None, None, 1e-6)  # noqa: E731
+        per_position = norm(others[0]) * (1 + position) + shift
+        float32 = (norm(others[1]) * (1 + scale.float()) + shift).to(dtype)
+        read_elsewhere = norm(others[2]) * (1 + scale) + shift
+        outs += [torch.ops.fp4op.quantize(v, gs) for v in (per_position, float32, read_elsewhere)]
+        return outs, read_elsewhere
+
+    (out, _), record = compile_fused(fn, xs, embs, others, position, dynamic=dynamic)
+    assert dict(record.matches) == _expected_counts(chains)
+    ops = fp4_ops(record.after)
+    assert ops["fp4op.layer_norm_modulate_quantize.default"] == len(chains), ops
+    assert ops["fp4op.quantize.default"] == 3, ops
+    with torch.no_grad():
+        expected, _ = fn(xs, embs, others, position)
+    for (name, _), got, want in zip(chains, out, expected):
+        assert_fp4_close(got, want, 16)
+    # (the unfused chains are Inductor's, which rounds the norm and the modulation once, not as eager)
+
+
 def test_norm_output_read_only_by_its_quantize_takes_the_plain_op():
     """Where the quantize is the norm output's only reader, the plain fused op (which stores no norm output)
     is used, not the *_with_normed one."""

@@ -24,8 +24,9 @@ from test_hostile import DEVICES, NIE, VE, _freed, _x, child_main, verdict_cache
 OPS = torch.ops.fp4op
 EPS = 1e-6
 # *_with_normed: the norm op of that name that also returns its output; rms_norm_add: residual + RMSNorm(x)
+# layer_norm_modulate: LayerNorm(x) * multiplier + shift per sample (adaLN)
 NORMS = ("rms_norm", "add_rms_norm", "layer_norm", "rms_norm_with_normed", "layer_norm_with_normed",
-         "add_rms_norm_with_normed", "rms_norm_add")
+         "add_rms_norm_with_normed", "rms_norm_add", "layer_norm_modulate")
 WITH_NORMED = "_with_normed"
 GATED = ("silu_and_mul", "gelu_and_mul", "gelu_new_and_mul", "relu2_and_mul")
 FUSED = (*NORMS, *GATED, "silu", "gelu", "gelu_new", "relu2", "quick_gelu")
@@ -59,6 +60,11 @@ def companions(op, x):
         return {"residual": like(2), "weight": affine(1, 1.0)}
     if op == "layer_norm":
         return {"weight": affine(1, 1.0), "bias": affine(3, 0.0)}
+    if op == "layer_norm_modulate":
+        # a multiplier a sample (x's first dim; [K] for a row) and one shift for every row
+        samples = [x.shape[0], *[1] * (x.dim() - 2)] if x.dim() >= 2 else []
+        multiplier = (1 + 0.5 * torch.randn(*samples, k, generator=_gen(5))).to(x.dtype).to(x.device)
+        return {"weight": affine(1, 1.0), "bias": affine(3, 0.0), "multiplier": multiplier, "shift": affine(6, 0.0)}
     if op in GATED:
         return {"up": like(4)}
     return {}
@@ -80,6 +86,8 @@ def fused(op, x, c, eps=EPS, **q):
         return OPS.rms_norm_add_quantize(x, c["residual"], c["weight"], eps, **q)
     if op == "layer_norm":
         return OPS.layer_norm_quantize(x, c["weight"], c["bias"], eps, **q)
+    if op == "layer_norm_modulate":
+        return OPS.layer_norm_modulate_quantize(x, c["weight"], c["bias"], eps, c["multiplier"], c["shift"], **q)
     if op == "silu_and_mul":
         return OPS.silu_and_mul_quantize(x, c["up"], **q)
     if op == "gelu_and_mul":
@@ -111,6 +119,8 @@ def eager(op, x, c):
         return c["residual"] + eager_rms_norm(x, c["weight"], EPS), None
     if op == "layer_norm":
         return eager_layer_norm(x, c["weight"], c["bias"], EPS), None
+    if op == "layer_norm_modulate":
+        return eager_layer_norm(x, c["weight"], c["bias"], EPS) * c["multiplier"] + c["shift"], None
     if op in GATED:
         return eager_act(op[: -len("_and_mul")], x) * c["up"], None
     return eager_act(op if op in ("silu", "gelu_new", "relu2", "quick_gelu") else "gelu_tanh", x), None
@@ -416,6 +426,34 @@ def _like_x_cases(arg):
     }
 
 
+def _modulation_cases(arg):
+    """layer_norm_modulate's multiplier / shift: x's dtype and device, one row a sample, any row layout."""
+    rank3 = lambda d: _x(d, m=8).view(2, 4, 64)  # noqa: E731
+    return {
+        f"{arg}_freed": (lambda op, d: _with(op, d, **{arg: lambda t: _freed(t.clone())}),
+                         (VE, f"{arg} has {448 if arg == 'multiplier' else 64} elements but its storage holds 0")),
+        f"{arg}_none": (lambda op, d: _with(op, d, **{arg: lambda t: None}), (VE, f"{arg} must be a tensor, got None")),
+        f"{arg}_float32": (lambda op, d: _with(op, d, **{arg: lambda t: t.float()}),
+                           (VE, f"{arg} must have the dtype of x")),
+        f"{arg}_float16": (lambda op, d: _with(op, d, **{arg: lambda t: t.half()}), (VE, f"{arg} must have the dtype of x")),
+        f"{arg}_long": (lambda op, d: _with(op, d, **{arg: lambda t: torch.cat([t, t[..., :16]], -1)}),
+                        (VE, f"{arg} must broadcast to x")),
+        f"{arg}_zero_dim": (lambda op, d: _with(op, d, **{arg: lambda t: t.reshape(-1)[0]}), (VE, f"{arg} must broadcast to x")),
+        f"{arg}_more_dims": (lambda op, d: _with(op, d, **{arg: lambda t: t[None, None]}), (VE, f"{arg} must broadcast to x")),
+        # a row a position [1, T, K] broadcast over the samples: not a sample's row
+        f"{arg}_per_position": (lambda op, d: _with(op, d, rank3(d), **{arg: lambda t: rank3(d)[:1]}),
+                                (VE, f"{arg} must broadcast to x")),
+        f"{arg}_per_row": (lambda op, d: _answer_with(op, d, rank3(d), **{arg: lambda t: rank3(d) * 0.5}), "ok"),
+        f"{arg}_per_sample": (lambda op, d: _answer_with(op, d, rank3(d), **{arg: lambda t: rank3(d)[:, 1:2]}), "ok"),
+        f"{arg}_one_vector_2d": (lambda op, d: _answer_with(op, d, rank3(d), **{arg: lambda t: rank3(d)[0, :1]}), "ok"),
+        # a chunk of a [B, 6K] conditioning projection: rows strided by 6K
+        f"{arg}_chunk": (lambda op, d: _answer_with(op, d, rank3(d), **{arg: lambda t: _x(d, m=2, k=384).chunk(6, 1)[3][:, None]}), "ok"),
+        f"{arg}_expanded": (lambda op, d: _answer_with(op, d, rank3(d), **{arg: lambda t: rank3(d)[:1, :1].expand(2, 1, 64)}), "ok"),
+        f"{arg}_odd_storage_offset": (lambda op, d: _answer_with(op, d, **{arg: lambda t: _x(d, m=8).reshape(-1)[1:449].view(7, 64)}), "ok"),
+        f"{arg}_is_x": (lambda op, d: (lambda x: check_answer(op, x, {**companions(op, x), arg: x}))(_x(d)), "ok"),
+    }
+
+
 def case_gate_up_halves(op, d):
     # vLLM: one [M, 2H] gate_up projection, split in two strided views (read in place by the kernels)
     t = _x(d, m=9, k=256)
@@ -503,6 +541,8 @@ SPECIFIC = {
     "add_rms_norm": {**_affine_cases("weight"), **_like_x_cases("residual"), **EPS_TENSOR_CASES},
     "rms_norm_add": {**_affine_cases("weight"), **_like_x_cases("residual"), **EPS_TENSOR_CASES},
     "layer_norm": {**_affine_cases("weight"), **_affine_cases("bias")},
+    "layer_norm_modulate": {**_affine_cases("weight"), **_affine_cases("bias"), **_modulation_cases("multiplier"),
+                            **_modulation_cases("shift")},
 
     "gelu": {"approximate": (case_approximate, (VE, "approximate must be 'none' or 'tanh'"))},
     "gelu_new": dict(COEF_TENSOR_CASES),

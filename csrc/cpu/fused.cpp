@@ -202,17 +202,48 @@ bool torch_cpu_kernels_vectorized() {
 #endif
 }
 
-// layer_norm_quantize, and with `with_normed` its norm output as well (undefined otherwise).
+// The rows of layer_norm_modulate_quantize's multiplier and shift (fused::sample_rows_of).
+struct ModulationRows {
+  Rows multiplier, shift;
+  int64_t multiplier_rows_per_sample = 1, shift_rows_per_sample = 1;
+
+  ModulationRows(const at::Tensor& multiplier_t, const at::Tensor& shift_t, const at::Tensor& x) {
+    const fused::SampleRows m = fused::sample_rows_of(multiplier_t, "multiplier", x);
+    const fused::SampleRows s = fused::sample_rows_of(shift_t, "shift", x);
+    multiplier = fused::rows_of(m.rows);
+    shift = fused::rows_of(s.rows);
+    multiplier_rows_per_sample = m.rows_per_sample;
+    shift_rows_per_sample = s.rows_per_sample;
+  }
+
+  // v = round(round(v * multiplier) + shift) over row r's K values, each op rounded to D as eager rounds it
+  template <InputDtype D>
+  void apply(int64_t r, int64_t k, float* v) const {
+    const uint16_t* mul = row_ptr(multiplier, r / multiplier_rows_per_sample);
+    const uint16_t* add = row_ptr(shift, r / shift_rows_per_sample);
+    for (int64_t i = 0; i < k; ++i) {  // vectorized
+      const float scaled = fused::round_to(mul_rn(v[i], widen(mul[i], D)), D);
+      v[i] = fused::round_to(add_rn(scaled, widen(add[i], D)), D);
+    }
+  }
+};
+
+// layer_norm_quantize, and with `with_normed` its norm output as well (undefined otherwise); with
+// `multiplier` and `shift`, layer_norm_modulate_quantize.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_impl(const at::Tensor& x, const std::optional<at::Tensor>& weight,
                                                                const std::optional<at::Tensor>& bias, double eps,
                                                                const std::optional<at::Tensor>& global_scale,
                                                                int64_t sf_vec_size, bool sf_use_ue8m0,
                                                                bool is_sf_swizzled_layout, bool is_sf_8x4_layout,
-                                                               bool is_global_scale_inversed, bool with_normed) {
+                                                               bool is_global_scale_inversed, bool with_normed,
+                                                               const std::optional<at::Tensor>& multiplier,
+                                                               const std::optional<at::Tensor>& shift) {
   FusedProblem p = fused::prepare_fused(x, "x", global_scale, sf_vec_size, sf_use_ue8m0, is_sf_swizzled_layout,
                                         is_sf_8x4_layout);
   fused::check_affine(weight, "weight", x);
   fused::check_affine(bias, "bias", x);
+  const std::optional<ModulationRows> modulation =
+      multiplier ? std::optional<ModulationRows>(std::in_place, *multiplier, *shift, x) : std::nullopt;
   const Rows xr = fused::rows_of(x);
   const at::Tensor w = fused::has(weight) ? weight->contiguous() : at::Tensor();
   const at::Tensor b = fused::has(bias) ? bias->contiguous() : at::Tensor();
@@ -240,6 +271,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_impl(const at::Tensor&
       const float wi = w_bits ? widen(w_bits[i], dtype) : 1.0f;
       const float bi = b_bits ? widen(b_bits[i], dtype) : 0.0f;
       v[i] = fused::layer_norm_element_cpu(v[i], mean, rstd, wi, bi, contracted, dtype);
+    }
+    if (modulation) {
+      with_model_dtype(dtype, [&](auto model_dtype) { modulation->apply<decltype(model_dtype)::value>(r, k, v); });
     }
     store_normed_row(normed_bits, r, k, v, dtype);
   });

@@ -177,6 +177,10 @@ __device__ __forceinline__ float team_sum(float v, int team, float* smem) {
 template <FusedOp OP>
 constexpr bool kAddsResidual = OP == FusedOp::kAddRmsNorm || OP == FusedOp::kAddRmsNormFloat32Sum;
 
+// LayerNorm's statistics (the mean, then the centred squares), and its weight and bias
+template <FusedOp OP>
+constexpr bool kIsLayerNorm = OP == FusedOp::kLayerNorm || OP == FusedOp::kLayerNormModulate;
+
 template <FusedOp OP, InputDtype D, int VEC>
 struct NormRow {
   static constexpr int kLoads = VEC / kChunk;
@@ -316,6 +320,7 @@ struct NormRow {
       for (int i = 0; i < kLoads; ++i) out[i] = narrow8<D>(*reinterpret_cast<const float(*)[kChunk]>(f + i * kChunk));
     }
     if constexpr (OP == FusedOp::kRmsNormAdd) add_residual_after(col, f);
+    if constexpr (OP == FusedOp::kLayerNormModulate) modulate(col, f);
     return quantize_block<VEC, UE8M0>(f, amax_of(f), rs, xq_row + col * (VEC / 2));
   }
 
@@ -329,8 +334,34 @@ struct NormRow {
     }
   }
 
+  // layer_norm_modulate: f = round(round(f * multiplier) + shift), the operands' rows of this row's sample.
+  __device__ __forceinline__ void modulate(int64_t col, float (&f)[VEC]) const {
+    const uint4* mul = sample_block(a.multiplier, col);
+    const uint4* add = sample_block(a.shift, col);
+#pragma unroll
+    for (int i = 0; i < kLoads; ++i) {
+      float m[kChunk], s[kChunk];
+      Input<D>::widen(__ldg(mul + i), m);
+      Input<D>::widen(__ldg(add + i), s);
+      float* g = f + i * kChunk;
+#pragma unroll
+      for (int e = 0; e < kChunk; e += 2) {
+        g[e] = mul_rn(g[e], m[e]);
+        g[e + 1] = mul_rn(g[e + 1], m[e + 1]);
+        fused::round_pair(g[e], g[e + 1], D);
+        g[e] = add_rn(g[e], s[e]);
+        g[e + 1] = add_rn(g[e + 1], s[e + 1]);
+        fused::round_pair(g[e], g[e + 1], D);
+      }
+    }
+  }
+  __device__ __forceinline__ const uint4* sample_block(const SampleOperand& o, int64_t col) const {
+    return reinterpret_cast<const uint4*>(static_cast<const uint16_t*>(o.data) + (row / o.rows_per_sample) * o.row_stride +
+                                          col * VEC);
+  }
+
   // The block's weight and bias (layer norm), zero where absent: [0] weight, [1] bias.
-  static constexpr int kAffine = OP == FusedOp::kLayerNorm ? 2 : 1;
+  static constexpr int kAffine = kIsLayerNorm<OP> ? 2 : 1;
   __device__ __forceinline__ void load_affine(int64_t col, uint4 (&p)[kAffine][kLoads]) const {
     const void* src[2] = {a.weight, a.bias};
 #pragma unroll
@@ -352,7 +383,7 @@ struct NormRow {
       Input<D>::widen(affine[kAffine - 1][i], b + i * kChunk);
     }
     // one branch per block on the (uniform) affine form, with the element loop specialized to it
-    if constexpr (OP == FusedOp::kLayerNorm) {
+    if constexpr (kIsLayerNorm<OP>) {
       const bool has_w = a.weight != nullptr, has_b = a.bias != nullptr;
       if (has_w && has_b) {
         layer_norm_block<true, true>(stat_a, stat_b, w, b, f);
@@ -413,9 +444,6 @@ struct NormRow {
     }
   }
 };
-
-template <FusedOp OP>
-constexpr bool kIsLayerNorm = OP == FusedOp::kLayerNorm;
 
 // Stores the scale byte of (row, col) in a layout known at run time (uniform over the CTA): see
 // store_sf; every lane of the warp must call this.
@@ -753,6 +781,7 @@ cudaError_t launch_typed(const FusedLaunch& a, const LaunchStream& stream) {
     // no norm output besides the sum: the kernels without NORMED
     case FusedOp::kRmsNormAdd: return launch_norm_kernels<FusedOp::kRmsNormAdd, D, false>(a, stream);
     case FusedOp::kLayerNorm: return launch_norm<FusedOp::kLayerNorm, D>(a, stream);
+    case FusedOp::kLayerNormModulate: return launch_norm_kernels<FusedOp::kLayerNormModulate, D, false>(a, stream);
     case FusedOp::kActivation:
     case FusedOp::kGatedActivation: return launch_activation<D>(a, stream);
   }

@@ -110,20 +110,36 @@ NormOutputs rms_norm_impl(const at::Tensor& x, const std::optional<at::Tensor>& 
   return {p.x_q, p.sf, sum, normed};
 }
 
-// (x_q, sf, the norm output with `with_normed`, or undefined)
+// A modulation tensor's rows (fused::sample_rows_of) as the kernel reads them.
+SampleOperand sample_operand(const at::Tensor& t, const char* name, const at::Tensor& x, std::vector<at::Tensor>& keep) {
+  const fused::SampleRows s = fused::sample_rows_of(t, name, x);
+  SampleOperand op{nullptr, 0, s.rows_per_sample};
+  set_rows(s.rows, &op.data, &op.row_stride, keep);
+  return op;
+}
+
+// (x_q, sf, the norm output with `with_normed`, or undefined); with multiplier and shift the modulated norm
+// (layer_norm_modulate_quantize)
 std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_impl(const at::Tensor& x, const std::optional<at::Tensor>& weight,
                                                                const std::optional<at::Tensor>& bias, double eps,
                                                                const std::optional<at::Tensor>& global_scale,
                                                                int64_t sf_vec_size, bool sf_use_ue8m0,
                                                                bool is_sf_swizzled_layout, bool is_sf_8x4_layout,
-                                                               bool is_global_scale_inversed, bool with_normed) {
+                                                               bool is_global_scale_inversed, bool with_normed,
+                                                               const std::optional<at::Tensor>& multiplier,
+                                                               const std::optional<at::Tensor>& shift) {
   FusedProblem p = fused::prepare_fused(x, "x", global_scale, sf_vec_size, sf_use_ue8m0, is_sf_swizzled_layout,
                                         is_sf_8x4_layout);
   fused::check_affine(weight, "weight", x);
   fused::check_affine(bias, "bias", x);
   const c10::cuda::CUDAGuard guard(x.device());
-  FusedLaunch a = base_launch(FusedOp::kLayerNorm, p, sf_use_ue8m0, is_global_scale_inversed);
+  FusedLaunch a = base_launch(multiplier ? FusedOp::kLayerNormModulate : FusedOp::kLayerNorm, p, sf_use_ue8m0,
+                              is_global_scale_inversed);
   std::vector<at::Tensor> keep;
+  if (multiplier) {  // checked before the empty-problem return, like the other arguments
+    a.multiplier = sample_operand(*multiplier, "multiplier", x, keep);
+    a.shift = sample_operand(*shift, "shift", x, keep);
+  }
   if (a.out.m > 0 && a.out.k > 0) set_rows(x, &a.x, &a.x_row_stride, keep);
   const at::Tensor w = kernel_affine(weight), b = kernel_affine(bias);
   a.weight = w.defined() ? w.data_ptr() : nullptr;

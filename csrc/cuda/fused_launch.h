@@ -7,7 +7,8 @@
 namespace fp4op::cuda {
 
 // kAddRmsNormFloat32Sum: add_rms_norm normalizing the float32 sum x + residual (sum_out its rounding);
-// kRmsNormAdd: residual + RMSNorm(x) rounded (a post-norm residual stream, OLMo2), quantized and stored to sum_out
+// kRmsNormAdd: residual + RMSNorm(x) rounded (a post-norm residual stream, OLMo2), quantized and stored to sum_out;
+// kLayerNormModulate: round(round(LayerNorm(x) * multiplier) + shift) (adaLN), quantized
 enum class FusedOp : int {
   kRmsNorm = 0,
   kAddRmsNorm = 1,
@@ -15,7 +16,16 @@ enum class FusedOp : int {
   kActivation = 3,
   kGatedActivation = 4,
   kAddRmsNormFloat32Sum = 5,
-  kRmsNormAdd = 6
+  kRmsNormAdd = 6,
+  kLayerNormModulate = 7
+};
+
+// A per-sample [S, K] operand (layer_norm_modulate's multiplier and shift): row r of x reads row
+// r / rows_per_sample, at data + that * row_stride elements; 16-byte aligned rows.
+struct SampleOperand {
+  const void* data;
+  int64_t row_stride;
+  int64_t rows_per_sample;
 };
 
 struct FusedLaunch {
@@ -40,6 +50,7 @@ struct FusedLaunch {
   int activation;               // fp4op::fused::Activation
   float activation_coef;        // the activation's factor: gelu_new's sqrt(2 / pi), sigmoid_mul's alpha
   const float* activation_coef_device;  // or that factor read on the device (a float32 tensor), or nullptr
+  SampleOperand multiplier, shift;      // kLayerNormModulate
   QuantizeTarget out;
 };
 
