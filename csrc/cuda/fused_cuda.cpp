@@ -110,9 +110,8 @@ NormOutputs rms_norm_impl(const at::Tensor& x, const std::optional<at::Tensor>& 
   return {p.x_q, p.sf, sum, normed};
 }
 
-// A modulation tensor's rows (fused::sample_rows_of) as the kernel reads them.
-SampleOperand sample_operand(const at::Tensor& t, const char* name, const at::Tensor& x, std::vector<at::Tensor>& keep) {
-  const fused::SampleRows s = fused::sample_rows_of(t, name, x);
+// A checked modulation tensor (fused::sample_rows_of) as the kernel reads it.
+SampleOperand sample_operand(const fused::SampleRows& s, std::vector<at::Tensor>& keep) {
   SampleOperand op{nullptr, 0, s.rows_per_sample};
   set_rows(s.rows, &op.data, &op.row_stride, keep);
   return op;
@@ -132,13 +131,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_impl(const at::Tensor&
                                         is_sf_8x4_layout);
   fused::check_affine(weight, "weight", x);
   fused::check_affine(bias, "bias", x);
+  std::optional<fused::SampleRows> multiplier_rows, shift_rows;
+  if (multiplier) {
+    multiplier_rows = fused::sample_rows_of(*multiplier, "multiplier", x);
+    shift_rows = fused::sample_rows_of(*shift, "shift", x);
+  }
   const c10::cuda::CUDAGuard guard(x.device());
   FusedLaunch a = base_launch(multiplier ? FusedOp::kLayerNormModulate : FusedOp::kLayerNorm, p, sf_use_ue8m0,
                               is_global_scale_inversed);
   std::vector<at::Tensor> keep;
-  if (multiplier) {  // checked before the empty-problem return, like the other arguments
-    a.multiplier = sample_operand(*multiplier, "multiplier", x, keep);
-    a.shift = sample_operand(*shift, "shift", x, keep);
+  if (multiplier) {
+    a.multiplier = sample_operand(*multiplier_rows, keep);
+    a.shift = sample_operand(*shift_rows, keep);
   }
   if (a.out.m > 0 && a.out.k > 0) set_rows(x, &a.x, &a.x_row_stride, keep);
   const at::Tensor w = kernel_affine(weight), b = kernel_affine(bias);
