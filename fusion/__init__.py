@@ -29,6 +29,9 @@ directly, through ``fp4op.fp4_quantize`` or ``fp4op.nn.FP4Linear``):
   ``layer_norm_quantize_with_normed``, which return the norm output to those readers;
 * a residual added after any of those RMSNorms, ``residual + norm(x)`` (either order), quantized and
   reused (OLMo2's post-norm residual stream) -> ``fp4op.rms_norm_add_quantize``, which returns the sum;
+* a LayerNorm followed by diffusion transformers' adaLN modulation, ``norm(x) * (1 + scale[:, None]) +
+  shift[:, None]`` (either factor order, the shift on either side; scale and shift a sample's rows or one
+  vector) -> ``fp4op.layer_norm_modulate_quantize``;
 * ``silu(gate) * up`` / ``gelu(gate) * up`` (either operand order, exact or tanh GELU) ->
   ``fp4op.silu_and_mul_quantize`` / ``fp4op.gelu_and_mul_quantize``; plain SiLU / GELU ->
   ``fp4op.silu_quantize`` / ``fp4op.gelu_quantize``.
