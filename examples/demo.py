@@ -1,15 +1,16 @@
 """fp4op demo: FP4 linear layers and norm/activation + quantize fusion under torch.compile.
 
-Builds four small models with random weights -- a Llama-style decoder block (RMSNorm, attention,
+Builds five small models with random weights -- a Llama-style decoder block (RMSNorm, attention,
 SiLU-and-mul MLP), a GPT-2-style MLP (LayerNorm, GELU-tanh), a post-LN encoder's feed-forward half
 (BERT: the LayerNorm output is quantized and is the residual too, which layer_norm_quantize_with_normed
-returns) and OLMo2's post-norm residual stream around its MLP (residual + RMSNorm(attention output),
-quantized and the next residual: rms_norm_add_quantize) --, converts their nn.Linear layers to fp4op.nn.FP4Linear, calibrates the activation scales,
+returns), OLMo2's post-norm residual stream around its MLP (residual + RMSNorm(attention output),
+quantized and the next residual: rms_norm_add_quantize) and a diffusion transformer block (DiT's adaLN:
+LayerNorm(x) * (1 + scale) + shift per sample, layer_norm_modulate_quantize) --, converts their nn.Linear layers to fp4op.nn.FP4Linear, calibrates the activation scales,
 compiles them with fp4op.fusion, and prints the rewrites per rule, the fp4op ops of the compiled graph,
-and the output error against the bf16 model. (The post-LN and post-norm blocks' compiled outputs differ
-slightly from eager FP4 where Inductor's own kernel for their last norm and add keeps an intermediate in
-float32 that eager rounds to bf16; with torch._inductor.config.emulate_precision_casts they are
-bit-equal, as are the others.)
+and the output error against the bf16 model. (The post-LN, post-norm and DiT blocks' compiled outputs
+differ slightly from eager FP4 where Inductor's own kernels (their last norm and add; the DiT block's
+conditioning mean and gated residual adds) keep an intermediate in float32 that eager rounds to bf16;
+with torch._inductor.config.emulate_precision_casts they are bit-equal, as are the others.)
 On a GPU it also times the compiled bf16 model and the FP4 model with and without the fusion, in
 alternating rounds of back-to-back calls.
 
@@ -126,6 +127,33 @@ class PostNormMLP(nn.Module):
         return h + self.post_feedforward_norm(self.down_proj(F.silu(self.gate_proj(h)) * self.up_proj(h)))
 
 
+class DiTBlock(nn.Module):
+    """A diffusion transformer block as diffusers writes DiT / PixArt (adaLN-Zero): the conditioning (here
+    the tokens' mean, standing in for the timestep embedding) through SiLU and a projection into six
+    chunks, which modulate the norms before the attention and the GELU(tanh) feed-forward and gate their
+    outputs."""
+
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.adaln = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+        self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.ff = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(approximate="tanh"), nn.Linear(4 * dim, dim))
+
+    def forward(self, x):
+        b, t, d = x.shape
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaln(x.mean(1)).chunk(6, dim=1)
+        h = self.norm1(x) * (1 + scale_msa[:, None]) + shift_msa[:, None]
+        q, k, v = self.qkv(h).view(b, t, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
+        attn = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, t, d)
+        x = x + gate_msa[:, None] * self.proj(attn)
+        h = self.norm2(x) * (1 + scale_mlp[:, None]) + shift_mlp[:, None]
+        return x + gate_mlp[:, None] * self.ff(h)
+
+
 def randomize(model: nn.Module) -> nn.Module:
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -237,6 +265,9 @@ def main():
         rows.append(run("post-LN feed-forward", bert, x, args))
         olmo2 = randomize(PostNormMLP(dim, hidden=4 * dim)).to(device, dtype).eval()
         rows.append(run("post-norm MLP (OLMo2)", olmo2, x, args))
+        dit = randomize(DiTBlock(dim, heads=max(1, dim // 64))).to(device, dtype).eval()
+        dit.adaln[1].weight.mul_(0.1)  # a small modulation, as adaLN-Zero starts from none
+        rows.append(run("DiT block (adaLN)", dit, x, args))
 
     if on_gpu and not args.no_timing:
         print(f"\nmedian ms per forward (torch.compile; {args.rounds} rounds of 10 calls, the models taking turns):")
