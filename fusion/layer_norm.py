@@ -32,6 +32,19 @@ from .pass_manager import (
 EPS_PLACEHOLDER = 2.0**-17  # float32-exact
 
 
+def affine_label(with_weight: bool, with_bias: bool) -> str:
+    return "weight,bias" if with_bias else "weight" if with_weight else "no_affine"
+
+
+def with_affine(inputs: dict, with_weight: bool, with_bias: bool, dtype, device) -> dict:
+    """`inputs` and the rule's LayerNorm weight and bias (of the pattern's K = 32)."""
+    if with_weight:
+        inputs["weight"] = torch.empty(32, dtype=dtype, device=device)
+    if with_bias:
+        inputs["bias"] = torch.empty(32, dtype=dtype, device=device)
+    return inputs
+
+
 class LayerNormQuantize(FusionPattern):
     scalars = {"eps": EPS_PLACEHOLDER}
 
@@ -44,17 +57,12 @@ class LayerNormQuantize(FusionPattern):
         self.with_bias = with_bias
         self.float32 = float32
         self.keep_normed = keep_normed
-        affine = "weight,bias" if with_bias else "weight" if with_weight else "no_affine"
         op = "layer_norm_quantize_with_normed" if keep_normed else "layer_norm_quantize"
-        self.name = f"{op}[{affine}{',float32' if float32 else ''}]"
+        self.name = f"{op}[{affine_label(with_weight, with_bias)}{',float32' if float32 else ''}]"
 
     def tensor_inputs(self, dtype, device):
         inputs = {"x": torch.empty(8, 32, dtype=dtype, device=device)}
-        if self.with_weight:
-            inputs["weight"] = torch.empty(32, dtype=dtype, device=device)
-        if self.with_bias:
-            inputs["bias"] = torch.empty(32, dtype=dtype, device=device)
-        return inputs
+        return with_affine(inputs, self.with_weight, self.with_bias, dtype, device)
 
     def pattern(self, x, eps, weight=None, bias=None, global_scale=None):
         if self.float32:
@@ -104,9 +112,9 @@ class LayerNormModulateQuantize(FusionPattern):
         self.with_bias = with_bias
         self.multiplier_first = multiplier_first
         self.shift_first = shift_first
-        affine = "weight,bias" if with_bias else "weight" if with_weight else "no_affine"
         product = "multiplier*norm" if multiplier_first else "norm*multiplier"
-        self.name = f"layer_norm_modulate_quantize[{affine},{'shift+' if shift_first else ''}{product}{'' if shift_first else '+shift'}]"
+        modulation = f"shift+{product}" if shift_first else f"{product}+shift"
+        self.name = f"layer_norm_modulate_quantize[{affine_label(with_weight, with_bias)},{modulation}]"
 
     def tensor_inputs(self, dtype, device):
         inputs = {
@@ -114,11 +122,7 @@ class LayerNormModulateQuantize(FusionPattern):
             "multiplier": torch.empty(2, 1, 32, dtype=dtype, device=device),
             "shift": torch.empty(2, 1, 32, dtype=dtype, device=device),
         }
-        if self.with_weight:
-            inputs["weight"] = torch.empty(32, dtype=dtype, device=device)
-        if self.with_bias:
-            inputs["bias"] = torch.empty(32, dtype=dtype, device=device)
-        return inputs
+        return with_affine(inputs, self.with_weight, self.with_bias, dtype, device)
 
     def pattern(self, x, multiplier, shift, eps, weight=None, bias=None, global_scale=None):
         normed = F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
