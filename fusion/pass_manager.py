@@ -141,6 +141,9 @@ def restore_launch_options(graph: torch.fx.Graph) -> None:
 
 # post-grad graphs hold a model's views as reshapes (Inductor's view_to_reshape)
 _ROW_VIEWS = (torch.ops.aten.reshape.default, torch.ops.aten.view.default, torch.ops.aten._unsafe_view.default)
+# views that drop or add a size-1 dim, given by its index (diffusers' PixArt block squeezes its modulated
+# norm output): the codes take the same op with the same index, as they have the same rank
+_ROW_SQUEEZES = (torch.ops.aten.squeeze.dim, torch.ops.aten.squeeze.dims, torch.ops.aten.unsqueeze.default)
 
 
 def quantize_before_row_views(graph: torch.fx.Graph, quantizes: list[torch.fx.Node]) -> int:
@@ -154,7 +157,11 @@ def quantize_before_row_views(graph: torch.fx.Graph, quantizes: list[torch.fx.No
     moved = 0
     for node in quantizes:
         view = node.args[0]
-        if not (isinstance(view, torch.fx.Node) and view.target in _ROW_VIEWS and isinstance(view.args[0], torch.fx.Node)):
+        if not (
+            isinstance(view, torch.fx.Node)
+            and view.target in (*_ROW_VIEWS, *_ROW_SQUEEZES)
+            and isinstance(view.args[0], torch.fx.Node)
+        ):
             continue
         source = view.args[0]
         source_val, view_val, out_val = source.meta.get("val"), view.meta.get("val"), node.meta.get("val")
@@ -166,7 +173,8 @@ def quantize_before_row_views(graph: torch.fx.Graph, quantizes: list[torch.fx.No
         codes = [u for u in node.users if u.target is operator.getitem and u.args[1] == 0]
         if len(codes) > 1:
             continue
-        codes_val, codes_shape = out_val[0], [*view.args[1][:-1], k // 2]
+        codes_val = out_val[0]
+        codes_args = (*view.args[1:],) if view.target in _ROW_SQUEEZES else ([*view.args[1][:-1], k // 2],)
         node.replace_input_with(view, source)
         if not view.users:  # else the source keeps a reader besides the quantize, and cannot fuse
             graph.erase_node(view)
@@ -177,7 +185,8 @@ def quantize_before_row_views(graph: torch.fx.Graph, quantizes: list[torch.fx.No
         if codes:
             getitem = codes[0]
             with graph.inserting_after(getitem):
-                codes_view = graph.call_function(torch.ops.aten.reshape.default, (getitem, codes_shape))
+                codes_target = view.target if view.target in _ROW_SQUEEZES else torch.ops.aten.reshape.default
+                codes_view = graph.call_function(codes_target, (getitem, *codes_args))
             getitem.replace_all_uses_with(codes_view, delete_user_cb=lambda user: user is not codes_view)
             codes_view.meta = dict(getitem.meta)
             getitem.meta["val"] = node.meta["val"][0]

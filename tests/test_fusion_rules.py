@@ -419,12 +419,17 @@ def _modulate_chains(norm_affine):
     def one_vector(x, emb):  # FiLM-style [K] vectors for every row, an eps of 1e-5
         return F.layer_norm(x, (K,), w, None, 1e-5) * emb[0, :K] + emb[1, K : 2 * K]
 
+    def pixart(x, emb):  # diffusers' BasicTransformerBlock (ada_norm_single): [B, 1, K] chunks, then squeeze(1)
+        shift, scale = emb.reshape(B, 6, -1).chunk(6, dim=1)[:2]
+        return (norm(x) * (1 + scale) + shift).squeeze(1)
+
     return [
         ("layer_norm_modulate_quantize[no_affine,norm*multiplier+shift]", dit),
         ("layer_norm_modulate_quantize[no_affine,multiplier*norm+shift]", flux),
         ("layer_norm_modulate_quantize[weight,bias,norm*multiplier+shift]", sd3_continuous),
         ("layer_norm_modulate_quantize[no_affine,shift+norm*multiplier]", shift_first),
         ("layer_norm_modulate_quantize[weight,norm*multiplier+shift]", one_vector),
+        ("layer_norm_modulate_quantize[no_affine,norm*multiplier+shift]", pixart),
     ]
 
 
@@ -542,8 +547,8 @@ def test_rms_norm_of_non_contiguous_inputs():
 @pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
 def test_row_views_between_norm_and_quantize(dynamic):
     """A norm/activation output flattened to tokens before its quantize (``h.view(-1, K)``, as MoE
-    blocks feed their router) fuses: the quantize moves before the view and its codes are viewed, the
-    same bytes. A view that splits the last dim quantizes other rows and stays unfused; a viewed output
+    blocks feed their router) fuses, as does one that adds or drops a size-1 dim: the quantize moves before
+    the view and its codes are viewed, the same bytes. A view that splits the last dim quantizes other rows and stays unfused; a viewed output
     that is also read elsewhere fuses into the op that returns the norm output too."""
     dtype = torch.bfloat16
     gs = torch.tensor([100.0])
@@ -560,6 +565,9 @@ def test_row_views_between_norm_and_quantize(dynamic):
             q(F.rms_norm(x, (K,), None, 1e-5).view(4, 16, 2, K // 2)),  # rows of K / 2
             q(kept),
             kept,
+            # a size-1 dim added or dropped (diffusers' PixArt block squeezes its modulated norm output)
+            q(F.gelu(g).unsqueeze(1)),
+            q(F.relu(u.view(4, 1, 16, K)).squeeze(1)),
         ]
 
     out, record = compile_fused(fn, x, y, z, g, u, w, dynamic=dynamic)
@@ -568,6 +576,8 @@ def test_row_views_between_norm_and_quantize(dynamic):
         "layer_norm_quantize[weight]": 1,
         "silu_and_mul_quantize[silu]": 1,
         "rms_norm_quantize_with_normed[torch]": 1,
+        "gelu_quantize[gelu]": 1,
+        "relu_quantize[relu]": 1,
     }, dict(record.matches)
     assert fp4_ops(record.after).get("fp4op.quantize.default") == 1
     with torch.no_grad():
@@ -579,6 +589,9 @@ def test_row_views_between_norm_and_quantize(dynamic):
     assert torch.equal(out[3][0], expected[3][0]) and torch.equal(out[3][1], expected[3][1])
     assert out[5].shape == expected[5].shape
     torch.testing.assert_close(out[5], expected[5], rtol=2.0**-6, atol=1e-6)  # the fused op's norm output
+    for got, want in zip(out[6:], expected[6:]):
+        assert got[0].shape == want[0].shape
+        assert_fp4_close(got, want, 16)
 
 
 @pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
