@@ -78,6 +78,8 @@ says (eager flushes the norm's and the activation's subnormal results under it).
 
 from __future__ import annotations
 
+import operator
+
 import torch
 
 from . import _C  # noqa: F401  (loading the library registers the schemas and kernels)
@@ -276,21 +278,27 @@ def _layer_norm_quantize_with_normed_fake(x, weight, bias, eps, *args, **kwargs)
     return (*_layer_norm_quantize_fake(x, weight, bias, eps, *args, **kwargs), _empty_rows_like(x))
 
 
+def broadcasts_per_sample(t_shape, x_shape, equal=operator.eq) -> bool:
+    """Whether a layer_norm_modulate_quantize multiplier/shift of shape `t_shape` fits x of `x_shape`, as the
+    C++ sample_rows_of: [*x.shape[:j], 1, ..., 1, K] for some j once padded with leading ones. `equal`
+    compares two sizes (the fusion rules pass one that adds no guard on symbolic sizes)."""
+    n, t_dim = len(x_shape), len(t_shape)
+    if not (1 <= t_dim <= n and equal(t_shape[-1], x_shape[-1])):
+        return False
+    sizes = [1] * (n - t_dim) + list(t_shape)
+    j = max((d + 1 for d in range(n - 1) if not equal(sizes[d], 1)), default=0)
+    return all(equal(a, b) for a, b in zip(sizes[:j], x_shape[:j]))
+
+
 def _check_sample_operand(t: torch.Tensor, name: str, x: torch.Tensor) -> None:
-    """A layer_norm_modulate_quantize multiplier/shift, as the C++ sample_rows_of: x's dtype and device,
-    shape [*x.shape[:j], 1, ..., 1, K] for some j once padded with leading ones."""
+    """A layer_norm_modulate_quantize multiplier/shift, as the C++ sample_rows_of: x's dtype and device and
+    a per-sample shape (broadcasts_per_sample)."""
     check_defined(t, name)
     if t.dtype != x.dtype:
         raise ValueError(f"fp4op: {name} must have the dtype of x ({x.dtype}), got {t.dtype}")
     if t.device != x.device:
         raise ValueError(f"fp4op: {name} is on {t.device} but x is on {x.device}")
-    n = x.dim()
-    per_sample = n >= 1 and 1 <= t.dim() <= n and t.shape[-1] == x.shape[-1]
-    if per_sample:
-        sizes = [1] * (n - t.dim()) + list(t.shape)
-        j = max((d + 1 for d in range(n - 1) if sizes[d] != 1), default=0)
-        per_sample = sizes[:j] == list(x.shape[:j])
-    if not per_sample:
+    if not broadcasts_per_sample(t.shape, x.shape):
         raise ValueError(
             f"fp4op: {name} must broadcast to x {list(x.shape)} per sample: shape [*x.shape[:j], 1, ..., 1, K] "
             f"for some j (e.g. [B, 1, K] for x [B, T, K]), got {list(t.shape)}"

@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch._inductor import pattern_matcher as pm
 
+from ..fused_ops import broadcasts_per_sample
+
 from .pass_manager import (
     FusionPattern,
     QuantizeArgs,
@@ -89,17 +91,11 @@ class LayerNormQuantize(FusionPattern):
 
 
 def per_sample(t: torch.Tensor, x: torch.Tensor) -> bool:
-    """Whether t broadcasts to x per sample, as layer_norm_modulate_quantize takes it: shape
-    [*x.shape[:j], 1, ..., 1, K] for some j once padded with leading ones (fp4op/fused_ops.py)."""
+    """Whether t broadcasts to x per sample, as layer_norm_modulate_quantize takes it; a size not known to
+    be 1 (a symbol) must be x's there."""
     from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-    n = x.dim()
-    if not (1 <= t.dim() <= n and statically_known_true(t.shape[-1] == x.shape[-1])):
-        return False
-    sizes = [1] * (n - t.dim()) + list(t.shape)
-    # a size not known to be 1 (a symbol) must be x's there
-    j = max((d + 1 for d in range(n - 1) if not statically_known_true(sizes[d] == 1)), default=0)
-    return all(statically_known_true(a == b) for a, b in zip(sizes[:j], x.shape[:j]))
+    return broadcasts_per_sample(t.shape, x.shape, lambda a, b: statically_known_true(a == b))
 
 
 class LayerNormModulateQuantize(FusionPattern):

@@ -174,7 +174,10 @@ def quantize_before_row_views(graph: torch.fx.Graph, quantizes: list[torch.fx.No
         if len(codes) > 1:
             continue
         codes_val = out_val[0]
-        codes_args = (*view.args[1:],) if view.target in _ROW_SQUEEZES else ([*view.args[1][:-1], k // 2],)
+        if view.target in _ROW_SQUEEZES:
+            codes_target, codes_args = view.target, tuple(view.args[1:])
+        else:
+            codes_target, codes_args = torch.ops.aten.reshape.default, ([*view.args[1][:-1], k // 2],)
         node.replace_input_with(view, source)
         if not view.users:  # else the source keeps a reader besides the quantize, and cannot fuse
             graph.erase_node(view)
@@ -185,7 +188,6 @@ def quantize_before_row_views(graph: torch.fx.Graph, quantizes: list[torch.fx.No
         if codes:
             getitem = codes[0]
             with graph.inserting_after(getitem):
-                codes_target = view.target if view.target in _ROW_SQUEEZES else torch.ops.aten.reshape.default
                 codes_view = graph.call_function(codes_target, (getitem, *codes_args))
             getitem.replace_all_uses_with(codes_view, delete_user_cb=lambda user: user is not codes_view)
             codes_view.meta = dict(getitem.meta)
@@ -1041,8 +1043,11 @@ def _target_name(target) -> str:
 
 
 def _source_files() -> tuple[str, ...]:
+    """The pass's sources, and fp4op/fused_ops.py, whose per-sample shape rule the adaLN rules check with."""
+    from .. import fused_ops
+
     here = os.path.dirname(os.path.abspath(__file__))
-    return tuple(sorted(glob.glob(os.path.join(here, "*.py"))))
+    return (*sorted(glob.glob(os.path.join(here, "*.py"))), os.path.abspath(fused_ops.__file__))
 
 
 class FusionPass(CustomGraphPass):

@@ -355,6 +355,8 @@ struct NormRow {
       }
     }
   }
+  // The sample's row divided out at every block: the row offsets kept as members of the row (one division
+  // a row) or the operands loaded before the norm measured slower (more registers; fused_h100.md, adaLN).
   __device__ __forceinline__ const uint4* sample_block(const SampleOperand& o, int64_t col) const {
     return reinterpret_cast<const uint4*>(static_cast<const uint16_t*>(o.data) + (row / o.rows_per_sample) * o.row_stride +
                                           col * VEC);
